@@ -1,0 +1,27 @@
+"""Torch reference of the pre-LLM cut: gather the kept rows of embeddings, mask and positions."""
+
+from __future__ import annotations
+
+import torch
+
+
+def gather_cut(embeds: torch.Tensor, index: torch.Tensor, real: torch.Tensor, mask=None, positions=None):
+    """Cut ``embeds`` [B, L, D], ``mask`` [B, L] and ``positions`` ([B, L] or [P, B, L]) along L.
+
+    ``index`` [B, L'] holds the kept positions of each row, ``real`` [B, L'] is False on padding
+    slots (which get mask 0).  A missing mask becomes all ones (0 on padding slots).  Positions
+    keep their original values.  Returns ``(embeds, mask, positions)``.
+    """
+    b, _, d = embeds.shape
+    out = embeds.gather(1, index.to(embeds.device)[..., None].expand(b, -1, d))
+    real = real.to(embeds.device)
+    if mask is None:
+        new_mask = real.long()
+    else:
+        new_mask = mask.gather(1, index.to(mask.device)) * real.to(mask.device, mask.dtype)
+    if positions is not None:
+        idx = index.to(positions.device)
+        if positions.dim() == 3:
+            idx = idx.expand(positions.shape[0], -1, -1)
+        positions = positions.gather(-1, idx)
+    return out, new_mask, positions

@@ -1,0 +1,72 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``): anyres base image + crops + newline tokens.
+
+The LLM sequence of an image is the base tile's grid, then the crops re-assembled into one large
+grid (unpadded to the image's aspect ratio) with an ``image_newline`` token after every row.  The
+layout is read off the model's own ``pack_image_features`` by packing position indices instead of
+features, so it matches whatever the installed transformers does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vtprune.layout import ImageLayout
+
+from .base import Adapter
+
+
+class LlavaNextAdapter(Adapter):
+    family = "llava_next"
+    classes = ("LlavaNextForConditionalGeneration",)
+
+    def __init__(self, model):
+        super().__init__(model)
+        self._cache = {}
+
+    def capture(self, args, kwargs, output):
+        out = super().capture(args, kwargs, output)
+        sizes = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
+        out["image_sizes"] = [tuple(int(v) for v in s) for s in sizes]
+        return out
+
+    def layout(self, i, n, capture):
+        key = (capture["image_sizes"][i], n)
+        if key not in self._cache:
+            self._cache[key] = self._build(capture["image_sizes"][i], n)
+        return self._cache[key]
+
+    def _build(self, image_size, n):
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        config = self.model.config
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        strategy = config.vision_feature_select_strategy
+        per_tile = side * side + (strategy == "full")
+        tiles = image_size_to_num_patches(image_size, config.image_grid_pinpoints, config.vision_config.image_size)
+        source = torch.arange(tiles * per_tile, dtype=torch.float32).view(tiles, per_tile, 1)
+        packed, _ = self.inner.pack_image_features([source], torch.tensor([image_size]), strategy,
+                                                   image_newline=torch.tensor([-1.0]))
+        prov = packed[0].squeeze(-1).long()
+        if prov.numel() != n:
+            return ImageLayout.flat(n)
+        if tiles == 1 or per_tile != side * side:
+            # single tile (base + one newline) or [CLS] kept: no crop grid to describe
+            layout = ImageLayout.flat(n)
+            layout.grid[prov < 0] = -1
+            return layout
+        base = ImageLayout.from_grids([(side, side)])
+        crop = prov[per_tile:]
+        newline = crop < 0
+        row = torch.cumsum(newline.long(), 0) - newline.long()
+        idx = torch.arange(crop.numel())
+        last_nl = torch.where(newline, idx, torch.full_like(idx, -1)).cummax(0).values
+        row_start = torch.cat([torch.zeros(1, dtype=torch.long), last_nl[:-1] + 1])
+        col = torch.where(newline, torch.full_like(idx, -1), idx - row_start)
+        rows, cols = int(newline.sum()), int(newline.nonzero()[0, 0]) if newline.any() else crop.numel()
+        return ImageLayout(
+            grid=torch.cat([base.grid, torch.ones_like(crop)]),
+            row=torch.cat([base.row, row]),
+            col=torch.cat([base.col, col]),
+            newline=torch.cat([base.newline, newline]),
+            shapes=[(side, side), (rows, cols)],
+        )

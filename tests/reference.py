@@ -1,0 +1,99 @@
+"""References that do not use vtprune's pruning code: the stock model with dropped tokens masked.
+
+Dropping a visual token while keeping every other token's position equals feeding the stock
+model the full sequence with that token masked out of attention (attention_mask = 0) and the
+positions it would have used anyway.  These helpers build that reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vtprune.testing import IMAGE_TOKEN
+
+
+def image_runs(input_ids: torch.Tensor) -> list:
+    """Per row, the positions of each image (runs of image tokens separated by other tokens)."""
+    rows = []
+    for row in input_ids:
+        pos = (row == IMAGE_TOKEN).nonzero().squeeze(1)
+        if pos.numel() == 0:
+            rows.append([])
+            continue
+        breaks = ((pos[1:] != pos[:-1] + 1).nonzero().squeeze(1) + 1).tolist()
+        rows.append(list(torch.tensor_split(pos, breaks)))
+    return rows
+
+
+def drop_mask(input_ids, kept) -> torch.Tensor:
+    """Bool [B, L]: True on image tokens that ``kept`` (per sample, per image indices) leaves out."""
+    drop = torch.zeros_like(input_ids, dtype=torch.bool)
+    for b, runs in enumerate(image_runs(input_ids)):
+        assert len(runs) == len(kept[b]), "one kept list per image"
+        for run, keep in zip(runs, kept[b]):
+            gone = torch.ones(run.numel(), dtype=torch.bool)
+            gone[keep] = False
+            drop[b, run[gone]] = True
+    return drop
+
+
+def _pad_mask(inputs):
+    mask = inputs.get("attention_mask")
+    return mask if mask is not None else torch.ones_like(inputs["input_ids"])
+
+
+def positions(model, inputs, for_generate: bool):
+    """The position ids the stock model uses for the full prompt (None = let the model decide)."""
+    pad = _pad_mask(inputs)
+    text = (pad.long().cumsum(-1) - 1).masked_fill(pad == 0, 0)
+    if "image_grid_thw" in inputs:
+        vision, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                               inputs["image_grid_thw"], None, attention_mask=pad)
+        return torch.cat([text[None], vision]) if for_generate else vision
+    return text if for_generate else None
+
+
+def masked_forward(model, inputs, drop):
+    """Logits of the stock model on the full prompt with ``drop`` tokens masked out."""
+    kw = dict(inputs)
+    kw["attention_mask"] = _pad_mask(inputs) * (~drop).long()
+    pos = positions(model, inputs, for_generate=False)
+    if pos is not None:
+        kw["position_ids"] = pos
+    with torch.no_grad():
+        return model(**kw).logits
+
+
+def masked_greedy(model, inputs, drop, steps: int = 8, plain: bool = False) -> torch.Tensor:
+    """Greedy tokens with a KV cache from the stock model, ``drop`` tokens masked, positions kept.
+
+    Positions follow ``generate`` (cumulative over the padding mask), or with ``plain`` those of a
+    plain forward call (``arange`` over the whole row for Llama-style models).
+    """
+    kw = {k: v for k, v in inputs.items() if k != "attention_mask"}
+    mask = _pad_mask(inputs) * (~drop).long()
+    pos = positions(model, inputs, for_generate=not plain)
+    if pos is None:
+        pos = torch.arange(mask.shape[1]).expand(mask.shape[0], -1)
+    tokens = []
+    with torch.no_grad():
+        out = model(**kw, attention_mask=mask, position_ids=pos, use_cache=True)
+        for _ in range(steps):
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(tok)
+            mask = torch.cat([mask, torch.ones_like(tok)], 1)
+            pos = pos[..., -1:] + 1
+            out = model(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values,
+                        use_cache=True)
+    return torch.cat(tokens, 1)
+
+
+def masked_loss(model, inputs, drop, labels):
+    """Loss of the stock model with ``drop`` tokens masked, positions kept."""
+    kw = dict(inputs)
+    kw["attention_mask"] = _pad_mask(inputs) * (~drop).long()
+    pos = positions(model, inputs, for_generate=False)
+    if pos is not None:
+        kw["position_ids"] = pos
+    with torch.no_grad():
+        return model(**kw, labels=labels).loss

@@ -1,0 +1,197 @@
+"""Public API: errors leave the model as it was, registry, budgets, last_kept and stats."""
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import vtprune
+from vtprune.budget import check_keep, tokens_to_keep
+from vtprune.methods import Selector, register
+from vtprune.testing import FAMILIES, tiny_inputs, tiny_model
+
+
+def _snapshot(model):
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    attrs = {(n, k) for n, m in model.named_modules() for k in vars(m) if callable(vars(m)[k]) and not k.startswith("_")}
+    return hooks, attrs, vtprune.is_wrapped(model)
+
+
+@pytest.fixture(scope="module")
+def llava():
+    return tiny_model("llava")
+
+
+@pytest.mark.parametrize("keep", [0, 0.0, -0.5, 1.5, -3, float("nan")])
+def test_bad_keep_value_raises_and_leaves_model(llava, keep):
+    before = _snapshot(llava)
+    with pytest.raises(ValueError, match="keep"):
+        vtprune.wrap(llava, "random", keep=keep)
+    assert _snapshot(llava) == before
+
+
+@pytest.mark.parametrize("keep", ["0.5", None, True, [0.5]])
+def test_bad_keep_type_raises(llava, keep):
+    before = _snapshot(llava)
+    with pytest.raises(TypeError, match="keep"):
+        vtprune.wrap(llava, "random", keep=keep)
+    assert _snapshot(llava) == before
+
+
+def test_unsupported_model_lists_supported():
+    import transformers as tf
+
+    lm = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=1, num_attention_heads=2))
+    before = _snapshot(lm)
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration.*Qwen3VLForConditionalGeneration"):
+        vtprune.wrap(lm, "random")
+    assert _snapshot(lm) == before
+    inner = tiny_model("llava").model  # the bare LlavaModel is not the generation model
+    with pytest.raises(TypeError, match="LlavaModel"):
+        vtprune.wrap(inner, "random")
+
+
+def test_unknown_method_and_option(llava):
+    before = _snapshot(llava)
+    with pytest.raises(ValueError, match="unknown method 'nope'.*random"):
+        vtprune.wrap(llava, "nope")
+    with pytest.raises(TypeError, match="alpha"):
+        vtprune.wrap(llava, "random", keep=0.5, alpha=2)
+    with pytest.raises(TypeError, match="config object"):
+        vtprune.wrap(llava, 3)
+    with pytest.raises(ValueError, match="at least one method"):
+        vtprune.wrap(llava, [])
+    with pytest.raises(ValueError, match="only one pre-LLM selection"):
+        vtprune.wrap(llava, ["random", "uniform"])
+    assert _snapshot(llava) == before
+
+
+def test_wrap_twice_raises_and_first_wrap_still_works():
+    model = tiny_model("llava")
+    inputs = tiny_inputs(model, "llava")
+    vtprune.wrap(model, "uniform", keep=0.5)
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="already wrapped"):
+        vtprune.wrap(model, "random", keep=0.1)
+    assert _snapshot(model) == snap
+    with torch.no_grad():
+        model(**inputs)
+    assert [len(k) for k in vtprune.last_kept(model)[0]] == [8]
+    vtprune.unwrap(model)
+    with pytest.raises(ValueError, match="not wrapped"):
+        vtprune.unwrap(model)
+
+
+def test_video_inputs_raise_clear_error():
+    model = tiny_model("qwen2_vl")
+    inputs = tiny_inputs(model, "qwen2_vl")
+    ids = inputs["input_ids"].clone()
+    ids[ids == 100] = 101  # the same grid as a video
+    video = {"input_ids": ids, "pixel_values_videos": inputs["pixel_values"],
+             "video_grid_thw": inputs["image_grid_thw"], "mm_token_type_ids": (ids == 101).int() * 2}
+    with torch.no_grad():
+        stock = model(**video).logits
+    with vtprune.wrapped(model, "random", keep=0.5):
+        with pytest.raises(ValueError, match="video"):
+            model(**video)
+    with torch.no_grad():
+        assert torch.equal(model(**video).logits, stock)
+
+
+def test_config_objects_and_registry():
+    model = tiny_model("llava")
+    inputs = tiny_inputs(model, "llava")
+    config = vtprune.methods.get("random")(keep=4, seed=7)
+    with vtprune.wrapped(model, config):
+        with torch.no_grad():
+            model(**inputs)
+        first = vtprune.last_kept(model)[0][0]
+        assert vtprune.api.methods_of(model)[0] is not config  # the wrap holds its own copy
+    with vtprune.wrapped(model, vtprune.methods.get("random")(keep=4, seed=7)):
+        with torch.no_grad():
+            model(**inputs)
+        assert torch.equal(vtprune.last_kept(model)[0][0], first)
+        assert first.numel() == 4 and bool((first[1:] > first[:-1]).all())
+    assert {"random", "uniform"} <= set(vtprune.methods.available())
+    with pytest.raises(ValueError, match="already registered"):
+        register("random")(type("Dup", (Selector,), {}))
+
+
+def test_a_registered_method_is_usable_by_name():
+    @dataclass
+    class FirstTokens(Selector):
+        """Keep the first tokens of each image (a test method)."""
+
+        def score(self, ctx):
+            return [-torch.arange(layout.n, dtype=torch.float32) for layout in ctx.layouts]
+
+    name = "test_first_tokens"
+    if name not in vtprune.methods.available():
+        register(name)(FirstTokens)
+    model = tiny_model("llava")
+    with vtprune.wrapped(model, name, keep=0.25):
+        with torch.no_grad():
+            model(**tiny_inputs(model, "llava"))
+        assert vtprune.last_kept(model)[0][0].tolist() == [0, 1, 2, 3]
+
+
+def test_budget_rules():
+    assert check_keep(1) == 1 and check_keep(0.5) == 0.5 and check_keep(1.0) == 1.0
+    assert tokens_to_keep(0.25, 576) == 144
+    assert tokens_to_keep(0.001, 576) == 1
+    assert tokens_to_keep(1000, 576) == 576
+    assert tokens_to_keep(64, 576) == 64
+    assert tokens_to_keep(0.5, 0) == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_last_kept_and_stats(family):
+    model = tiny_model(family)
+    inputs = tiny_inputs(model, family, images_per_row=(0, 2))
+    with vtprune.wrapped(model, "random", keep=0.5):
+        with torch.no_grad():
+            model(**inputs)
+        kept = vtprune.last_kept(model)
+        stats = vtprune.stats(model)
+    assert kept[0] == [] and len(kept[1]) == 2
+    n_img = int((inputs["input_ids"][1] == 100).sum()) // 2
+    for k, img in zip(kept[1], stats["samples"][1]["images"]):
+        assert img["tokens_in"] == n_img
+        assert img["tokens_out"] == k.numel()
+        assert bool((k[1:] > k[:-1]).all()) and int(k.max()) < n_img
+        if family != "llava_next":  # LLaVA-NeXT adds the newlines of kept rows
+            assert k.numel() == math.floor(0.5 * n_img + 0.5)
+    assert stats["visual_tokens_out"] == sum(k.numel() for k in kept[1])
+    assert stats["llm_sequence_out"] < stats["llm_sequence_in"]
+    assert stats["time_score_s"] >= 0 and stats["time_gather_s"] >= 0
+
+
+def test_random_is_seeded_and_draws_anew():
+    model = tiny_model("llava")
+    inputs = tiny_inputs(model, "llava")
+    runs = []
+    for _ in range(2):
+        with vtprune.wrapped(model, "random", keep=0.5, seed=11):
+            with torch.no_grad():
+                model(**inputs)
+                a = vtprune.last_kept(model)[0][0]
+                model(**inputs)
+                b = vtprune.last_kept(model)[0][0]
+        runs.append((a, b))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert not torch.equal(runs[0][0], runs[0][1])
+
+
+def test_text_only_prompt_untouched():
+    model = tiny_model("llava")
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.no_grad():
+        stock = model(input_ids=ids).logits
+    with vtprune.wrapped(model, "random", keep=0.1):
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, stock)
+        assert vtprune.stats(model) == {"forwards_with_images": 0}
+        with pytest.raises(ValueError, match="not run a forward"):
+            vtprune.last_kept(model)

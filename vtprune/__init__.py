@@ -1,0 +1,12 @@
+"""vtprune: cheaper, more faithful Hugging Face VLMs without retraining.
+
+    import vtprune
+    model = vtprune.wrap(model, "random", keep=0.25)
+"""
+
+from . import methods
+from .api import is_wrapped, last_kept, stats, unwrap, wrap, wrapped
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "is_wrapped", "last_kept", "methods", "stats", "unwrap", "wrap", "wrapped"]

@@ -1,0 +1,85 @@
+"""The public one-liners: ``wrap``, ``unwrap``, ``wrapped``, ``last_kept``, ``stats``."""
+
+from __future__ import annotations
+
+import contextlib
+
+from vtprune.patches import adapter_for
+
+from .methods import resolve
+from .session import Session
+
+_ATTR = "_vtprune_session"
+
+
+def _session(model) -> Session:
+    session = getattr(model, _ATTR, None)
+    if session is None:
+        raise ValueError(f"this {type(model).__name__} is not wrapped by vtprune; call vtprune.wrap(model, ...) first")
+    return session
+
+
+def is_wrapped(model) -> bool:
+    return getattr(model, _ATTR, None) is not None
+
+
+def wrap(model, method="random", **options):
+    """Patch ``model`` in place so that it prunes visual tokens; returns the same model.
+
+    ``method`` is a registered name (see ``vtprune.methods.available()``), a config object, or a
+    list of them; ``options`` (e.g. ``keep=0.1``) go to every named method that accepts them.
+    Raises ``TypeError`` for an unsupported model or an unknown option, ``ValueError`` for a bad
+    value or a model that is already wrapped; the model is unchanged in every error case.
+    """
+    if is_wrapped(model):
+        raise ValueError("this model is already wrapped by vtprune; call vtprune.unwrap(model) before wrapping again")
+    adapter = adapter_for(model)
+    configs = resolve(method, options)
+    session = Session(model, adapter, configs)
+    try:
+        session.install()
+    except Exception:
+        session.remove()
+        raise
+    setattr(model, _ATTR, session)
+    return model
+
+
+def unwrap(model):
+    """Remove every hook and patch ``wrap`` installed; the model behaves exactly as before. Returns it."""
+    session = _session(model)
+    session.remove()
+    delattr(model, _ATTR)
+    return model
+
+
+@contextlib.contextmanager
+def wrapped(model, method="random", **options):
+    """``with vtprune.wrapped(model, "random", keep=0.25) as m: ...`` — unwrapped on exit."""
+    wrap(model, method, **options)
+    try:
+        yield model
+    finally:
+        unwrap(model)
+
+
+def last_kept(model) -> list:
+    """For the last forward pass with images: per sample, per image, the kept token indices.
+
+    Indices point into the image's visual-token sequence as the stock model feeds it to the LLM
+    (LLaVA-NeXT newline tokens included), ascending.  Samples without images get ``[]``.
+    """
+    last = _session(model).last
+    if last is None:
+        raise ValueError("the wrapped model has not run a forward pass with images yet")
+    return [list(images) for images in last["kept"]]
+
+
+def stats(model) -> dict:
+    """Tokens in/out per sample and per image of the last forward with images, and time spent."""
+    return _session(model).stats()
+
+
+def methods_of(model) -> list:
+    """The method configs a wrapped model runs."""
+    return list(_session(model).configs)

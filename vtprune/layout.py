@@ -1,0 +1,49 @@
+"""Where an image's visual tokens sit in space: the geometry adapters describe and methods read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ImageLayout:
+    """Geometry of one image's visual tokens, in the order the stock model feeds them to the LLM.
+
+    An image is one or more 2-D grids (LLaVA: one; LLaVA-NeXT: the base image and the grid of
+    re-assembled crops; InternVL: one per tile; Qwen: one per temporal frame).  For every token:
+    ``grid`` is its grid id (-1 for a token outside every grid, e.g. a [CLS] fed to the LLM),
+    ``row``/``col`` its cell, and ``newline`` marks LLaVA-NeXT's row-separator tokens (their
+    ``row`` is the row they end, ``col`` is -1).
+    """
+
+    grid: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    newline: torch.Tensor
+    shapes: list
+
+    @property
+    def n(self) -> int:
+        return self.grid.numel()
+
+    @property
+    def n_content(self) -> int:
+        return int((~self.newline).sum())
+
+    @classmethod
+    def from_grids(cls, shapes, lead: int = 0) -> "ImageLayout":
+        """Layout of ``lead`` grid-less tokens followed by each (h, w) grid in raster order."""
+        grid, row, col = [torch.full((lead,), -1)], [torch.full((lead,), -1)], [torch.full((lead,), -1)]
+        for g, (h, w) in enumerate(shapes):
+            grid.append(torch.full((h * w,), g))
+            row.append(torch.arange(h).repeat_interleave(w))
+            col.append(torch.arange(w).repeat(h))
+        grid, row, col = torch.cat(grid), torch.cat(row), torch.cat(col)
+        return cls(grid, row, col, torch.zeros_like(grid, dtype=torch.bool), [tuple(s) for s in shapes])
+
+    @classmethod
+    def flat(cls, n: int) -> "ImageLayout":
+        """Layout of ``n`` tokens with no known geometry (a 1 x n grid)."""
+        return cls.from_grids([(1, n)])

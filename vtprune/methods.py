@@ -1,0 +1,150 @@
+"""Method configs and their registry.
+
+Every method is a dataclass registered under a name.  ``vtprune.wrap(model, "random", keep=0.1)``
+looks the name up here; later methods only add entries::
+
+    @register("mymethod")
+    @dataclass
+    class MyMethod(Selector):
+        my_option: float = 0.5
+        def score(self, ctx): ...
+
+A :class:`Selector` scores each image's visual tokens before the LLM; the tokens with the best
+scores are kept (``keep`` per image), in their original order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .budget import check_keep
+from .scoring import uniform_scores
+
+_REGISTRY: dict = {}
+
+
+def register(name: str):
+    """Class decorator: register a method config dataclass under ``name``."""
+
+    def deco(cls):
+        if name in _REGISTRY:
+            raise ValueError(f"a method named {name!r} is already registered ({_REGISTRY[name].__name__})")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def available() -> list:
+    """Names of the registered methods."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str):
+    """The config class registered under ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(available())}") from None
+
+
+@dataclass
+class Method:
+    """Base of every method config."""
+
+    name: ClassVar[str] = "method"
+    stage: ClassVar[str] = "method"
+
+    def validate(self):
+        """Raise ``ValueError`` on an invalid option."""
+
+
+@dataclass
+class ScoreContext:
+    """What a selector may read to score the images of one forward pass.
+
+    ``layouts[i]`` and ``budgets[i]`` describe the i-th image of the batch (row-major order);
+    ``rows[i]`` is its sample; ``features[i]`` its visual tokens as fed to the LLM ([n, D]).
+    """
+
+    layouts: list
+    budgets: list
+    rows: list
+    features: list
+    generator: torch.Generator
+
+
+@dataclass
+class Selector(Method):
+    """A pre-LLM method: scores each image's visual tokens; the best ``keep`` per image are kept."""
+
+    stage: ClassVar[str] = "select"
+    keep: float = 0.25
+
+    def validate(self):
+        self.keep = check_keep(self.keep)
+
+    def score(self, ctx: ScoreContext) -> list:
+        """One 1-D score tensor per image (higher = keep)."""
+        raise NotImplementedError
+
+
+@register("random")
+@dataclass
+class Random(Selector):
+    """Keep a random subset of each image's tokens: the control every method must beat.
+
+    Draws come from a generator seeded with ``seed`` when the model is wrapped, so a run is
+    reproducible; successive forward passes draw new subsets.
+    """
+
+    seed: int = 0
+
+    def score(self, ctx):
+        return [torch.rand(layout.n, generator=ctx.generator) for layout in ctx.layouts]
+
+
+@register("uniform")
+@dataclass
+class Uniform(Selector):
+    """Keep tokens spread evenly over each image's token grid (a strided lattice per grid)."""
+
+    def score(self, ctx):
+        return [uniform_scores(layout, k) for layout, k in zip(ctx.layouts, ctx.budgets)]
+
+
+def resolve(method, options: dict) -> list:
+    """Turn ``wrap``'s ``method`` argument and options into validated config objects."""
+    items = list(method) if isinstance(method, (list, tuple)) else [method]
+    if not items:
+        raise ValueError("wrap() needs at least one method; registered methods: " + ", ".join(available()))
+    configs, used = [], set()
+    for item in items:
+        if isinstance(item, str):
+            cls = get(item)
+            names = {f.name for f in dataclasses.fields(cls) if f.init}
+            mine = {k: v for k, v in options.items() if k in names}
+            used |= set(mine)
+            config = cls(**mine)
+        elif isinstance(item, Method):
+            config = dataclasses.replace(item)
+        else:
+            raise TypeError(f"a method is a registered name or a config object, got {type(item).__name__}")
+        config.validate()
+        configs.append(config)
+    unused = set(options) - used
+    if unused:
+        raise TypeError(f"option(s) {sorted(unused)} are not accepted by method(s) "
+                        f"{[c.name for c in configs]}")
+    names = [c.name for c in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a method appears twice in {names}")
+    selectors = [c for c in configs if c.stage == "select"]
+    if len(selectors) > 1:
+        raise ValueError(f"only one pre-LLM selection method can run at a time, got {[c.name for c in selectors]}")
+    return configs

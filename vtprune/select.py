@@ -1,0 +1,45 @@
+"""Turn per-image scores into kept indices, and per-row keep lists into a rectangular cut."""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import ImageLayout
+
+
+def top_tokens(scores: torch.Tensor, layout: ImageLayout, k: int) -> torch.Tensor:
+    """Indices (ascending) of the ``k`` best content tokens of one image, plus the newlines of kept rows.
+
+    Ties are broken by position (earlier first).  A LLaVA-NeXT newline token is kept exactly when
+    its row keeps at least one token, so that every kept row still ends with its separator.
+    """
+    scores = scores.detach().float().cpu()
+    if scores.shape != (layout.n,):
+        raise ValueError(f"a method returned {tuple(scores.shape)} scores for an image of {layout.n} tokens")
+    content = ~layout.newline
+    k = min(k, int(content.sum()))
+    order = torch.sort(scores.masked_fill(~content, float("-inf")), descending=True, stable=True).indices
+    keep = torch.zeros(layout.n, dtype=torch.bool)
+    keep[order[:k]] = True
+    if layout.newline.any():
+        row_key = layout.grid * (int(layout.row.max()) + 1) + layout.row
+        kept_rows = row_key[keep]
+        keep |= layout.newline & torch.isin(row_key, kept_rows)
+    return keep.nonzero().squeeze(1)
+
+
+def plan_cut(keep_rows: list, length: int, device) -> tuple:
+    """Make per-row keep lists rectangular.
+
+    ``keep_rows[b]`` is the ascending LongTensor of positions row ``b`` keeps.  Rows that keep
+    fewer positions than the longest row are padded at the front with masked copies of position 0,
+    exactly like left padding.  Returns ``(index [B, L'], real [B, L'] bool)``; ``real`` is False on
+    the padding slots.
+    """
+    width = max(int(k.numel()) for k in keep_rows)
+    index = torch.zeros(len(keep_rows), width, dtype=torch.long)
+    real = torch.zeros(len(keep_rows), width, dtype=torch.bool)
+    for b, k in enumerate(keep_rows):
+        index[b, width - k.numel():] = k
+        real[b, width - k.numel():] = True
+    return index.to(device), real.to(device)

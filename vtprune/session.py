@@ -1,0 +1,272 @@
+"""The runtime of a wrapped model: hooks, the pre-LLM cut, and cache bookkeeping.
+
+How a forward pass is cut (all six families, any transformers 5.x that calls these methods):
+
+1. ``model.model.get_image_features`` is wrapped: whenever the tower runs (inside ``forward``, or in
+   ``generate`` before the prefill on transformers >= 5.23) the adapter records each image's token
+   count and features.
+2. ``model.model.get_placeholder_mask`` is wrapped: it tells where the image tokens are.
+3. A forward pre-hook on the language model scores each image, keeps the best ``keep`` tokens per
+   image and gathers ``inputs_embeds``, the 2-D attention mask and the position ids (original
+   values: RoPE positions are those of the full sequence, so the result equals the full sequence
+   with the dropped tokens masked out).  Rows that keep fewer tokens are padded at the front with
+   masked slots, like left padding.
+4. The pre-hook also tracks the cache: later calls on the same cache get a compacted attention mask
+   (``generate`` keeps passing the original-length mask) and, without ``position_ids``, original
+   positions.
+5. ``labels`` are taken from the top-level call and the loss is recomputed on the cut sequence with
+   the model's own ``loss_function``.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from vtprune.kernels import gather_cut
+
+from .budget import tokens_to_keep
+from .methods import ScoreContext
+from .select import plan_cut, top_tokens
+
+
+@dataclass
+class CacheState:
+    """Bookkeeping of one sequence of calls that share a KV cache."""
+
+    orig_len: int = 0
+    cache_len: int = 0
+    dropped: int = 0
+    mask: torch.Tensor | None = None
+    cache: object = None
+
+
+class Session:
+    """Everything ``vtprune.wrap`` attached to one model."""
+
+    def __init__(self, model, adapter, configs):
+        self.model = model
+        self.adapter = adapter
+        self.configs = configs
+        selectors = [c for c in configs if c.stage == "select"]
+        self.selector = selectors[0] if selectors else None
+        self.generator = torch.Generator().manual_seed(int(getattr(self.selector, "seed", 0)))
+        self.handles = []
+        self.patched = []
+        self.pending_mask = None
+        self.pending_capture = None
+        self.state = None
+        self.forward_cut = None
+        self.labels = None
+        self.loss_kwargs = {}
+        self.last = None
+
+    # ------------------------------------------------------------------ install / remove
+    def install(self):
+        inner = self.adapter.inner
+        self._patch(inner, "get_image_features", self._after_features)
+        self._patch(inner, "get_placeholder_mask", self._after_placeholder)
+        lm = self.adapter.language_model
+        self.handles.append(lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+        self.handles.append(lm.register_forward_hook(self._lm_post, with_kwargs=True))
+        self.handles.append(self.model.register_forward_pre_hook(self._top_pre, with_kwargs=True))
+        self.handles.append(self.model.register_forward_hook(self._top_post, with_kwargs=True))
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        for obj, name in self.patched:
+            if name in vars(obj):
+                delattr(obj, name)
+        self.patched.clear()
+        self.adapter.reset()
+
+    def _patch(self, obj, name, after):
+        if name in vars(obj):
+            raise ValueError(f"{type(obj).__name__}.{name} is already patched on this instance; "
+                             "vtprune cannot wrap a model another tool has patched the same way")
+        original = getattr(obj, name)
+
+        @functools.wraps(original)
+        def patched(*args, **kwargs):
+            out = original(*args, **kwargs)
+            after(args, kwargs, out)
+            return out
+
+        setattr(obj, name, patched)
+        self.patched.append((obj, name))
+
+    # ------------------------------------------------------------------ captures
+    def _after_features(self, args, kwargs, out):
+        self.pending_capture = self.adapter.capture(args, kwargs, out)
+
+    def _after_placeholder(self, args, kwargs, out):
+        if kwargs.get("video_features") is not None:
+            raise ValueError("vtprune does not prune video inputs yet; pass images, or unwrap the model "
+                             "(vtprune.unwrap(model)) to run videos")
+        if kwargs.get("image_features") is None and len(args) < 3:
+            return
+        mask = out[0] if isinstance(out, tuple) else out
+        self.pending_mask = mask[..., 0] if mask.dim() == 3 else mask
+
+    # ------------------------------------------------------------------ top level (labels)
+    def _top_pre(self, module, args, kwargs):
+        self.forward_cut = None
+        self.labels = kwargs.pop("labels", None)
+        self.loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch",) if k in kwargs}
+        return args, kwargs
+
+    def _top_post(self, module, args, kwargs, output):
+        labels, self.labels = self.labels, None
+        if labels is None:
+            return None
+        if self.forward_cut is not None:
+            index, real = self.forward_cut
+            labels = labels.gather(1, index.to(labels.device)).masked_fill(~real.to(labels.device), -100)
+        logits = output[0] if isinstance(output, tuple) else output.logits
+        loss = module.loss_function(logits=logits, labels=labels, vocab_size=module.config.text_config.vocab_size,
+                                    **self.loss_kwargs)
+        if isinstance(output, tuple):
+            return (loss, *output)
+        return type(output)(loss=loss, **{k: v for k, v in output.items() if k != "loss"})
+
+    # ------------------------------------------------------------------ language model
+    def _lm_post(self, module, args, kwargs, output):
+        cache = getattr(output, "past_key_values", None)
+        if self.state is not None and cache is not None:
+            self.state.cache = cache
+
+    def _lm_pre(self, module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        image_mask, self.pending_mask = self.pending_mask, None
+        if embeds is None:
+            return None
+        batch, q = embeds.shape[:2]
+        state = self._state_for(kwargs.get("past_key_values"))
+        prefix, chunk = self._split_mask(kwargs.get("attention_mask"), state, q)
+        cut = None
+        if self.selector is not None and image_mask is not None and tuple(image_mask.shape) == (batch, q):
+            capture, self.pending_capture = self.pending_capture, None
+            cut = self._plan(image_mask, capture, chunk, embeds.device)
+        if cut is None and state.mask is None:
+            state.orig_len += q
+            state.cache_len += q
+            return None
+        start = time.perf_counter()
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = (torch.arange(q, device=embeds.device) + state.orig_len).expand(batch, q)
+        elif positions.shape[-2] == 1 and batch > 1:
+            positions = positions.expand(*positions.shape[:-2], batch, q)
+        if cut is not None:
+            index, real = cut
+            embeds, chunk, positions = gather_cut(embeds, index, real, chunk, positions)
+            self.adapter.cut_extra(kwargs, index, real)
+            self.forward_cut = cut
+        elif chunk is None:
+            chunk = torch.ones(batch, q, dtype=torch.long, device=embeds.device)
+        if prefix is None:
+            prefix = torch.ones(batch, state.cache_len, dtype=chunk.dtype, device=chunk.device)
+        full = torch.cat([prefix.to(chunk.device, chunk.dtype), chunk], dim=1)
+        kwargs.update(inputs_embeds=embeds, attention_mask=full, position_ids=positions)
+        state.orig_len += q
+        state.cache_len += embeds.shape[1]
+        state.dropped = state.orig_len - state.cache_len
+        state.mask = full
+        if cut is not None:
+            self.adapter.after_cut(state)
+            self.last["time_gather_s"] = time.perf_counter() - start
+        return args, kwargs
+
+    def _state_for(self, past):
+        past_len = past.get_seq_length() if past is not None else 0
+        state = self.state
+        if past_len == 0:
+            state = CacheState(cache=past)
+        elif state is None or state.cache_len != past_len or (state.cache is not None and state.cache is not past):
+            state = CacheState(orig_len=past_len, cache_len=past_len, cache=past)
+        self.state = state
+        return state
+
+    @staticmethod
+    def _split_mask(mask, state, q):
+        """The compacted mask of the cached tokens and the original mask of the new chunk."""
+        if mask is None:
+            return state.mask, None
+        if mask.dim() != 2:
+            raise ValueError("vtprune cannot cut a custom 4-D attention mask; pass a 2-D padding mask")
+        if mask.shape[1] == state.orig_len + q:
+            prefix, chunk = mask[:, :state.orig_len], mask[:, state.orig_len:]
+        elif mask.shape[1] == state.cache_len + q:
+            prefix, chunk = mask[:, :state.cache_len], mask[:, state.cache_len:]
+        else:
+            raise ValueError(f"attention_mask has {mask.shape[1]} columns; expected {state.orig_len + q} "
+                             f"(the full sequence) or {state.cache_len + q} (the pruned cache) for this call")
+        return (state.mask if state.mask is not None else prefix), chunk
+
+    # ------------------------------------------------------------------ selection
+    def _plan(self, image_mask, capture, chunk_mask, device):
+        """Score and select; returns ``(index, real)`` of the cut or ``None`` when all is kept.
+
+        When image tokens are dropped, padding positions (mask 0) of the chunk are dropped too.
+        """
+        start = time.perf_counter()
+        image_mask = image_mask.detach().cpu()
+        batch, length = image_mask.shape
+        images = self.adapter.images(image_mask, capture or {"counts": [], "features": []})
+        layouts = [img[2] for img in images]
+        budgets = [tokens_to_keep(self.selector.keep, layout.n_content) for layout in layouts]
+        ctx = ScoreContext(layouts=layouts, budgets=budgets, rows=[img[0] for img in images],
+                           features=[img[3] for img in images], generator=self.generator)
+        scores = list(self.selector.score(ctx))
+        first = {}
+        for i, img in enumerate(images):  # copies of one image (an expanded batch) share its selection
+            if img[3] is not None:
+                scores[i] = scores[first.setdefault(id(img[3]), i)]
+        kept = [top_tokens(s, layout, k) for s, layout, k in zip(scores, layouts, budgets)]
+        drop = torch.zeros(batch, length, dtype=torch.bool)
+        per_sample = [[] for _ in range(batch)]
+        layouts_of = [[] for _ in range(batch)]
+        for (row, pos, layout, _), keep in zip(images, kept):
+            gone = torch.ones(layout.n, dtype=torch.bool)
+            gone[keep] = False
+            drop[row, pos[gone]] = True
+            per_sample[row].append(keep)
+            layouts_of[row].append(layout)
+        self.last = {"kept": per_sample, "layouts": layouts_of, "images": [(img[0], img[2].n, k.numel()) for img, k in zip(images, kept)],
+                     "length": length, "time_score_s": time.perf_counter() - start, "time_gather_s": 0.0}
+        if not drop.any():
+            self.last["llm_length"] = length
+            return None
+        if chunk_mask is not None:
+            drop |= chunk_mask.detach().cpu() == 0
+        index, real = plan_cut([(~drop[b]).nonzero().squeeze(1) for b in range(batch)], length, device)
+        self.last["llm_length"] = index.shape[1]
+        self.last["pad_slots"] = (~real).sum(1).tolist()
+        return index, real
+
+    # ------------------------------------------------------------------ reporting
+    def stats(self) -> dict:
+        last = self.last
+        if last is None:
+            return {"forwards_with_images": 0}
+        batch = len(last["kept"])
+        samples = []
+        for b in range(batch):
+            imgs = [{"tokens_in": n, "tokens_out": k} for row, n, k in last["images"] if row == b]
+            samples.append({"images": imgs, "tokens_in": sum(i["tokens_in"] for i in imgs),
+                            "tokens_out": sum(i["tokens_out"] for i in imgs)})
+        return {
+            "method": self.selector.name if self.selector else None,
+            "samples": samples,
+            "visual_tokens_in": sum(s["tokens_in"] for s in samples),
+            "visual_tokens_out": sum(s["tokens_out"] for s in samples),
+            "llm_sequence_in": last["length"],
+            "llm_sequence_out": last["llm_length"],
+            "time_score_s": last["time_score_s"],
+            "time_gather_s": last["time_gather_s"],
+        }

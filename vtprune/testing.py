@@ -1,0 +1,186 @@
+"""Tiny random models of every supported family, and inputs for them.
+
+They build in well under a second on a CPU, so tests (ours and users') can exercise every
+family without downloading weights.  Sizes follow the notes in the developers' guide:
+a 2-layer text model (hidden 32, 4 heads, 2 KV heads, vocab 128) and a 2–3 layer vision tower.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FAMILIES = ("llava", "llava_next", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+IMAGE_TOKEN = 100
+VIDEO_TOKEN = 101
+VISION_START = 120
+VISION_END = 121
+PAD = 0
+BOS = 1
+EOS = 2
+
+_TEXT = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    pad_token_id=PAD,
+    bos_token_id=BOS,
+    eos_token_id=EOS,
+)
+_QWEN_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+
+
+def tiny_config(family: str):
+    """Config of a tiny random model of ``family`` (one of ``FAMILIES``)."""
+    import transformers as tf
+
+    if family in ("llava", "llava_next"):
+        vision = tf.CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+            image_size=56, patch_size=14,
+        )
+        common = dict(
+            vision_config=vision, text_config=tf.LlamaConfig(**_TEXT), image_token_index=IMAGE_TOKEN,
+            image_seq_length=16, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        )
+        if family == "llava":
+            return tf.LlavaConfig(**common)
+        return tf.LlavaNextConfig(**common, image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]])
+    if family == "internvl":
+        vision = tf.InternVLVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            image_size=56, patch_size=14,
+        )
+        return tf.InternVLConfig(
+            vision_config=vision, text_config=tf.Qwen2Config(**_TEXT), image_token_id=IMAGE_TOKEN,
+            image_seq_length=4, downsample_ratio=0.5,
+        )
+    ids = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+               vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+    if family == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        return tf.Qwen2VLConfig(text_config=dict(**_TEXT, rope_parameters=_QWEN_ROPE), vision_config=vision, **ids)
+    if family == "qwen2_5_vl":
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=4,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                      fullatt_block_indexes=[1])
+        return tf.Qwen2_5_VLConfig(text_config=dict(**_TEXT, rope_parameters=_QWEN_ROPE), vision_config=vision, **ids)
+    if family == "qwen3_vl":
+        rope = dict(_QWEN_ROPE, mrope_interleaved=True)
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=4,
+                      patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                      deepstack_visual_indexes=[0])
+        return tf.Qwen3VLConfig(text_config=dict(**_TEXT, head_dim=8, rope_parameters=rope), vision_config=vision, **ids)
+    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+
+
+_CLASSES = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "internvl": "InternVLForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+}
+
+
+def tiny_model(family: str, seed: int = 0, attn_implementation: str = "sdpa"):
+    """A tiny random ``*ForConditionalGeneration`` of ``family`` in fp32 eval mode."""
+    import transformers as tf
+
+    config = tiny_config(family)
+    torch.manual_seed(seed)
+    model = getattr(tf, _CLASSES[family])._from_config(config, attn_implementation=attn_implementation)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------- inputs
+# An "image" below is a spec: an int size for LLaVA-NeXT (the (h, w) passed as image_sizes),
+# a tile count for InternVL, an (h, w) patch grid for Qwen, and ignored for LLaVA.
+
+_DEFAULT_IMAGE = {
+    "llava": None, "llava_next": (50, 100), "internvl": 3,
+    "qwen2_vl": (8, 8), "qwen2_5_vl": (8, 8), "qwen3_vl": (8, 8),
+}
+
+
+def _pixels(family, config, spec, gen):
+    if family == "llava":
+        return {"pixel_values": torch.randn(1, 3, 56, 56, generator=gen)}
+    if family == "llava_next":
+        return {"pixel_values": torch.randn(1, 5, 3, 56, 56, generator=gen), "image_sizes": torch.tensor([spec])}
+    if family == "internvl":
+        return {"pixel_values": torch.randn(spec, 3, 56, 56, generator=gen)}
+    v = config.vision_config
+    h, w = spec
+    dim = 3 * v.temporal_patch_size * v.patch_size**2
+    return {"pixel_values": torch.randn(h * w, dim, generator=gen), "image_grid_thw": torch.tensor([[1, h, w]])}
+
+
+def _n_image_tokens(model, family, pix):
+    if family == "llava":
+        return model.config.image_seq_length
+    if family == "internvl":
+        return model.config.image_seq_length * pix["pixel_values"].shape[0]
+    if family == "llava_next":
+        with torch.no_grad():
+            out = model.model.get_image_features(pixel_values=pix["pixel_values"], image_sizes=pix["image_sizes"])
+        return out.pooler_output[0].shape[0]
+    grid = pix["image_grid_thw"][0]
+    return int(grid.prod()) // model.config.vision_config.spatial_merge_size**2
+
+
+def _merge_pixels(family, parts):
+    if not parts:
+        return {}
+    out = {}
+    for key in parts[0]:
+        out[key] = torch.cat([p[key] for p in parts], 0)
+    return out
+
+
+def tiny_inputs(model, family: str, images_per_row=(1,), text_lens=None, image_specs=None, seed: int = 0,
+                with_mask: bool = True):
+    """Left-padded inputs for ``model``: row ``b`` holds ``images_per_row[b]`` images.
+
+    ``text_lens[b]`` is the number of plain text tokens before the first image (default varies per
+    row so that a batch is left padded). ``image_specs`` gives one spec per image in row-major order.
+    Returns the kwargs for ``model(**inputs)`` / ``model.generate(**inputs)``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    config = model.config
+    n_images = sum(images_per_row)
+    if image_specs is None:
+        image_specs = [_DEFAULT_IMAGE[family]] * n_images
+    pix_parts = [_pixels(family, config, spec, gen) for spec in image_specs]
+    counts = [_n_image_tokens(model, family, p) for p in pix_parts]
+    if text_lens is None:
+        text_lens = [3 + 2 * b for b in range(len(images_per_row))]
+    rows, k = [], 0
+    for b, n_img in enumerate(images_per_row):
+        ids = [BOS] + torch.randint(3, 90, (text_lens[b],), generator=gen).tolist()
+        for _ in range(n_img):
+            start, end = (VISION_START, VISION_END) if family.startswith("qwen") else (110, 111)
+            ids += [start] + [IMAGE_TOKEN] * counts[k] + [end]
+            ids += torch.randint(3, 90, (2,), generator=gen).tolist()
+            k += 1
+        ids += torch.randint(3, 90, (3,), generator=gen).tolist()
+        rows.append(ids)
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), PAD, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for b, r in enumerate(rows):
+        input_ids[b, length - len(r):] = torch.tensor(r)
+        mask[b, length - len(r):] = 1
+    inputs = {"input_ids": input_ids}
+    if with_mask:
+        inputs["attention_mask"] = mask
+    inputs.update(_merge_pixels(family, pix_parts))
+    if family.startswith("qwen"):
+        inputs["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).int()
+    return inputs

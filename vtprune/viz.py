@@ -1,0 +1,44 @@
+"""Pictures of what was kept: dropped patches dimmed, kept patches outlined."""
+
+from __future__ import annotations
+
+import torch
+
+
+def overlay(image, model_or_kept, sample: int = 0, image_index: int = 0, grid=None, dim: float = 0.25):
+    """Return a copy of PIL ``image`` with the visual tokens that were dropped dimmed.
+
+    ``model_or_kept`` is a wrapped model (its last forward pass is read) or a LongTensor of kept
+    token indices with ``grid=(h, w)``.  Single-grid images (LLaVA-1.5, one-frame Qwen) are drawn;
+    anyres crops and tiles draw their first grid (the base image / first tile).
+    """
+    from PIL import Image, ImageDraw
+
+    if isinstance(model_or_kept, torch.Tensor):
+        if grid is None:
+            raise ValueError("overlay(image, kept_indices) needs grid=(rows, cols)")
+        kept, (h, w) = model_or_kept, grid
+        cells = {int(i) for i in kept}
+        cell_of = {i: (i // w, i % w) for i in range(h * w)}
+    else:
+        from .api import _session
+
+        last = _session(model_or_kept).last
+        if last is None:
+            raise ValueError("the wrapped model has not run a forward pass with images yet")
+        kept = last["kept"][sample][image_index]
+        layout = last["layouts"][sample][image_index]
+        h, w = layout.shapes[0]
+        first = (layout.grid == 0) & ~layout.newline
+        cell_of = {int(i): (int(layout.row[i]), int(layout.col[i])) for i in first.nonzero().squeeze(1)}
+        cells = {int(i) for i in kept if int(i) in cell_of}
+    img = image.convert("RGB")
+    out = Image.eval(img, lambda v: int(v * dim))
+    draw = ImageDraw.Draw(out)
+    cw, ch = img.width / w, img.height / h
+    for i in cells:
+        r, c = cell_of[i]
+        box = (round(c * cw), round(r * ch), round((c + 1) * cw), round((r + 1) * ch))
+        out.paste(img.crop(box), box[:2])
+        draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), outline=(255, 255, 255))
+    return out

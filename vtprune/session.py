@@ -44,6 +44,12 @@ class CacheState:
     cache: object = None
 
 
+def _cache_of(kwargs):
+    """The KV cache of a language-model call (``cache`` since transformers 5.24, ``past_key_values`` before)."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
 class Session:
     """Everything ``vtprune.wrap`` attached to one model."""
 
@@ -137,6 +143,8 @@ class Session:
     # ------------------------------------------------------------------ language model
     def _lm_post(self, module, args, kwargs, output):
         cache = getattr(output, "past_key_values", None)
+        if cache is None:
+            cache = getattr(output, "cache", None)
         if self.state is not None and cache is not None:
             self.state.cache = cache
 
@@ -146,7 +154,7 @@ class Session:
         if embeds is None:
             return None
         batch, q = embeds.shape[:2]
-        state = self._state_for(kwargs.get("past_key_values"))
+        state = self._state_for(_cache_of(kwargs))
         prefix, chunk = self._split_mask(kwargs.get("attention_mask"), state, q)
         cut = None
         if self.selector is not None and image_mask is not None and tuple(image_mask.shape) == (batch, q):

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
 from vtprune.layout import ImageLayout
+
+
+class ImageRef(NamedTuple):
+    """One image of a forward pass: its sample, its positions in that row, its layout, its LLM
+    input features ([n, D]) and the rows of the vision-tower batch that encoded it (tiles/crops)."""
+
+    row: int
+    positions: torch.Tensor
+    layout: ImageLayout
+    features: object
+    tiles: list
 
 
 class Adapter:
@@ -42,7 +53,7 @@ class Adapter:
 
     # ------------------------------------------------------------------ images
     def images(self, image_mask: torch.Tensor, capture: dict) -> list:
-        """``[(row, positions, layout, features)]`` for every image, in the order the model scatters them."""
+        """An :class:`ImageRef` for every image, in the order the model scatters them."""
         where = image_mask.nonzero()
         counts = capture["counts"]
         total, batch = where.shape[0], image_mask.shape[0]
@@ -51,24 +62,61 @@ class Adapter:
             # images: rows are repeat-interleaved copies, each copy holds the same images.
             r = total // sum(counts)
             base = self.images(image_mask[::r], capture)
-            copies = [(row * r + j, pos, layout, feat) for j in range(r) for row, pos, layout, feat in base]
-            return sorted(copies, key=lambda img: img[0])
+            copies = [ref._replace(row=ref.row * r + j) for j in range(r) for ref in base]
+            return sorted(copies, key=lambda ref: ref.row)
         if sum(counts) != total:
             raise RuntimeError(f"vtprune: {where.shape[0]} image tokens in the prompt but the vision tower "
                                f"produced {sum(counts)} features; call the model once per prompt")
-        out, start = [], 0
+        out, start, tile = [], 0, 0
         for i, n in enumerate(counts):
             seg = where[start:start + n]
             start += n
             row = int(seg[0, 0])
             if not bool((seg[:, 0] == row).all()):
                 raise RuntimeError("vtprune: an image's tokens span two samples of the batch")
-            out.append((row, seg[:, 1], self.layout(i, n, capture), capture["features"][i]))
+            tiles = list(range(tile, tile + self.tiles_of(i, capture)))
+            tile += len(tiles)
+            out.append(ImageRef(row, seg[:, 1], self.layout(i, n, capture), capture["features"][i], tiles))
         return out
+
+    def tiles_of(self, i: int, capture: dict) -> int:
+        """How many rows of the vision-tower batch encoded image ``i``."""
+        return 1
 
     def layout(self, i: int, n: int, capture: dict) -> ImageLayout:
         """Geometry of image ``i`` (``n`` tokens)."""
         return ImageLayout.flat(n)
+
+    # ------------------------------------------------------------------ vision tower
+    def cls_sites(self) -> list:
+        """Per tower layer, the modules whose outputs are the [CLS] query and the keys.
+
+        Returns ``[(q_module, k_module, num_heads, scale)]``; families without a [CLS] token raise.
+        """
+        raise ValueError(f"{self.family} has no [CLS] token in its vision tower; [CLS]-attention methods "
+                         "cannot apply to it")
+
+    def feature_layer(self) -> int:
+        """Index (0-based) of the tower layer whose output the projector reads."""
+        layer = self.model.config.vision_feature_layer
+        if isinstance(layer, (list, tuple)):
+            layer = layer[-1]
+        n = len(self.cls_sites())
+        return n + layer if layer < 0 else layer - 1
+
+    def tower_to_llm(self, ref: ImageRef, tower_scores: torch.Tensor) -> torch.Tensor:
+        """Map per-tower-token scores ``[tiles, N]`` onto the image's LLM tokens ``[n]``.
+
+        Each LLM token gets the sum of the scores of the tower tokens it was made from
+        (``layout.source``); tokens with no source (newlines) get 0.
+        """
+        source = ref.layout.source
+        if source is None:
+            raise ValueError(f"{self.family} cannot map vision-tower scores to LLM tokens")
+        flat = tower_scores[ref.tiles].reshape(-1)
+        src = source.to(flat.device)
+        values = flat[src.clamp(min=0)] * (src >= 0)
+        return values.sum(-1)
 
     # ------------------------------------------------------------------ cut
     def cut_extra(self, kwargs: dict, index: torch.Tensor, real: torch.Tensor):

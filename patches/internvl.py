@@ -13,12 +13,33 @@ import torch
 
 from vtprune.layout import ImageLayout
 
-from .base import Adapter
+from .base import Adapter, ImageRef
 
 
 class InternVLAdapter(Adapter):
     family = "internvl"
     classes = ("InternVLForConditionalGeneration",)
+
+    def __init__(self, model):
+        super().__init__(model)
+        self._children = None
+
+    def cls_sites(self):
+        layers = self.inner.vision_tower.encoder.layer
+        return [(l.attention.q_norm, l.attention.k_norm, l.attention.num_heads, l.attention.scale) for l in layers]
+
+    def children(self) -> torch.Tensor:
+        """``[tokens per tile, 4]``: the tower patches each LLM token merges, read off the model's own
+        ``pixel_shuffle`` applied to patch indices."""
+        if self._children is None:
+            vision = self.model.config.vision_config
+            size = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
+            patch = vision.patch_size[0] if isinstance(vision.patch_size, (list, tuple)) else vision.patch_size
+            side = size // patch
+            grid = torch.arange(side * side, dtype=torch.float32).view(1, side, side, 1)
+            shuffled = self.inner.pixel_shuffle(grid, scale_factor=self.model.config.downsample_ratio)
+            self._children = shuffled.reshape(-1, shuffled.shape[-1]).long()
+        return self._children
 
     def images(self, image_mask, capture):
         per_tile = self.model.config.image_seq_length
@@ -35,8 +56,14 @@ class InternVLAdapter(Adapter):
                 if n % per_tile:
                     raise RuntimeError(f"vtprune: an InternVL image run of {n} tokens is not a whole number of "
                                        f"{per_tile}-token tiles")
-                grids = [(side, side)] * (n // per_tile) if side * side == per_tile else [(1, per_tile)] * (n // per_tile)
+                tiles = n // per_tile
+                grids = [(side, side)] * tiles if side * side == per_tile else [(1, per_tile)] * tiles
+                layout = ImageLayout.from_grids(grids)
+                children = self.children()
+                if children.shape[0] == per_tile:  # tower tokens per tile: [CLS] + patches
+                    stride = children.numel() + 1
+                    layout.source = torch.cat([t * stride + 1 + children for t in range(tiles)])
                 flat = feats[used:used + n] if feats is not None else None
+                out.append(ImageRef(row, run, layout, flat, list(range(used // per_tile, used // per_tile + tiles))))
                 used += n
-                out.append((row, run, ImageLayout.from_grids(grids), flat))
         return out

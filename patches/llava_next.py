@@ -13,6 +13,7 @@ import torch
 from vtprune.layout import ImageLayout
 
 from .base import Adapter
+from .llava import clip_sites
 
 
 class LlavaNextAdapter(Adapter):
@@ -29,13 +30,23 @@ class LlavaNextAdapter(Adapter):
         out["image_sizes"] = [tuple(int(v) for v in s) for s in sizes]
         return out
 
-    def layout(self, i, n, capture):
+    def _entry(self, i, n, capture):
         key = (capture["image_sizes"][i], n)
         if key not in self._cache:
             self._cache[key] = self._build(capture["image_sizes"][i], n)
         return self._cache[key]
 
+    def layout(self, i, n, capture):
+        return self._entry(i, n, capture)[0]
+
+    def tiles_of(self, i, capture):
+        return self._entry(i, capture["counts"][i], capture)[1]
+
+    def cls_sites(self):
+        return clip_sites(self.inner.vision_tower)
+
     def _build(self, image_size, n):
+        """``(layout, tiles)``; the layout's source is read off the packing of position indices."""
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         config = self.model.config
@@ -43,17 +54,21 @@ class LlavaNextAdapter(Adapter):
         strategy = config.vision_feature_select_strategy
         per_tile = side * side + (strategy == "full")
         tiles = image_size_to_num_patches(image_size, config.image_grid_pinpoints, config.vision_config.image_size)
-        source = torch.arange(tiles * per_tile, dtype=torch.float32).view(tiles, per_tile, 1)
-        packed, _ = self.inner.pack_image_features([source], torch.tensor([image_size]), strategy,
+        indices = torch.arange(tiles * per_tile, dtype=torch.float32).view(tiles, per_tile, 1)
+        packed, _ = self.inner.pack_image_features([indices], torch.tensor([image_size]), strategy,
                                                    image_newline=torch.tensor([-1.0]))
         prov = packed[0].squeeze(-1).long()
         if prov.numel() != n:
-            return ImageLayout.flat(n)
+            raise RuntimeError(f"vtprune: LLaVA-NeXT packed {prov.numel()} tokens for an image of {n}")
+        # tower token of packed index p: tile p // per_tile, position p % per_tile (+1 past [CLS])
+        skip = int(strategy == "default")
+        source = torch.where(prov >= 0, (prov // per_tile) * (side * side + 1) + prov % per_tile + skip, -1)[:, None]
         if tiles == 1 or per_tile != side * side:
             # single tile (base + one newline) or [CLS] kept: no crop grid to describe
             layout = ImageLayout.flat(n)
             layout.grid[prov < 0] = -1
-            return layout
+            layout.source = source
+            return layout, tiles
         base = ImageLayout.from_grids([(side, side)])
         crop = prov[per_tile:]
         newline = crop < 0
@@ -63,10 +78,12 @@ class LlavaNextAdapter(Adapter):
         row_start = torch.cat([torch.zeros(1, dtype=torch.long), last_nl[:-1] + 1])
         col = torch.where(newline, torch.full_like(idx, -1), idx - row_start)
         rows, cols = int(newline.sum()), int(newline.nonzero()[0, 0]) if newline.any() else crop.numel()
-        return ImageLayout(
+        layout = ImageLayout(
             grid=torch.cat([base.grid, torch.ones_like(crop)]),
             row=torch.cat([base.row, row]),
             col=torch.cat([base.col, col]),
             newline=torch.cat([base.newline, newline]),
             shapes=[(side, side), (rows, cols)],
+            source=source,
         )
+        return layout, tiles

@@ -16,6 +16,11 @@ class ImageLayout:
     ``grid`` is its grid id (-1 for a token outside every grid, e.g. a [CLS] fed to the LLM),
     ``row``/``col`` its cell, and ``newline`` marks LLaVA-NeXT's row-separator tokens (their
     ``row`` is the row they end, ``col`` is -1).
+
+    ``source`` ([n, k], optional) says which vision-tower tokens each LLM token was made from:
+    indices into the image's tower outputs flattened over its tiles, ``tile * N + position``
+    ([CLS] at position 0 where the tower has one), -1 for none (a newline).  LLaVA: one source per
+    token; InternVL: the 4 patches its pixel shuffle merged.
     """
 
     grid: torch.Tensor
@@ -23,6 +28,7 @@ class ImageLayout:
     col: torch.Tensor
     newline: torch.Tensor
     shapes: list
+    source: torch.Tensor | None = None
 
     @property
     def n(self) -> int:

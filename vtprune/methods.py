@@ -70,6 +70,9 @@ class ScoreContext:
 
     ``layouts[i]`` and ``budgets[i]`` describe the i-th image of the batch (row-major order);
     ``rows[i]`` is its sample; ``features[i]`` its visual tokens as fed to the LLM ([n, D]).
+    ``cls_attention[layer][i]`` is the post-softmax attention of the [CLS] query to the vision-tower
+    tokens in tower layer ``layer``, averaged over heads and mapped onto image i's LLM tokens (summed
+    over the tower tokens an LLM token merges; 0 for newlines) — for the layers the method asked for.
     """
 
     layouts: list
@@ -77,6 +80,7 @@ class ScoreContext:
     rows: list
     features: list
     generator: torch.Generator
+    cls_attention: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -84,6 +88,7 @@ class Selector(Method):
     """A pre-LLM method: scores each image's visual tokens; the best ``keep`` per image are kept."""
 
     stage: ClassVar[str] = "select"
+    needs_cls: ClassVar[bool] = False  # reads ctx.cls_attention (the tower layers of ``tower_layers``)
     keep: float = 0.25
 
     def validate(self):
@@ -92,6 +97,13 @@ class Selector(Method):
     def score(self, ctx: ScoreContext) -> list:
         """One 1-D score tensor per image (higher = keep)."""
         raise NotImplementedError
+
+    def tower_layers(self, n_layers: int, feature_layer: int) -> list:
+        """Vision-tower layers (0-based) whose [CLS] attention ``score`` reads; none by default.
+
+        ``feature_layer`` is the layer whose output the projector consumes.
+        """
+        return []
 
 
 @register("random")
@@ -116,6 +128,29 @@ class Uniform(Selector):
 
     def score(self, ctx):
         return [uniform_scores(layout, k) for layout, k in zip(ctx.layouts, ctx.budgets)]
+
+
+@register("fastervlm")
+@dataclass
+class FasterVLM(Selector):
+    """Keep the tokens the vision encoder's [CLS] attends to most (FasterVLM, arXiv 2412.01818).
+
+    Score: the post-softmax attention of the [CLS] query to the patch keys inside the tower layer
+    whose output the projector consumes (``vision_feature_layer`` -2 → the penultimate layer),
+    averaged over heads; the top ``keep`` per image are kept in their original order.  ``layer``
+    (0-based, negative counts from the end) overrides the layer.  Computed from the layer's q/k
+    while the tower runs on SDPA; no eager attention.
+    """
+
+    needs_cls: ClassVar[bool] = True
+    layer: int | None = None
+
+    def tower_layers(self, n_layers, feature_layer):
+        return [feature_layer if self.layer is None else self.layer]
+
+    def score(self, ctx):
+        (layer,) = ctx.cls_attention
+        return ctx.cls_attention[layer]
 
 
 def resolve(method, options: dict) -> list:

@@ -73,7 +73,8 @@ class Session:
     # ------------------------------------------------------------------ install / remove
     def install(self):
         inner = self.adapter.inner
-        self._patch(inner, "get_image_features", self._after_features)
+        self._install_tower_hooks()
+        self._patch(inner, "get_image_features", self._after_features, before=self._before_features)
         self._patch(inner, "get_placeholder_mask", self._after_placeholder)
         lm = self.adapter.language_model
         self.handles.append(lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
@@ -91,7 +92,39 @@ class Session:
         self.patched.clear()
         self.adapter.reset()
 
-    def _patch(self, obj, name, after):
+    def _install_tower_hooks(self):
+        """Forward hooks on the q/k outputs of the tower layers the selector reads."""
+        self.tower_layers, self.tower_cls = [], {}
+        if self.selector is None or not self.selector.needs_cls:
+            return
+        sites = self.adapter.cls_sites()
+        n = len(sites)
+        layers = self.selector.tower_layers(n, self.adapter.feature_layer())
+        for layer in layers:
+            if not -n <= layer < n:
+                raise ValueError(f"vision-tower layer {layer} is out of range: the tower has {n} layers")
+        self.tower_layers = sorted({layer % n for layer in layers})
+        for layer in self.tower_layers:
+            q_mod, k_mod, heads, scale = sites[layer]
+            box = {}
+            self.handles.append(q_mod.register_forward_hook(lambda m, a, out, box=box: box.update(q=out)))
+            self.handles.append(k_mod.register_forward_hook(
+                lambda m, a, out, box=box, layer=layer, heads=heads, scale=scale:
+                self._on_keys(layer, box.pop("q", None), out, heads, scale)))
+
+    def _on_keys(self, layer, q, k, heads, scale):
+        if q is None:
+            return
+        tiles, n, d = k.shape
+        qh = q[:, :1].float().reshape(tiles, 1, heads, d // heads).transpose(1, 2)
+        kh = k.float().reshape(tiles, n, heads, d // heads).transpose(1, 2)
+        attn = ((qh @ kh.transpose(-1, -2)).squeeze(2) * scale).softmax(-1).mean(1)
+        self.tower_cls.setdefault(layer, []).append(attn.detach())
+
+    def _before_features(self, args, kwargs):
+        self.tower_cls = {}
+
+    def _patch(self, obj, name, after, before=None):
         if name in vars(obj):
             raise ValueError(f"{type(obj).__name__}.{name} is already patched on this instance; "
                              "vtprune cannot wrap a model another tool has patched the same way")
@@ -99,6 +132,8 @@ class Session:
 
         @functools.wraps(original)
         def patched(*args, **kwargs):
+            if before is not None:
+                before(args, kwargs)
             out = original(*args, **kwargs)
             after(args, kwargs, out)
             return out
@@ -109,6 +144,8 @@ class Session:
     # ------------------------------------------------------------------ captures
     def _after_features(self, args, kwargs, out):
         self.pending_capture = self.adapter.capture(args, kwargs, out)
+        self.pending_capture["cls"] = {layer: torch.cat(parts) for layer, parts in self.tower_cls.items()}
+        self.tower_cls = {}
 
     def _after_placeholder(self, args, kwargs, out):
         if kwargs.get("video_features") is not None:
@@ -226,26 +263,32 @@ class Session:
         image_mask = image_mask.detach().cpu()
         batch, length = image_mask.shape
         images = self.adapter.images(image_mask, capture or {"counts": [], "features": []})
-        layouts = [img[2] for img in images]
+        layouts = [img.layout for img in images]
         budgets = [tokens_to_keep(self.selector.keep, layout.n_content) for layout in layouts]
-        ctx = ScoreContext(layouts=layouts, budgets=budgets, rows=[img[0] for img in images],
-                           features=[img[3] for img in images], generator=self.generator)
+        ctx = ScoreContext(layouts=layouts, budgets=budgets, rows=[img.row for img in images],
+                           features=[img.features for img in images], generator=self.generator)
+        if self.tower_layers:
+            towers = (capture or {}).get("cls", {})
+            if set(towers) != set(self.tower_layers):
+                raise RuntimeError("vtprune: the vision tower ran without the [CLS] attention hooks firing")
+            ctx.cls_attention = {layer: [self.adapter.tower_to_llm(img, towers[layer]) for img in images]
+                                 for layer in self.tower_layers}
         scores = list(self.selector.score(ctx))
         first = {}
         for i, img in enumerate(images):  # copies of one image (an expanded batch) share its selection
-            if img[3] is not None:
-                scores[i] = scores[first.setdefault(id(img[3]), i)]
+            if img.features is not None:
+                scores[i] = scores[first.setdefault(id(img.features), i)]
         kept = [top_tokens(s, layout, k) for s, layout, k in zip(scores, layouts, budgets)]
         drop = torch.zeros(batch, length, dtype=torch.bool)
         per_sample = [[] for _ in range(batch)]
         layouts_of = [[] for _ in range(batch)]
-        for (row, pos, layout, _), keep in zip(images, kept):
+        for (row, pos, layout, _, _), keep in zip(images, kept):
             gone = torch.ones(layout.n, dtype=torch.bool)
             gone[keep] = False
             drop[row, pos[gone]] = True
             per_sample[row].append(keep)
             layouts_of[row].append(layout)
-        self.last = {"kept": per_sample, "layouts": layouts_of, "images": [(img[0], img[2].n, k.numel()) for img, k in zip(images, kept)],
+        self.last = {"kept": per_sample, "layouts": layouts_of, "scores": scores, "images": [(img.row, img.layout.n, k.numel()) for img, k in zip(images, kept)],
                      "length": length, "time_score_s": time.perf_counter() - start, "time_gather_s": 0.0}
         if not drop.any():
             self.last["llm_length"] = length

@@ -112,3 +112,19 @@ def test_generate_with_fastervlm_batch_left_padded():
             out = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1]:]
         kept = vtprune.last_kept(model)
     assert torch.equal(out, masked_greedy(model, inputs, drop_mask(inputs["input_ids"], kept), steps=6))
+
+
+def test_vtc_cls_sums_layers_up_to_the_feature_layer():
+    model = tiny_model("llava")  # 3 tower layers, the projector reads layer 1 (vision_feature_layer -2)
+    inputs = tiny_inputs(model, "llava")
+    vtprune.wrap(model, "vtc_cls", keep=0.5, start_layer=0)
+    with torch.no_grad():
+        model(**inputs)
+    ours = model._vtprune_session.last["scores"][0]
+    assert model._vtprune_session.tower_layers == [0, 1]
+    vtprune.unwrap(model)
+    ref = _eager_cls("llava", inputs, layer=0)[1][0] + _eager_cls("llava", inputs, layer=1)[1][0]
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="start_layer"):
+        vtprune.wrap(model, "vtc_cls", start_layer=2)
+    assert not vtprune.is_wrapped(model)

@@ -153,6 +153,32 @@ class FasterVLM(Selector):
         return ctx.cls_attention[layer]
 
 
+@register("vtc_cls")
+@dataclass
+class VTCCLS(Selector):
+    """[CLS] attention of several tower layers ensembled (VTC-CLS, arXiv 2412.05819).
+
+    Score: for every tower layer from ``start_layer`` up to and including the layer the projector
+    reads, the [CLS] row's post-softmax attention to the patches averaged over heads, summed over
+    the layers unweighted (as the VTC-CLS code does).  ``start_layer`` is 0-based; negative counts
+    from the end of the tower (default -8: layer 16 of CLIP-L's 24, the VTC-CLS script default).
+    """
+
+    needs_cls: ClassVar[bool] = True
+    start_layer: int = -8
+
+    def tower_layers(self, n_layers, feature_layer):
+        start = self.start_layer % n_layers if -n_layers <= self.start_layer < 0 else self.start_layer
+        if not 0 <= start <= feature_layer:
+            raise ValueError(f"vtc_cls start_layer={self.start_layer} must lie in [{-n_layers}, {feature_layer}] "
+                             f"(the projector reads layer {feature_layer} of {n_layers})")
+        return list(range(start, feature_layer + 1))
+
+    def score(self, ctx):
+        per_layer = list(ctx.cls_attention.values())
+        return [sum(layer[i] for layer in per_layer) for i in range(len(ctx.layouts))]
+
+
 def resolve(method, options: dict) -> list:
     """Turn ``wrap``'s ``method`` argument and options into validated config objects."""
     items = list(method) if isinstance(method, (list, tuple)) else [method]

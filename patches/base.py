@@ -96,13 +96,39 @@ class Adapter:
         raise ValueError(f"{self.family} has no [CLS] token in its vision tower; [CLS]-attention methods "
                          "cannot apply to it")
 
+    def tower_depth(self) -> int:
+        """Number of layers of the vision tower."""
+        return len(self.cls_sites())
+
     def feature_layer(self) -> int:
         """Index (0-based) of the tower layer whose output the projector reads."""
         layer = self.model.config.vision_feature_layer
         if isinstance(layer, (list, tuple)):
             layer = layer[-1]
-        n = len(self.cls_sites())
+        n = self.tower_depth()
         return n + layer if layer < 0 else layer - 1
+
+    def hook_tower(self, layer: int, sink) -> list:
+        """Hook tower layer ``layer`` so that each run calls ``sink(scores)`` with ``scores`` [tiles, N]:
+        the [CLS] query's post-softmax attention to every token, averaged over heads (fp32).
+
+        Computed from the q/k projections' outputs (one 1 x N product per head), so the tower keeps
+        its SDPA/flash attention.  Returns the hook handles.
+        """
+        q_mod, k_mod, heads, scale = self.cls_sites()[layer]
+        box = {}
+
+        def on_keys(module, args, k):
+            q = box.pop("q", None)
+            if q is None:
+                return
+            tiles, n, d = k.shape
+            qh = q[:, :1].float().reshape(tiles, 1, heads, d // heads).transpose(1, 2)
+            kh = k.float().reshape(tiles, n, heads, d // heads).transpose(1, 2)
+            sink(((qh @ kh.transpose(-1, -2)).squeeze(2) * scale).softmax(-1).mean(1).detach())
+
+        return [q_mod.register_forward_hook(lambda module, args, out: box.update(q=out)),
+                k_mod.register_forward_hook(on_keys)]
 
     def tower_to_llm(self, ref: ImageRef, tower_scores: torch.Tensor) -> torch.Tensor:
         """Map per-tower-token scores ``[tiles, N]`` onto the image's LLM tokens ``[n]``.

@@ -10,9 +10,20 @@ size), in raster order (Qwen2.5-VL un-permutes its window order before the LLM).
   not read it).
 * Qwen3-VL deepstack: ``visual_pos_masks`` and the per-layer ``deepstack_visual_embeds`` are cut
   with the same index.
+
+No [CLS]: the substitute score.  The Qwen towers have no [CLS] token, so [CLS]-attention methods
+(``fastervlm``, ``vtc_cls``) read instead, in the same layer, the attention each patch *receives*:
+softmax(q k^T / sqrt(d)) over the keys of its own image (the ``cu_seqlens`` segment of a
+full-attention block; a window of Qwen2.5-VL's windowed blocks), averaged over all query patches
+and over heads.  A patch that every other patch looks at — the global saliency the [CLS] row
+measures in CLIP — scores high.  An LLM token sums the scores of the 2x2 patches it merges.  q and k
+are read from the block's fused ``qkv`` output with the block's own rotary embedding applied, so the
+tower keeps its SDPA/flash attention; queries are processed in chunks to bound memory.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -42,7 +53,59 @@ class QwenVLAdapter(Adapter):
         shapes = [(h // m, w // m)] * t
         if sum(a * b for a, b in shapes) != n:
             return ImageLayout.flat(n)
-        return ImageLayout.from_grids(shapes)
+        layout = ImageLayout.from_grids(shapes)
+        layout.source = self._sources(capture)[i]
+        return layout
+
+    def images(self, image_mask, capture):
+        # the tower encodes all images as one sequence: tower "tile" 0 holds every patch
+        return [ref._replace(tiles=[0]) for ref in super().images(image_mask, capture)]
+
+    # ------------------------------------------------------------------ tower
+    def _blocks(self):
+        return self.inner.visual.blocks
+
+    def tower_depth(self):
+        return len(self._blocks())
+
+    def feature_layer(self):
+        return self.tower_depth() - 1  # the merger reads the last block's output
+
+    def _group_order(self, grid):
+        """For every LLM token (all images, in order), the position of its 2x2 group in the tower sequence."""
+        m = self.model.config.vision_config.spatial_merge_size
+        return torch.arange(int((grid.prod(-1) // m**2).sum()))
+
+    def _sources(self, capture):
+        if "sources" not in capture:
+            grid = torch.tensor(capture["grid_thw"])
+            m2 = self.model.config.vision_config.spatial_merge_size ** 2
+            order = self._group_order(grid)
+            sources, start = [], 0
+            for n in (grid.prod(-1) // m2).tolist():
+                groups = order[start:start + n]
+                sources.append(groups[:, None] * m2 + torch.arange(m2))
+                start += n
+            capture["sources"] = sources
+        return capture["sources"]
+
+    def hook_tower(self, layer, sink):
+        attn = self._blocks()[layer].attn
+        rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+        box = {}
+
+        def on_attn(module, args, kwargs):
+            box["cu_seqlens"] = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+            box["position_embeddings"] = kwargs.get("position_embeddings")
+
+        def on_qkv(module, args, qkv):
+            seq = qkv.shape[0]
+            q, k, _ = qkv.reshape(seq, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            cos, sin = box.pop("position_embeddings")
+            q, k = rotary(q, k, cos, sin)
+            sink(received_attention(q, k, box.pop("cu_seqlens"), attn.scaling)[None])
+
+        return [attn.register_forward_pre_hook(on_attn, with_kwargs=True), attn.qkv.register_forward_hook(on_qkv)]
 
     def after_cut(self, state):
         current = getattr(self.inner, "rope_deltas", None)
@@ -59,9 +122,34 @@ class QwenVLAdapter(Adapter):
         self._rope_base = self._rope_set = None
 
 
+def received_attention(q, k, cu_seqlens, scale, chunk: int = 1024) -> torch.Tensor:
+    """Per token, the attention it receives within its segment, averaged over queries and heads.
+
+    ``q``, ``k``: [N, heads, d] (rotary applied); ``cu_seqlens``: segment boundaries.  Returns [N] fp32.
+    """
+    out = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        ks = k[a:b].float().transpose(0, 1)  # [H, n, d]
+        total = torch.zeros(b - a, dtype=torch.float32, device=q.device)
+        for c in range(a, b, chunk):
+            qs = q[c:min(b, c + chunk)].float().transpose(0, 1)  # [H, m, d]
+            total += ((qs @ ks.transpose(-1, -2)) * scale).softmax(-1).sum((0, 1))
+        out[a:b] = total / ((b - a) * q.shape[1])
+    return out.detach()
+
+
 class Qwen25VLAdapter(QwenVLAdapter):
     family = "qwen2_5_vl"
     classes = ("Qwen2_5_VLForConditionalGeneration",)
+
+    def _group_order(self, grid):
+        from transformers.vision_utils import get_vision_window_index
+
+        vision = self.model.config.vision_config
+        window_index, _ = get_vision_window_index(grid, vision.spatial_merge_size, vision.window_size,
+                                                  vision.patch_size)
+        return torch.argsort(window_index)
 
 
 class Qwen3VLAdapter(QwenVLAdapter):

@@ -12,7 +12,7 @@ from reference import drop_mask, masked_forward
 
 import vtprune
 from vtprune.budget import tokens_to_keep
-from vtprune.testing import tiny_inputs, tiny_model
+from vtprune.testing import FAMILIES, tiny_inputs, tiny_model
 
 
 def _eager_cls(family, inputs, layer=-2):
@@ -90,24 +90,16 @@ def test_layer_option_and_range():
     assert sum(len(m._forward_hooks) for m in model.modules()) == hooks
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
-def test_families_without_cls_raise_and_stay_unwrapped(family):
-    model = tiny_model(family)
-    with pytest.raises(ValueError, match="no \\[CLS\\]"):
-        vtprune.wrap(model, "fastervlm", keep=0.5)
-    assert not vtprune.is_wrapped(model)
-    assert "get_image_features" not in vars(model.model)
-    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
-
-
-def test_generate_with_fastervlm_batch_left_padded():
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["fastervlm", "vtc_cls"])
+def test_generate_batch_left_padded_equals_masked_reference(family, method):
     from reference import masked_greedy
 
-    model = tiny_model("llava_next")
+    model = tiny_model(family)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
-    inputs = tiny_inputs(model, "llava_next", images_per_row=(1, 2))
-    with vtprune.wrapped(model, "fastervlm", keep=0.3):
+    inputs = tiny_inputs(model, family, images_per_row=(1, 2))
+    with vtprune.wrapped(model, method, keep=0.3, **({"start_layer": 0} if method == "vtc_cls" else {})):
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1]:]
         kept = vtprune.last_kept(model)
@@ -128,3 +120,49 @@ def test_vtc_cls_sums_layers_up_to_the_feature_layer():
     with pytest.raises(ValueError, match="start_layer"):
         vtprune.wrap(model, "vtc_cls", start_layer=2)
     assert not vtprune.is_wrapped(model)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_qwen_substitute_score_equals_recorded_attention(family):
+    """Qwen has no [CLS]: the score is the attention each patch receives in the feature layer.
+
+    The reference records the attention probabilities the stock tower computes, through a
+    custom attention function registered with transformers (it sees the model's own rotated q/k).
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    model = tiny_model(family)
+    inputs = tiny_inputs(model, family, images_per_row=(2,), image_specs=[(8, 8), (4, 12)])
+    target = model.model.visual.blocks[-1].attn
+    probs = []
+
+    def recording(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        if module is target:
+            p = ((query.float() @ key.float().transpose(-1, -2)) * scaling).softmax(-1)  # [1, H, n, n]
+            probs.append(p[0].mean(0).mean(0))  # received attention per key: mean over heads and queries
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+    AttentionInterface.register("vtprune_test_recording", recording)
+    model.set_attn_implementation({"vision_config": "vtprune_test_recording"})
+    with torch.no_grad():
+        model(**inputs)
+    model.set_attn_implementation({"vision_config": "sdpa"})
+    per_patch = torch.cat(probs)  # the tower sequence, image after image
+    if family == "qwen2_5_vl":
+        from transformers.vision_utils import get_vision_window_index
+
+        v = model.config.vision_config
+        window, _ = get_vision_window_index(inputs["image_grid_thw"], 2, v.window_size, v.patch_size)
+        groups = per_patch.view(-1, 4).sum(1)[torch.argsort(window)]
+    else:
+        groups = per_patch.view(-1, 4).sum(1)
+    ref = [groups[:16], groups[16:]]
+
+    vtprune.wrap(model, "fastervlm", keep=0.25)
+    with torch.no_grad():
+        model(**inputs)
+    ours = model._vtprune_session.last["scores"]
+    vtprune.unwrap(model)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

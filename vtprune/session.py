@@ -93,33 +93,19 @@ class Session:
         self.adapter.reset()
 
     def _install_tower_hooks(self):
-        """Forward hooks on the q/k outputs of the tower layers the selector reads."""
+        """Hooks on the vision-tower layers the selector reads ([CLS] attention or its substitute)."""
         self.tower_layers, self.tower_cls = [], {}
         if self.selector is None or not self.selector.needs_cls:
             return
-        sites = self.adapter.cls_sites()
-        n = len(sites)
+        n = self.adapter.tower_depth()
         layers = self.selector.tower_layers(n, self.adapter.feature_layer())
         for layer in layers:
             if not -n <= layer < n:
                 raise ValueError(f"vision-tower layer {layer} is out of range: the tower has {n} layers")
         self.tower_layers = sorted({layer % n for layer in layers})
         for layer in self.tower_layers:
-            q_mod, k_mod, heads, scale = sites[layer]
-            box = {}
-            self.handles.append(q_mod.register_forward_hook(lambda m, a, out, box=box: box.update(q=out)))
-            self.handles.append(k_mod.register_forward_hook(
-                lambda m, a, out, box=box, layer=layer, heads=heads, scale=scale:
-                self._on_keys(layer, box.pop("q", None), out, heads, scale)))
-
-    def _on_keys(self, layer, q, k, heads, scale):
-        if q is None:
-            return
-        tiles, n, d = k.shape
-        qh = q[:, :1].float().reshape(tiles, 1, heads, d // heads).transpose(1, 2)
-        kh = k.float().reshape(tiles, n, heads, d // heads).transpose(1, 2)
-        attn = ((qh @ kh.transpose(-1, -2)).squeeze(2) * scale).softmax(-1).mean(1)
-        self.tower_cls.setdefault(layer, []).append(attn.detach())
+            sink = functools.partial(lambda layer, scores: self.tower_cls.setdefault(layer, []).append(scores), layer)
+            self.handles.extend(self.adapter.hook_tower(layer, sink))
 
     def _before_features(self, args, kwargs):
         self.tower_cls = {}

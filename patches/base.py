@@ -130,6 +130,23 @@ class Adapter:
         return [q_mod.register_forward_hook(lambda module, args, out: box.update(q=out)),
                 k_mod.register_forward_hook(on_keys)]
 
+    def hook_keys(self, layer: int, sink) -> list:
+        """Hook tower layer ``layer`` so that each run calls ``sink(keys)``: its keys averaged over heads,
+        ``[tiles, N, head_dim]`` (the similarity metric VisionZip merges by)."""
+        _, k_mod, heads, _ = self.cls_sites()[layer]
+
+        def on_keys(module, args, k):
+            tiles, n, d = k.shape
+            sink(k.detach().reshape(tiles, n, heads, d // heads).mean(2))
+
+        return [k_mod.register_forward_hook(on_keys)]
+
+    def projector(self):
+        """The module that turns per-patch tower features ``[tiles, patches, C]`` into LLM tokens."""
+        raise ValueError(f"merging methods need each patch's tower feature before the projector; "
+                         f"{self.family} merges patches (pixel shuffle / patch merger) before that point, "
+                         "which vtprune does not support yet")
+
     def tower_to_llm(self, ref: ImageRef, tower_scores: torch.Tensor) -> torch.Tensor:
         """Map per-tower-token scores ``[tiles, N]`` onto the image's LLM tokens ``[n]``.
 

@@ -38,6 +38,9 @@ class LlavaAdapter(Adapter):
     def cls_sites(self):
         return clip_sites(self.inner.vision_tower)
 
+    def projector(self):
+        return self.inner.multi_modal_projector
+
     def layout(self, i, n, capture):
         vision = self.model.config.vision_config
         return clip_layout(n, vision.image_size // vision.patch_size)

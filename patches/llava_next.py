@@ -45,6 +45,9 @@ class LlavaNextAdapter(Adapter):
     def cls_sites(self):
         return clip_sites(self.inner.vision_tower)
 
+    def projector(self):
+        return self.inner.multi_modal_projector
+
     def _build(self, image_size, n):
         """``(layout, tiles)``; the layout's source is read off the packing of position indices."""
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches

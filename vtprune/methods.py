@@ -81,6 +81,7 @@ class ScoreContext:
     features: list
     generator: torch.Generator
     cls_attention: dict = dataclasses.field(default_factory=dict)
+    tower_selected: list = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -89,6 +90,7 @@ class Selector(Method):
 
     stage: ClassVar[str] = "select"
     needs_cls: ClassVar[bool] = False  # reads ctx.cls_attention (the tower layers of ``tower_layers``)
+    merges: ClassVar[bool] = False  # rewrites tower features before the projector (``merge``)
     keep: float = 0.25
 
     def validate(self):
@@ -177,6 +179,73 @@ class VTCCLS(Selector):
     def score(self, ctx):
         per_layer = list(ctx.cls_attention.values())
         return [sum(layer[i] for layer in per_layer) for i in range(len(ctx.layouts))]
+
+
+@register("visionzip")
+@dataclass
+class VisionZip(Selector):
+    """Dominant tokens by [CLS] attention plus contextual tokens that merge the rest (VisionZip, arXiv 2412.04467).
+
+    Per tile (a LLaVA image, each LLaVA-NeXT crop), of its ``keep`` tokens a share
+    ``contextual_share`` are contextual, the rest dominant.  Dominant: the patches with the highest
+    [CLS] attention in the layer the projector reads.  Contextual: among the remaining patches,
+    targets taken at a uniform index stride; every other remaining patch joins the target whose key
+    (that layer's keys averaged over heads, L2-normalised) is most similar; a contextual token is
+    its target's feature plus the mean of the features that joined it, as the VisionZip code does.
+    Merging happens on the tower features before the projector.  Differences from VisionZip: the
+    [CLS] token itself is not fed to the LLM (the stock HF models drop it), and a contextual token
+    sits at its target's position instead of after the dominant tokens, so positions stay original.
+    An int ``keep`` counts tokens per tile.
+    """
+
+    needs_cls: ClassVar[bool] = True
+    merges: ClassVar[bool] = True
+    contextual_share: float = 0.15
+
+    def validate(self):
+        super().validate()
+        if not 0.0 <= self.contextual_share < 1.0:
+            raise ValueError(f"contextual_share must lie in [0, 1), got {self.contextual_share}")
+
+    def tower_layers(self, n_layers, feature_layer):
+        return [feature_layer]
+
+    def split(self, k: int) -> tuple:
+        """(dominant, contextual) token counts for a budget of ``k``."""
+        contextual = min(k - 1, max(1, round(k * self.contextual_share))) if self.contextual_share > 0 and k > 1 else 0
+        return k - contextual, contextual
+
+    def merge(self, cls, keys, features, k: int):
+        """Merge one batch of tiles: ``cls`` [tiles, T] [CLS] attention to the patches, ``keys`` [tiles, T, d],
+        ``features`` [tiles, T, C].  Returns the new features and, per tile, the kept patch indices."""
+        dominant, contextual = self.split(min(k, features.shape[1]))
+        out = features.clone()
+        kept = []
+        for t in range(features.shape[0]):
+            top = torch.sort(cls[t], descending=True, stable=True).indices[:dominant]
+            rest = torch.ones(features.shape[1], dtype=torch.bool, device=features.device)
+            rest[top] = False
+            rest = rest.nonzero().squeeze(1)
+            chosen = [top]
+            if contextual and rest.numel():
+                step = max(1, rest.numel() // contextual)
+                is_target = torch.zeros(rest.numel(), dtype=torch.bool, device=features.device)
+                is_target[torch.arange(0, rest.numel(), step, device=features.device)[:contextual]] = True
+                targets, others = rest[is_target], rest[~is_target]
+                metric = torch.nn.functional.normalize(keys[t].float(), dim=-1)
+                assign = (metric[others] @ metric[targets].T).argmax(1)
+                sums = torch.zeros(targets.numel(), features.shape[2], device=features.device)
+                sums.index_add_(0, assign, features[t, others].float())
+                counts = torch.bincount(assign, minlength=targets.numel()).clamp(min=1)[:, None]
+                out[t, targets] = (features[t, targets].float() + sums / counts).to(features.dtype)
+                chosen.append(targets)
+            kept.append(torch.sort(torch.cat(chosen)).values)
+        return out, kept
+
+    def score(self, ctx):
+        for i, selected in enumerate(ctx.tower_selected):
+            ctx.budgets[i] = int((selected > 0).sum())
+        return ctx.tower_selected
 
 
 def resolve(method, options: dict) -> list:

@@ -94,7 +94,7 @@ class Session:
 
     def _install_tower_hooks(self):
         """Hooks on the vision-tower layers the selector reads ([CLS] attention or its substitute)."""
-        self.tower_layers, self.tower_cls = [], {}
+        self.tower_layers, self.tower_cls, self.tower_keys, self.tower_selected = [], {}, [], None
         if self.selector is None or not self.selector.needs_cls:
             return
         n = self.adapter.tower_depth()
@@ -106,9 +106,31 @@ class Session:
         for layer in self.tower_layers:
             sink = functools.partial(lambda layer, scores: self.tower_cls.setdefault(layer, []).append(scores), layer)
             self.handles.extend(self.adapter.hook_tower(layer, sink))
+        if self.selector.merges:
+            projector = self.adapter.projector()
+            self.handles.extend(self.adapter.hook_keys(self.tower_layers[-1], lambda keys: self.tower_keys.append(keys)))
+            self.handles.append(projector.register_forward_pre_hook(self._on_projector))
+
+    def _on_projector(self, module, args):
+        """Let a merging method rewrite the per-patch tower features before the projector."""
+        features = args[0]
+        layer = self.tower_layers[-1]
+        if features.dim() != 3 or not self.tower_keys or layer not in self.tower_cls:
+            return None
+        cls, keys = self.tower_cls[layer][-1], self.tower_keys[-1]
+        skip = cls.shape[1] - features.shape[1]  # the [CLS] column(s) the projector does not see
+        if skip < 0 or cls.shape[0] != features.shape[0]:
+            raise RuntimeError("vtprune: the projector input does not line up with the tower's tokens")
+        k = tokens_to_keep(self.selector.keep, features.shape[1])
+        merged, kept = self.selector.merge(cls[:, skip:], keys[:, skip:], features, k)
+        selected = torch.zeros_like(cls)
+        for t, idx in enumerate(kept):
+            selected[t, idx + skip] = 1.0
+        self.tower_selected = selected
+        return (merged, *args[1:])
 
     def _before_features(self, args, kwargs):
-        self.tower_cls = {}
+        self.tower_cls, self.tower_keys, self.tower_selected = {}, [], None
 
     def _patch(self, obj, name, after, before=None):
         if name in vars(obj):
@@ -131,7 +153,8 @@ class Session:
     def _after_features(self, args, kwargs, out):
         self.pending_capture = self.adapter.capture(args, kwargs, out)
         self.pending_capture["cls"] = {layer: torch.cat(parts) for layer, parts in self.tower_cls.items()}
-        self.tower_cls = {}
+        self.pending_capture["selected"] = self.tower_selected
+        self.tower_cls, self.tower_keys, self.tower_selected = {}, [], None
 
     def _after_placeholder(self, args, kwargs, out):
         if kwargs.get("video_features") is not None:
@@ -259,6 +282,11 @@ class Session:
                 raise RuntimeError("vtprune: the vision tower ran without the [CLS] attention hooks firing")
             ctx.cls_attention = {layer: [self.adapter.tower_to_llm(img, towers[layer]) for img in images]
                                  for layer in self.tower_layers}
+        if self.selector.merges:
+            selected = (capture or {}).get("selected")
+            if selected is None:
+                raise RuntimeError("vtprune: the projector ran without the merging hook firing")
+            ctx.tower_selected = [(self.adapter.tower_to_llm(img, selected) > 0).float() for img in images]
         scores = list(self.selector.score(ctx))
         first = {}
         for i, img in enumerate(images):  # copies of one image (an expanded batch) share its selection

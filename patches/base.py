@@ -168,6 +168,10 @@ class Adapter:
     def after_cut(self, session_state):
         """Fix family state after tokens were dropped (``session_state.dropped`` so far)."""
 
+    def first_exit_layer(self) -> int:
+        """The earliest decoder layer before which visual tokens may leave the LLM."""
+        return 0
+
     def reset(self):
         """Undo what ``after_cut`` changed (called by ``unwrap``)."""
 

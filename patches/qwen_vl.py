@@ -156,6 +156,10 @@ class Qwen3VLAdapter(QwenVLAdapter):
     family = "qwen3_vl"
     classes = ("Qwen3VLForConditionalGeneration",)
 
+    def first_exit_layer(self):
+        # deepstack adds visual features to the hidden states after layers 0..n-1
+        return len(self.model.config.vision_config.deepstack_visual_indexes)
+
     def cut_extra(self, kwargs, index, real):
         vis = kwargs.get("visual_pos_masks")
         embeds = kwargs.get("deepstack_visual_embeds")

@@ -97,3 +97,42 @@ def masked_loss(model, inputs, drop, labels):
         kw["position_ids"] = pos
     with torch.no_grad():
         return model(**kw, labels=labels).loss
+
+
+class LayerMasked:
+    """Context manager: the stock model in which, from decoder layer ``k`` on, ``drop`` [B, L]
+    tokens of the prompt are masked out of attention (prefill and every decode step)."""
+
+    def __init__(self, model, k, drop):
+        self.layers = model.model.language_model.layers[k:]
+        self.drop = drop
+        self.handles = []
+
+    def __enter__(self):
+        for i, layer in enumerate(self.layers):
+            self.handles.append(layer.register_forward_pre_hook(self._hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def _hook(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        q = hidden.shape[1]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = cache.get_seq_length(module.self_attn.layer_idx) if cache is not None else 0
+        kv = past + q
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            rows = torch.arange(q)[:, None] + past
+            mask = (torch.arange(kv)[None, :] <= rows)[None, None]
+        b = self.drop.shape[0]
+        cols = torch.cat([self.drop, torch.zeros(b, kv - self.drop.shape[1], dtype=torch.bool)], 1)
+        mask = mask.expand(b, *mask.shape[1:])
+        if mask.dtype == torch.bool:
+            mask = mask & ~cols[:, None, None, :]
+        else:
+            mask = mask.masked_fill(cols[:, None, None, :], torch.finfo(mask.dtype).min)
+        kwargs["attention_mask"] = mask
+        return args, kwargs

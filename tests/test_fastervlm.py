@@ -76,7 +76,7 @@ def test_scores_equal_eager_definition_and_select_same_tokens(family, keep):
 def test_layer_option_and_range():
     model = tiny_model("llava")
     inputs = tiny_inputs(model, "llava")
-    vtprune.wrap(model, "fastervlm", keep=0.5, layer=0)
+    vtprune.wrap(model, "fastervlm", keep=0.5, vision_layer=0)
     with torch.no_grad():
         model(**inputs)
     ours = model._vtprune_session.last["scores"][0]
@@ -85,7 +85,7 @@ def test_layer_option_and_range():
     torch.testing.assert_close(ours, cls[0], atol=1e-6, rtol=1e-5)
     hooks = sum(len(m._forward_hooks) for m in model.modules())  # transformers' own, installed lazily
     with pytest.raises(ValueError, match="out of range"):
-        vtprune.wrap(model, "fastervlm", layer=7)
+        vtprune.wrap(model, "fastervlm", vision_layer=7)
     assert not vtprune.is_wrapped(model)
     assert sum(len(m._forward_hooks) for m in model.modules()) == hooks
 

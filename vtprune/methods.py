@@ -139,16 +139,16 @@ class FasterVLM(Selector):
 
     Score: the post-softmax attention of the [CLS] query to the patch keys inside the tower layer
     whose output the projector consumes (``vision_feature_layer`` -2 → the penultimate layer),
-    averaged over heads; the top ``keep`` per image are kept in their original order.  ``layer``
-    (0-based, negative counts from the end) overrides the layer.  Computed from the layer's q/k
+    averaged over heads; the top ``keep`` per image are kept in their original order.
+    ``vision_layer`` (0-based, negative counts from the end) overrides the layer.  Computed from the layer's q/k
     while the tower runs on SDPA; no eager attention.
     """
 
     needs_cls: ClassVar[bool] = True
-    layer: int | None = None
+    vision_layer: int | None = None
 
     def tower_layers(self, n_layers, feature_layer):
-        return [feature_layer if self.layer is None else self.layer]
+        return [feature_layer if self.vision_layer is None else self.vision_layer]
 
     def score(self, ctx):
         (layer,) = ctx.cls_attention
@@ -248,6 +248,71 @@ class VisionZip(Selector):
         return ctx.tower_selected
 
 
+@dataclass
+class LayerMethod(Method):
+    """An in-LLM method: visual tokens leave the language model before decoder layer ``layer``.
+
+    Layers 0..layer-1 see every token; from ``layer`` on the dropped tokens are gone from the
+    hidden states, the attention masks, the positions and those layers' KV cache.
+    """
+
+    stage: ClassVar[str] = "llm"
+    needs_attention: ClassVar[bool] = False  # reads the attention of layer - 1 (runtime.scores)
+    layer: int = 2
+
+    def validate(self):
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
+            raise TypeError(f"{self.name} layer must be an int, got {self.layer!r}")
+
+    def drop(self, runtime, visual: torch.Tensor) -> torch.Tensor:
+        """Bool [B, L]: the visual tokens that leave (``visual`` marks the visual tokens)."""
+        raise NotImplementedError
+
+
+@register("exit")
+@dataclass
+class Exit(LayerMethod):
+    """Every visual token leaves the LLM before decoder layer ``layer`` (default 2); the text goes on."""
+
+    def drop(self, runtime, visual):
+        return visual
+
+
+@register("fastv")
+@dataclass
+class FastV(LayerMethod):
+    """At decoder layer ``layer`` (default 2) keep the visual tokens the previous layer attended to most (FastV).
+
+    Score: the post-softmax attention paid to each visual token in layer ``layer - 1`` by the last
+    token of the prompt (``query="last"``, FastV's choice) or averaged over all text tokens
+    (``query="text"``), averaged over heads; read from that layer's own q/k (RoPE applied) through
+    a routed attention function, no eager attention.  ``keep`` is a fraction (or an int count) of
+    each sample's visual tokens in the LLM; the rest leave as in ``exit``.
+    """
+
+    needs_attention: ClassVar[bool] = True
+    keep: float = 0.5
+    query: str = "last"
+
+    def validate(self):
+        super().validate()
+        self.keep = check_keep(self.keep)
+        if self.query not in ("last", "text"):
+            raise ValueError(f"fastv query must be 'last' or 'text', got {self.query!r}")
+
+    def drop(self, runtime, visual):
+        from .budget import tokens_to_keep
+
+        scores = runtime.scores.to(visual.device).masked_fill(~visual, float("-inf"))
+        drop = visual.clone()
+        for b in range(visual.shape[0]):
+            n = int(visual[b].sum())
+            k = tokens_to_keep(self.keep, n)
+            top = torch.sort(scores[b], descending=True, stable=True).indices[:k]
+            drop[b, top] = False
+        return drop
+
+
 def resolve(method, options: dict) -> list:
     """Turn ``wrap``'s ``method`` argument and options into validated config objects."""
     items = list(method) if isinstance(method, (list, tuple)) else [method]
@@ -274,7 +339,8 @@ def resolve(method, options: dict) -> list:
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"a method appears twice in {names}")
-    selectors = [c for c in configs if c.stage == "select"]
-    if len(selectors) > 1:
-        raise ValueError(f"only one pre-LLM selection method can run at a time, got {[c.name for c in selectors]}")
+    for stage, what in (("select", "pre-LLM selection"), ("llm", "in-LLM exit")):
+        chosen = [c.name for c in configs if c.stage == stage]
+        if len(chosen) > 1:
+            raise ValueError(f"only one {what} method can run at a time, got {chosen}")
     return configs

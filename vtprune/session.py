@@ -28,7 +28,9 @@ import torch
 
 from vtprune.kernels import gather_cut
 
+from .attention import AttentionRoute
 from .budget import tokens_to_keep
+from .exit import LayerExit
 from .methods import ScoreContext
 from .select import plan_cut, top_tokens
 
@@ -59,6 +61,11 @@ class Session:
         self.configs = configs
         selectors = [c for c in configs if c.stage == "select"]
         self.selector = selectors[0] if selectors else None
+        layer_methods = [c for c in configs if c.stage == "llm"]
+        self.layer_method = layer_methods[0] if layer_methods else None
+        self.layer_exit = None
+        self.route = None
+        self.exits = None
         self.generator = torch.Generator().manual_seed(int(getattr(self.selector, "seed", 0)))
         self.handles = []
         self.patched = []
@@ -74,6 +81,7 @@ class Session:
     def install(self):
         inner = self.adapter.inner
         self._install_tower_hooks()
+        self._install_layer_exit()
         self._patch(inner, "get_image_features", self._after_features, before=self._before_features)
         self._patch(inner, "get_placeholder_mask", self._after_placeholder)
         lm = self.adapter.language_model
@@ -83,6 +91,8 @@ class Session:
         self.handles.append(self.model.register_forward_hook(self._top_post, with_kwargs=True))
 
     def remove(self):
+        if self.route is not None:
+            self.route.remove()
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
@@ -91,6 +101,36 @@ class Session:
                 delattr(obj, name)
         self.patched.clear()
         self.adapter.reset()
+
+    def _install_layer_exit(self):
+        if self.layer_method is None:
+            return
+        method = self.layer_method
+        layers = self.adapter.language_model.layers
+        low = self.adapter.first_exit_layer()
+        if method.layer < low:
+            raise ValueError(f"{method.name} layer={method.layer} is too early for {self.adapter.family}: "
+                             f"visual features are still added to the hidden states up to layer {low - 1}")
+        self.layer_exit = LayerExit(self, method, layers)
+        self.handles.extend(self.layer_exit.install())
+        if method.needs_attention:
+            self.route = AttentionRoute(self.model)
+            self.route.observers[method.layer - 1] = self.layer_exit.observe
+            self.route.install()
+
+    def note_exit(self, drop, index):
+        """Record what left the LLM in this prefill (for ``stats``)."""
+        n_layers = len(self.adapter.language_model.layers)
+        k = self.layer_method.layer
+        dropped = drop.sum(1).tolist()
+        length = drop.shape[1]
+        self.exits = {
+            "mask": drop,
+            "layer": k,
+            "dropped": dropped,
+            "llm_tokens": length,
+            "llm_flops_saved": sum(dropped) * (n_layers - k) / (len(dropped) * length * n_layers),
+        }
 
     def _install_tower_hooks(self):
         """Hooks on the vision-tower layers the selector reads ([CLS] attention or its substitute)."""
@@ -200,16 +240,29 @@ class Session:
         if embeds is None:
             return None
         batch, q = embeds.shape[:2]
+        if image_mask is not None and tuple(image_mask.shape) != (batch, q):
+            image_mask = None
         state = self._state_for(_cache_of(kwargs))
+        fresh = state.orig_len == 0
+        if fresh:
+            self.exits = None
+        cut, changed = self._cut(kwargs, state, image_mask, embeds)
+        if self.layer_exit is not None:
+            self._begin_layer_exit(kwargs, image_mask, cut, fresh)
+        return (args, kwargs) if changed else None
+
+    def _cut(self, kwargs, state, image_mask, embeds):
+        """The pre-LLM cut of one language-model call; returns ``(cut or None, kwargs changed)``."""
+        batch, q = embeds.shape[:2]
         prefix, chunk = self._split_mask(kwargs.get("attention_mask"), state, q)
         cut = None
-        if self.selector is not None and image_mask is not None and tuple(image_mask.shape) == (batch, q):
+        if self.selector is not None and image_mask is not None:
             capture, self.pending_capture = self.pending_capture, None
             cut = self._plan(image_mask, capture, chunk, embeds.device)
         if cut is None and state.mask is None:
             state.orig_len += q
             state.cache_len += q
-            return None
+            return None, False
         start = time.perf_counter()
         positions = kwargs.get("position_ids")
         if positions is None:
@@ -234,7 +287,23 @@ class Session:
         if cut is not None:
             self.adapter.after_cut(state)
             self.last["time_gather_s"] = time.perf_counter() - start
-        return args, kwargs
+        return cut, True
+
+    def _begin_layer_exit(self, kwargs, image_mask, cut, fresh):
+        """Tell the in-LLM exit which tokens of this call are visual and which are text."""
+        embeds = kwargs["inputs_embeds"]
+        q = embeds.shape[1]
+        visual = text = None
+        if image_mask is not None:
+            visual = image_mask.to(embeds.device)
+            if cut is not None:
+                index, real = cut
+                visual = visual.gather(1, index) & real
+            mask = kwargs.get("attention_mask")
+            present = mask[:, -q:].bool() if mask is not None and mask.dim() == 2 else torch.ones_like(visual)
+            text = present & ~visual
+        past = self.state.cache_len - q if self.state is not None else 0
+        self.layer_exit.begin_call(visual, text, fresh, past, q)
 
     def _state_for(self, past):
         past_len = past.get_seq_length() if past is not None else 0
@@ -316,22 +385,29 @@ class Session:
 
     # ------------------------------------------------------------------ reporting
     def stats(self) -> dict:
+        out = {}
         last = self.last
-        if last is None:
-            return {"forwards_with_images": 0}
-        batch = len(last["kept"])
-        samples = []
-        for b in range(batch):
-            imgs = [{"tokens_in": n, "tokens_out": k} for row, n, k in last["images"] if row == b]
-            samples.append({"images": imgs, "tokens_in": sum(i["tokens_in"] for i in imgs),
-                            "tokens_out": sum(i["tokens_out"] for i in imgs)})
-        return {
-            "method": self.selector.name if self.selector else None,
-            "samples": samples,
-            "visual_tokens_in": sum(s["tokens_in"] for s in samples),
-            "visual_tokens_out": sum(s["tokens_out"] for s in samples),
-            "llm_sequence_in": last["length"],
-            "llm_sequence_out": last["llm_length"],
-            "time_score_s": last["time_score_s"],
-            "time_gather_s": last["time_gather_s"],
-        }
+        if last is not None:
+            samples = []
+            for b in range(len(last["kept"])):
+                imgs = [{"tokens_in": n, "tokens_out": k} for row, n, k in last["images"] if row == b]
+                samples.append({"images": imgs, "tokens_in": sum(i["tokens_in"] for i in imgs),
+                                "tokens_out": sum(i["tokens_out"] for i in imgs)})
+            out.update({
+                "method": self.selector.name if self.selector else None,
+                "samples": samples,
+                "visual_tokens_in": sum(s["tokens_in"] for s in samples),
+                "visual_tokens_out": sum(s["tokens_out"] for s in samples),
+                "llm_sequence_in": last["length"],
+                "llm_sequence_out": last["llm_length"],
+                "time_score_s": last["time_score_s"],
+                "time_gather_s": last["time_gather_s"],
+            })
+        if self.exits is not None:
+            out["exit"] = {
+                "method": self.layer_method.name,
+                "layer": self.exits["layer"],
+                "visual_tokens_dropped": self.exits["dropped"],
+                "llm_flops_saved": self.exits["llm_flops_saved"],
+            }
+        return out or {"forwards_with_images": 0}

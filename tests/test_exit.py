@@ -1,0 +1,152 @@
+"""In-LLM exit (``exit``, ``fastv``) against the stock model with tokens masked from layer K on."""
+
+import pytest
+import torch
+from reference import LayerMasked, drop_mask, masked_forward, masked_greedy
+
+import vtprune
+from vtprune.testing import FAMILIES, IMAGE_TOKEN, tiny_inputs, tiny_model
+
+LAYOUTS = [((1,), False), ((1, 2), True), ((0, 1), True)]
+
+
+def _model(family):
+    model = tiny_model(family)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def _run(model, inputs, method, **options):
+    vtprune.wrap(model, method, **options)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        drop_forward = model._vtprune_session.exits["mask"].clone()
+        stats = vtprune.stats(model)
+        tokens = model.generate(**inputs, max_new_tokens=8, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+        drop_generate = model._vtprune_session.exits["mask"].clone()
+    vtprune.unwrap(model)
+    return logits, drop_forward, tokens, drop_generate, stats
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("rows,with_mask", LAYOUTS)
+def test_exit_equals_layer_masked_reference(family, rows, with_mask):
+    model = _model(family)
+    inputs = tiny_inputs(model, family, images_per_row=rows, with_mask=with_mask)
+    logits, drop, tokens, _, stats = _run(model, inputs, "exit", layer=1)
+    visual = inputs["input_ids"] == IMAGE_TOKEN
+    assert torch.equal(drop, visual)
+    assert stats["exit"]["visual_tokens_dropped"] == visual.sum(1).tolist()
+    assert 0 < stats["exit"]["llm_flops_saved"] < 1
+    none = torch.zeros_like(visual)
+    with LayerMasked(model, 1, visual):
+        ref = masked_forward(model, inputs, none)
+        ref_tokens = masked_greedy(model, inputs, none)
+    torch.testing.assert_close(logits[:, -1], ref[:, -1], atol=1e-5, rtol=0)
+    assert torch.equal(tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("rows,with_mask", LAYOUTS[:2])
+@pytest.mark.parametrize("query", ["last", "text"])
+def test_fastv_equals_layer_masked_reference(family, rows, with_mask, query):
+    model = _model(family)
+    inputs = tiny_inputs(model, family, images_per_row=rows, with_mask=with_mask)
+    logits, drop, tokens, drop_gen, _ = _run(model, inputs, "fastv", layer=1, keep=0.25, query=query)
+    visual = inputs["input_ids"] == IMAGE_TOKEN
+    assert bool((drop <= visual).all()) and torch.equal(drop.sum(1), visual.sum(1) - (visual.sum(1) * 0.25 + 0.5).floor().long())
+    none = torch.zeros_like(visual)
+    with LayerMasked(model, 1, drop):
+        ref = masked_forward(model, inputs, none)
+    with LayerMasked(model, 1, drop_gen):
+        ref_tokens = masked_greedy(model, inputs, none)
+    torch.testing.assert_close(logits[:, -1], ref[:, -1], atol=1e-5, rtol=0)
+    assert torch.equal(tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_fastv_scores_equal_eager_attention(family):
+    """The kept tokens are the top visual tokens of layer K-1's eager attention, last row, head mean."""
+    model = tiny_model(family)
+    inputs = tiny_inputs(model, family, images_per_row=(1,))
+    vtprune.wrap(model, "fastv", layer=1, keep=0.25)
+    with torch.no_grad():
+        model(**inputs)
+    ours = model._vtprune_session.layer_exit.scores[0]
+    drop = model._vtprune_session.exits["mask"][0]
+    vtprune.unwrap(model)
+    model.set_attn_implementation({"text_config": "eager"})
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True)
+    model.set_attn_implementation({"text_config": "sdpa"})
+    attn = out.attentions[0][0, :, -1].mean(0)  # layer K-1 = 0, last query row, mean over heads
+    torch.testing.assert_close(ours, attn, atol=1e-6, rtol=1e-5)
+    visual = (inputs["input_ids"][0] == IMAGE_TOKEN)
+    top = torch.sort(attn.masked_fill(~visual, -1), descending=True, stable=True).indices[:4]
+    assert sorted((visual & ~drop).nonzero().squeeze(1).tolist()) == sorted(top.tolist())
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_kv_cache_is_short_from_layer_k(family):
+    model = tiny_model(family)
+    # 2 decoder layers: layer 0 keeps the full cache, layer 1 only the text
+    inputs = tiny_inputs(model, family, images_per_row=(1, 2))
+    visual = (inputs["input_ids"] == IMAGE_TOKEN).sum(1)
+    with vtprune.wrapped(model, "exit", layer=1):
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+    cache = out.past_key_values
+    length = inputs["input_ids"].shape[1]
+    assert cache.layers[0].keys.shape[-2] == length
+    # the rows keep the same number of tokens: the row with fewer images is padded with masked slots
+    assert cache.layers[1].keys.shape[-2] == length - int(visual.min())
+
+
+def test_compose_pre_llm_cut_and_exit():
+    model = _model("llava")
+    inputs = tiny_inputs(model, "llava", images_per_row=(1, 2))
+    vtprune.wrap(model, [vtprune.methods.get("uniform")(keep=0.5), vtprune.methods.get("fastv")(layer=1, keep=0.5)])
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    kept = vtprune.last_kept(model)
+    session = model._vtprune_session
+    index, real = session.forward_cut
+    drop_in_cut = session.exits["mask"]
+    stats = vtprune.stats(model)
+    vtprune.unwrap(model)
+    assert stats["visual_tokens_out"] == 24 and stats["exit"]["visual_tokens_dropped"] == [4, 8]
+    # map the exit's drops back to the original sequence, then mask: pre-LLM drops everywhere,
+    # fastv drops from layer 1 on
+    pre_drop = drop_mask(inputs["input_ids"], kept)
+    late = torch.zeros_like(pre_drop)
+    for b in range(late.shape[0]):
+        late[b, index[b][drop_in_cut[b] & real[b]]] = True
+    with LayerMasked(model, 1, late):
+        ref = masked_forward(model, inputs, pre_drop)
+    torch.testing.assert_close(logits[:, -1], ref[:, -1], atol=1e-5, rtol=0)
+
+
+def test_layer_errors_and_unwrap_restores_attention():
+    model = tiny_model("llava")
+    with pytest.raises(ValueError, match="layer=5"):
+        vtprune.wrap(model, "exit", layer=5)
+    with pytest.raises(ValueError, match="layer=0"):
+        vtprune.wrap(model, "fastv", layer=0)
+    with pytest.raises(ValueError, match="query"):
+        vtprune.wrap(model, "fastv", query="all")
+    with pytest.raises(ValueError, match="only one in-LLM"):
+        vtprune.wrap(model, ["exit", "fastv"])
+    assert not vtprune.is_wrapped(model)
+    qwen3 = tiny_model("qwen3_vl")
+    with pytest.raises(ValueError, match="too early"):
+        vtprune.wrap(qwen3, "exit", layer=0)
+    assert not vtprune.is_wrapped(qwen3)
+    from transformers import AttentionInterface
+
+    before = dict(AttentionInterface._global_mapping)
+    vtprune.wrap(model, "fastv", layer=1)
+    assert model.config.text_config._attn_implementation.startswith("vtprune_")
+    vtprune.unwrap(model)
+    assert model.config.text_config._attn_implementation == "sdpa"
+    assert dict(AttentionInterface._global_mapping) == before

@@ -1,0 +1,62 @@
+"""Route the language model's attention through vtprune without copying modelling code.
+
+A per-wrap attention function is registered in transformers' ``AttentionInterface`` (with the
+original implementation's mask builder in ``AttentionMaskInterface``, or padding would be
+ignored) and selected for the text config only; it lets observers see each layer's query and key
+(RoPE applied, cache included) and then calls the original implementation (SDPA, eager, flash).
+``remove`` switches the text config back and unregisters the names.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+_COUNTER = itertools.count()
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+class AttentionRoute:
+    def __init__(self, model):
+        self.model = model
+        self.original = _text_config(model)._attn_implementation or "sdpa"
+        self.name = f"vtprune_{next(_COUNTER)}"
+        self.observers = {}  # layer_idx -> fn(module, query, key, attention_mask, scaling)
+        self.installed = False
+
+    def install(self):
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        original = self.original
+        if original not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+            raise ValueError(f"vtprune cannot route attention implementation {original!r}; use sdpa, eager or flash")
+
+        def attention(module, query, key, value, attention_mask, **kwargs):
+            observer = self.observers.get(getattr(module, "layer_idx", None))
+            if observer is not None:
+                observer(module, query, key, attention_mask, kwargs.get("scaling"))
+            if original in ALL_ATTENTION_FUNCTIONS._global_mapping and original != "eager":
+                impl = ALL_ATTENTION_FUNCTIONS[original]
+            else:
+                impl = sys.modules[type(module).__module__].eager_attention_forward
+            return impl(module, query, key, value, attention_mask, **kwargs)
+
+        AttentionInterface.register(self.name, attention)
+        AttentionMaskInterface.register(self.name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+        self.model.set_attn_implementation({"text_config": self.name})
+        self.installed = True
+
+    def remove(self):
+        from transformers import AttentionInterface, AttentionMaskInterface
+
+        if self.installed:
+            self.model.set_attn_implementation({"text_config": self.original})
+            self.installed = False
+        AttentionInterface._global_mapping.pop(self.name, None)
+        AttentionMaskInterface._global_mapping.pop(self.name, None)

@@ -1,0 +1,189 @@
+"""Visual tokens leaving the LLM at a decoder layer (``exit``, ``fastv``): the runtime.
+
+Before decoder layer K (the first layer that no longer sees them) the dropped visual tokens are
+removed from the hidden states, the layer's attention mask (4-D, rows and columns), the rotary
+position embeddings and the position ids; every later layer gets the same cut inputs.  Layers
+0..K-1 keep their KV cache as computed; layers >= K only ever store the kept tokens, so decode
+runs on a shorter cache there: each decode step's mask is cut to the columns those layers hold.
+
+Positions stay original (RoPE embeddings are gathered, not recomputed), so the result equals the
+stock model in which, from layer K on, the dropped tokens are masked out of attention.
+
+Batches: rows that keep fewer tokens are padded at the front with masked slots (as the pre-LLM
+cut does), so every row exits at the same layer and the cache stays rectangular.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .select import plan_cut
+
+
+def _gather_seq(t, index, dim):
+    """Gather ``t`` along sequence dimension ``dim`` with a per-row ``index`` [B, L']."""
+    batch = index.shape[0]
+    if t.shape[0] == 1 and batch > 1 and dim != 0:
+        t = t.expand(batch, *t.shape[1:])
+    shape = [1] * t.dim()
+    shape[0], shape[dim] = batch, index.shape[1]
+    idx = index.view(shape).expand(*[s if i not in (0, dim) else -1 for i, s in enumerate(t.shape)])
+    return t.gather(dim, idx)
+
+
+class LayerExit:
+    """Attached to a session when an ``llm``-stage method (``exit``/``fastv``) is wrapped."""
+
+    def __init__(self, session, method, layers):
+        self.session = session
+        self.method = method
+        self.layers = layers
+        n = len(layers)
+        low = 1 if method.needs_attention else 0
+        if not low <= method.layer < n:
+            raise ValueError(f"{method.name} layer={method.layer} must lie in [{low}, {n - 1}] "
+                             f"(the language model has {n} decoder layers)")
+        self.plan = None  # the cut of the current prefill: index, real, full length
+        self.visual = None  # [B, L] visual tokens of the current language-model call
+        self.cache = None  # per forward: the cut kwargs for the layers >= K
+        self.scores = None  # fastv: [B, L] attention paid to each token at layer K-1
+
+    def install(self) -> list:
+        return [layer.register_forward_pre_hook(self._pre_layer, with_kwargs=True)
+                for layer in self.layers[self.method.layer:]]
+
+    # ------------------------------------------------------------------ per call
+    def begin_call(self, visual, text, fresh: bool, past: int, q: int):
+        """Called by the session's language-model pre-hook: the call's visual and text tokens
+        ([B, q] bool, or None without images), whether it starts a new sequence, the cache length
+        before it and its length."""
+        self.cache = None
+        self.past, self.q = past, q
+        if fresh:
+            self.plan = None
+            self.scores = None
+            self.visual = visual if visual is not None and bool(visual.any()) else None
+            self.text = text
+        else:
+            self.visual = None
+
+    def observe(self, module, query, key, mask, scaling):
+        """Layer K-1's attention (routed): the attention paid to each token by the query rows."""
+        if self.visual is None or self.plan is not None or query.shape[2] != key.shape[2]:
+            return
+        heads, kv_heads = query.shape[1], key.shape[1]
+        key = key.float().repeat_interleave(heads // kv_heads, dim=1)
+        n = key.shape[2]
+        if self.method.query == "last":
+            rows = torch.full((query.shape[0], 1), n - 1, device=query.device)
+        else:
+            rows = None
+        q = query.float() if rows is None else query.float()[:, :, -1:]
+        logits = (q @ key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+        allowed = self._allowed(mask, n, query.device)
+        if rows is not None:
+            allowed = allowed[..., -1:, :]
+        probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0).mean(1)  # [B, r, n]
+        if rows is not None:
+            self.scores = probs[:, 0]
+        else:
+            weights = self.text.to(probs.device).float()
+            self.scores = (probs * weights[:, :, None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
+
+    @staticmethod
+    def _allowed(mask, n, device):
+        """Bool [B|1, 1, n, n]: which keys each query may attend to in this prefill."""
+        if mask is None:
+            return torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None]
+        if mask.dtype == torch.bool:
+            return mask
+        return mask > torch.finfo(mask.dtype).min / 2
+
+    def _pre_layer(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if self.visual is not None and self.plan is None:
+            self.plan = self._make_plan(hidden)
+        plan = self.plan
+        if plan is None:
+            return None
+        if self.cache is None:
+            self.cache = self._cut_kwargs(kwargs, hidden.shape[1] == plan["length"], plan)
+        kwargs.update(self.cache)
+        if hidden.shape[1] == plan["length"]:  # layer K of the prefill: cut the hidden states
+            hidden = _gather_seq(hidden, plan["index"].to(hidden.device), 1)
+            args = (hidden, *args[1:]) if args else args
+            if not args:
+                kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _make_plan(self, hidden):
+        visual = self.visual.to(hidden.device)
+        drop = visual & self.method.drop(self, visual)
+        if not bool(drop.any()):
+            self.visual = None
+            return None
+        keep_rows = [(~drop[b]).nonzero().squeeze(1) for b in range(drop.shape[0])]
+        index, real = plan_cut(keep_rows, drop.shape[1], hidden.device)
+        self.session.note_exit(drop, index)
+        return {"index": index, "real": real, "length": drop.shape[1]}
+
+    def _cut_kwargs(self, kwargs, prefill: bool, plan) -> dict:
+        """The attention mask, position embeddings and ids for layers >= K in this call."""
+        index, real = plan["index"], plan["real"]
+        out = {}
+        mask = kwargs.get("attention_mask")
+        if prefill:
+            pe = kwargs.get("position_embeddings")
+            if pe is not None:
+                out["position_embeddings"] = tuple(_gather_seq(t, index.to(t.device), t.dim() - 2) for t in pe)
+            pos = kwargs.get("position_ids")
+            if pos is not None:
+                out["position_ids"] = _gather_seq(pos, index.to(pos.device), pos.dim() - 1)
+            q_index = index
+        else:
+            q_index = None
+        kv_index = index
+        if mask is not None and mask.dim() == 4:
+            kv = mask.shape[-1]
+            extra = torch.arange(plan["length"], kv, device=mask.device).expand(index.shape[0], -1)
+            cols = torch.cat([kv_index.to(mask.device), extra], 1)
+            m = mask.expand(index.shape[0], *mask.shape[1:])
+            m = m.gather(-1, cols[:, None, None, :].expand(-1, m.shape[1], m.shape[2], -1))
+            if q_index is not None:
+                m = m.gather(-2, q_index.to(m.device)[:, None, :, None].expand(-1, m.shape[1], -1, m.shape[3]))
+            col_real = torch.cat([real.to(mask.device), torch.ones_like(extra, dtype=torch.bool)], 1)
+            m = _mask_columns(m, col_real)
+            out["attention_mask"] = m
+        elif mask is None and not bool(real.all()):
+            out["attention_mask"] = self._fresh_mask(real, kwargs, prefill)
+        elif mask is not None:
+            raise ValueError("vtprune's in-LLM exit needs a 4-D attention mask or none (SDPA/eager); "
+                             f"got a {mask.dim()}-D mask")
+        return out
+
+    def _fresh_mask(self, real, kwargs, prefill):
+        """A boolean mask for a call where the model passed none (causal, unpadded) but rows have padding slots."""
+        past = self.past
+        n = real.shape[1]
+        if prefill:
+            causal = torch.ones(n, n, dtype=torch.bool, device=real.device).tril()
+            m = causal[None, None] & real[:, None, None, :]
+            return m | torch.eye(n, dtype=torch.bool, device=real.device)[None, None]
+        q = self.q
+        cols = torch.cat([real, torch.ones(real.shape[0], past - self.plan["length"] + q, dtype=torch.bool,
+                                           device=real.device)], 1)
+        return cols[:, None, None, :].expand(-1, 1, q, -1)
+
+
+def _mask_columns(mask, col_real):
+    """Mask out padding-slot columns of a 4-D mask, keeping each row's own diagonal (no empty rows)."""
+    keep = col_real[:, None, None, :]
+    if mask.dtype == torch.bool:
+        out = mask & keep
+    else:
+        out = mask.masked_fill(~keep, torch.finfo(mask.dtype).min)
+    q, kv = out.shape[-2], out.shape[-1]
+    if q == kv:
+        eye = torch.eye(q, dtype=torch.bool, device=out.device)[None, None]
+        out = out | eye if out.dtype == torch.bool else out.masked_fill(eye, 0.0)
+    return out

@@ -71,6 +71,7 @@ class LlavaNextAdapter(Adapter):
             layout = ImageLayout.flat(n)
             layout.grid[prov < 0] = -1
             layout.source = source
+            layout.tile = torch.where(prov >= 0, prov // per_tile, -1)
             return layout, tiles
         base = ImageLayout.from_grids([(side, side)])
         crop = prov[per_tile:]
@@ -88,5 +89,6 @@ class LlavaNextAdapter(Adapter):
             newline=torch.cat([base.newline, newline]),
             shapes=[(side, side), (rows, cols)],
             source=source,
+            tile=torch.where(prov >= 0, prov // per_tile, -1),
         )
         return layout, tiles

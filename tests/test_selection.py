@@ -94,3 +94,22 @@ def test_qwen_layout_follows_grid():
         kept = vtprune.last_kept(model)[0][0]
     # a 4 x 6 LLM grid; 6 points of a 2 x 3 lattice: rows 1 and 3, columns 1, 3, 5
     assert sorted(kept.tolist()) == [r * 6 + c for r in (1, 3) for c in (1, 3, 5)]
+
+
+@pytest.mark.parametrize("family", ["llava_next", "internvl"])
+def test_tile_scope_gives_every_tile_its_share(family):
+    model = tiny_model(family)
+    inputs = tiny_inputs(model, family)
+    with vtprune.wrapped(model, "fastervlm", keep=0.25, scope="tile"):
+        with torch.no_grad():
+            model(**inputs)
+        layout = model._vtprune_session.last["layouts"][0][0]
+        kept = vtprune.last_kept(model)[0][0]
+    content = ~layout.newline
+    tiles = layout.tiles
+    for t in tiles[content].unique().tolist():
+        members = int((content & (tiles == t)).sum())
+        got = int((content[kept] & (tiles[kept] == t)).sum())
+        assert got == int(0.25 * members + 0.5) or (got == 1 and members < 4)
+    with pytest.raises(ValueError, match="scope"):
+        vtprune.wrap(model, "random", scope="crop")

@@ -21,6 +21,9 @@ class ImageLayout:
     indices into the image's tower outputs flattened over its tiles, ``tile * N + position``
     ([CLS] at position 0 where the tower has one), -1 for none (a newline).  LLaVA: one source per
     token; InternVL: the 4 patches its pixel shuffle merged.
+
+    ``tile`` (optional) is the tower pass (LLaVA-NeXT crop, InternVL tile) each token comes from,
+    -1 for none; when unset the grid id stands for it.
     """
 
     grid: torch.Tensor
@@ -29,6 +32,12 @@ class ImageLayout:
     newline: torch.Tensor
     shapes: list
     source: torch.Tensor | None = None
+    tile: torch.Tensor | None = None
+
+    @property
+    def tiles(self) -> torch.Tensor:
+        """Per token, the tile (tower pass) it comes from: ``tile`` where set, else the grid id."""
+        return self.tile if self.tile is not None else self.grid
 
     @property
     def n(self) -> int:

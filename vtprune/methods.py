@@ -86,15 +86,25 @@ class ScoreContext:
 
 @dataclass
 class Selector(Method):
-    """A pre-LLM method: scores each image's visual tokens; the best ``keep`` per image are kept."""
+    """A pre-LLM method: scores each image's visual tokens; the best ``keep`` per image are kept.
+
+    ``scope="image"`` (default) ranks all of an image's tokens together — LLaVA-NeXT's base image
+    and crops, InternVL's tiles — so a budget flows to the tiles that score best.  ``scope="tile"``
+    gives every tile its own share, as FasterVLM and VisionZip do on LLaVA-NeXT: a float ``keep``
+    of each tile's tokens, an int ``keep`` tokens per tile.
+    """
 
     stage: ClassVar[str] = "select"
     needs_cls: ClassVar[bool] = False  # reads ctx.cls_attention (the tower layers of ``tower_layers``)
     merges: ClassVar[bool] = False  # rewrites tower features before the projector (``merge``)
     keep: float = 0.25
+    scope: str = "image"
 
     def validate(self):
         self.keep = check_keep(self.keep)
+        if self.scope not in ("image", "tile"):
+            raise ValueError(f"scope must be 'image' (one budget over all of an image's tokens) or 'tile' "
+                             f"(each crop/tile its own share), got {self.scope!r}")
 
     def score(self, ctx: ScoreContext) -> list:
         """One 1-D score tensor per image (higher = keep)."""

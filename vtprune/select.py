@@ -7,20 +7,23 @@ import torch
 from .layout import ImageLayout
 
 
-def top_tokens(scores: torch.Tensor, layout: ImageLayout, k: int) -> torch.Tensor:
-    """Indices (ascending) of the ``k`` best content tokens of one image, plus the newlines of kept rows.
+def top_tokens(scores: torch.Tensor, layout: ImageLayout, k) -> torch.Tensor:
+    """Indices (ascending) of the best content tokens of one image, plus the newlines of kept rows.
 
-    Ties are broken by position (earlier first).  A LLaVA-NeXT newline token is kept exactly when
-    its row keeps at least one token, so that every kept row still ends with its separator.
+    ``k`` is the image's budget, or a dict ``{tile: budget}`` to choose within each tile.  Ties are
+    broken by position (earlier first).  A LLaVA-NeXT newline token is kept exactly when its row
+    keeps at least one token, so that every kept row still ends with its separator.
     """
     scores = scores.detach().float().cpu()
     if scores.shape != (layout.n,):
         raise ValueError(f"a method returned {tuple(scores.shape)} scores for an image of {layout.n} tokens")
     content = ~layout.newline
-    k = min(k, int(content.sum()))
-    order = torch.sort(scores.masked_fill(~content, float("-inf")), descending=True, stable=True).indices
+    groups = {None: content} if not isinstance(k, dict) else {t: content & (layout.tiles == t) for t in k}
     keep = torch.zeros(layout.n, dtype=torch.bool)
-    keep[order[:k]] = True
+    for group, members in groups.items():
+        budget = min(k if group is None else k[group], int(members.sum()))
+        order = torch.sort(scores.masked_fill(~members, float("-inf")), descending=True, stable=True).indices
+        keep[order[:budget]] = True
     if layout.newline.any():
         row_key = layout.grid * (int(layout.row.max()) + 1) + layout.row
         kept_rows = row_key[keep]

@@ -361,6 +361,8 @@ class Session:
         for i, img in enumerate(images):  # copies of one image (an expanded batch) share its selection
             if img.features is not None:
                 scores[i] = scores[first.setdefault(id(img.features), i)]
+        if self.selector.scope == "tile":
+            budgets = [self._tile_budgets(layout) for layout in layouts]
         kept = [top_tokens(s, layout, k) for s, layout, k in zip(scores, layouts, budgets)]
         drop = torch.zeros(batch, length, dtype=torch.bool)
         per_sample = [[] for _ in range(batch)]
@@ -382,6 +384,11 @@ class Session:
         self.last["llm_length"] = index.shape[1]
         self.last["pad_slots"] = (~real).sum(1).tolist()
         return index, real
+
+    def _tile_budgets(self, layout) -> dict:
+        content = ~layout.newline
+        tiles = layout.tiles[content]
+        return {int(t): tokens_to_keep(self.selector.keep, int((tiles == t).sum())) for t in tiles.unique() if t >= 0}
 
     # ------------------------------------------------------------------ reporting
     def stats(self) -> dict:

@@ -150,3 +150,68 @@ def test_layer_errors_and_unwrap_restores_attention():
     vtprune.unwrap(model)
     assert model.config.text_config._attn_implementation == "sdpa"
     assert dict(AttentionInterface._global_mapping) == before
+
+
+def _always_exit_routers(layers, hidden_size=32):
+    from vtprune.dyvte import Routers
+
+    routers = Routers(hidden_size, layers, width=8)
+    with torch.no_grad():
+        for r in routers.routers:
+            r.fc1.weight.zero_()
+            r.fc2.weight.zero_()
+            r.fc2.bias.copy_(torch.tensor([-5.0, 5.0]))
+    return routers
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "internvl"])
+def test_dyvte_that_always_exits_equals_exit(family, tmp_path):
+    model = _model(family)
+    inputs = tiny_inputs(model, family, images_per_row=(1, 2))
+    path = str(tmp_path / "routers.safetensors")
+    _always_exit_routers([0]).save(path)
+    dyvte = _run(model, inputs, "dyvte", weights=path)
+    fixed = _run(model, inputs, "exit", layer=1)
+    torch.testing.assert_close(dyvte[0], fixed[0], atol=1e-6, rtol=0)
+    assert torch.equal(dyvte[2], fixed[2])
+    assert dyvte[4]["exit"]["layer"] == 1
+
+
+def test_dyvte_rows_exit_at_different_layers():
+    """Row 0 leaves after layer 0; row 1 never: row 0 is masked from layer 1 on, row 1 untouched."""
+    from vtprune.methods import DyVTE
+
+    class RowZeroOnly(DyVTE):
+        def decide(self, runtime, j, hidden):
+            return torch.tensor([True, False])
+
+    model = _model("llava")
+    inputs = tiny_inputs(model, "llava", images_per_row=(1, 2))
+    config = RowZeroOnly(weights=_always_exit_routers([0]))
+    vtprune.wrap(model, config)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        tokens = model.generate(**inputs, max_new_tokens=8, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+        stats = vtprune.stats(model)
+    vtprune.unwrap(model)
+    assert stats["exit"]["exit_layers"] == [0, None]
+    drop = (inputs["input_ids"] == IMAGE_TOKEN) & torch.tensor([[True], [False]])
+    none = torch.zeros_like(drop)
+    with LayerMasked(model, 1, drop):
+        ref = masked_forward(model, inputs, none)
+        ref_tokens = masked_greedy(model, inputs, none)
+    torch.testing.assert_close(logits[:, -1], ref[:, -1], atol=1e-5, rtol=0)
+    assert torch.equal(tokens, ref_tokens)
+
+
+def test_dyvte_errors(tmp_path):
+    model = tiny_model("llava")
+    with pytest.raises(ValueError, match="weights"):
+        vtprune.wrap(model, "dyvte")
+    with pytest.raises(ValueError, match="not found"):
+        vtprune.wrap(model, "dyvte", weights=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ValueError, match="do not fit"):
+        vtprune.wrap(model, "dyvte", weights=_always_exit_routers([1]))
+    with pytest.raises(ValueError, match="threshold"):
+        vtprune.wrap(model, "dyvte", weights=_always_exit_routers([0]), threshold=1.5)
+    assert not vtprune.is_wrapped(model)

@@ -15,6 +15,8 @@ cut does), so every row exits at the same layer and the cache stays rectangular.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .select import plan_cut
@@ -32,25 +34,35 @@ def _gather_seq(t, index, dim):
 
 
 class LayerExit:
-    """Attached to a session when an ``llm``-stage method (``exit``/``fastv``) is wrapped."""
+    """Attached to a session when an ``llm``-stage method (``exit``, ``fastv``, ``dyvte``) is wrapped.
+
+    Per sequence it holds: ``k``, the layer from which the dropped tokens are physically gone (the
+    *plan* of the cut), and for dynamic methods ``exit_at`` [B], the layer after which each row's
+    visual tokens are masked while other rows still use them (``dyvte`` before the whole batch
+    has exited).
+    """
 
     def __init__(self, session, method, layers):
         self.session = session
         self.method = method
         self.layers = layers
-        n = len(layers)
-        low = 1 if method.needs_attention else 0
-        if not low <= method.layer < n:
-            raise ValueError(f"{method.name} layer={method.layer} must lie in [{low}, {n - 1}] "
-                             f"(the language model has {n} decoder layers)")
-        self.plan = None  # the cut of the current prefill: index, real, full length
-        self.visual = None  # [B, L] visual tokens of the current language-model call
-        self.cache = None  # per forward: the cut kwargs for the layers >= K
-        self.scores = None  # fastv: [B, L] attention paid to each token at layer K-1
+        self.first = method.first_layer(len(layers))
+        self.plan = None  # the cut of the current sequence: index, real, full length, layer k
+        self.visual = None  # [B, L] visual tokens of the current prefill (None in other calls)
+        self.seq_visual = None  # the same, kept for the decode steps of the sequence
+        self.text = None
+        self.exit_at = None  # [B] per-row exit layer (dynamic methods), large = not exited
+        self.compact_from = None  # dynamic methods: the layer from which the whole batch has exited
+        self.cache = None  # per call: the cut kwargs for the layers >= k
+        self.scores = None  # fastv: [B, L] attention paid to each token at layer k-1
+        self.past = self.q = 0
 
     def install(self) -> list:
-        return [layer.register_forward_pre_hook(self._pre_layer, with_kwargs=True)
-                for layer in self.layers[self.method.layer:]]
+        handles = [self.layers[i].register_forward_pre_hook(functools.partial(self._pre_layer, i), with_kwargs=True)
+                   for i in range(self.first, len(self.layers))]
+        for j in self.method.decision_layers(len(self.layers)):
+            handles.append(self.layers[j].register_forward_hook(functools.partial(self._post_layer, j)))
+        return handles
 
     # ------------------------------------------------------------------ per call
     def begin_call(self, visual, text, fresh: bool, past: int, q: int):
@@ -60,31 +72,29 @@ class LayerExit:
         self.cache = None
         self.past, self.q = past, q
         if fresh:
-            self.plan = None
-            self.scores = None
+            self.plan = self.scores = self.exit_at = self.compact_from = None
             self.visual = visual if visual is not None and bool(visual.any()) else None
-            self.text = text
+            self.seq_visual, self.text = self.visual, text
+            if self.visual is not None:
+                self.exit_at = torch.full((visual.shape[0],), len(self.layers), device=visual.device)
         else:
             self.visual = None
 
     def observe(self, module, query, key, mask, scaling):
-        """Layer K-1's attention (routed): the attention paid to each token by the query rows."""
+        """Layer k-1's attention (routed): the attention paid to each token by the query rows."""
         if self.visual is None or self.plan is not None or query.shape[2] != key.shape[2]:
             return
         heads, kv_heads = query.shape[1], key.shape[1]
         key = key.float().repeat_interleave(heads // kv_heads, dim=1)
         n = key.shape[2]
-        if self.method.query == "last":
-            rows = torch.full((query.shape[0], 1), n - 1, device=query.device)
-        else:
-            rows = None
-        q = query.float() if rows is None else query.float()[:, :, -1:]
+        last_only = self.method.query == "last"
+        q = query.float()[:, :, -1:] if last_only else query.float()
         logits = (q @ key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
         allowed = self._allowed(mask, n, query.device)
-        if rows is not None:
+        if last_only:
             allowed = allowed[..., -1:, :]
-        probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0).mean(1)  # [B, r, n]
-        if rows is not None:
+        probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0).mean(1)  # [B, rows, n]
+        if last_only:
             self.scores = probs[:, 0]
         else:
             weights = self.text.to(probs.device).float()
@@ -99,24 +109,52 @@ class LayerExit:
             return mask
         return mask > torch.finfo(mask.dtype).min / 2
 
-    def _pre_layer(self, module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if self.visual is not None and self.plan is None:
-            self.plan = self._make_plan(hidden)
-        plan = self.plan
-        if plan is None:
-            return None
-        if self.cache is None:
-            self.cache = self._cut_kwargs(kwargs, hidden.shape[1] == plan["length"], plan)
-        kwargs.update(self.cache)
-        if hidden.shape[1] == plan["length"]:  # layer K of the prefill: cut the hidden states
-            hidden = _gather_seq(hidden, plan["index"].to(hidden.device), 1)
-            args = (hidden, *args[1:]) if args else args
-            if not args:
-                kwargs["hidden_states"] = hidden
-        return args, kwargs
+    def _post_layer(self, j, module, args, output):
+        """Dynamic methods decide after layer ``j`` which rows' visual tokens may leave."""
+        if self.visual is None or self.plan is not None or self.compact_from is not None:
+            return
+        hidden = output[0] if isinstance(output, tuple) else output
+        leave = self.method.decide(self, j, hidden).to(self.exit_at.device)
+        self.exit_at = torch.where(leave & (self.exit_at > j), torch.full_like(self.exit_at, j), self.exit_at)
+        if bool((self.exit_at <= j).all()):
+            self.compact_from = j + 1
 
-    def _make_plan(self, hidden):
+    def _pre_layer(self, i, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if self.visual is not None and self.plan is None and self.method.compact_here(self, i):
+            self.plan = self._make_plan(hidden, i)
+        plan = self.plan
+        if plan is not None and i >= plan["k"]:
+            if self.cache is None:
+                self.cache = self._cut_kwargs(kwargs, hidden.shape[1] == plan["length"], plan)
+            kwargs.update(self.cache)
+            if hidden.shape[1] == plan["length"]:  # layer k of the prefill: cut the hidden states
+                hidden = _gather_seq(hidden, plan["index"].to(hidden.device), 1)
+                args = (hidden, *args[1:]) if args else args
+                if not args:
+                    kwargs["hidden_states"] = hidden
+            return args, kwargs
+        if self.exit_at is not None and self.seq_visual is not None and bool((self.exit_at < i).any()):
+            kwargs["attention_mask"] = self._mask_exited(kwargs.get("attention_mask"), self.exit_at < i,
+                                                         hidden.shape[1])
+            return args, kwargs
+        return None
+
+    def _mask_exited(self, mask, rows, q):
+        """Mask the visual columns for the rows whose visual tokens have left (others unchanged)."""
+        visual = self.seq_visual
+        b, n = visual.shape
+        kv = self.past + q
+        cols = torch.cat([visual, torch.zeros(b, kv - n, dtype=torch.bool, device=visual.device)], 1)
+        bad = cols & rows[:, None].to(cols.device)
+        if mask is None:
+            pos = torch.arange(q, device=visual.device)[:, None] + self.past
+            mask = (torch.arange(kv, device=visual.device)[None, :] <= pos)[None, None]
+        mask = mask.expand(b, *mask.shape[1:])
+        bad = bad.to(mask.device)[:, None, None, :]
+        return mask & ~bad if mask.dtype == torch.bool else mask.masked_fill(bad, torch.finfo(mask.dtype).min)
+
+    def _make_plan(self, hidden, k):
         visual = self.visual.to(hidden.device)
         drop = visual & self.method.drop(self, visual)
         if not bool(drop.any()):
@@ -124,8 +162,8 @@ class LayerExit:
             return None
         keep_rows = [(~drop[b]).nonzero().squeeze(1) for b in range(drop.shape[0])]
         index, real = plan_cut(keep_rows, drop.shape[1], hidden.device)
-        self.session.note_exit(drop, index)
-        return {"index": index, "real": real, "length": drop.shape[1]}
+        self.session.note_exit(drop, k)
+        return {"index": index, "real": real, "length": drop.shape[1], "k": k}
 
     def _cut_kwargs(self, kwargs, prefill: bool, plan) -> dict:
         """The attention mask, position embeddings and ids for layers >= K in this call."""

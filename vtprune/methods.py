@@ -274,6 +274,22 @@ class LayerMethod(Method):
         if isinstance(self.layer, bool) or not isinstance(self.layer, int):
             raise TypeError(f"{self.name} layer must be an int, got {self.layer!r}")
 
+    def first_layer(self, n_layers: int) -> int:
+        """The first decoder layer that may lose tokens; raises ``ValueError`` when out of range."""
+        low = 1 if self.needs_attention else 0
+        if not low <= self.layer < n_layers:
+            raise ValueError(f"{self.name} layer={self.layer} must lie in [{low}, {n_layers - 1}] "
+                             f"(the language model has {n_layers} decoder layers)")
+        return self.layer
+
+    def decision_layers(self, n_layers: int) -> list:
+        """Layers after which ``decide`` runs (dynamic methods only)."""
+        return []
+
+    def compact_here(self, runtime, i: int) -> bool:
+        """Whether the dropped tokens leave physically before layer ``i`` (fixed methods: the first hooked layer)."""
+        return True
+
     def drop(self, runtime, visual: torch.Tensor) -> torch.Tensor:
         """Bool [B, L]: the visual tokens that leave (``visual`` marks the visual tokens)."""
         raise NotImplementedError
@@ -321,6 +337,73 @@ class FastV(LayerMethod):
             top = torch.sort(scores[b], descending=True, stable=True).indices[:k]
             drop[b, top] = False
         return drop
+
+
+@register("dyvte")
+@dataclass
+class DyVTE(LayerMethod):
+    """Trained routers decide after each decoder layer when every visual token may leave (DyVTE).
+
+    ``weights`` is a router file from ``scripts/train_dyvte.py`` (or ``"toy"`` for the routers
+    shipped with the toy model); a router runs after each of its layers until the row exits
+    (``p(exit) > threshold``).  Rows of a batch exit at different layers: an exited row's visual
+    tokens are masked from the next layer on; once every row has exited they leave physically, from
+    the hidden states and the later layers' KV cache, as in ``exit``.
+    """
+
+    weights: str | None = None
+    threshold: float = 0.5
+    layer: int = 0  # the earliest layer after which a row may exit
+
+    def validate(self):
+        super().validate()
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"dyvte threshold must lie in (0, 1), got {self.threshold}")
+        if self.weights is None:
+            raise ValueError("dyvte needs weights=PATH to trained routers (scripts/train_dyvte.py), or 'toy'")
+        self.routers = self._load()
+
+    def _load(self):
+        from .dyvte import Routers
+
+        if isinstance(self.weights, Routers):
+            return self.weights
+        path = self.weights
+        if path == "toy":
+            import os
+
+            from .toy import DEFAULT_PATH
+
+            path = os.path.join(DEFAULT_PATH, "dyvte_routers.safetensors")
+        try:
+            return Routers.load(path)
+        except FileNotFoundError:
+            raise ValueError(f"dyvte weights not found: {path}") from None
+
+    def first_layer(self, n_layers):
+        layers = [j for j in self.routers.layers if j >= self.layer]
+        if not layers or max(layers) >= n_layers - 1:
+            raise ValueError(f"dyvte routers for layers {self.routers.layers} do not fit a language model of "
+                             f"{n_layers} decoder layers (a router may run after layers 0..{n_layers - 2})")
+        return min(layers) + 1
+
+    def decision_layers(self, n_layers):
+        return [j for j in self.routers.layers if j >= self.layer]
+
+    def decide(self, runtime, j, hidden):
+        from .dyvte import router_input
+
+        router = self.routers.router(j).to(hidden.device)
+        x = router_input(hidden, runtime.visual.to(hidden.device), runtime.text.to(hidden.device))
+        with torch.no_grad():
+            p_exit = router.to(torch.float32)(x).softmax(-1)[:, 1]
+        return p_exit > self.threshold
+
+    def compact_here(self, runtime, i):
+        return runtime.compact_from is not None and i >= runtime.compact_from
+
+    def drop(self, runtime, visual):
+        return visual
 
 
 def resolve(method, options: dict) -> list:

@@ -108,9 +108,10 @@ class Session:
         method = self.layer_method
         layers = self.adapter.language_model.layers
         low = self.adapter.first_exit_layer()
-        if method.layer < low:
-            raise ValueError(f"{method.name} layer={method.layer} is too early for {self.adapter.family}: "
-                             f"visual features are still added to the hidden states up to layer {low - 1}")
+        if method.first_layer(len(layers)) < low:
+            raise ValueError(f"{method.name} layer={method.first_layer(len(layers))} is too early for "
+                             f"{self.adapter.family}: visual features are still added to the hidden states up "
+                             f"to layer {low - 1}")
         self.layer_exit = LayerExit(self, method, layers)
         self.handles.extend(self.layer_exit.install())
         if method.needs_attention:
@@ -118,10 +119,9 @@ class Session:
             self.route.observers[method.layer - 1] = self.layer_exit.observe
             self.route.install()
 
-    def note_exit(self, drop, index):
-        """Record what left the LLM in this prefill (for ``stats``)."""
+    def note_exit(self, drop, k):
+        """Record what left the LLM in this prefill before layer ``k`` (for ``stats``)."""
         n_layers = len(self.adapter.language_model.layers)
-        k = self.layer_method.layer
         dropped = drop.sum(1).tolist()
         length = drop.shape[1]
         self.exits = {
@@ -410,11 +410,16 @@ class Session:
                 "time_score_s": last["time_score_s"],
                 "time_gather_s": last["time_gather_s"],
             })
-        if self.exits is not None:
+        runtime = self.layer_exit
+        if self.exits is not None or (runtime is not None and runtime.exit_at is not None):
+            exits = self.exits or {}
             out["exit"] = {
                 "method": self.layer_method.name,
-                "layer": self.exits["layer"],
-                "visual_tokens_dropped": self.exits["dropped"],
-                "llm_flops_saved": self.exits["llm_flops_saved"],
+                "layer": exits.get("layer"),
+                "visual_tokens_dropped": exits.get("dropped"),
+                "llm_flops_saved": exits.get("llm_flops_saved", 0.0),
             }
+            if runtime.exit_at is not None and self.layer_method.decision_layers(len(runtime.layers)):
+                n = len(runtime.layers)
+                out["exit"]["exit_layers"] = [int(j) if j < n else None for j in runtime.exit_at.tolist()]
         return out or {"forwards_with_images": 0}

@@ -1,9 +1,12 @@
 """Accuracy of pruning methods on the embedded toy benchmark, next to the baselines.
 
     python scripts/toy_quality.py --n 400 --methods random,uniform,fastervlm,vtc_cls --keep 1.0,0.25,0.1,0.05
+    python scripts/toy_quality.py --spec exit layer=1 --spec fastv layer=1 keep=0.25 --spec dyvte weights=toy
 
 Prints a markdown table: accuracy overall and per question type, and the number of visual
-tokens per image the LLM actually saw, for every method x budget (random averaged over seeds).
+tokens per image the LLM actually saw, for every method x budget (random averaged over seeds);
+for in-LLM methods (``--spec``) also the exit layer(s) and the share of prefill LLM work saved,
+and the prefill time of one batch relative to the stock model measured in the same run.
 """
 
 from __future__ import annotations
@@ -40,6 +43,71 @@ def run(methods, keeps, n, seeds, batch_size):
     return rows
 
 
+def _value(text):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def run_specs(specs, n, batch_size):
+    """Rows for explicit method specs (``[name, "opt=value", ...]``), with the stock model first."""
+    import time
+
+    model, processor = toy.load()
+    samples = toy.eval_split(n=n)
+    batch = processor(images=[s["image"] for s in samples[:batch_size]],
+                      text=[toy.prompt(s["question"]) for s in samples[:batch_size]], padding=True, return_tensors="pt")
+
+    def prefill_seconds():
+        with torch.no_grad():
+            model(**batch)
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                model(**batch)
+                times.append(time.perf_counter() - start)
+        return sorted(times)[1]
+
+    stock_time = prefill_seconds()
+    rows = []
+    for spec in [["stock"]] + specs:
+        name, options = spec[0], dict(item.split("=", 1) for item in spec[1:])
+        options = {k: _value(v) for k, v in options.items()}
+        if name == "stock":
+            result, seconds, exit_info = toy.evaluate(model, processor, samples, batch_size, progress=False), stock_time, {}
+        else:
+            with vtprune.wrapped(model, name, **options):
+                result = toy.evaluate(model, processor, samples, batch_size=batch_size, progress=False)
+                seconds = prefill_seconds()
+                with torch.no_grad():
+                    model(**batch)
+                exit_info = vtprune.stats(model).get("exit", {})
+        layers = exit_info.get("exit_layers")
+        rows.append({
+            "method": " ".join(spec), "overall": result["overall"],
+            **{t: result["by_type"].get(t, float("nan")) for t in toy.QUESTION_TYPES},
+            "exit_layer": (sum(x if x is not None else len(model.model.language_model.layers) for x in layers) / len(layers)
+                           if layers else exit_info.get("layer")),
+            "llm_flops_saved": exit_info.get("llm_flops_saved", 0.0),
+            "prefill_vs_stock": seconds / stock_time,
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def spec_table(rows) -> str:
+    head = "| method | overall | " + " | ".join(toy.QUESTION_TYPES) + " | exit layer | LLM prefill work saved | prefill time vs stock |"
+    lines = [head, "|" + "---|" * (5 + len(toy.QUESTION_TYPES))]
+    for r in rows:
+        layer = "-" if r["exit_layer"] is None else f"{r['exit_layer']:.2f}"
+        lines.append(f"| {r['method']} | {r['overall']:.3f} | " + " | ".join(f"{r[t]:.3f}" for t in toy.QUESTION_TYPES)
+                     + f" | {layer} | {r['llm_flops_saved']:.1%} | {r['prefill_vs_stock']:.2f}x |")
+    return "\n".join(lines)
+
+
 def table(rows) -> str:
     head = "| keep | visual tokens | method | overall | " + " | ".join(toy.QUESTION_TYPES) + " |"
     lines = [head, "|" + "---|" * (4 + len(toy.QUESTION_TYPES))]
@@ -58,11 +126,17 @@ def main():
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--spec", action="append", nargs="+", metavar="NAME OPT=VALUE",
+                        help="evaluate this method with these options instead of the methods x keep grid; repeatable")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    keeps = [float(k) if "." in k else int(k) for k in args.keep.split(",")]
-    rows = run(args.methods.split(","), keeps, args.n, args.seeds, args.batch_size)
-    print(table(rows))
+    if args.spec:
+        rows = run_specs(args.spec, args.n, args.batch_size)
+        print(spec_table(rows))
+    else:
+        keeps = [float(k) if "." in k else int(k) for k in args.keep.split(",")]
+        rows = run(args.methods.split(","), keeps, args.n, args.seeds, args.batch_size)
+        print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -58,3 +58,71 @@ def uniform_scores(layout: ImageLayout, k: int) -> torch.Tensor:
         chosen = torch.isin(cell, lattice(h, w, kg))
         scores[members[chosen]] = 1.0
     return scores
+
+
+def total_budget(k) -> int:
+    """An image's budget as one number (``scope="tile"`` budgets are per-tile dicts)."""
+    return sum(k.values()) if isinstance(k, dict) else k
+
+
+def pool_grid(h: int, w: int, k: int) -> tuple:
+    """The r x c window grid for pooling an h x w grid to at most k tokens.
+
+    Among r in 1..h with c = min(w, k // r), the largest r*c; ties go to the aspect closest to h/w.
+    """
+    k = max(1, min(k, h * w))
+    best = None
+    for r in range(1, h + 1):
+        c = min(w, k // r)
+        if c < 1:
+            break
+        key = (r * c, -abs(math.log((r / c) / (h / w))))
+        if best is None or key > best[0]:
+            best = (key, (r, c))
+    return best[1]
+
+
+def pool_windows(layout: ImageLayout, k: int) -> tuple:
+    """Anchor token (top-left cell) and member tokens of every pooling window of an image.
+
+    Returns ``(anchors LongTensor [m], members list of LongTensor)``; windows follow
+    ``adaptive_avg_pool2d``: rows ``floor(i*h/r) .. ceil((i+1)*h/r)``, columns likewise.
+    """
+    anchors, members = [], []
+    sizes = [h * w for h, w in layout.shapes]
+    in_grid = (layout.grid >= 0) & ~layout.newline
+    for g, kg in enumerate(split_budget(sizes, k)):
+        if kg == 0:
+            continue
+        h, w = layout.shapes[g]
+        r, c = pool_grid(h, w, kg)
+        tokens = (in_grid & (layout.grid == g)).nonzero().squeeze(1)
+        rows, cols = layout.row[tokens], layout.col[tokens]
+        for i in range(r):
+            r0, r1 = (i * h) // r, -((-(i + 1) * h) // r)
+            for j in range(c):
+                c0, c1 = (j * w) // c, -((-(j + 1) * w) // c)
+                inside = tokens[(rows >= r0) & (rows < r1) & (cols >= c0) & (cols < c1)]
+                if inside.numel():
+                    anchors.append(int(inside.min()))
+                    members.append(inside)
+    return torch.tensor(anchors, dtype=torch.long), members
+
+
+def divprune_order(features: torch.Tensor, k: int) -> torch.Tensor:
+    """DivPrune's greedy max-min order of ``k`` rows of ``features`` [n, D] (cosine distance)."""
+    n = features.shape[0]
+    if k <= 0 or n == 0:
+        return torch.zeros(0, dtype=torch.long)
+    x = torch.nn.functional.normalize(features.float(), dim=-1)
+    dist = 1.0 - x @ x.T
+    if n == 1:
+        return torch.zeros(1, dtype=torch.long)
+    first = int(torch.topk(dist, 2, dim=0, largest=False).values[1].argmax())
+    order = [first]
+    nearest = dist[first].clone()
+    for _ in range(1, k):
+        nxt = int(nearest.argmax())
+        order.append(nxt)
+        nearest = torch.minimum(nearest, dist[nxt])
+    return torch.tensor(order, dtype=torch.long)

@@ -73,6 +73,7 @@ class Session:
         self.pending_capture = None
         self.state = None
         self.forward_cut = None
+        self.replacements = []
         self.labels = None
         self.loss_kwargs = {}
         self.last = None
@@ -271,6 +272,10 @@ class Session:
             positions = positions.expand(*positions.shape[:-2], batch, q)
         if cut is not None:
             index, real = cut
+            if self.replacements:  # merged tokens (pool) take their anchor token's place
+                embeds = embeds.clone()
+                for row, pos, feats in self.replacements:
+                    embeds[row, pos.to(embeds.device)] = feats.to(embeds.device, embeds.dtype)
             embeds, chunk, positions = gather_cut(embeds, index, real, chunk, positions)
             self.adapter.cut_extra(kwargs, index, real)
             self.forward_cut = cut
@@ -342,7 +347,10 @@ class Session:
         batch, length = image_mask.shape
         images = self.adapter.images(image_mask, capture or {"counts": [], "features": []})
         layouts = [img.layout for img in images]
-        budgets = [tokens_to_keep(self.selector.keep, layout.n_content) for layout in layouts]
+        if self.selector.scope == "tile":
+            budgets = [self._tile_budgets(layout) for layout in layouts]
+        else:
+            budgets = [tokens_to_keep(self.selector.keep, layout.n_content) for layout in layouts]
         ctx = ScoreContext(layouts=layouts, budgets=budgets, rows=[img.row for img in images],
                            features=[img.features for img in images], generator=self.generator)
         if self.tower_layers:
@@ -361,9 +369,9 @@ class Session:
         for i, img in enumerate(images):  # copies of one image (an expanded batch) share its selection
             if img.features is not None:
                 scores[i] = scores[first.setdefault(id(img.features), i)]
-        if self.selector.scope == "tile":
-            budgets = [self._tile_budgets(layout) for layout in layouts]
         kept = [top_tokens(s, layout, k) for s, layout, k in zip(scores, layouts, budgets)]
+        self.replacements = [(img.row, img.positions[idx], feats) for img, rep in zip(images, ctx.replacements)
+                             if rep is not None for idx, feats in [rep]]
         drop = torch.zeros(batch, length, dtype=torch.bool)
         per_sample = [[] for _ in range(batch)]
         layouts_of = [[] for _ in range(batch)]

@@ -215,3 +215,25 @@ def test_dyvte_errors(tmp_path):
     with pytest.raises(ValueError, match="threshold"):
         vtprune.wrap(model, "dyvte", weights=_always_exit_routers([0]), threshold=1.5)
     assert not vtprune.is_wrapped(model)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "internvl"])
+def test_dart_equals_layer_masked_reference_and_keep_all_is_stock(family):
+    model = _model(family)
+    inputs = tiny_inputs(model, family, images_per_row=(1, 2))
+    with torch.no_grad():
+        stock = model(**inputs).logits
+    with vtprune.wrapped(model, "dart", layer=1, keep=1.0):
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, stock)
+    logits, drop, tokens, drop_gen, stats = _run(model, inputs, "dart", layer=1, keep=0.5, pivot_image=2, pivot_text=2)
+    visual = inputs["input_ids"] == IMAGE_TOKEN
+    kept = (visual & ~drop).sum(1)
+    assert bool((drop <= visual).all()) and torch.equal(kept, (visual.sum(1) * 0.5 + 0.5).floor().long())
+    none = torch.zeros_like(visual)
+    with LayerMasked(model, 1, drop):
+        ref = masked_forward(model, inputs, none)
+    with LayerMasked(model, 1, drop_gen):
+        ref_tokens = masked_greedy(model, inputs, none)
+    torch.testing.assert_close(logits[:, -1], ref[:, -1], atol=1e-5, rtol=0)
+    assert torch.equal(tokens, ref_tokens)

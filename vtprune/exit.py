@@ -55,6 +55,7 @@ class LayerExit:
         self.compact_from = None  # dynamic methods: the layer from which the whole batch has exited
         self.cache = None  # per call: the cut kwargs for the layers >= k
         self.scores = None  # fastv: [B, L] attention paid to each token at layer k-1
+        self.keys = self.hidden = None  # dart: layer k-1's keys and output
         self.past = self.q = 0
 
     def install(self) -> list:
@@ -83,6 +84,9 @@ class LayerExit:
     def observe(self, module, query, key, mask, scaling):
         """Layer k-1's attention (routed): the attention paid to each token by the query rows."""
         if self.visual is None or self.plan is not None or query.shape[2] != key.shape[2]:
+            return
+        self.keys = key.detach()
+        if not hasattr(self.method, "query"):
             return
         heads, kv_heads = query.shape[1], key.shape[1]
         key = key.float().repeat_interleave(heads // kv_heads, dim=1)
@@ -155,6 +159,7 @@ class LayerExit:
         return mask & ~bad if mask.dtype == torch.bool else mask.masked_fill(bad, torch.finfo(mask.dtype).min)
 
     def _make_plan(self, hidden, k):
+        self.hidden = hidden  # the output of layer k-1 (what DART compares tokens by)
         visual = self.visual.to(hidden.device)
         drop = visual & self.method.drop(self, visual)
         if not bool(drop.any()):

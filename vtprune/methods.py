@@ -395,6 +395,63 @@ class FastV(LayerMethod):
         return drop
 
 
+@register("dart")
+@dataclass
+class DART(LayerMethod):
+    """Duplication-aware pruning at decoder layer ``layer`` (DART, arXiv 2502.11494).
+
+    As the DART code (K-norm variant) does, per sample: pivots are the ``pivot_image`` visual
+    tokens and the ``pivot_text`` text tokens after the image with the largest L1 norm of their
+    layer ``layer - 1`` keys (RoPE applied); for each pivot, the remaining visual tokens *least*
+    cosine-similar to it in layer ``layer - 1``'s output (after the final norm) are kept, an equal
+    quota per pivot (the remainder to the first pivots, so exactly ``keep`` of the sample's visual
+    tokens stay), and near-duplicates of what is kept leave as in ``exit``.
+    """
+
+    needs_attention: ClassVar[bool] = True
+    keep: float = 0.25
+    pivot_image: int = 4
+    pivot_text: int = 4
+
+    def validate(self):
+        super().validate()
+        self.keep = check_keep(self.keep)
+        if self.pivot_image < 1 or self.pivot_text < 0:
+            raise ValueError("dart needs pivot_image >= 1 and pivot_text >= 0")
+
+    def drop(self, runtime, visual):
+        from .budget import tokens_to_keep
+
+        hidden = runtime.session.adapter.language_model.norm(runtime.hidden).float()
+        hidden = torch.nn.functional.normalize(hidden, dim=-1)
+        keys = runtime.keys.float()  # [B, H_kv, L, d]
+        key_norm = keys.abs().sum(-1).sum(1)  # L1 norm over all heads: [B, L]
+        drop = visual.clone()
+        n = visual.shape[1]
+        pos = torch.arange(n, device=visual.device)
+        for b in range(visual.shape[0]):
+            vis = visual[b].nonzero().squeeze(1)
+            if vis.numel() == 0:
+                continue
+            budget = tokens_to_keep(self.keep, vis.numel())
+            img_piv = vis[key_norm[b, vis].topk(min(self.pivot_image, vis.numel(), budget)).indices]
+            after = runtime.text[b].to(visual.device) & (pos > int(vis.max()))
+            txt = after.nonzero().squeeze(1)
+            txt_piv = txt[key_norm[b, txt].topk(min(self.pivot_text, txt.numel())).indices] if txt.numel() else txt
+            pivots = torch.cat([img_piv, txt_piv])
+            base, extra = divmod(budget - img_piv.numel(), pivots.numel())
+            kept = set(img_piv.tolist())
+            for i, p in enumerate(pivots.tolist()):
+                quota = base + (i < extra)
+                rest = torch.tensor([t for t in vis.tolist() if t not in kept], dtype=torch.long, device=visual.device)
+                if rest.numel() == 0:
+                    break
+                sim = hidden[b, rest] @ hidden[b, p]
+                kept.update(rest[torch.sort(sim, stable=True).indices[:quota]].tolist())
+            drop[b, torch.tensor(sorted(kept), dtype=torch.long, device=visual.device)] = False
+        return drop
+
+
 @register("dyvte")
 @dataclass
 class DyVTE(LayerMethod):

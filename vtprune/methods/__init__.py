@@ -1,0 +1,22 @@
+"""Method configs and their registry.
+
+Every method is a dataclass registered under a name.  ``vtprune.wrap(model, "random", keep=0.1)``
+looks the name up here; later methods only add entries::
+
+    @register("mymethod")
+    @dataclass
+    class MyMethod(Selector):
+        my_option: float = 0.5
+        def score(self, ctx): ...
+
+A :class:`Selector` scores each image's visual tokens before the LLM; the tokens with the best
+scores are kept (``keep`` per image), in their original order.
+"""
+
+from .base import LayerMethod, Method, ScoreContext, Selector, available, get, register, resolve
+from .cls import VTCCLS, FasterVLM, VisionZip
+from .controls import DivPrune, Pool, Random, Uniform
+from .layer import DART, DyVTE, Exit, FastV
+
+__all__ = ["DART", "DivPrune", "DyVTE", "Exit", "FastV", "FasterVLM", "LayerMethod", "Method", "Pool", "Random",
+           "ScoreContext", "Selector", "Uniform", "VTCCLS", "VisionZip", "available", "get", "register", "resolve"]

@@ -1,0 +1,178 @@
+"""The method registry and the base configs every method derives from."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..budget import check_keep
+
+_REGISTRY: dict = {}
+
+
+def register(name: str):
+    """Class decorator: register a method config dataclass under ``name``."""
+
+    def deco(cls):
+        if name in _REGISTRY:
+            raise ValueError(f"a method named {name!r} is already registered ({_REGISTRY[name].__name__})")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def available() -> list:
+    """Names of the registered methods."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str):
+    """The config class registered under ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(available())}") from None
+
+
+@dataclass
+class Method:
+    """Base of every method config."""
+
+    name: ClassVar[str] = "method"
+    stage: ClassVar[str] = "method"
+
+    def validate(self):
+        """Raise ``ValueError`` on an invalid option."""
+
+
+@dataclass
+class ScoreContext:
+    """What a selector may read to score the images of one forward pass.
+
+    ``layouts[i]`` and ``budgets[i]`` describe the i-th image of the batch (row-major order);
+    ``rows[i]`` is its sample; ``features[i]`` its visual tokens as fed to the LLM ([n, D]).
+    ``cls_attention[layer][i]`` is the post-softmax attention of the [CLS] query to the vision-tower
+    tokens in tower layer ``layer``, averaged over heads and mapped onto image i's LLM tokens (summed
+    over the tower tokens an LLM token merges; 0 for newlines) — for the layers the method asked for.
+    """
+
+    layouts: list
+    budgets: list
+    rows: list
+    features: list
+    generator: torch.Generator
+    cls_attention: dict = dataclasses.field(default_factory=dict)
+    tower_selected: list = dataclasses.field(default_factory=list)
+    replacements: list = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        self.replacements = [None] * len(self.layouts)
+
+
+@dataclass
+class Selector(Method):
+    """A pre-LLM method: scores each image's visual tokens; the best ``keep`` per image are kept.
+
+    ``scope="image"`` (default) ranks all of an image's tokens together — LLaVA-NeXT's base image
+    and crops, InternVL's tiles — so a budget flows to the tiles that score best.  ``scope="tile"``
+    gives every tile its own share, as FasterVLM and VisionZip do on LLaVA-NeXT: a float ``keep``
+    of each tile's tokens, an int ``keep`` tokens per tile.
+    """
+
+    stage: ClassVar[str] = "select"
+    needs_cls: ClassVar[bool] = False  # reads ctx.cls_attention (the tower layers of ``tower_layers``)
+    merges: ClassVar[bool] = False  # rewrites tower features before the projector (``merge``)
+    keep: float = 0.25
+    scope: str = "image"
+
+    def validate(self):
+        self.keep = check_keep(self.keep)
+        if self.scope not in ("image", "tile"):
+            raise ValueError(f"scope must be 'image' (one budget over all of an image's tokens) or 'tile' "
+                             f"(each crop/tile its own share), got {self.scope!r}")
+
+    def score(self, ctx: ScoreContext) -> list:
+        """One 1-D score tensor per image (higher = keep)."""
+        raise NotImplementedError
+
+    def tower_layers(self, n_layers: int, feature_layer: int) -> list:
+        """Vision-tower layers (0-based) whose [CLS] attention ``score`` reads; none by default.
+
+        ``feature_layer`` is the layer whose output the projector consumes.
+        """
+        return []
+
+
+@dataclass
+class LayerMethod(Method):
+    """An in-LLM method: visual tokens leave the language model before decoder layer ``layer``.
+
+    Layers 0..layer-1 see every token; from ``layer`` on the dropped tokens are gone from the
+    hidden states, the attention masks, the positions and those layers' KV cache.
+    """
+
+    stage: ClassVar[str] = "llm"
+    needs_attention: ClassVar[bool] = False  # reads the attention of layer - 1 (runtime.scores)
+    layer: int = 2
+
+    def validate(self):
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
+            raise TypeError(f"{self.name} layer must be an int, got {self.layer!r}")
+
+    def first_layer(self, n_layers: int) -> int:
+        """The first decoder layer that may lose tokens; raises ``ValueError`` when out of range."""
+        low = 1 if self.needs_attention else 0
+        if not low <= self.layer < n_layers:
+            raise ValueError(f"{self.name} layer={self.layer} must lie in [{low}, {n_layers - 1}] "
+                             f"(the language model has {n_layers} decoder layers)")
+        return self.layer
+
+    def decision_layers(self, n_layers: int) -> list:
+        """Layers after which ``decide`` runs (dynamic methods only)."""
+        return []
+
+    def compact_here(self, runtime, i: int) -> bool:
+        """Whether the dropped tokens leave physically before layer ``i`` (fixed methods: the first hooked layer)."""
+        return True
+
+    def drop(self, runtime, visual: torch.Tensor) -> torch.Tensor:
+        """Bool [B, L]: the visual tokens that leave (``visual`` marks the visual tokens)."""
+        raise NotImplementedError
+
+
+def resolve(method, options: dict) -> list:
+    """Turn ``wrap``'s ``method`` argument and options into validated config objects."""
+    items = list(method) if isinstance(method, (list, tuple)) else [method]
+    if not items:
+        raise ValueError("wrap() needs at least one method; registered methods: " + ", ".join(available()))
+    configs, used = [], set()
+    for item in items:
+        if isinstance(item, str):
+            cls = get(item)
+            names = {f.name for f in dataclasses.fields(cls) if f.init}
+            mine = {k: v for k, v in options.items() if k in names}
+            used |= set(mine)
+            config = cls(**mine)
+        elif isinstance(item, Method):
+            config = dataclasses.replace(item)
+        else:
+            raise TypeError(f"a method is a registered name or a config object, got {type(item).__name__}")
+        config.validate()
+        configs.append(config)
+    unused = set(options) - used
+    if unused:
+        raise TypeError(f"option(s) {sorted(unused)} are not accepted by method(s) "
+                        f"{[c.name for c in configs]}")
+    names = [c.name for c in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a method appears twice in {names}")
+    for stage, what in (("select", "pre-LLM selection"), ("llm", "in-LLM exit")):
+        chosen = [c.name for c in configs if c.stage == stage]
+        if len(chosen) > 1:
+            raise ValueError(f"only one {what} method can run at a time, got {chosen}")
+    return configs

@@ -1,0 +1,85 @@
+"""Controls and baselines that need no model internals: random, uniform, pool, divprune."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..scoring import divprune_order, pool_windows, total_budget, uniform_scores
+from .base import Selector, register
+
+@register("random")
+@dataclass
+class Random(Selector):
+    """Keep a random subset of each image's tokens: the control every method must beat.
+
+    Draws come from a generator seeded with ``seed`` when the model is wrapped, so a run is
+    reproducible; successive forward passes draw new subsets.
+    """
+
+    seed: int = 0
+
+    def score(self, ctx):
+        return [torch.rand(layout.n, generator=ctx.generator) for layout in ctx.layouts]
+
+
+@register("uniform")
+@dataclass
+class Uniform(Selector):
+    """Keep tokens spread evenly over each image's token grid (a strided lattice per grid)."""
+
+    def score(self, ctx):
+        return [uniform_scores(layout, total_budget(k)) for layout, k in zip(ctx.layouts, ctx.budgets)]
+
+
+@register("pool")
+@dataclass
+class Pool(Selector):
+    """Average-pool each image's token grids down to the budget (a control, like ``uniform``).
+
+    Each grid (LLaVA image, LLaVA-NeXT base image and crop grid, InternVL tile, Qwen frame) gets a
+    share of the budget in proportion to its size and is split into an r x c grid of adaptive
+    windows (the largest such grid with r*c <= its share, aspect kept; window edges as in
+    ``adaptive_avg_pool2d``).  A window's mean feature enters the LLM at the position of the
+    window's first token (its top-left cell); the other tokens of the window are dropped, so
+    positions stay original.  The realized count can be a little under ``keep``.
+    """
+
+    def score(self, ctx):
+        scores = []
+        for i, (layout, k) in enumerate(zip(ctx.layouts, ctx.budgets)):
+            anchors, members = pool_windows(layout, total_budget(k))
+            features = ctx.features[i]
+            merged = torch.stack([features[m].float().mean(0) for m in members]) if anchors.numel() else None
+            ctx.replacements[i] = (anchors, merged) if merged is not None else None
+            ctx.budgets[i] = anchors.numel()
+            s = torch.zeros(layout.n)
+            s[anchors] = 1.0
+            scores.append(s)
+        return scores
+
+
+@register("divprune")
+@dataclass
+class DivPrune(Selector):
+    """Max-min diversity selection over the visual features fed to the LLM (DivPrune, CVPR 2025).
+
+    As the DivPrune code does: distances are 1 - cosine similarity of the LLM-input features; the
+    first token is the one farthest from its nearest neighbour, then greedily the token whose
+    distance to the nearest already chosen token is largest, until the budget is met (ties: the
+    earliest token).  Needs no [CLS] and no attention map.  Kept tokens enter in original order.
+    """
+
+    def score(self, ctx):
+        scores = []
+        for i, (layout, k) in enumerate(zip(ctx.layouts, ctx.budgets)):
+            content = (~layout.newline).nonzero().squeeze(1)
+            groups = [(content, k)] if not isinstance(k, dict) else \
+                [(content[layout.tiles[content] == t], kt) for t, kt in k.items()]
+            s = torch.full((layout.n,), float("-inf"))
+            for members, budget in groups:
+                order = divprune_order(ctx.features[i][members], min(budget, members.numel()))
+                s[members[order]] = torch.arange(order.numel(), 0, -1, dtype=torch.float32)
+            scores.append(s)
+        return scores

@@ -31,6 +31,7 @@ from vtprune.kernels import gather_cut
 from .attention import AttentionRoute
 from .budget import tokens_to_keep
 from .exit import LayerExit
+from .vhr import HeadReinforcement
 from .methods import ScoreContext
 from .select import plan_cut, top_tokens
 
@@ -64,6 +65,9 @@ class Session:
         layer_methods = [c for c in configs if c.stage == "llm"]
         self.layer_method = layer_methods[0] if layer_methods else None
         self.layer_exit = None
+        attention = [c for c in configs if c.stage == "attention"]
+        self.attn_method = attention[0] if attention else None
+        self.vhr = None
         self.route = None
         self.exits = None
         self.generator = torch.Generator().manual_seed(int(getattr(self.selector, "seed", 0)))
@@ -83,6 +87,9 @@ class Session:
         inner = self.adapter.inner
         self._install_tower_hooks()
         self._install_layer_exit()
+        if self.attn_method is not None:
+            self.vhr = HeadReinforcement(self, self.attn_method, self.adapter.language_model.layers)
+            self.handles.extend(self.vhr.install())
         self._patch(inner, "get_image_features", self._after_features, before=self._before_features)
         self._patch(inner, "get_placeholder_mask", self._after_placeholder)
         lm = self.adapter.language_model
@@ -229,11 +236,14 @@ class Session:
 
     # ------------------------------------------------------------------ language model
     def _lm_post(self, module, args, kwargs, output):
+        if self.vhr is not None:
+            output = self.vhr.end_call(output) or output
         cache = getattr(output, "past_key_values", None)
         if cache is None:
             cache = getattr(output, "cache", None)
         if self.state is not None and cache is not None:
             self.state.cache = cache
+        return output if self.vhr is not None else None
 
     def _lm_pre(self, module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
@@ -250,7 +260,21 @@ class Session:
         cut, changed = self._cut(kwargs, state, image_mask, embeds)
         if self.layer_exit is not None:
             self._begin_layer_exit(kwargs, image_mask, cut, fresh)
+        if self.vhr is not None:
+            self.vhr.begin_call(kwargs, self._visual_after_cut(kwargs, image_mask, cut), fresh)
+            changed = changed or self.vhr.probing
         return (args, kwargs) if changed else None
+
+    @staticmethod
+    def _visual_after_cut(kwargs, image_mask, cut):
+        """Bool [B, q]: the visual tokens of this language-model call (after the pre-LLM cut)."""
+        if image_mask is None:
+            return None
+        visual = image_mask.to(kwargs["inputs_embeds"].device)
+        if cut is not None:
+            index, real = cut
+            visual = visual.gather(1, index) & real
+        return visual
 
     def _cut(self, kwargs, state, image_mask, embeds):
         """The pre-LLM cut of one language-model call; returns ``(cut or None, kwargs changed)``."""
@@ -298,12 +322,9 @@ class Session:
         """Tell the in-LLM exit which tokens of this call are visual and which are text."""
         embeds = kwargs["inputs_embeds"]
         q = embeds.shape[1]
-        visual = text = None
-        if image_mask is not None:
-            visual = image_mask.to(embeds.device)
-            if cut is not None:
-                index, real = cut
-                visual = visual.gather(1, index) & real
+        text = None
+        visual = self._visual_after_cut(kwargs, image_mask, cut)
+        if visual is not None:
             mask = kwargs.get("attention_mask")
             present = mask[:, -q:].bool() if mask is not None and mask.dim() == 2 else torch.ones_like(visual)
             text = present & ~visual
@@ -430,4 +451,6 @@ class Session:
             if runtime.exit_at is not None and self.layer_method.decision_layers(len(runtime.layers)):
                 n = len(runtime.layers)
                 out["exit"]["exit_layers"] = [int(j) if j < n else None for j in runtime.exit_at.tolist()]
+        if self.vhr is not None and self.vhr.heads:
+            out["vhr"] = self.vhr.stats()
         return out or {"forwards_with_images": 0}

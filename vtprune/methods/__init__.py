@@ -13,10 +13,11 @@ A :class:`Selector` scores each image's visual tokens before the LLM; the tokens
 scores are kept (``keep`` per image), in their original order.
 """
 
+from .attn import VHR
 from .base import LayerMethod, Method, ScoreContext, Selector, available, get, register, resolve
 from .cls import VTCCLS, FasterVLM, VisionZip
 from .controls import DivPrune, Pool, Random, Uniform
 from .layer import DART, DyVTE, Exit, FastV
 
 __all__ = ["DART", "DivPrune", "DyVTE", "Exit", "FastV", "FasterVLM", "LayerMethod", "Method", "Pool", "Random",
-           "ScoreContext", "Selector", "Uniform", "VTCCLS", "VisionZip", "available", "get", "register", "resolve"]
+           "ScoreContext", "Selector", "Uniform", "VHR", "VTCCLS", "VisionZip", "available", "get", "register", "resolve"]

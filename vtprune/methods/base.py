@@ -171,8 +171,12 @@ def resolve(method, options: dict) -> list:
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"a method appears twice in {names}")
-    for stage, what in (("select", "pre-LLM selection"), ("llm", "in-LLM exit")):
+    for stage, what in (("select", "pre-LLM selection"), ("llm", "in-LLM exit"), ("attention", "attention")):
         chosen = [c.name for c in configs if c.stage == stage]
         if len(chosen) > 1:
             raise ValueError(f"only one {what} method can run at a time, got {chosen}")
+    stages = {c.stage for c in configs}
+    if {"llm", "attention"} <= stages:
+        raise ValueError("an attention intervention (vhr) does not compose with in-LLM exit yet; "
+                         "combine it with a pre-LLM method instead")
     return configs

@@ -1,0 +1,276 @@
+"""Prefill and decode speed of wrapped models at real model widths, against the oracle.
+
+    python scripts/bench_prefill.py --quick                # ~1-2 minutes on a 2-core CPU
+    python scripts/bench_prefill.py --device cuda --dtype bfloat16 --full-depth
+
+Random-weight models are built from configs at the widths of LLaVA-1.5-7B, LLaVA-NeXT-7B,
+Qwen2.5-VL-7B and InternVL3-8B (no download).  On a CPU the towers and LLMs are cut to a few layers
+(same widths) so that a run takes minutes; ``--full-depth`` keeps every layer (GPU).
+
+For every keep and method it measures, as medians over ``--repeats`` after a warm-up:
+- ``prefill``: one forward of the wrapped model on the image prompt (logits of the last position,
+  as ``generate`` asks for);
+- ``oracle``: the same model fed the kept tokens directly — its vision tower, then the language
+  model on ``inputs_embeds`` holding only the kept tokens at their original positions — so
+  ``prefill / oracle`` is the cost of scoring + gathering, measured in the same run;
+- ``decode``: tokens per second of greedy decoding with the cache after the prefill;
+- the ideal speedup from token counts (LLM FLOPs model: linear layers ∝ tokens, attention ∝ tokens²).
+Writes JSON, a markdown table and (with matplotlib) a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import vtprune
+
+SHAPES = {
+    "llava-1.5-7b": "llava",
+    "llava-next-7b": "llava_next",
+    "qwen2.5-vl-7b": "qwen2_5_vl",
+    "internvl3-8b": "internvl",
+}
+
+
+def build(name, llm_layers, vision_layers, dtype, device):
+    import transformers as tf
+
+    if name in ("llava-1.5-7b", "llava-next-7b"):
+        vision = tf.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers or 24,
+                                     num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+        text = tf.LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008,
+                              num_hidden_layers=llm_layers or 32, num_attention_heads=32, num_key_value_heads=32)
+        common = dict(vision_config=vision, text_config=text, image_token_index=32000, image_seq_length=576,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+        if name == "llava-1.5-7b":
+            config, cls = tf.LlavaConfig(**common), tf.LlavaForConditionalGeneration
+        else:
+            pins = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+            config, cls = tf.LlavaNextConfig(**common, image_grid_pinpoints=pins), tf.LlavaNextForConditionalGeneration
+    elif name == "qwen2.5-vl-7b":
+        text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=llm_layers or 28,
+                    num_attention_heads=28, num_key_value_heads=4,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+        depth = vision_layers or 32
+        vision = dict(depth=depth, hidden_size=1280, out_hidden_size=3584, intermediate_size=3420, num_heads=16,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                      fullatt_block_indexes=[i for i in (7, 15, 23, 31) if i < depth] or [depth - 1])
+        config = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=151655,
+                                     video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+        cls = tf.Qwen2_5_VLForConditionalGeneration
+    else:
+        vision = tf.InternVLVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers or 24,
+                                         num_attention_heads=16, image_size=448, patch_size=14)
+        text = tf.Qwen2Config(vocab_size=151674, hidden_size=3584, intermediate_size=18944,
+                              num_hidden_layers=llm_layers or 28, num_attention_heads=28, num_key_value_heads=4)
+        config = tf.InternVLConfig(vision_config=vision, text_config=text, image_token_id=151667,
+                                   image_seq_length=256, downsample_ratio=0.5, vision_feature_layer=-1)
+        cls = tf.InternVLForConditionalGeneration
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = cls._from_config(config, attn_implementation="sdpa", dtype=dtype)
+    model.eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def inputs_for(name, model, device, dtype):
+    """A one-image prompt at the model's real image size: 20 text tokens, the image, 12 text tokens."""
+    config = model.config
+    gen = torch.Generator().manual_seed(0)
+    text = lambda n: torch.randint(10, 1000, (n,), generator=gen).tolist()  # noqa: E731
+    if name == "llava-1.5-7b":
+        pix = {"pixel_values": torch.randn(1, 3, 336, 336, generator=gen)}
+        n, start, end = 576, [], []
+    elif name == "llava-next-7b":
+        pix = {"pixel_values": torch.randn(1, 5, 3, 336, 336, generator=gen), "image_sizes": torch.tensor([[672, 672]])}
+        with torch.no_grad():
+            n = model.model.get_image_features(pixel_values=pix["pixel_values"].to(device, dtype),
+                                               image_sizes=pix["image_sizes"]).pooler_output[0].shape[0]
+        start, end = [], []
+    elif name == "qwen2.5-vl-7b":
+        h = w = 56  # 784 patches... 28x28 merged tokens
+        pix = {"pixel_values": torch.randn(h * w, 3 * 2 * 14 * 14, generator=gen), "image_grid_thw": torch.tensor([[1, h, w]])}
+        n, start, end = h * w // 4, [config.vision_start_token_id], [config.vision_end_token_id]
+    else:
+        tiles = 7
+        pix = {"pixel_values": torch.randn(tiles, 3, 448, 448, generator=gen)}
+        n, start, end = 256 * tiles, [151665], [151666]
+    image = getattr(config, "image_token_id", None) or config.image_token_index
+    ids = [1] + text(20) + start + [image] * n + end + text(12)
+    out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long), **pix}
+    if name == "qwen2.5-vl-7b":
+        out["mm_token_type_ids"] = (out["input_ids"] == image).int()
+    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in out.items()}, n
+
+
+def _sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats, device):
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def oracle_fn(model, inputs, kept_positions):
+    """The tower, then the language model fed only the kept tokens (original positions), last logits."""
+    def run():
+        with torch.no_grad():
+            embeds = model.get_input_embeddings()(inputs["input_ids"])
+            feats = model.model.get_image_features(**{k: v for k, v in inputs.items()
+                                                      if k in ("pixel_values", "image_sizes", "image_grid_thw")})
+            feats = feats.pooler_output
+            feats = torch.cat(list(feats), 0) if isinstance(feats, (list, tuple)) else feats.reshape(-1, feats.shape[-1])
+            mask = model.model.get_placeholder_mask(inputs["input_ids"], inputs_embeds=embeds, image_features=feats)
+            mask = mask[0] if isinstance(mask, tuple) else mask
+            embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
+            keep = kept_positions
+            kw = {"inputs_embeds": embeds[:, keep], "attention_mask": inputs["attention_mask"][:, keep]}
+            if "image_grid_thw" in inputs:
+                pos, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                                    inputs["image_grid_thw"], None, attention_mask=inputs["attention_mask"])
+                kw["position_ids"] = pos[:, :, keep]
+            else:
+                kw["position_ids"] = keep[None]
+            out = model.model.language_model(**kw)
+            return model.lm_head(out.last_hidden_state[:, -1:])
+    return run
+
+
+def ideal_speedup(length, kept_length):
+    """LLM prefill FLOPs ratio: per layer ~ 24·L·d² + 4·L²·d with d = 4096 (linear + attention)."""
+    d = 4096
+    cost = lambda n: 24 * n * d * d + 4 * n * n * d  # noqa: E731
+    return cost(length) / cost(kept_length)
+
+
+def run(args):
+    device, dtype = args.device, getattr(torch, args.dtype)
+    rows = []
+    for name in args.models:
+        model = build(name, None if args.full_depth else args.llm_layers, None if args.full_depth else args.vision_layers,
+                      dtype, device)
+        inputs, n_visual = inputs_for(name, model, device, dtype)
+        length = inputs["input_ids"].shape[1]
+        visual = inputs["input_ids"][0] == (getattr(model.config, "image_token_id", None) or model.config.image_token_index)
+        for keep in args.keep:
+            for method in (["none"] if keep == 1.0 else args.methods):
+                options = {} if method == "none" else {"keep": keep}
+                with vtprune.wrapped(model, "random" if method == "none" else method, **(options or {"keep": 1.0})):
+                    prefill = timed(lambda: model(**inputs, logits_to_keep=1), args.repeats, device)
+                    with torch.no_grad():
+                        model(**inputs, logits_to_keep=1)
+                    kept_local = torch.cat(vtprune.last_kept(model)[0])
+                    stats = vtprune.stats(model)
+                    decode_start = time.perf_counter()
+                    with torch.no_grad():
+                        model.generate(**inputs, max_new_tokens=args.decode_tokens + 1, do_sample=False)
+                    gen_time = time.perf_counter() - decode_start
+                vis_pos = visual.nonzero().squeeze(1)
+                keep_mask = ~visual.clone()
+                keep_mask[vis_pos[kept_local.to(vis_pos.device)]] = True
+                kept_positions = keep_mask.nonzero().squeeze(1)
+                oracle = timed(oracle_fn(model, inputs, kept_positions), args.repeats, device)
+                decode_tps = args.decode_tokens / max(gen_time - prefill, 1e-9)
+                row = {
+                    "model": name, "method": method, "keep": keep, "visual_in": n_visual,
+                    "visual_out": stats["visual_tokens_out"], "llm_length": stats["llm_sequence_out"],
+                    "prefill_ms": prefill * 1000, "oracle_ms": oracle * 1000, "wrapped_vs_oracle": oracle / prefill,
+                    "decode_tok_s": decode_tps, "ideal_speedup": ideal_speedup(length, stats["llm_sequence_out"]),
+                }
+                if device.startswith("cuda"):
+                    row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                    torch.cuda.reset_peak_memory_stats()
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        base = {r["model"]: r["prefill_ms"] for r in rows if r["method"] == "none"}
+        for r in rows:
+            if r["model"] == name:
+                r["speedup_vs_unpruned"] = base[name] / r["prefill_ms"]
+        del model
+    return rows
+
+
+def table(rows) -> str:
+    head = ("| model | method | keep | visual tokens | LLM length | prefill ms | oracle ms | oracle/wrapped speed "
+            "| speedup vs keep 1 | ideal (FLOPs) | decode tok/s |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['method']} | {r['keep']} | {r['visual_out']}/{r['visual_in']} | "
+                     f"{r['llm_length']} | {r['prefill_ms']:.1f} | {r['oracle_ms']:.1f} | {r['wrapped_vs_oracle']:.3f} | "
+                     f"{r['speedup_vs_unpruned']:.2f}x | {r['ideal_speedup']:.2f}x | {r['decode_tok_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (model, method), group in sorted({(r["model"], r["method"]): None for r in rows}.items()):
+        pts = [(r["llm_length"], r["prefill_ms"]) for r in rows if r["model"] == model and r["method"] in (method, "none")]
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{model} {method}")
+    ax.set_xlabel("LLM sequence length after pruning")
+    ax.set_ylabel("prefill (ms)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"wrote {path}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
+    parser.add_argument("--methods", default="random,fastervlm")
+    parser.add_argument("--keep", default="1.0,0.5,0.25,0.11,0.05")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--full-depth", action="store_true", help="every layer (GPU); default: a few layers")
+    parser.add_argument("--llm-layers", type=int, default=2)
+    parser.add_argument("--vision-layers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--decode-tokens", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="LLaVA-1.5 shapes, 1 LLM layer, 3 budgets, 3 repeats")
+    parser.add_argument("--out", default="bench_prefill", help="output prefix (.json, .md, .png)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if args.quick:
+        args.models, args.keep, args.repeats, args.llm_layers = "llava-1.5-7b", "1.0,0.25,0.05", 3, 1
+    args.models = args.models.split(",")
+    args.methods = args.methods.split(",")
+    args.keep = [float(k) for k in args.keep.split(",")]
+    rows = run(args)
+    md = table(rows)
+    print(md)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"args": {k: v for k, v in vars(args).items()}, "rows": rows}, f, indent=1)
+    with open(args.out + ".md", "w") as f:
+        f.write(md + "\n")
+    plot(rows, args.out + ".png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""VHR against a straightforward eager reference: the image prompt and its text-only copy as a
+batch of two, head divergence measured and heads scaled layer by layer in o_proj pre-hooks."""
+
+import pytest
+import torch
+
+import vtprune
+from vtprune.testing import IMAGE_TOKEN, tiny_inputs, tiny_model
+
+
+class ReferenceVHR:
+    """Stock model, eager attention; row 0 = image prompt, row 1 = the same prompt without image tokens."""
+
+    def __init__(self, model, layers, alpha):
+        self.model, self.alpha, self.heads, self.handles = model, alpha, {}, []
+        for j in layers:
+            attn = model.model.language_model.layers[j].self_attn
+            self.handles.append(attn.o_proj.register_forward_pre_hook(self._hook(j, attn.config.num_attention_heads)))
+
+    def _hook(self, j, n_heads):
+        def hook(module, args):
+            x = args[0]
+            d = x.shape[-1] // n_heads
+            if x.shape[0] == 2:  # the probe: decide the heads of this layer
+                a, b = x[0, -1].view(n_heads, d), x[1, -1].view(n_heads, d)
+                vhd = torch.stack([torch.dist(a[h], b[h]) for h in range(n_heads)])
+                energy = torch.stack([b[h].pow(2).sum() for h in range(n_heads)])
+                out = (vhd > vhd.mean() + vhd.std()) & (energy > energy.mean() + energy.std())
+                vhd = torch.where(out, torch.zeros_like(vhd), vhd)
+                self.heads[j] = [h for h in range(n_heads) if vhd[h] > vhd.median()]
+            y = x.clone()
+            for h in self.heads[j]:
+                y[..., h * d:(h + 1) * d] *= self.alpha
+            return (y,)
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _greedy_reference(model, inputs, steps):
+    ids = inputs["input_ids"][0]
+    text_ids = ids[ids != IMAGE_TOKEN]
+    n, m = ids.numel(), text_ids.numel()
+    batch_ids = torch.stack([ids, torch.cat([torch.zeros(n - m, dtype=torch.long), text_ids])])
+    mask = torch.stack([torch.ones(n, dtype=torch.long), torch.cat([torch.zeros(n - m), torch.ones(m)]).long()])
+    pos = torch.stack([torch.arange(n), torch.cat([torch.zeros(n - m), torch.arange(m)]).long()])
+    with torch.no_grad():
+        out = model(input_ids=batch_ids, attention_mask=mask, position_ids=pos, pixel_values=inputs["pixel_values"],
+                    use_cache=True)
+        first = out.logits[0, -1]
+        cache = out.past_key_values
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[:1], layer.values[:1]
+        tokens, tok, position = [], out.logits[:1, -1].argmax(-1, keepdim=True), n
+        for _ in range(steps):
+            tokens.append(tok)
+            out = model(input_ids=tok, position_ids=torch.tensor([[position]]), past_key_values=cache, use_cache=True)
+            tok, position = out.logits[:, -1].argmax(-1, keepdim=True), position + 1
+    return first, torch.cat(tokens, 1)
+
+
+@pytest.mark.parametrize("alpha", [2.0, 0.5])
+def test_vhr_equals_eager_reference(alpha):
+    model = tiny_model("llava")
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    inputs = tiny_inputs(model, "llava", images_per_row=(1,), with_mask=False)
+    vtprune.wrap(model, "vhr", alpha=alpha, layers=[0, 1])
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, -1]
+        tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+        stats = vtprune.stats(model)["vhr"]
+    vtprune.unwrap(model)
+    model.set_attn_implementation({"text_config": "eager"})
+    ref = ReferenceVHR(model, [0, 1], alpha)
+    try:
+        ref_logits, ref_tokens = _greedy_reference(model, inputs, 6)
+    finally:
+        ref.close()
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    assert torch.equal(tokens, ref_tokens)
+    assert stats["heads_per_layer"] == {j: [len(h)] for j, h in ref.heads.items()}
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl", "internvl"])
+def test_vhr_identity_and_composition(family):
+    model = tiny_model(family)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    inputs = tiny_inputs(model, family, images_per_row=(1, 2))
+    with torch.no_grad():
+        stock = model(**inputs).logits
+        stock_tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    with vtprune.wrapped(model, "vhr", alpha=1.0):
+        with torch.no_grad():
+            torch.testing.assert_close(model(**inputs).logits, stock, atol=1e-6, rtol=0)
+            assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False), stock_tokens)
+    with vtprune.wrapped(model, [vtprune.methods.get("fastervlm")(keep=0.5), vtprune.methods.get("vhr")()]):
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        stats = vtprune.stats(model)
+    assert out.shape == stock_tokens.shape and stats["visual_tokens_out"] < stats["visual_tokens_in"]
+    assert stats["vhr"]["layers"]
+
+
+def test_vhr_errors():
+    model = tiny_model("llava")
+    with pytest.raises(ValueError, match="alpha"):
+        vtprune.wrap(model, "vhr", alpha=0)
+    with pytest.raises(ValueError, match="do not exist"):
+        vtprune.wrap(model, "vhr", layers=[5])
+    with pytest.raises(ValueError, match="does not compose"):
+        vtprune.wrap(model, ["exit", "vhr"])
+    assert not vtprune.is_wrapped(model)

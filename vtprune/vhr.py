@@ -1,0 +1,132 @@
+"""VHR: vision-aware head reinforcement (He et al., ACL 2025, arXiv 2412.13949) — the runtime.
+
+At the first generation step (the prefill with images) every sample is run next to its own
+text-only copy (the same prompt with the visual tokens removed, left-padded so the last positions
+line up): the language model's batch is doubled inside the forward.  In each reinforced layer, the
+pre-hook of ``o_proj`` sees every head's output (the per-head slices of its input) and computes,
+at the last position, the vision-aware head divergence VHD = ||A(with image) - A(text only)||_2.
+As in the paper: heads whose VHD *and* text-only output energy ||A(text only)||^2 are both above
+mean + std of their layer are outliers (VHD set to 0); the heads above the layer's median VHD are
+selected and their outputs multiplied by ``alpha`` — in both rows, layer by layer, so later layers
+see the reinforced earlier ones.  The text-only rows are then dropped (outputs and KV cache), and
+every later step scales the same heads of that sample.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def default_layers(n_layers: int) -> list:
+    """The paper's choice for 32-layer LLaVA (layer 1 and the last 14), scaled to ``n_layers``."""
+    last = max(1, round(14 * n_layers / 32))
+    return sorted({min(1, n_layers - 1)} | set(range(n_layers - last, n_layers)))
+
+
+class HeadReinforcement:
+    def __init__(self, session, method, layers):
+        self.session = session
+        self.method = method
+        n = len(layers)
+        self.layer_ids = method.layers if method.layers is not None else default_layers(n)
+        bad = [j for j in self.layer_ids if not 0 <= j < n]
+        if bad:
+            raise ValueError(f"vhr layers {bad} do not exist: the language model has {n} decoder layers")
+        self.layers = layers
+        self.batch = None  # the real batch size while the prefill runs doubled, else None
+        self.heads = {}  # layer -> [B, H] bool, fixed at the prefill
+        self.probing = False
+
+    def install(self) -> list:
+        handles = []
+        for j in self.layer_ids:
+            attn = self.layers[j].self_attn
+            heads = attn.config.num_attention_heads
+            handles.append(attn.o_proj.register_forward_pre_hook(functools.partial(self._pre_o_proj, j, heads)))
+        return handles
+
+    # ------------------------------------------------------------------ per call
+    def begin_call(self, kwargs, visual, fresh):
+        """Double the batch of a fresh prefill with images: each sample plus its text-only copy."""
+        self.probing = False
+        if not fresh:
+            return
+        self.heads = {}
+        if visual is None or not bool(visual.any()):
+            return
+        embeds = kwargs["inputs_embeds"]
+        b, n, _ = embeds.shape
+        mask = kwargs.get("attention_mask")
+        mask = mask[:, -n:] if mask is not None else torch.ones(b, n, dtype=torch.long, device=embeds.device)
+        keep = (~visual.to(embeds.device)) & mask.bool()
+        text_embeds = torch.zeros_like(embeds)
+        text_mask = torch.zeros_like(mask)
+        text_pos = torch.zeros(b, n, dtype=torch.long, device=embeds.device)
+        for row in range(b):
+            idx = keep[row].nonzero().squeeze(1)
+            m = idx.numel()
+            text_embeds[row, n - m:] = embeds[row, idx]
+            text_mask[row, n - m:] = 1
+            text_pos[row, n - m:] = torch.arange(m, device=embeds.device)
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = torch.arange(n, device=embeds.device).expand(b, n)
+        elif positions.shape[-2] == 1 and b > 1:
+            positions = positions.expand(*positions.shape[:-2], b, n)
+        if positions.dim() == 3:
+            text_pos = text_pos.expand(positions.shape[0], b, n)
+        kwargs["inputs_embeds"] = torch.cat([embeds, text_embeds])
+        kwargs["attention_mask"] = torch.cat([mask, text_mask.to(mask.dtype)])
+        kwargs["position_ids"] = torch.cat([positions, text_pos.to(positions.device)], dim=-2)
+        vis = kwargs.get("visual_pos_masks")
+        if vis is not None:
+            kwargs["visual_pos_masks"] = torch.cat([vis, torch.zeros_like(vis)])
+        self.batch = b
+        self.probing = True
+
+    def end_call(self, output):
+        """Drop the text-only rows from the outputs and the KV cache after a doubled prefill."""
+        if not self.probing:
+            return None
+        b = self.batch
+        self.probing, self.batch = False, None
+        cache = getattr(output, "past_key_values", None)
+        if cache is None:
+            cache = getattr(output, "cache", None)
+        if cache is not None:
+            for layer in getattr(cache, "layers", []):
+                if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                    layer.keys, layer.values = layer.keys[:b], layer.values[:b]
+        output["last_hidden_state"] = output.last_hidden_state[:b]
+        if getattr(output, "hidden_states", None) is not None:
+            output["hidden_states"] = tuple(h[:b] for h in output.hidden_states)
+        return output
+
+    # ------------------------------------------------------------------ heads
+    def _pre_o_proj(self, layer, heads, module, args):
+        x = args[0]
+        if self.probing:
+            b = self.batch
+            shape = x.shape[:-1] + (heads, x.shape[-1] // heads)
+            per_head = x.view(shape)
+            with_image, text_only = per_head[:b, -1].float(), per_head[b:, -1].float()
+            vhd = (with_image - text_only).norm(dim=-1)  # [B, H]
+            if self.method.outliers:
+                energy = text_only.pow(2).sum(-1)
+                high = lambda v: v > (v.mean(-1, keepdim=True) + v.std(-1, keepdim=True))  # noqa: E731
+                vhd = vhd.masked_fill(high(vhd) & high(energy), 0.0)
+            self.heads[layer] = vhd > vhd.median(-1, keepdim=True).values
+            selected = torch.cat([self.heads[layer], self.heads[layer]])
+        elif layer in self.heads and x.shape[0] == self.heads[layer].shape[0]:
+            selected = self.heads[layer]
+        else:
+            return None
+        scale = torch.where(selected, self.method.alpha, 1.0).to(x.dtype)  # [B', H]
+        d = x.shape[-1] // heads
+        factor = scale.repeat_interleave(d, dim=-1)[:, None, :]
+        return (x * factor, *args[1:])
+
+    def stats(self) -> dict:
+        return {"layers": list(self.heads), "heads_per_layer": {j: h.sum(-1).tolist() for j, h in self.heads.items()}}

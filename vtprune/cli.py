@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     info.set_defaults(func=_info)
     demo = sub.add_parser("demo", help="run the embedded toy model unpruned and pruned, offline")
     demo.add_argument("--keep", default="1.0,0.25,0.1", help="comma-separated budgets (default: 1.0,0.25,0.1)")
-    demo.add_argument("--method", default="uniform", help="selection method (default: uniform)")
+    demo.add_argument("--method", default="fastervlm", help="selection method (default: fastervlm)")
     demo.add_argument("--n", type=int, default=6, help="number of questions (default: 6)")
     demo.add_argument("--out", default="vtprune_demo.png", help="where to write the kept-token overlay PNG")
     demo.add_argument("--seed", type=int, default=0, help="seed of the questions")

@@ -35,7 +35,7 @@ def _answer(model, processor, samples):
     return processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist()), seconds
 
 
-def run(keeps, method="uniform", n=6, out="vtprune_demo.png", seed=0) -> int:
+def run(keeps, method="fastervlm", n=6, out="vtprune_demo.png", seed=0) -> int:
     from PIL import Image, ImageDraw
 
     torch.set_num_threads(max(1, torch.get_num_threads()))

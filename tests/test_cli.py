@@ -1,0 +1,29 @@
+"""The command line: info, demo (on the shipped toy model, or an untrained one if weights are absent)."""
+
+import os
+
+from PIL import Image
+
+from vtprune.cli import main
+
+
+def test_info_lists_families_methods_and_backend(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for word in ("transformers", "kernels", "llava_next", "qwen3_vl", "fastervlm", "dyvte", "vhr"):
+        assert word in out
+
+
+def test_help_without_command(capsys):
+    assert main([]) == 0
+    assert "demo" in capsys.readouterr().out
+
+
+def test_demo_writes_png(tmp_path, capsys):
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--keep", "1.0,0.1", "--n", "3", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert os.path.exists(out)
+    with Image.open(out) as image:
+        assert image.width > 2 * image.height  # the input and one panel per budget side by side
+    assert "keep=0.1" in text and "correct" in text

@@ -108,12 +108,14 @@ class Adapter:
         n = self.tower_depth()
         return n + layer if layer < 0 else layer - 1
 
-    def hook_tower(self, layer: int, sink) -> list:
-        """Hook tower layer ``layer`` so that each run calls ``sink(scores)`` with ``scores`` [tiles, N]:
-        the [CLS] query's post-softmax attention to every token, averaged over heads (fp32).
+    def hook_tower(self, layer: int, sink, kind: str = "cls") -> list:
+        """Hook tower layer ``layer`` so that each run calls ``sink(scores)`` with ``scores`` [tiles, N].
 
-        Computed from the q/k projections' outputs (one 1 x N product per head), so the tower keeps
-        its SDPA/flash attention.  Returns the hook handles.
+        ``kind="cls"``: the [CLS] query's post-softmax attention to every token, averaged over heads
+        (one 1 x N product per head).  ``kind="received"``: the attention each token receives,
+        averaged over all queries and heads (the score the Qwen towers use in place of [CLS]).
+        Computed from the q/k projections' outputs, so the tower keeps its SDPA/flash attention.
+        Returns the hook handles.
         """
         q_mod, k_mod, heads, scale = self.cls_sites()[layer]
         box = {}
@@ -123,8 +125,13 @@ class Adapter:
             if q is None:
                 return
             tiles, n, d = k.shape
-            qh = q[:, :1].float().reshape(tiles, 1, heads, d // heads).transpose(1, 2)
             kh = k.float().reshape(tiles, n, heads, d // heads).transpose(1, 2)
+            if kind == "received":
+                qh = q.float().reshape(tiles, n, heads, d // heads).transpose(1, 2)
+                probs = ((qh @ kh.transpose(-1, -2)) * scale).softmax(-1)  # [tiles, H, N, N]
+                sink(probs.mean(2).mean(1).detach())
+                return
+            qh = q[:, :1].float().reshape(tiles, 1, heads, d // heads).transpose(1, 2)
             sink(((qh @ kh.transpose(-1, -2)).squeeze(2) * scale).softmax(-1).mean(1).detach())
 
         return [q_mod.register_forward_hook(lambda module, args, out: box.update(q=out)),

@@ -89,7 +89,7 @@ class QwenVLAdapter(Adapter):
             capture["sources"] = sources
         return capture["sources"]
 
-    def hook_tower(self, layer, sink):
+    def hook_tower(self, layer, sink, kind="received"):  # no [CLS]: always the attention received
         attn = self._blocks()[layer].attn
         rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
         box = {}

@@ -166,3 +166,20 @@ def test_qwen_substitute_score_equals_recorded_attention(family):
     vtprune.unwrap(model)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_received_attention_source_on_clip_equals_eager():
+    model = tiny_model("llava")
+    inputs = tiny_inputs(model, "llava")
+    vtprune.wrap(model, "fastervlm", keep=0.5, source="received")
+    with torch.no_grad():
+        model(**inputs)
+    ours = model._vtprune_session.last["scores"][0]
+    vtprune.unwrap(model)
+    eager = tiny_model("llava", attn_implementation="eager")
+    with torch.no_grad():
+        attn = eager.model.vision_tower(pixel_values=inputs["pixel_values"], output_attentions=True).attentions[-2]
+    ref = attn[0].mean(0).mean(0)[1:]  # received by each patch, averaged over heads and all queries
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="source"):
+        vtprune.wrap(model, "fastervlm", source="mean")

@@ -153,7 +153,7 @@ class Session:
         self.tower_layers = sorted({layer % n for layer in layers})
         for layer in self.tower_layers:
             sink = functools.partial(lambda layer, scores: self.tower_cls.setdefault(layer, []).append(scores), layer)
-            self.handles.extend(self.adapter.hook_tower(layer, sink))
+            self.handles.extend(self.adapter.hook_tower(layer, sink, self.selector.tower_score))
         if self.selector.merges:
             projector = self.adapter.projector()
             self.handles.extend(self.adapter.hook_keys(self.tower_layers[-1], lambda keys: self.tower_keys.append(keys)))

@@ -90,6 +90,11 @@ class Selector(Method):
     keep: float = 0.25
     scope: str = "image"
 
+    @property
+    def tower_score(self) -> str:
+        """Which tower attention ``ctx.cls_attention`` holds: ``"cls"`` or ``"received"``."""
+        return getattr(self, "source", "cls")
+
     def validate(self):
         self.keep = check_keep(self.keep)
         if self.scope not in ("image", "tile"):

@@ -9,6 +9,12 @@ import torch
 
 from .base import Selector, register
 
+def _check_source(source):
+    if source not in ("cls", "received"):
+        raise ValueError(f"source must be 'cls' (the [CLS] row) or 'received' (attention each token receives, "
+                         f"the score Qwen towers use), got {source!r}")
+
+
 @register("fastervlm")
 @dataclass
 class FasterVLM(Selector):
@@ -17,12 +23,19 @@ class FasterVLM(Selector):
     Score: the post-softmax attention of the [CLS] query to the patch keys inside the tower layer
     whose output the projector consumes (``vision_feature_layer`` -2 → the penultimate layer),
     averaged over heads; the top ``keep`` per image are kept in their original order.
-    ``vision_layer`` (0-based, negative counts from the end) overrides the layer.  Computed from the layer's q/k
+    ``vision_layer`` (0-based, negative counts from the end) overrides the layer.
+    ``source="received"`` scores each token by the attention it receives from all tokens instead
+    (the [CLS]-free score the Qwen towers always use; available on every tower for comparison).  Computed from the layer's q/k
     while the tower runs on SDPA; no eager attention.
     """
 
     needs_cls: ClassVar[bool] = True
     vision_layer: int | None = None
+    source: str = "cls"
+
+    def validate(self):
+        super().validate()
+        _check_source(self.source)
 
     def tower_layers(self, n_layers, feature_layer):
         return [feature_layer if self.vision_layer is None else self.vision_layer]
@@ -45,6 +58,11 @@ class VTCCLS(Selector):
 
     needs_cls: ClassVar[bool] = True
     start_layer: int = -8
+    source: str = "cls"
+
+    def validate(self):
+        super().validate()
+        _check_source(self.source)
 
     def tower_layers(self, n_layers, feature_layer):
         start = self.start_layer % n_layers if -n_layers <= self.start_layer < 0 else self.start_layer

@@ -1,6 +1,7 @@
 """Accuracy of pruning methods on the embedded toy benchmark, next to the baselines.
 
     python scripts/toy_quality.py --n 400 --methods random,uniform,fastervlm,vtc_cls --keep 1.0,0.25,0.1,0.05
+    python scripts/toy_quality.py --methods random,fastervlm,fastervlm:source=received --keep 0.1
     python scripts/toy_quality.py --spec exit layer=1 --spec fastv layer=1 keep=0.25 --spec dyvte weights=toy
 
 Prints a markdown table: accuracy overall and per question type, and the number of visual
@@ -26,10 +27,12 @@ def run(methods, keeps, n, seeds, batch_size):
     rows = []
     for keep in keeps:
         for method in methods:
+            name, _, extra = method.partition(":")
+            extra = {k: _value(v) for k, v in (item.split("=", 1) for item in extra.split(";") if item)}
             runs = []
-            for seed in range(seeds if method == "random" else 1):
-                options = {"keep": keep, **({"seed": seed} if method == "random" else {})}
-                with vtprune.wrapped(model, method, **options):
+            for seed in range(seeds if name == "random" else 1):
+                options = {"keep": keep, **extra, **({"seed": seed} if name == "random" else {})}
+                with vtprune.wrapped(model, name, **options):
                     result = toy.evaluate(model, processor, samples, batch_size=batch_size, progress=False)
                     tokens = vtprune.stats(model)["samples"][0]["tokens_out"]
                 runs.append(result)
@@ -71,17 +74,28 @@ def run_specs(specs, n, batch_size):
                 times.append(time.perf_counter() - start)
         return sorted(times)[1]
 
+    def decode_seconds():
+        """Seconds per generated token (8 greedy tokens with the cache, prefill subtracted)."""
+        with torch.no_grad():
+            start = time.perf_counter()
+            model.generate(**batch, max_new_tokens=9, min_new_tokens=9, do_sample=False)
+            total = time.perf_counter() - start
+        return max(total - prefill_seconds(), 1e-9) / 8
+
     stock_time = prefill_seconds()
+    stock_decode = decode_seconds()
     rows = []
     for spec in [["stock"]] + specs:
         name, options = spec[0], dict(item.split("=", 1) for item in spec[1:])
         options = {k: _value(v) for k, v in options.items()}
         if name == "stock":
             result, seconds, exit_info = toy.evaluate(model, processor, samples, batch_size, progress=False), stock_time, {}
+            decode = stock_decode
         else:
             with vtprune.wrapped(model, name, **options):
                 result = toy.evaluate(model, processor, samples, batch_size=batch_size, progress=False)
                 seconds = prefill_seconds()
+                decode = decode_seconds()
                 with torch.no_grad():
                     model(**batch)
                 exit_info = vtprune.stats(model).get("exit", {})
@@ -93,18 +107,21 @@ def run_specs(specs, n, batch_size):
                            if layers else exit_info.get("layer")),
             "llm_flops_saved": exit_info.get("llm_flops_saved", 0.0),
             "prefill_vs_stock": seconds / stock_time,
+            "decode_vs_stock": decode / stock_decode,
         })
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def spec_table(rows) -> str:
-    head = "| method | overall | " + " | ".join(toy.QUESTION_TYPES) + " | exit layer | LLM prefill work saved | prefill time vs stock |"
-    lines = [head, "|" + "---|" * (5 + len(toy.QUESTION_TYPES))]
+    head = ("| method | overall | " + " | ".join(toy.QUESTION_TYPES)
+            + " | exit layer | LLM prefill work saved | prefill time vs stock | decode time/token vs stock |")
+    lines = [head, "|" + "---|" * (6 + len(toy.QUESTION_TYPES))]
     for r in rows:
         layer = "-" if r["exit_layer"] is None else f"{r['exit_layer']:.2f}"
         lines.append(f"| {r['method']} | {r['overall']:.3f} | " + " | ".join(f"{r[t]:.3f}" for t in toy.QUESTION_TYPES)
-                     + f" | {layer} | {r['llm_flops_saved']:.1%} | {r['prefill_vs_stock']:.2f}x |")
+                     + f" | {layer} | {r['llm_flops_saved']:.1%} | {r['prefill_vs_stock']:.2f}x"
+                     f" | {r['decode_vs_stock']:.2f}x |")
     return "\n".join(lines)
 
 

@@ -1,24 +1,73 @@
-"""Gather kernels (installed as ``vtprune.kernels``).
+"""Gather kernels (installed as ``vtprune.kernels``): the pre-LLM cut and KV-cache compaction.
 
-The torch implementation below is the reference and the fallback.  ``VTPRUNE_KERNELS`` selects a
-backend explicitly (``torch`` is the only one in this release; fused Triton kernels are planned).
+The torch implementations in ``gather.py`` are the reference and the fallback.  Fused Triton
+kernels (``triton_gather.py``) are used automatically on CUDA tensors when ``triton`` is
+importable.  ``VTPRUNE_KERNELS=torch|triton`` overrides the choice; ``triton`` on CPU tensors runs
+the kernels in Triton's interpreter (``TRITON_INTERPRET=1``), which is how CI tests them.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
-from .gather import gather_cut
+from . import gather as _torch
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "triton")
 
 
-def backend() -> str:
-    """Name of the active gather backend (``VTPRUNE_KERNELS`` overrides the automatic choice)."""
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def backend(device: str | None = None) -> str:
+    """The active backend (for tensors on ``device``; None = this machine's default device)."""
     wanted = os.environ.get("VTPRUNE_KERNELS", "").strip().lower()
     if wanted and wanted not in BACKENDS:
-        raise ValueError(f"VTPRUNE_KERNELS={wanted!r} is not available; choose one of {BACKENDS}")
-    return "torch"
+        raise ValueError(f"VTPRUNE_KERNELS={wanted!r} is not a backend; choose one of {BACKENDS}")
+    if wanted == "triton":
+        if not triton_available():
+            raise ValueError("VTPRUNE_KERNELS=triton but triton is not importable (pip install 'vtprune[triton]')")
+        return "triton"
+    if wanted == "torch":
+        return "torch"
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return "triton" if str(device).startswith("cuda") and triton_available() else "torch"
 
 
-__all__ = ["BACKENDS", "backend", "gather_cut"]
+def gather_cut(embeds, index, real, mask=None, positions=None):
+    """Cut embeddings, mask and positions along the sequence (see ``gather.gather_cut``)."""
+    if backend(embeds.device.type) == "triton":
+        from .triton_gather import gather_cut_triton
+
+        return gather_cut_triton(embeds, index, real, mask, positions)
+    return _torch.gather_cut(embeds, index, real, mask, positions)
+
+
+def compact_kv(keys, values, index):
+    """Keep positions ``index`` [B, S'] of one layer's keys and values [B, H, S, D]."""
+    if backend(keys.device.type) == "triton":
+        from .triton_gather import compact_kv_triton
+
+        return compact_kv_triton(keys, values, index)
+    return _torch.compact_kv(keys, values, index)
+
+
+def compact_cache(cache, index, layers=None):
+    """Drop positions from a ``DynamicCache`` in place: keep ``index`` [B, S'] in ``layers`` (default all)."""
+    chosen = range(len(cache.layers)) if layers is None else layers
+    for i in chosen:
+        layer = cache.layers[i]
+        layer.keys, layer.values = compact_kv(layer.keys, layer.values, index)
+    return cache
+
+
+__all__ = ["BACKENDS", "backend", "compact_cache", "compact_kv", "gather_cut", "triton_available"]

@@ -25,3 +25,12 @@ def gather_cut(embeds: torch.Tensor, index: torch.Tensor, real: torch.Tensor, ma
             idx = idx.expand(positions.shape[0], -1, -1)
         positions = positions.gather(-1, idx)
     return out, new_mask, positions
+
+
+def compact_kv(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor):
+    """Keep positions ``index`` [B, S'] of ``keys``/``values`` [B, H, S, D] (torch reference)."""
+    def pick(t):
+        idx = index.to(t.device)[:, None, :, None].expand(t.shape[0], t.shape[1], -1, t.shape[3])
+        return t.gather(2, idx)
+
+    return pick(keys), pick(values)

@@ -53,15 +53,19 @@ def positions(model, inputs, for_generate: bool):
     return text if for_generate else None
 
 
-def masked_forward(model, inputs, drop):
-    """Logits of the stock model on the full prompt with ``drop`` tokens masked out."""
+def _masked_kwargs(model, inputs, drop):
     kw = dict(inputs)
     kw["attention_mask"] = _pad_mask(inputs) * (~drop).long()
     pos = positions(model, inputs, for_generate=False)
     if pos is not None:
         kw["position_ids"] = pos
+    return kw
+
+
+def masked_forward(model, inputs, drop):
+    """Logits of the stock model on the full prompt with ``drop`` tokens masked out."""
     with torch.no_grad():
-        return model(**kw).logits
+        return model(**_masked_kwargs(model, inputs, drop)).logits
 
 
 def masked_greedy(model, inputs, drop, steps: int = 8, plain: bool = False) -> torch.Tensor:
@@ -90,13 +94,8 @@ def masked_greedy(model, inputs, drop, steps: int = 8, plain: bool = False) -> t
 
 def masked_loss(model, inputs, drop, labels):
     """Loss of the stock model with ``drop`` tokens masked, positions kept."""
-    kw = dict(inputs)
-    kw["attention_mask"] = _pad_mask(inputs) * (~drop).long()
-    pos = positions(model, inputs, for_generate=False)
-    if pos is not None:
-        kw["position_ids"] = pos
     with torch.no_grad():
-        return model(**kw, labels=labels).loss
+        return model(**_masked_kwargs(model, inputs, drop), labels=labels).loss
 
 
 class LayerMasked:

@@ -17,6 +17,17 @@ def _model(family):
     return model
 
 
+def _assert_layer_masked(model, inputs, logits, tokens, drop, drop_gen, layer=1):
+    """Logits and greedy tokens equal the stock model with ``drop`` masked from ``layer`` on."""
+    none = torch.zeros_like(drop)
+    with LayerMasked(model, layer, drop):
+        ref = masked_forward(model, inputs, none)
+    with LayerMasked(model, layer, drop_gen):
+        ref_tokens = masked_greedy(model, inputs, none)
+    torch.testing.assert_close(logits[:, -1], ref[:, -1], atol=1e-5, rtol=0)
+    assert torch.equal(tokens, ref_tokens)
+
+
 def _run(model, inputs, method, **options):
     vtprune.wrap(model, method, **options)
     with torch.no_grad():
@@ -39,12 +50,7 @@ def test_exit_equals_layer_masked_reference(family, rows, with_mask):
     assert torch.equal(drop, visual)
     assert stats["exit"]["visual_tokens_dropped"] == visual.sum(1).tolist()
     assert 0 < stats["exit"]["llm_flops_saved"] < 1
-    none = torch.zeros_like(visual)
-    with LayerMasked(model, 1, visual):
-        ref = masked_forward(model, inputs, none)
-        ref_tokens = masked_greedy(model, inputs, none)
-    torch.testing.assert_close(logits[:, -1], ref[:, -1], atol=1e-5, rtol=0)
-    assert torch.equal(tokens, ref_tokens)
+    _assert_layer_masked(model, inputs, logits, tokens, visual, visual)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -56,13 +62,7 @@ def test_fastv_equals_layer_masked_reference(family, rows, with_mask, query):
     logits, drop, tokens, drop_gen, _ = _run(model, inputs, "fastv", layer=1, keep=0.25, query=query)
     visual = inputs["input_ids"] == IMAGE_TOKEN
     assert bool((drop <= visual).all()) and torch.equal(drop.sum(1), visual.sum(1) - (visual.sum(1) * 0.25 + 0.5).floor().long())
-    none = torch.zeros_like(visual)
-    with LayerMasked(model, 1, drop):
-        ref = masked_forward(model, inputs, none)
-    with LayerMasked(model, 1, drop_gen):
-        ref_tokens = masked_greedy(model, inputs, none)
-    torch.testing.assert_close(logits[:, -1], ref[:, -1], atol=1e-5, rtol=0)
-    assert torch.equal(tokens, ref_tokens)
+    _assert_layer_masked(model, inputs, logits, tokens, drop, drop_gen)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
@@ -196,12 +196,7 @@ def test_dyvte_rows_exit_at_different_layers():
     vtprune.unwrap(model)
     assert stats["exit"]["exit_layers"] == [0, None]
     drop = (inputs["input_ids"] == IMAGE_TOKEN) & torch.tensor([[True], [False]])
-    none = torch.zeros_like(drop)
-    with LayerMasked(model, 1, drop):
-        ref = masked_forward(model, inputs, none)
-        ref_tokens = masked_greedy(model, inputs, none)
-    torch.testing.assert_close(logits[:, -1], ref[:, -1], atol=1e-5, rtol=0)
-    assert torch.equal(tokens, ref_tokens)
+    _assert_layer_masked(model, inputs, logits, tokens, drop, drop)
 
 
 def test_dyvte_errors(tmp_path):
@@ -230,10 +225,4 @@ def test_dart_equals_layer_masked_reference_and_keep_all_is_stock(family):
     visual = inputs["input_ids"] == IMAGE_TOKEN
     kept = (visual & ~drop).sum(1)
     assert bool((drop <= visual).all()) and torch.equal(kept, (visual.sum(1) * 0.5 + 0.5).floor().long())
-    none = torch.zeros_like(visual)
-    with LayerMasked(model, 1, drop):
-        ref = masked_forward(model, inputs, none)
-    with LayerMasked(model, 1, drop_gen):
-        ref_tokens = masked_greedy(model, inputs, none)
-    torch.testing.assert_close(logits[:, -1], ref[:, -1], atol=1e-5, rtol=0)
-    assert torch.equal(tokens, ref_tokens)
+    _assert_layer_masked(model, inputs, logits, tokens, drop, drop_gen)

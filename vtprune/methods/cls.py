@@ -53,7 +53,8 @@ class VTCCLS(Selector):
     Score: for every tower layer from ``start_layer`` up to and including the layer the projector
     reads, the [CLS] row's post-softmax attention to the patches averaged over heads, summed over
     the layers unweighted (as the VTC-CLS code does).  ``start_layer`` is 0-based; negative counts
-    from the end of the tower (default -8: layer 16 of CLIP-L's 24, the VTC-CLS script default).
+    from the end of the tower (default -8: layer 16 of CLIP-L's 24, the VTC-CLS script default; on
+    a tower of fewer than 8 layers it starts at layer 0).
     """
 
     needs_cls: ClassVar[bool] = True
@@ -65,9 +66,9 @@ class VTCCLS(Selector):
         _check_source(self.source)
 
     def tower_layers(self, n_layers, feature_layer):
-        start = self.start_layer % n_layers if -n_layers <= self.start_layer < 0 else self.start_layer
+        start = max(0, n_layers + self.start_layer) if self.start_layer < 0 else self.start_layer
         if not 0 <= start <= feature_layer:
-            raise ValueError(f"vtc_cls start_layer={self.start_layer} must lie in [{-n_layers}, {feature_layer}] "
+            raise ValueError(f"vtc_cls start_layer={self.start_layer} must lie before layer {feature_layer} "
                              f"(the projector reads layer {feature_layer} of {n_layers})")
         return list(range(start, feature_layer + 1))
 

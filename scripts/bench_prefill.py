@@ -13,7 +13,8 @@ For every keep and method it measures, as medians over ``--repeats`` after a war
 - ``oracle``: the same model fed the kept tokens directly — its vision tower, then the language
   model on ``inputs_embeds`` holding only the kept tokens at their original positions — so
   ``prefill / oracle`` is the cost of scoring + gathering, measured in the same run;
-- ``decode``: tokens per second of greedy decoding with the cache after the prefill;
+- ``decode``: tokens per second of greedy decoding with the cache after the prefill (generate of
+  n+1 tokens minus generate of 1 token);
 - the ideal speedup from token counts (LLM FLOPs model: linear layers ∝ tokens, attention ∝ tokens²).
 Writes JSON, a markdown table and (with matplotlib) a PNG.
 """
@@ -116,14 +117,15 @@ def _sync(device):
 
 
 def timed(fn, repeats, device):
-    fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
+    with torch.no_grad():
         fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
@@ -177,16 +179,17 @@ def run(args):
                         model(**inputs, logits_to_keep=1)
                     kept_local = torch.cat(vtprune.last_kept(model)[0])
                     stats = vtprune.stats(model)
-                    decode_start = time.perf_counter()
-                    with torch.no_grad():
-                        model.generate(**inputs, max_new_tokens=args.decode_tokens + 1, do_sample=False)
-                    gen_time = time.perf_counter() - decode_start
+                    steps = args.decode_tokens
+                    gen_long = timed(lambda: model.generate(**inputs, max_new_tokens=steps + 1, do_sample=False),
+                                     max(1, args.repeats // 2), device)
+                    gen_short = timed(lambda: model.generate(**inputs, max_new_tokens=1, do_sample=False),
+                                      max(1, args.repeats // 2), device)
                 vis_pos = visual.nonzero().squeeze(1)
                 keep_mask = ~visual.clone()
                 keep_mask[vis_pos[kept_local.to(vis_pos.device)]] = True
                 kept_positions = keep_mask.nonzero().squeeze(1)
                 oracle = timed(oracle_fn(model, inputs, kept_positions), args.repeats, device)
-                decode_tps = args.decode_tokens / max(gen_time - prefill, 1e-9)
+                decode_tps = args.decode_tokens / max(gen_long - gen_short, 1e-9)
                 row = {
                     "model": name, "method": method, "keep": keep, "visual_in": n_visual,
                     "visual_out": stats["visual_tokens_out"], "llm_length": stats["llm_sequence_out"],

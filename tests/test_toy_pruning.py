@@ -31,3 +31,27 @@ def test_fastervlm_beats_random_at_90_percent_reduction(toy_model):
     assert accuracy["random"]["overall"] < 0.6
     assert accuracy["fastervlm"]["overall"] > accuracy["random"]["overall"] + 0.2
     assert accuracy["fastervlm"]["by_type"]["color"] > 0.9
+
+
+def test_shipped_dyvte_routers_load_and_keep_accuracy(toy_model):
+    model, processor = toy_model
+    samples = toy.eval_split(n=80)
+    with vtprune.wrapped(model, "dyvte", weights="toy", threshold=0.5):
+        result = toy.evaluate(model, processor, samples, batch_size=40, progress=False)
+        exits = vtprune.stats(model)["exit"]["exit_layers"]
+    assert result["overall"] > 0.9
+    assert len(exits) == 40 and all(e is None or e in (0, 1) for e in exits)
+
+
+def test_train_dyvte_script_smoke(tmp_path, monkeypatch):
+    import runpy
+    import sys
+
+    out = tmp_path / "routers.safetensors"
+    monkeypatch.setattr(sys, "argv", ["train_dyvte.py", "--steps", "2", "--batch-size", "4", "--width", "16",
+                                      "--out", str(out), "--threads", "1"])
+    runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "scripts", "train_dyvte.py"), run_name="__main__")
+    from vtprune.dyvte import Routers
+
+    routers = Routers.load(str(out))
+    assert routers.layers == [0, 1] and routers.width == 16

@@ -148,6 +148,14 @@ class Adapter:
 
         return [k_mod.register_forward_hook(on_keys)]
 
+    def projector_sources(self, n_tower: int, n_projector: int) -> torch.Tensor:
+        """``[T, k]``: the tower tokens (positions in a tile's tower sequence) that each of the
+        projector's ``n_projector`` input tokens holds.  Default: one each, after leading [CLS]."""
+        skip = n_tower - n_projector
+        if skip < 0:
+            raise RuntimeError("vtprune: the projector input does not line up with the tower's tokens")
+        return (torch.arange(n_projector) + skip)[:, None]
+
     def projector(self):
         """The module that turns per-patch tower features ``[tiles, patches, C]`` into LLM tokens."""
         raise ValueError(f"merging methods need each patch's tower feature before the projector; "

@@ -28,6 +28,15 @@ class InternVLAdapter(Adapter):
         layers = self.inner.vision_tower.encoder.layer
         return [(l.attention.q_norm, l.attention.k_norm, l.attention.num_heads, l.attention.scale) for l in layers]
 
+    def projector(self):
+        return self.inner.multi_modal_projector
+
+    def projector_sources(self, n_tower, n_projector):
+        children = self.children()
+        if children.shape[0] != n_projector or children.numel() + 1 != n_tower:
+            raise RuntimeError("vtprune: the InternVL projector input does not line up with the tower's tokens")
+        return children + 1  # after the [CLS]
+
     def children(self) -> torch.Tensor:
         """``[tokens per tile, 4]``: the tower patches each LLM token merges, read off the model's own
         ``pixel_shuffle`` applied to patch indices."""

@@ -95,10 +95,49 @@ def test_visionzip_llava_next_batch_and_unsupported_families():
         stats = vtprune.stats(model)
     assert torch.isfinite(out).all()
     assert stats["visual_tokens_out"] < stats["visual_tokens_in"]
-    for family in ("internvl", "qwen2_vl"):
-        other = tiny_model(family)
-        with pytest.raises(ValueError):
-            vtprune.wrap(other, "visionzip")
-        assert not vtprune.is_wrapped(other)
+    other = tiny_model("qwen2_vl")
+    with pytest.raises(ValueError, match="merge"):
+        vtprune.wrap(other, "visionzip")
+    assert not vtprune.is_wrapped(other)
     with pytest.raises(ValueError, match="contextual_share"):
         vtprune.wrap(model, "visionzip", contextual_share=1.0)
+
+
+def test_visionzip_equals_reference_internvl():
+    """InternVL merges in LLM-token units (after the 2x2 pixel shuffle): a token's [CLS] score sums,
+    and its key averages, the 4 patches it holds."""
+    model = tiny_model("internvl")
+    inputs = tiny_inputs(model, "internvl", images_per_row=(1,), image_specs=[3])
+    eager = tiny_model("internvl", attn_implementation="eager")
+    keys = []
+    attn_mod = eager.model.vision_tower.encoder.layer[-1].attention
+    handle = attn_mod.k_proj.register_forward_hook(lambda m, a, out: keys.append(out))
+    with torch.no_grad():
+        out = eager.model.vision_tower(pixel_values=inputs["pixel_values"], output_attentions=True)
+    handle.remove()
+    children = torch.tensor([[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]])
+    cls = out.attentions[-1][:, :, 0, 1:].sum(1)[:, children].sum(-1)  # [tiles, 4]
+    k = keys[0].view(3, 17, attn_mod.num_heads, -1).mean(2)[:, 1:][:, children].mean(-2)
+
+    vtprune.wrap(model, "visionzip", keep=2, contextual_share=0.5)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    kept = vtprune.last_kept(model)
+    vtprune.unwrap(model)
+    state = {}
+
+    def replace(module, args):
+        merged, ref_kept = _visionzip_reference(args[0], cls, k, 1, 1)
+        state["kept"] = ref_kept
+        return (merged, *args[1:])
+
+    handle = model.model.multi_modal_projector.register_forward_pre_hook(replace)
+    try:
+        drop = drop_mask(inputs["input_ids"], kept)
+        with torch.no_grad():
+            ref_logits = model(**{**inputs, "attention_mask": inputs["attention_mask"] * (~drop).long()}).logits
+    finally:
+        handle.remove()
+    expected = torch.cat([idx + 4 * t for t, idx in enumerate(state["kept"])])
+    assert kept[0][0].tolist() == expected.tolist()
+    torch.testing.assert_close(logits[:, -1], ref_logits[:, -1], atol=1e-5, rtol=0)

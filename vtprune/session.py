@@ -166,14 +166,15 @@ class Session:
         if features.dim() != 3 or not self.tower_keys or layer not in self.tower_cls:
             return None
         cls, keys = self.tower_cls[layer][-1], self.tower_keys[-1]
-        skip = cls.shape[1] - features.shape[1]  # the [CLS] column(s) the projector does not see
-        if skip < 0 or cls.shape[0] != features.shape[0]:
+        sources = self.adapter.projector_sources(cls.shape[1], features.shape[1]).to(cls.device)  # [T, k]
+        if cls.shape[0] != features.shape[0]:
             raise RuntimeError("vtprune: the projector input does not line up with the tower's tokens")
+        # per projector token: the summed [CLS] attention and the mean key of the tower tokens it holds
         k = tokens_to_keep(self.selector.keep, features.shape[1])
-        merged, kept = self.selector.merge(cls[:, skip:], keys[:, skip:], features, k)
+        merged, kept = self.selector.merge(cls[:, sources].sum(-1), keys[:, sources].mean(-2), features, k)
         selected = torch.zeros_like(cls)
         for t, idx in enumerate(kept):
-            selected[t, idx + skip] = 1.0
+            selected[t, sources[idx].flatten()] = 1.0
         self.tower_selected = selected
         return (merged, *args[1:])
 

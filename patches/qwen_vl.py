@@ -18,7 +18,9 @@ full-attention block; a window of Qwen2.5-VL's windowed blocks), averaged over a
 and over heads.  A patch that every other patch looks at — the global saliency the [CLS] row
 measures in CLIP — scores high.  An LLM token sums the scores of the 2x2 patches it merges.  q and k
 are read from the block's fused ``qkv`` output with the block's own rotary embedding applied, so the
-tower keeps its SDPA/flash attention; queries are processed in chunks to bound memory.
+tower keeps its SDPA/flash attention; queries are processed in chunks to bound memory, and an image
+of more than 512 patches averages over 512 evenly strided query rows (the cost stays linear in
+the patches instead of quadratic).
 """
 
 from __future__ import annotations
@@ -122,20 +124,26 @@ class QwenVLAdapter(Adapter):
         self._rope_base = self._rope_set = None
 
 
-def received_attention(q, k, cu_seqlens, scale, chunk: int = 1024) -> torch.Tensor:
+def received_attention(q, k, cu_seqlens, scale, max_queries: int = 512, chunk: int = 512) -> torch.Tensor:
     """Per token, the attention it receives within its segment, averaged over queries and heads.
 
-    ``q``, ``k``: [N, heads, d] (rotary applied); ``cu_seqlens``: segment boundaries.  Returns [N] fp32.
+    ``q``, ``k``: [N, heads, d] (rotary applied); ``cu_seqlens``: segment boundaries.  A segment
+    longer than ``max_queries`` averages over that many evenly strided query rows (every row of the
+    softmax is needed otherwise: O(n^2) per head).  Returns [N] fp32.
     """
     out = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
     bounds = cu_seqlens.tolist()
     for a, b in zip(bounds[:-1], bounds[1:]):
+        n = b - a
         ks = k[a:b].float().transpose(0, 1)  # [H, n, d]
-        total = torch.zeros(b - a, dtype=torch.float32, device=q.device)
-        for c in range(a, b, chunk):
-            qs = q[c:min(b, c + chunk)].float().transpose(0, 1)  # [H, m, d]
+        rows = torch.arange(a, b, device=q.device)
+        if n > max_queries:
+            rows = a + torch.linspace(0, n - 1, max_queries, device=q.device).round().long()
+        total = torch.zeros(n, dtype=torch.float32, device=q.device)
+        for c in range(0, rows.numel(), chunk):
+            qs = q[rows[c:c + chunk]].float().transpose(0, 1)  # [H, m, d]
             total += ((qs @ ks.transpose(-1, -2)) * scale).softmax(-1).sum((0, 1))
-        out[a:b] = total / ((b - a) * q.shape[1])
+        out[a:b] = total / (rows.numel() * q.shape[1])
     return out.detach()
 
 

@@ -183,3 +183,15 @@ def test_received_attention_source_on_clip_equals_eager():
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="source"):
         vtprune.wrap(model, "fastervlm", source="mean")
+
+
+def test_received_attention_strided_queries_approximate_the_full_mean():
+    from vtprune.patches.qwen_vl import received_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(700, 4, 8, generator=gen), torch.randn(700, 4, 8, generator=gen)
+    bounds = torch.tensor([0, 300, 700])
+    full = received_attention(q, k, bounds, 0.35, max_queries=10_000)
+    strided = received_attention(q, k, bounds, 0.35, max_queries=128)
+    assert torch.allclose(full[:300].sum(), torch.tensor(1.0)) and torch.allclose(strided[300:].sum(), torch.tensor(1.0))
+    assert torch.corrcoef(torch.stack([full, strided]))[0, 1] > 0.9

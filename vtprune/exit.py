@@ -185,11 +185,10 @@ class LayerExit:
             q_index = index
         else:
             q_index = None
-        kv_index = index
         if mask is not None and mask.dim() == 4:
             kv = mask.shape[-1]
             extra = torch.arange(plan["length"], kv, device=mask.device).expand(index.shape[0], -1)
-            cols = torch.cat([kv_index.to(mask.device), extra], 1)
+            cols = torch.cat([index.to(mask.device), extra], 1)
             m = mask.expand(index.shape[0], *mask.shape[1:])
             m = m.gather(-1, cols[:, None, None, :].expand(-1, m.shape[1], m.shape[2], -1))
             if q_index is not None:
@@ -198,24 +197,21 @@ class LayerExit:
             m = _mask_columns(m, col_real)
             out["attention_mask"] = m
         elif mask is None and not bool(real.all()):
-            out["attention_mask"] = self._fresh_mask(real, kwargs, prefill)
+            out["attention_mask"] = self._fresh_mask(real, prefill)
         elif mask is not None:
             raise ValueError("vtprune's in-LLM exit needs a 4-D attention mask or none (SDPA/eager); "
                              f"got a {mask.dim()}-D mask")
         return out
 
-    def _fresh_mask(self, real, kwargs, prefill):
+    def _fresh_mask(self, real, prefill):
         """A boolean mask for a call where the model passed none (causal, unpadded) but rows have padding slots."""
-        past = self.past
         n = real.shape[1]
         if prefill:
             causal = torch.ones(n, n, dtype=torch.bool, device=real.device).tril()
-            m = causal[None, None] & real[:, None, None, :]
-            return m | torch.eye(n, dtype=torch.bool, device=real.device)[None, None]
-        q = self.q
-        cols = torch.cat([real, torch.ones(real.shape[0], past - self.plan["length"] + q, dtype=torch.bool,
+            return _mask_columns(causal[None, None].expand(real.shape[0], 1, n, n), real)
+        cols = torch.cat([real, torch.ones(real.shape[0], self.past - self.plan["length"] + self.q, dtype=torch.bool,
                                            device=real.device)], 1)
-        return cols[:, None, None, :].expand(-1, 1, q, -1)
+        return cols[:, None, None, :].expand(-1, 1, self.q, -1)
 
 
 def _mask_columns(mask, col_real):

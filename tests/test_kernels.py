@@ -90,3 +90,13 @@ def test_wrap_exactness_with_triton_backend(monkeypatch):
             with torch.no_grad():
                 outs[backend] = model(**inputs).logits
     assert torch.equal(outs["torch"], outs["triton"])
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("rows,with_mask", [((1,), False), ((1, 2), True), ((0, 1), True)])
+def test_exactness_suite_with_triton_backend(monkeypatch, family, rows, with_mask):
+    """The pruned ≡ masked-reference test of test_exact.py, with the cut running through Triton."""
+    from test_exact import test_pruning_equals_masked_reference
+
+    monkeypatch.setenv("VTPRUNE_KERNELS", "triton")
+    test_pruning_equals_masked_reference(family, rows, with_mask, "random", 0.5)

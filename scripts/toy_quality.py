@@ -7,7 +7,8 @@
 Prints a markdown table: accuracy overall and per question type, and the number of visual
 tokens per image the LLM actually saw, for every method x budget (random averaged over seeds);
 for in-LLM methods (``--spec``) also the exit layer(s) and the share of prefill LLM work saved,
-and the prefill time of one batch relative to the stock model measured in the same run.
+and the prefill time and decode time per token (``--timing-batch`` prompts, 32 greedy tokens)
+relative to the stock model, measured in the same run.
 """
 
 from __future__ import annotations
@@ -55,27 +56,27 @@ def _value(text):
     return text
 
 
-def run_specs(specs, n, batch_size):
+def run_specs(specs, n, batch_size, timing_batch=1, decode_tokens=32):
     """Rows for explicit method specs (``[name, "opt=value", ...]``), with the stock model first."""
     import time
 
     model, processor = toy.load()
     samples = toy.eval_split(n=n)
-    batch = processor(images=[s["image"] for s in samples[:batch_size]],
-                      text=[toy.prompt(s["question"]) for s in samples[:batch_size]], padding=True, return_tensors="pt")
+    batch = processor(images=[s["image"] for s in samples[:timing_batch]],
+                      text=[toy.prompt(s["question"]) for s in samples[:timing_batch]], padding=True, return_tensors="pt")
 
     def prefill_seconds():
         with torch.no_grad():
             model(**batch)
             times = []
-            for _ in range(3):
+            for _ in range(9):
                 start = time.perf_counter()
                 model(**batch)
                 times.append(time.perf_counter() - start)
-        return sorted(times)[1]
+        return sorted(times)[4]
 
     def decode_seconds():
-        """Seconds per generated token: (9 greedy tokens - 1 token) / 8, medians of 3 runs each."""
+        """Seconds per generated token: (n+1 greedy tokens - 1 token) / n, medians of 5 runs each."""
         def gen(n):
             with torch.no_grad():
                 model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False)
@@ -83,13 +84,13 @@ def run_specs(specs, n, batch_size):
         def median_time(n):
             gen(n)
             times = []
-            for _ in range(3):
+            for _ in range(5):
                 start = time.perf_counter()
                 gen(n)
                 times.append(time.perf_counter() - start)
-            return sorted(times)[1]
+            return sorted(times)[2]
 
-        return max(median_time(9) - median_time(1), 1e-9) / 8
+        return max(median_time(decode_tokens + 1) - median_time(1), 1e-9) / decode_tokens
 
     stock_time = prefill_seconds()
     stock_decode = decode_seconds()
@@ -152,12 +153,13 @@ def main():
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--timing-batch", type=int, default=1, help="prompts per timed prefill/decode (--spec)")
     parser.add_argument("--spec", action="append", nargs="+", metavar="NAME OPT=VALUE",
                         help="evaluate this method with these options instead of the methods x keep grid; repeatable")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.spec:
-        rows = run_specs(args.spec, args.n, args.batch_size)
+        rows = run_specs(args.spec, args.n, args.batch_size, args.timing_batch)
         print(spec_table(rows))
     else:
         keeps = [float(k) if "." in k else int(k) for k in args.keep.split(",")]

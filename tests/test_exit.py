@@ -194,7 +194,7 @@ def test_dyvte_rows_exit_at_different_layers():
         tokens = model.generate(**inputs, max_new_tokens=8, do_sample=False)[:, inputs["input_ids"].shape[1]:]
         stats = vtprune.stats(model)
     vtprune.unwrap(model)
-    assert stats["exit"]["exit_layers"] == [0, None]
+    assert stats["exit"]["exit_layers"] == [1, None]
     drop = (inputs["input_ids"] == IMAGE_TOKEN) & torch.tensor([[True], [False]])
     _assert_layer_masked(model, inputs, logits, tokens, drop, drop)
 

@@ -451,7 +451,8 @@ class Session:
             }
             if runtime.exit_at is not None and self.layer_method.decision_layers(len(runtime.layers)):
                 n = len(runtime.layers)
-                out["exit"]["exit_layers"] = [int(j) if j < n else None for j in runtime.exit_at.tolist()]
+                # the first layer without the row's visual tokens (None: they never left)
+                out["exit"]["exit_layers"] = [int(j) + 1 if j < n else None for j in runtime.exit_at.tolist()]
         if self.vhr is not None and self.vhr.heads:
             out["vhr"] = self.vhr.stats()
         return out or {"forwards_with_images": 0}

@@ -116,7 +116,8 @@ class DyVTE(LayerMethod):
     shipped with the toy model); a router runs after each of its layers until the row exits
     (``p(exit) > threshold``).  Rows of a batch exit at different layers: an exited row's visual
     tokens are masked from the next layer on; once every row has exited they leave physically, from
-    the hidden states and the later layers' KV cache, as in ``exit``.
+    the hidden states and the later layers' KV cache, as in ``exit``.  ``stats(model)["exit"]
+    ["exit_layers"]`` gives each row's first layer without its visual tokens (None: never left).
     """
 
     weights: str | None = None

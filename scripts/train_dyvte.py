@@ -131,9 +131,10 @@ def main():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        loss = loss.detach()
         for j in layers:
             rate[j] = 0.9 * rate[j] + 0.1 * float(y[j].float().mean()) if step else float(y[j].float().mean())
-        bar.set_postfix(loss=f"{float(loss):.3f}", **{f"exit_ok@{j}": f"{rate[j]:.2f}" for j in layers})
+        bar.set_postfix(loss=f"{loss.item():.3f}", **{f"exit_ok@{j}": f"{rate[j]:.2f}" for j in layers})
     routers.save(out)
     print(f"saved routers for layers {layers} to {out}")
 

@@ -56,6 +56,7 @@ def towers(qwen_blocks):
 
 
 def timed(fn, repeats):
+    """Median seconds of ``repeats`` calls after one warm-up call."""
     with torch.no_grad():
         fn()
         times = []
@@ -72,11 +73,15 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--qwen-blocks", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--towers", default="clip,internvit,qwen", help="comma-separated subset of clip,internvit,qwen")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print("| tower | method | tower ms | with scoring ms | overhead |")
     print("|---|---|---|---|---|")
-    for name, cls, config, pixels in towers(args.qwen_blocks):
+    chosen = args.towers.split(",")
+    for key, (name, cls, config, pixels) in zip(("clip", "internvit", "qwen"), towers(args.qwen_blocks)):
+        if key not in chosen:
+            continue
         torch.manual_seed(0)
         model = cls._from_config(config, attn_implementation="sdpa").to(args.device).eval()
         pixels = {k: v.to(args.device) for k, v in pixels.items()}
@@ -86,10 +91,13 @@ def main():
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
 
-        base = timed(tower, args.repeats)
         for method, options in (("fastervlm", {}), ("vtc_cls", {}), ("fastervlm", {"source": "received"})):
-            with vtprune.wrapped(model, method, keep=0.1, **options):
-                hooked = timed(tower, args.repeats)
+            base_times, hooked_times = [], []
+            for _ in range(args.repeats):  # interleaved, so drift and warm-up hit both alike
+                base_times.append(timed(tower, 1))
+                with vtprune.wrapped(model, method, keep=0.1, **options):
+                    hooked_times.append(timed(tower, 1))
+            base, hooked = statistics.median(base_times), statistics.median(hooked_times)
             label = method + (" source=received" if options else "")
             print(f"| {name} | {label} | {base * 1000:.1f} | {hooked * 1000:.1f} | {100 * (hooked / base - 1):+.1f}% |",
                   flush=True)

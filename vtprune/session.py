@@ -16,6 +16,10 @@ How a forward pass is cut (all six families, any transformers 5.x that calls the
    positions.
 5. ``labels`` are taken from the top-level call and the loss is recomputed on the cut sequence with
    the model's own ``loss_function``.
+
+In-LLM methods (``exit``, ``fastv``, ``dart``, ``dyvte``) run in ``vtprune.exit`` on decoder-layer
+hooks; ``vhr`` runs in ``vtprune.vhr`` (it doubles the prefill batch in step 3 and undoes it in the
+language model's post-hook).  Vision-tower scores come from adapter hooks installed here.
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ from vtprune.kernels import gather_cut
 from .attention import AttentionRoute
 from .budget import tokens_to_keep
 from .exit import LayerExit
-from .vhr import HeadReinforcement
 from .methods import ScoreContext
 from .select import plan_cut, top_tokens
+from .vhr import HeadReinforcement
 
 
 @dataclass

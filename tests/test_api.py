@@ -192,6 +192,42 @@ def test_text_only_prompt_untouched():
     with vtprune.wrapped(model, "random", keep=0.1):
         with torch.no_grad():
             assert torch.equal(model(input_ids=ids).logits, stock)
-        assert vtprune.stats(model) == {"forwards_with_images": 0}
+        stats = vtprune.stats(model)
+        assert stats["forwards_with_images"] == 0 and set(stats) == {"forwards_with_images", "totals"}
+        assert stats["totals"]["forwards"] == 0 and stats["totals"]["visual_tokens_in"] == 0
         with pytest.raises(ValueError, match="not run a forward"):
             vtprune.last_kept(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stats_totals_add_up_every_prefill(family):
+    model = tiny_model(family)
+    inputs = tiny_inputs(model, family, images_per_row=(0, 2))
+    with vtprune.wrapped(model, "random", keep=0.5):
+        per_call = []
+        with torch.no_grad():
+            for _ in range(2):
+                model(**inputs)
+                per_call.append(vtprune.stats(model))
+            model.generate(**inputs, max_new_tokens=3, do_sample=False)  # decode steps add nothing
+        totals = vtprune.stats(model)["totals"]
+    assert totals["forwards"] == 3 and totals["samples"] == 3
+    n_in = sum(s["visual_tokens_in"] for s in per_call)
+    n_out = sum(s["visual_tokens_out"] for s in per_call)
+    assert totals["visual_tokens_in"] == n_in * 3 // 2 and totals["visual_tokens_out"] == n_out * 3 // 2
+    assert totals["visual_tokens_llm"] == totals["visual_tokens_out"] < totals["visual_tokens_in"]
+
+
+def test_stats_totals_of_an_in_llm_exit():
+    model = tiny_model("llava")
+    inputs = tiny_inputs(model, "llava", images_per_row=(1, 1))
+    n_layers = len(model.model.language_model.layers)
+    with vtprune.wrapped(model, "exit", layer=1):
+        with torch.no_grad():
+            model(**inputs)
+        stats = vtprune.stats(model)
+    totals = stats["totals"]
+    visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert totals["visual_tokens_out"] == visual and totals["exits"] == 1
+    assert totals["visual_tokens_llm"] == pytest.approx(visual * 1 / n_layers)
+    assert totals["llm_flops_saved"] == pytest.approx(stats["exit"]["llm_flops_saved"])

@@ -76,7 +76,14 @@ def last_kept(model) -> list:
 
 
 def stats(model) -> dict:
-    """Tokens in/out per sample and per image of the last forward with images, and time spent."""
+    """Tokens in/out per sample and per image of the last forward with images, and time spent.
+
+    ``totals`` adds up every language-model call with images since ``wrap``: ``forwards``,
+    ``samples`` (rows with visual tokens), ``visual_tokens_in`` / ``visual_tokens_out`` (before and
+    after the pre-LLM cut), ``visual_tokens_llm`` (visual tokens averaged over the LLM's layers: less
+    than ``visual_tokens_out`` when an in-LLM method drops them part-way), and for fixed-layer
+    in-LLM methods ``exits`` and the summed ``llm_flops_saved``.
+    """
     return _session(model).stats()
 
 

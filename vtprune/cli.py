@@ -1,4 +1,4 @@
-"""The ``vtprune`` command: ``vtprune info``, ``vtprune demo``."""
+"""The ``vtprune`` command: ``info``, ``demo``, ``eval``, ``toy-task``."""
 
 from __future__ import annotations
 
@@ -38,6 +38,30 @@ def _demo(args) -> int:
                n=args.n, out=args.out, seed=args.seed)
 
 
+def _eval(args) -> int:
+    from vtprune.eval import sweep
+
+    model_args = dict(item.split("=", 1) for item in args.model_args.split(",") if item) if args.model_args else {}
+    model_args = {k: sweep.parse_value(v) for k, v in model_args.items()}
+    records = sweep.run(model=args.model, tasks=[t for t in args.tasks.split(",") if t],
+                        methods=[m for m in args.methods.split(",") if m], keeps=sweep.parse_keeps(args.keep),
+                        out=args.out, limit=args.limit, seeds=args.seeds, batch_size=args.batch_size,
+                        device=args.device, include_path=args.include_path, model_args=model_args,
+                        lmms_model=args.lmms_model, use_lmms=args.lmms)
+    with open(f"{args.out}/results.md") as f:
+        print(f.read())
+    print(f"{len(records)} cells; results, tables and plots in {args.out}/")
+    return 0
+
+
+def _toy_task(args) -> int:
+    from vtprune.eval.toytask import write
+
+    folder = write(args.folder, n=args.n, seed=args.seed)
+    print(f"wrote the lmms-eval task 'vtprune_toy' to {folder}; use --include_path {folder}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="vtprune",
@@ -53,6 +77,30 @@ def main(argv=None) -> int:
     demo.add_argument("--out", default="vtprune_demo.png", help="where to write the kept-token overlay PNG")
     demo.add_argument("--seed", type=int, default=0, help="seed of the questions")
     demo.set_defaults(func=_demo)
+    ev = sub.add_parser("eval", help="sweep methods x budgets on benchmarks; tables, CSV, JSON and plots",
+                        description="Run every method at every budget on the tasks (the toy benchmark natively, "
+                        "anything else through lmms-eval), resuming finished cells, and write results.json, "
+                        "results.csv, results.md and PNG plots to --out.")
+    ev.add_argument("--model", default="toy", help="'toy' (the shipped toy LLaVA) or a model path / hub id")
+    ev.add_argument("--tasks", default="vtprune_toy", help="comma-separated lmms-eval tasks (default: vtprune_toy)")
+    ev.add_argument("--methods", default="random,fastervlm",
+                    help="comma-separated method specs: name[+name][:opt=value;...] (default: random,fastervlm)")
+    ev.add_argument("--keep", default="1,0.25,0.1,0.05", help="comma-separated budgets; 1 = stock")
+    ev.add_argument("--limit", type=int, default=None, help="questions per task (default: all)")
+    ev.add_argument("--seeds", type=int, default=1, help="runs averaged for seeded methods like random")
+    ev.add_argument("--out", default="vtprune_eval", help="output folder (default: vtprune_eval)")
+    ev.add_argument("--batch-size", type=int, default=32, help="batch size of the native toy evaluation")
+    ev.add_argument("--device", default="cpu", help="device (default: cpu)")
+    ev.add_argument("--include-path", action="append", help="extra lmms-eval task folder (repeatable)")
+    ev.add_argument("--model-args", default="", help="extra lmms-eval model args: k=v,k=v (e.g. dtype=bfloat16)")
+    ev.add_argument("--lmms-model", default=None, help="vtprune lmms-eval model id (default: from the config)")
+    ev.add_argument("--lmms", action="store_true", help="run the toy task through lmms-eval too")
+    ev.set_defaults(func=_eval)
+    task = sub.add_parser("toy-task", help="write the toy benchmark as an lmms-eval task folder")
+    task.add_argument("folder", help="where to write it (use as --include_path)")
+    task.add_argument("--n", type=int, default=400, help="number of questions (default: 400)")
+    task.add_argument("--seed", type=int, default=1234, help="seed of the split (default: 1234)")
+    task.set_defaults(func=_toy_task)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -85,6 +85,9 @@ class Session:
         self.labels = None
         self.loss_kwargs = {}
         self.last = None
+        self.totals = {"forwards": 0, "samples": 0, "visual_tokens_in": 0, "visual_tokens_out": 0,
+                       "visual_tokens_llm": 0.0, "exits": 0, "llm_flops_saved": 0.0}
+        self.prefill_visual = None
 
     # ------------------------------------------------------------------ install / remove
     def install(self):
@@ -143,6 +146,10 @@ class Session:
             "llm_tokens": length,
             "llm_flops_saved": sum(dropped) * (n_layers - k) / (len(dropped) * length * n_layers),
         }
+        self.totals["exits"] += 1
+        self.totals["llm_flops_saved"] += self.exits["llm_flops_saved"]
+        if not self.layer_method.decision_layers(n_layers):  # dynamic exits are counted in _lm_post
+            self.totals["visual_tokens_llm"] -= sum(dropped) * (n_layers - k) / n_layers
 
     def _install_tower_hooks(self):
         """Hooks on the vision-tower layers the selector reads ([CLS] attention or its substitute)."""
@@ -241,6 +248,13 @@ class Session:
 
     # ------------------------------------------------------------------ language model
     def _lm_post(self, module, args, kwargs, output):
+        visual, self.prefill_visual = self.prefill_visual, None
+        runtime = self.layer_exit
+        if visual is not None and runtime is not None and runtime.exit_at is not None \
+                and self.layer_method.decision_layers(len(runtime.layers)):
+            n = len(runtime.layers)  # a row that left after layer j is absent from layers j+1 .. n-1
+            gone = (n - 1 - runtime.exit_at.to(visual.device)).clamp(min=0)
+            self.totals["visual_tokens_llm"] -= float((visual * gone).sum()) / n
         if self.vhr is not None:
             output = self.vhr.end_call(output) or output
         cache = getattr(output, "past_key_values", None)
@@ -263,12 +277,26 @@ class Session:
         if fresh:
             self.exits = None
         cut, changed = self._cut(kwargs, state, image_mask, embeds)
+        if image_mask is not None:
+            self._count(image_mask, self._visual_after_cut(kwargs, image_mask, cut))
         if self.layer_exit is not None:
             self._begin_layer_exit(kwargs, image_mask, cut, fresh)
         if self.vhr is not None:
             self.vhr.begin_call(kwargs, self._visual_after_cut(kwargs, image_mask, cut), fresh)
             changed = changed or self.vhr.probing
         return (args, kwargs) if changed else None
+
+    def _count(self, before, after):
+        """Add one language-model call with images to ``totals`` (samples with visual tokens only)."""
+        rows = before.any(1)
+        if not bool(rows.any()):
+            return
+        self.totals["forwards"] += 1
+        self.totals["samples"] += int(rows.sum())
+        self.totals["visual_tokens_in"] += int(before.sum())
+        self.totals["visual_tokens_out"] += int(after.sum())
+        self.totals["visual_tokens_llm"] += float(after.sum())
+        self.prefill_visual = after.sum(1)
 
     @staticmethod
     def _visual_after_cut(kwargs, image_mask, cut):
@@ -459,4 +487,6 @@ class Session:
                 out["exit"]["exit_layers"] = [int(j) + 1 if j < n else None for j in runtime.exit_at.tolist()]
         if self.vhr is not None and self.vhr.heads:
             out["vhr"] = self.vhr.stats()
-        return out or {"forwards_with_images": 0}
+        if out:
+            out["totals"] = dict(self.totals)
+        return out or {"forwards_with_images": 0, "totals": dict(self.totals)}

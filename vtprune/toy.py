@@ -212,6 +212,11 @@ def _split_items(n, seed):
     return items
 
 
+def eval_scenes(n=400, seed=1234):
+    """The eval split unrendered: ``(scene, question)`` pairs (``render(scene)`` gives the image)."""
+    return _split_items(n, seed)
+
+
 def eval_split(n=400, seed=1234):
     """A fixed, type-balanced list of {image, question, answer, type, scene_id}."""
     return [dict(image=render(scene), scene_id=i, **q) for i, (scene, q) in enumerate(_split_items(n, seed))]

@@ -1,0 +1,194 @@
+"""lmms-eval model plugin: lmms-eval's own Hugging Face model classes, wrapped by vtprune.
+
+lmms-eval finds these through the ``lmms_eval.models`` entry point (``manifests``)::
+
+    python -m lmms_eval --model vtprune_llava_hf \\
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=fastervlm,keep=0.1 --tasks mme
+
+Every class is a thin subclass of the lmms-eval class of the same family (no copied evaluation
+loop): vtprune's own ``--model_args`` are taken out, the rest goes to lmms-eval's class, and the
+loaded model is wrapped with ``vtprune.wrap``:
+
+- ``method``: one method or several joined by ``+`` (``fastervlm+vhr``); ``none`` or absent runs
+  the stock model (still counted, so a sweep's keep-1 cell uses the same code path).
+- ``keep`` and any method option (``alpha=2``, ``layer=2``, ``source=received``, ...).
+- ``strict`` (default ``True``): lmms-eval's classes catch an exception raised by ``generate`` and
+  score an empty answer; with ``strict`` the plugin raises it instead.
+- ``pretrained=toy`` loads the toy LLaVA shipped with vtprune (``vtprune.toy``).
+
+``vtprune.stats(model)["totals"]`` of the wrapped model counts the visual tokens the LLM saw;
+the classes log them at the end of each ``generate_until`` and expose them as ``vtprune_totals``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+# model id -> (module of lmms-eval's class, class name, chat?)
+BASES = {
+    "vtprune_llava_hf": ("lmms_eval.models.chat.llava_hf", "LlavaHf", True),
+    "vtprune_llava_hf_simple": ("lmms_eval.models.simple.llava_hf", "LlavaHf", False),
+    "vtprune_qwen2_vl": ("lmms_eval.models.simple.qwen2_vl", "Qwen2_VL", False),
+    "vtprune_qwen2_5_vl": ("lmms_eval.models.chat.qwen2_5_vl", "Qwen2_5_VL", True),
+    "vtprune_qwen3_vl": ("lmms_eval.models.chat.qwen3_vl", "Qwen3_VL", True),
+    "vtprune_internvl_hf": ("lmms_eval.models.chat.internvl_hf", "InternVLHf", True),
+}
+# transformers model_type -> the model id that evaluates it
+FOR_MODEL_TYPE = {
+    "llava": "vtprune_llava_hf", "llava_next": "vtprune_llava_hf", "qwen2_vl": "vtprune_qwen2_vl",
+    "qwen2_5_vl": "vtprune_qwen2_5_vl", "qwen3_vl": "vtprune_qwen3_vl", "internvl": "vtprune_internvl_hf",
+}
+VTPRUNE_ARGS = ("method", "strict")
+
+
+def _class_name(model_id):
+    return "".join(part.capitalize() for part in model_id.split("_"))
+
+
+def manifests():
+    """The entry point lmms-eval reads: one manifest per wrapped class."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    out = []
+    for model_id, (_, _, chat) in BASES.items():
+        path = f"{__name__}.{_class_name(model_id)}"
+        out.append(ModelManifest(model_id=model_id, chat_class_path=path if chat else None,
+                                 simple_class_path=None if chat else path))
+    return out
+
+
+def parse_methods(method):
+    """``"fastervlm+vhr"`` -> ``["fastervlm", "vhr"]``; ``None``/``"none"`` -> ``[]``."""
+    if method is None or (isinstance(method, str) and method.strip().lower() in ("", "none", "stock")):
+        return []
+    if isinstance(method, str):
+        return [m.strip() for m in method.split("+") if m.strip()]
+    return list(method)
+
+
+class VtpruneModel:
+    """Mixin placed before lmms-eval's class: splits the arguments, wraps the loaded model."""
+
+    def __init__(self, pretrained=None, method=None, strict=True, **kwargs):
+        from vtprune import toy
+
+        if pretrained == "toy":
+            pretrained = toy.DEFAULT_PATH
+        base = self._lmms_base()
+        accepted = set(inspect.signature(base.__init__).parameters) - {"self", "args", "kwargs"}
+        own = {k: kwargs.pop(k) for k in list(kwargs) if k not in accepted}
+        if pretrained is not None:
+            kwargs["pretrained"] = pretrained
+        if "device_map" in accepted and not kwargs.get("device_map"):
+            # llava_hf's default "" is refused by transformers 5; a single device is what it means
+            kwargs["device_map"] = str(kwargs.get("device") or "cpu")
+        super().__init__(**kwargs)
+        self.vtprune_strict = bool(strict) if not isinstance(strict, str) else strict.lower() != "false"
+        self.vtprune_method, self.vtprune_options = None, {}
+        self.rewrap(method, **own)
+
+    @classmethod
+    def _lmms_base(cls):
+        return next(c for c in cls.__mro__[1:] if c is not VtpruneModel and c.__module__.startswith("lmms_eval"))
+
+    def rewrap(self, method, **options):
+        """Re-wrap the loaded model with another method/options (the sweep reuses one load)."""
+        import vtprune
+
+        model = self.model
+        if vtprune.is_wrapped(model):
+            vtprune.unwrap(model)
+        if getattr(self, "_stock_handle", None) is not None:
+            self._stock_handle.remove()
+            self._stock_handle = None
+        names = parse_methods(method)
+        if names:
+            vtprune.wrap(model, names, **options)
+        elif options:
+            raise TypeError(f"vtprune options {sorted(options)} given without a method")
+        self.vtprune_method, self.vtprune_options = "+".join(names) or None, dict(options)
+        self._stock_totals = stock_totals()
+        if not names:  # count the stock model's visual tokens too (a hook that changes nothing)
+            self._stock_handle = count_visual_tokens(model, self._stock_totals)
+
+    vtprune_reuse = False  # the sweep sets it: lmms-eval's clean() would free the model after each task
+
+    def clean(self):
+        if not self.vtprune_reuse:
+            super().clean()
+
+    @property
+    def vtprune_totals(self) -> dict:
+        import vtprune
+
+        model = self.model
+        if vtprune.is_wrapped(model):
+            return vtprune.stats(model)["totals"]
+        return dict(self._stock_totals)
+
+    def generate_until(self, requests):
+        from loguru import logger
+
+        errors = []
+        sink = logger.add(lambda message: errors.append(str(message).strip()), level="ERROR")
+        try:
+            out = super().generate_until(requests)
+        finally:
+            logger.remove(sink)
+        if errors and self.vtprune_strict:
+            raise RuntimeError("lmms-eval caught an error inside generate (strict=True re-raises it): " + errors[0])
+        logger.info(f"vtprune[{self.vtprune_method or 'stock'}] visual tokens: {self.vtprune_totals}")
+        return out
+
+
+def stock_totals() -> dict:
+    return {"forwards": 0, "samples": 0, "visual_tokens_in": 0, "visual_tokens_out": 0, "visual_tokens_llm": 0}
+
+
+def count_visual_tokens(model, totals):
+    """Hook an unwrapped model: add its image tokens per prefill to ``totals``; returns the handle.
+
+    Counted like ``vtprune.stats(model)["totals"]``, so the stock cell of a sweep is comparable.
+    """
+    image_id = _image_token_id(model)
+
+    def pre(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            return
+        visual = ids == image_id
+        if visual.any():  # decode steps carry no image tokens
+            n = int(visual.sum())
+            totals["forwards"] += 1
+            totals["samples"] += int(visual.any(1).sum())
+            for key in ("visual_tokens_in", "visual_tokens_out", "visual_tokens_llm"):
+                totals[key] += n
+
+    return model.register_forward_pre_hook(pre, with_kwargs=True)
+
+
+def _image_token_id(model):
+    config = model.config
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    raise TypeError(f"{type(model).__name__}: no image token id in its config")
+
+
+def _make(model_id):
+    module, name, _ = BASES[model_id]
+    base = getattr(importlib.import_module(module), name)
+    cls = type(_class_name(model_id), (VtpruneModel, base), {"__module__": __name__, "__doc__":
+               f"lmms-eval's ``{module}.{name}`` with ``vtprune.wrap`` applied (model id ``{model_id}``)."})
+    return cls
+
+
+def __getattr__(attr):
+    for model_id in BASES:
+        if _class_name(model_id) == attr:
+            cls = _make(model_id)
+            globals()[attr] = cls
+            return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")

@@ -1,0 +1,137 @@
+"""Tables and plots of a sweep: ``results.json``, ``results.csv``, ``results.md``, PNGs.
+
+Every row is measured at the number of visual tokens per sample the LLM actually saw, averaged
+over its layers (``visual_tokens_llm`` from ``vtprune.stats(model)["totals"]``: the kept tokens
+for a pre-LLM method, fewer for an in-LLM method that drops them part-way). A row's margin over a baseline
+(``random``, ``pool``, ``downsample``) is taken against that baseline's cell of the same task whose
+realized token count matches (within 2% or one token); the markdown table marks rows that do
+not beat ``random``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+BASELINES = ("random", "pool", "downsample")
+COLUMNS = ("task", "method", "keep", "runs", "n", "metric", "score", "visual_tokens_in", "visual_tokens_out",
+           "visual_tokens_llm",
+           "llm_flops_saved", "prefill_ms", "seconds", "delta_random", "delta_pool", "delta_downsample")
+
+
+def _matched(row, candidates):
+    tokens = row["visual_tokens_llm"]
+    for other in candidates:
+        if abs(other["visual_tokens_llm"] - tokens) <= max(1.0, 0.02 * tokens):
+            return other
+    return None
+
+
+def add_margins(records):
+    """Set ``delta_<baseline>`` on every non-stock row with a token-matched baseline cell."""
+    for row in records:
+        for base in BASELINES:
+            row[f"delta_{base}"] = None
+            if row["method"] in ("stock", base):
+                continue
+            pool = [r for r in records if r["task"] == row["task"] and r["method"] == base]
+            match = _matched(row, pool)
+            if match is not None:
+                row[f"delta_{base}"] = row["score"] - match["score"]
+    return records
+
+
+def write_all(records, out):
+    add_margins(records)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(records, f, indent=1)
+    types = sorted({t for r in records for t in r.get("by_type", {})})
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(list(COLUMNS) + types)
+        for r in records:
+            writer.writerow([_csv(r.get(c)) for c in COLUMNS] + [_csv(r.get("by_type", {}).get(t)) for t in types])
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(markdown(records))
+    return plots(records, out)
+
+
+def _csv(value):
+    if value is None:
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def _fmt(value, spec=".3f", signed=False):
+    if value is None:
+        return "–"
+    return format(value, ("+" if signed else "") + spec)
+
+
+def markdown(records) -> str:
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in records):
+        rows = [r for r in records if r["task"] == task]
+        types = sorted({t for r in rows for t in r.get("by_type", {})})
+        timing = any("prefill_ms" in r for r in rows)
+        metric = rows[0].get("metric", "score")
+        lines += [f"## {task} ({metric}, n = {rows[0].get('n')})", ""]
+        head = ["method", "keep", "visual tokens", metric, "Δ random", "Δ pool", "Δ downsample"] + types
+        head += ["prefill ms/sample" if timing else "s/sample", "LLM FLOPs saved"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            flag = " ✗" if r.get("delta_random") is not None and r["delta_random"] <= 0 else ""
+            cells = [r["method"], "–" if r["keep"] is None else str(r["keep"]), f"{r['visual_tokens_llm']:.1f}",
+                     _fmt(r["score"]) + flag, _fmt(r.get("delta_random"), signed=True),
+                     _fmt(r.get("delta_pool"), signed=True), _fmt(r.get("delta_downsample"), signed=True)]
+            cells += [_fmt(r.get("by_type", {}).get(t)) for t in types]
+            speed = r.get("prefill_ms") if timing else (r["seconds"] / r["n"] if r.get("n") else None)
+            cells += [_fmt(speed, ".2f"), f"{r.get('llm_flops_saved', 0.0):.0%}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "✗: not above `random` at the same number of visual tokens.", ""]
+    return "\n".join(lines)
+
+
+def plots(records, out) -> list:
+    """``score_<task>.png`` and ``time_<task>.png``: per method, against visual tokens kept."""
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
+
+    written = []
+    for task in dict.fromkeys(r["task"] for r in records):
+        rows = [r for r in records if r["task"] == task]
+        timing = "prefill_ms" if any("prefill_ms" in r for r in rows) else None
+        for kind in ("score", "time"):
+            fig = Figure(figsize=(6.4, 4.2))
+            ax = fig.add_subplot()
+            for method in dict.fromkeys(r["method"] for r in rows):
+                points = sorted((r["visual_tokens_llm"], _y(r, kind, timing)) for r in rows if r["method"] == method)
+                points = [p for p in points if p[1] is not None]
+                if not points:
+                    continue
+                xs, ys = zip(*points)
+                if method == "stock":
+                    ax.axhline(ys[0], color="black", linestyle="--", linewidth=1, label="stock")
+                    ax.plot(xs, ys, "k*", markersize=10)
+                else:
+                    ax.plot(xs, ys, marker="o", label=method)
+            ax.set_xscale("log")
+            ax.set_xlabel("visual tokens per sample seen by the LLM (mean over layers)")
+            ax.set_ylabel(rows[0].get("metric", "score") if kind == "score"
+                          else ("prefill ms per sample" if timing else "seconds per sample"))
+            ax.set_title(task)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            path = os.path.join(out, f"{kind}_{task}.png")
+            fig.savefig(path, dpi=110)
+            written.append(path)
+    return written
+
+
+def _y(row, kind, timing):
+    if kind == "score":
+        return row["score"]
+    if timing:
+        return row.get("prefill_ms")
+    return row["seconds"] / row["n"] if row.get("n") else None

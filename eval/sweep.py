@@ -1,0 +1,320 @@
+"""``vtprune eval``: a methods x budgets sweep, one result file per cell, then tables and plots.
+
+A *cell* is (task, method spec, keep). A method spec is ``name[+name...][:option=value;...]``,
+e.g. ``fastervlm``, ``fastervlm:source=received``, ``fastervlm+vhr:alpha=2``. ``keep = 1`` is the
+stock model (one ``stock`` cell per task); a spec without a ``keep`` option (``vhr``, ``exit``,
+``dyvte``) runs once per task whatever the budgets. Methods with a ``seed`` (``random``) are
+averaged over ``seeds`` runs.
+
+The toy benchmark with the toy model (``--model toy --tasks vtprune_toy``) runs natively: batched,
+and with the prefill time of a fixed batch measured in each cell. Every other (model, task) goes
+through lmms-eval in this process, with one model load re-wrapped per cell (``vtprune.eval.lmms``).
+
+Each finished cell is written to ``OUT/cells/``; a re-run skips cells whose file exists for the
+same model and limit. ``OUT/results.{json,csv,md}`` and the plots are rebuilt from all cells.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import statistics
+import time
+
+TOY_TASK = "vtprune_toy"
+
+
+def parse_value(text):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def parse_spec(spec: str):
+    """``"fastervlm+vhr:alpha=2;layer=1"`` -> ``(["fastervlm", "vhr"], {"alpha": 2, "layer": 1})``."""
+    from vtprune import methods
+
+    names, _, extra = spec.strip().partition(":")
+    names = [n.strip() for n in names.split("+") if n.strip()]
+    if not names:
+        raise ValueError(f"empty method spec {spec!r}")
+    for name in names:
+        methods.get(name)  # raises ValueError naming the registered methods
+    options = {}
+    for item in filter(None, (i.strip() for i in extra.split(";"))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"method option {item!r} in {spec!r} is not key=value")
+        options[key.strip()] = parse_value(value.strip())
+    return names, options
+
+
+def parse_keeps(text: str) -> list:
+    """``"1,0.25,64"`` -> ``[1.0, 0.25, 64]`` (floats are fractions, ints token counts; 1 is stock)."""
+    from vtprune.budget import check_keep
+
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        value = 1.0 if item in ("1", "1.0") else (float(item) if "." in item else int(item))
+        out.append(check_keep(value))
+    if not out:
+        raise ValueError("--keep needs at least one budget, e.g. 1,0.25,0.1")
+    return out
+
+
+def _accepts(names, option):
+    from vtprune import methods
+
+    return any(option in {f.name for f in dataclasses.fields(methods.get(n))} for n in names)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    task: str
+    spec: str  # "stock" or a method spec
+    keep: object = None  # None: the spec takes no budget (or stock)
+
+    @property
+    def slug(self):
+        keep = "all" if self.keep is None else str(self.keep)
+        return re.sub(r"[^A-Za-z0-9_.=+-]", "_", f"{self.task}__{self.spec}__{keep}")
+
+    def wrap_args(self):
+        """``(method names, options)`` for ``vtprune.wrap``; ``([], {})`` for stock."""
+        if self.spec == "stock":
+            return [], {}
+        names, options = parse_spec(self.spec)
+        if self.keep is not None:
+            options = {"keep": self.keep, **options}
+        return names, options
+
+
+def plan(tasks, specs, keeps) -> list:
+    """The cells of a sweep, in run order (stock first per task)."""
+    cells = []
+    for task in tasks:
+        cells.append(Cell(task, "stock"))
+        for spec in specs:
+            names, options = parse_spec(spec)
+            if "keep" in options or not _accepts(names, "keep"):
+                cells.append(Cell(task, spec))
+                continue
+            cells += [Cell(task, spec, keep) for keep in keeps if keep != 1.0]
+    return cells
+
+
+# --------------------------------------------------------------------------------- runners
+
+class ToyRunner:
+    """The toy benchmark on the toy model, natively (batched ``toy.evaluate``)."""
+
+    def __init__(self, limit=None, batch_size=32, timing_batch=8, device="cpu"):
+        from vtprune import toy
+
+        self.model, self.processor = toy.load()
+        self.model.to(device)
+        self.samples = toy.eval_split(n=limit or 400)
+        self.batch_size = batch_size
+        timing = self.samples[:timing_batch]
+        self.timing_inputs = self.processor(images=[s["image"] for s in timing],
+                                            text=[toy.prompt(s["question"]) for s in timing],
+                                            padding=True, return_tensors="pt").to(device)
+
+    def prefill_ms(self):
+        import torch
+
+        with torch.no_grad():
+            self.model(**self.timing_inputs)
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                self.model(**self.timing_inputs)
+                times.append(time.perf_counter() - start)
+        return 1000 * statistics.median(times) / len(self.timing_inputs["input_ids"])
+
+    def run(self, cell, seed=None):
+        import vtprune
+        from vtprune import toy
+
+        names, options = cell.wrap_args()
+        if seed is not None:
+            options["seed"] = seed
+        if not names:
+            result, totals = _count_stock(self.model, lambda: toy.evaluate(self.model, self.processor, self.samples,
+                                                                            self.batch_size, progress=False))
+            return {"score": result["overall"], "by_type": result["by_type"], "n": result["n"],
+                    "totals": totals, "prefill_ms": self.prefill_ms()}
+        with vtprune.wrapped(self.model, names, **options):
+            result = toy.evaluate(self.model, self.processor, self.samples, self.batch_size, progress=False)
+            totals = vtprune.stats(self.model)["totals"]
+            prefill = self.prefill_ms()
+        return {"score": result["overall"], "by_type": result["by_type"], "n": result["n"], "totals": totals,
+                "prefill_ms": prefill}
+
+
+def _count_stock(model, fn):
+    """Run ``fn`` on the unwrapped model, counting the image tokens of its forwards with images."""
+    from .lmms import count_visual_tokens, stock_totals
+
+    totals = stock_totals()
+    handle = count_visual_tokens(model, totals)
+    try:
+        return fn(), totals
+    finally:
+        handle.remove()
+
+
+class LmmsRunner:
+    """Any task through lmms-eval, in this process, one model load re-wrapped per cell."""
+
+    def __init__(self, model, include_path=None, limit=None, device="cpu", model_args=None, lmms_model=None):
+        try:
+            from lmms_eval.tasks import TaskManager
+        except ImportError as err:
+            raise ImportError("lmms-eval tasks need the eval extra: see the README, 'Evaluation'") from err
+        from . import lmms
+
+        model_args = dict(model_args or {})
+        lmms_model = lmms_model or _lmms_model_for(model)
+        cls = getattr(lmms, lmms._class_name(lmms_model))
+        self.instance = cls(pretrained=model, device=device, **model_args)
+        self.instance.vtprune_reuse = True
+        self.task_manager = TaskManager(include_path=include_path)
+        self.limit, self.device = limit, device
+
+    def run(self, cell, seed=None):
+        from lmms_eval.evaluator import simple_evaluate
+
+        names, options = cell.wrap_args()
+        if seed is not None:
+            options["seed"] = seed
+        self.instance.rewrap("+".join(names) or None, **options)
+        out = simple_evaluate(model=self.instance, tasks=[cell.task], limit=self.limit, device=self.device,
+                              task_manager=self.task_manager, batch_size=1, log_samples=False,
+                              verbosity="WARNING")
+        if out is None or cell.task not in out.get("results", {}):
+            raise RuntimeError(f"lmms-eval returned no results for task {cell.task!r}")
+        metrics = {k: v for k, v in out["results"][cell.task].items()
+                   if isinstance(v, (int, float)) and "stderr" not in k}
+        if not metrics:
+            raise RuntimeError(f"lmms-eval returned no metric for task {cell.task!r}: {out['results'][cell.task]}")
+        name, score = next(iter(metrics.items()))
+        n = out.get("n-samples", {}).get(cell.task, {}).get("effective")
+        return {"score": float(score), "metric": name.split(",")[0], "metrics": metrics, "n": n,
+                "totals": self.instance.vtprune_totals}
+
+
+def _lmms_model_for(model):
+    from transformers import AutoConfig
+
+    from vtprune import toy
+
+    from .lmms import FOR_MODEL_TYPE
+
+    path = toy.DEFAULT_PATH if model == "toy" else model
+    model_type = AutoConfig.from_pretrained(path).model_type
+    if model_type not in FOR_MODEL_TYPE:
+        raise ValueError(f"no lmms-eval class for model_type {model_type!r}; "
+                         f"supported: {', '.join(sorted(FOR_MODEL_TYPE))}")
+    return FOR_MODEL_TYPE[model_type]
+
+
+# --------------------------------------------------------------------------------- the sweep
+
+def run(model="toy", tasks=(TOY_TASK,), methods=("fastervlm", "random"), keeps=(1.0, 0.25, 0.1), out="vtprune_eval",
+        limit=None, seeds=1, batch_size=32, device="cpu", include_path=None, model_args=None, lmms_model=None,
+        use_lmms=False, progress=True) -> list:
+    """Run (or resume) a sweep; returns all cell records and writes ``OUT/results.*`` and plots."""
+    from tqdm.auto import tqdm
+
+    from . import report
+
+    for spec in methods:
+        parse_spec(spec)  # fail before any model is loaded
+    cells = plan(tasks, methods, keeps)
+    config = {"model": model, "limit": limit, "seeds": seeds, "model_args": model_args or {}}
+    os.makedirs(os.path.join(out, "cells"), exist_ok=True)
+    records, todo = [], []
+    for cell in cells:
+        path = os.path.join(out, "cells", cell.slug + ".json")
+        done = _load(path)
+        if done is not None and done.get("config") == config:
+            records.append(done)
+        else:
+            todo.append(cell)
+    runners = {}
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="vtprune eval", disable=not progress)
+    for cell in todo:
+        native = cell.task == TOY_TASK and model == "toy" and not use_lmms
+        key = "toy" if native else "lmms"
+        if key not in runners:
+            if native:
+                runners[key] = ToyRunner(limit=limit, batch_size=batch_size, device=device)
+            else:
+                paths = list(include_path or [])
+                if TOY_TASK in tasks:
+                    from .toytask import write
+                    paths.append(write(os.path.join(out, "tasks"), n=limit or 400))
+                runners[key] = LmmsRunner(model, include_path=paths or None, limit=limit, device=device,
+                                          model_args=model_args, lmms_model=lmms_model)
+        bar.set_postfix_str(f"{cell.spec} keep={cell.keep if cell.keep is not None else '-'}")
+        record = _run_cell(runners[key], cell, seeds)
+        record.update(config=config, runner="native" if native else "lmms-eval")
+        _save(os.path.join(out, "cells", cell.slug + ".json"), record)
+        records.append(record)
+        bar.update(1)
+    bar.close()
+    order = {c.slug: i for i, c in enumerate(cells)}
+    records.sort(key=lambda r: order.get(r["slug"], len(order)))
+    report.write_all(records, out)
+    return records
+
+
+def _run_cell(runner, cell, seeds):
+    names, _ = cell.wrap_args()
+    repeat = seeds if names and _accepts(names, "seed") and "seed" not in parse_spec(cell.spec)[1] else 1
+    start = time.perf_counter()
+    runs = [runner.run(cell, seed=s if repeat > 1 else None) for s in range(repeat)]
+    seconds = time.perf_counter() - start
+    first = runs[0]
+    totals = first["totals"]
+    samples = max(totals.get("samples", 0), 1)
+    record = {
+        "slug": cell.slug, "task": cell.task, "method": cell.spec, "keep": cell.keep, "runs": repeat,
+        "score": statistics.fmean(r["score"] for r in runs),
+        "score_runs": [r["score"] for r in runs],
+        "metric": first.get("metric", "accuracy"),
+        "n": first.get("n"),
+        "visual_tokens_in": totals.get("visual_tokens_in", 0) / samples,
+        "visual_tokens_out": totals.get("visual_tokens_out", 0) / samples,
+        "visual_tokens_llm": totals.get("visual_tokens_llm", totals.get("visual_tokens_out", 0)) / samples,
+        "llm_flops_saved": totals.get("llm_flops_saved", 0.0) / max(totals.get("exits", 0), 1),
+        "seconds": seconds,
+    }
+    if "by_type" in first:
+        record["by_type"] = {t: statistics.fmean(r["by_type"][t] for r in runs) for t in first["by_type"]}
+    if "prefill_ms" in first:
+        record["prefill_ms"] = statistics.median(r["prefill_ms"] for r in runs)
+    if "metrics" in first:
+        record["metrics"] = first["metrics"]
+    return record
+
+
+def _load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _save(path, record):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, path)

@@ -1,0 +1,213 @@
+"""Write ``notebooks/*.ipynb`` from the cell sources below (outputs stripped).
+
+    python scripts/make_notebooks.py          # after editing a cell here
+
+Both notebooks run offline on the shipped toy model in about a minute (``VTPRUNE_NOTEBOOK_LIMIT``
+questions per cell, default 400); the tests execute them with nbclient.
+"""
+
+import os
+
+import nbformat as nbf
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "notebooks")
+
+SETUP = """\
+import os
+
+import matplotlib.pyplot as plt
+import torch
+
+import vtprune
+from vtprune import toy
+
+LIMIT = int(os.environ.get("VTPRUNE_NOTEBOOK_LIMIT", 400))  # questions per cell (the tests use fewer)
+OUT = os.environ.get("VTPRUNE_NOTEBOOK_OUT", "vtprune_notebook_runs")
+model, processor = toy.load()
+samples = toy.eval_split(n=LIMIT)
+print(f"toy LLaVA, {toy.NUM_IMAGE_TOKENS} visual tokens per image, {len(samples)} questions")"""
+
+COMPARE = [
+    ("md", """\
+# Reduction ratios on the toy model
+
+Accuracy and prefill time of pre-LLM pruning methods against the visual tokens the LLM
+actually sees, next to the `random` and `pool` baselines, on the toy benchmark shipped with
+vtprune (colour, shape, existence and counting questions about small shapes on a noisy
+background). The sweep is `vtprune eval`'s: cells are cached under `OUT`, so re-running the
+notebook is instant."""),
+    ("code", SETUP),
+    ("code", """\
+from vtprune.eval import sweep
+
+METHODS = ["random", "pool", "divprune", "fastervlm", "vtc_cls", "visionzip"]
+KEEPS = [1.0, 0.25, 0.1, 0.05]
+records = sweep.run(model="toy", tasks=["vtprune_toy"], methods=METHODS, keeps=KEEPS, out=OUT,
+                    limit=LIMIT)
+print(open(os.path.join(OUT, "results.md")).read())"""),
+    ("code", """\
+fig, (acc, speed) = plt.subplots(1, 2, figsize=(12, 4.2))
+stock = next(r for r in records if r["method"] == "stock")
+for method in METHODS:
+    rows = sorted((r for r in records if r["method"] == method), key=lambda r: r["visual_tokens_llm"])
+    xs = [r["visual_tokens_llm"] for r in rows] + [stock["visual_tokens_llm"]]
+    acc.plot(xs, [r["score"] for r in rows] + [stock["score"]], marker="o", label=method)
+    speed.plot(xs, [r["prefill_ms"] for r in rows] + [stock["prefill_ms"]], marker="o", label=method)
+for ax, label in ((acc, "accuracy"), (speed, "prefill ms per sample (batch of 8)")):
+    ax.set_xscale("log")
+    ax.set_xlabel("visual tokens per image seen by the LLM")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+acc.axhline(stock["score"], color="black", linestyle="--", linewidth=1, label="stock")
+acc.legend(fontsize=8)
+plt.tight_layout()"""),
+    ("md", """\
+Per question type at keep 0.1: the [CLS]-attention methods keep the objects (colour and shape
+stay near 1.0) but counting collapses — a kept token shows that an object is there, not how
+many there are."""),
+    ("code", """\
+import pandas as pd
+
+table = pd.DataFrame([{"method": r["method"], "keep": r["keep"], "tokens": r["visual_tokens_llm"],
+                       **r.get("by_type", {}), "overall": r["score"]} for r in records])
+table[(table.keep == 0.1) | (table.method == "stock")].round(3)"""),
+    ("md", """\
+## Which tokens are kept
+
+Dropped patches dimmed, kept patches outlined (`vtprune.viz.overlay`), at keep 0.1."""),
+    ("code", """\
+from vtprune.viz import overlay
+
+examples = samples[:3]
+shown = ["random", "pool", "fastervlm", "visionzip"]
+fig, axes = plt.subplots(len(examples), len(shown) + 1, figsize=(2.6 * (len(shown) + 1), 2.7 * len(examples)))
+for row, sample in zip(axes, examples):
+    inputs = processor(images=[sample["image"]], text=[toy.prompt(sample["question"])], return_tensors="pt")
+    row[0].imshow(sample["image"])
+    row[0].set_title(sample["question"], fontsize=7)
+    for ax, method in zip(row[1:], shown):
+        with vtprune.wrapped(model, method, keep=0.1):
+            with torch.no_grad():
+                answer = processor.tokenizer.convert_ids_to_tokens(int(model(**inputs).logits[0, -1].argmax()))
+            ax.imshow(overlay(sample["image"], model))
+        ax.set_title(f"{method}: {answer} (truth {sample['answer']})", fontsize=7)
+for ax in axes.flat:
+    ax.axis("off")
+plt.tight_layout()"""),
+    ("md", """\
+## A real model
+
+Set `VTPRUNE_MODEL` to a local path or hub id of a supported model (LLaVA, LLaVA-NeXT, InternVL,
+Qwen2/2.5/3-VL) to compare the prefill of the stock and pruned model on one image. Skipped when
+unset (as in the tests: no downloads)."""),
+    ("code", """\
+import time
+
+MODEL_ID = os.environ.get("VTPRUNE_MODEL")
+if MODEL_ID is None:
+    print("VTPRUNE_MODEL is not set: skipped")
+else:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    real = AutoModelForImageTextToText.from_pretrained(MODEL_ID, dtype="auto", device_map="auto")
+    real_processor = AutoProcessor.from_pretrained(MODEL_ID)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+    text = real_processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = real_processor(images=[samples[0]["image"]], text=[text], return_tensors="pt").to(real.device)
+
+    def prefill_ms():
+        with torch.no_grad():
+            real(**inputs)
+            start = time.perf_counter()
+            real(**inputs)
+        return 1000 * (time.perf_counter() - start)
+
+    print(f"stock: {prefill_ms():.1f} ms")
+    for keep in (0.25, 0.1):
+        with vtprune.wrapped(real, "fastervlm", keep=keep):
+            ms = prefill_ms()
+            print(f"fastervlm keep={keep}: {ms:.1f} ms, {vtprune.stats(real)['visual_tokens_out']} visual tokens")"""),
+]
+
+HALLUCINATION = [
+    ("md", """\
+# Existence questions with hard negatives: stock vs attention interventions
+
+A POPE-like probe on the toy benchmark: "is there a {colour} {shape} ?" where the negatives
+are *hard* (the colour or the shape is in the picture, on another object) or *easy* (neither
+is). We compare the stock model, `vhr` (vision-aware head reinforcement), and `vhr` on top of
+`fastervlm` pruning. `var` joins this comparison when it lands (see the README's
+faithfulness section).
+
+The toy model is near-perfect on existence already, so this notebook shows the *harness*; on
+the toy model the interventions do not help (the README reports the same)."""),
+    ("code", SETUP),
+    ("code", """\
+import numpy as np
+import pandas as pd
+
+items = [(scene, q) for scene, q in toy.eval_scenes(n=4 * LIMIT) if q["type"] == "exists"][:LIMIT]
+probe = [dict(image=toy.render(scene), **q) for scene, q in items]
+
+
+def kind(scene, q):
+    if q["answer"] == "yes":
+        return "positive"
+    colour, shape = q["question"].split()[3:5]  # "is there a {colour} {shape} ?"
+    hard = any(o["color"] == colour or o["shape"] == shape for o in scene["objects"])
+    return "hard negative" if hard else "easy negative"
+
+
+kinds = np.array([kind(scene, q) for scene, q in items])
+print({k: int((kinds == k).sum()) for k in ("positive", "hard negative", "easy negative")})
+
+
+def run(method=None, **options):
+    if method is None:
+        result = toy.evaluate(model, processor, probe, progress=False)
+    else:
+        with vtprune.wrapped(model, method, **options):
+            result = toy.evaluate(model, processor, probe, progress=False)
+    answers = np.array(result["predictions"])
+    truth = np.array([s["answer"] for s in probe])
+    rate = lambda mask: float(mask.mean()) if mask.size else float("nan")  # noqa: E731
+    return {"accuracy": rate(answers == truth),
+            "yes rate": rate(answers == "yes"),
+            "false yes, hard negatives": rate(answers[kinds == "hard negative"] == "yes"),
+            "false yes, easy negatives": rate(answers[kinds == "easy negative"] == "yes"),
+            "misses on positives": rate(answers[kinds == "positive"] != "yes")}
+
+
+settings = {
+    "stock": run(),
+    "vhr (alpha 2)": run("vhr", alpha=2.0),
+    "fastervlm keep 0.1": run("fastervlm", keep=0.1),
+    "fastervlm keep 0.1 + vhr": run(["fastervlm", "vhr"], keep=0.1, alpha=2.0),
+}
+pd.DataFrame(settings).T.round(3)"""),
+    ("code", """\
+frame = pd.DataFrame(settings).T
+ax = frame[["false yes, hard negatives", "false yes, easy negatives", "misses on positives"]].plot.bar(figsize=(7, 3.5), rot=0)
+ax.set_ylabel("rate")
+ax.set_title(f"existence probe, {len(probe)} questions")
+plt.tight_layout()"""),
+]
+
+
+def build(cells):
+    nb = nbf.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbf.v4.new_markdown_cell(src) if kind == "md" else nbf.v4.new_code_cell(src) for kind, src in cells]
+    return nb
+
+
+def main():
+    os.makedirs(ROOT, exist_ok=True)
+    for name, cells in (("compare_ratios.ipynb", COMPARE), ("hallucination.ipynb", HALLUCINATION)):
+        path = os.path.join(ROOT, name)
+        nbf.write(build(cells), path)
+        print("wrote", os.path.normpath(path))
+
+
+if __name__ == "__main__":
+    main()

@@ -135,12 +135,16 @@ HALLUCINATION = [
 
 A POPE-like probe on the toy benchmark: "is there a {colour} {shape} ?" where the negatives
 are *hard* (the colour or the shape is in the picture, on another object) or *easy* (neither
-is). We compare the stock model, `vhr` (vision-aware head reinforcement), and `vhr` on top of
-`fastervlm` pruning. `var` joins this comparison when it lands (see the README's
-faithfulness section).
+is). We compare the stock model, `vhr` (vision-aware head reinforcement), `var` (visual attention
+sink redistribution) and both on top of `fastervlm` pruning.
 
 The toy model is near-perfect on existence already, so this notebook shows the *harness*; on
-the toy model the interventions do not help (the README reports the same)."""),
+the toy model the interventions do not help (the README reports the same). VAR needs massive
+activations: the toy LLM is 128 wide, so |x_d|/RMS(x) ≤ √128 ≈ 11 can never pass the paper's
+tau = 20 and `var` is the stock model there; with `tau=4` (from `vtprune calibrate var`'s peak
+values) almost every visual token counts as a sink, which is not what VAR is about either. On a real
+model, run POPE through lmms-eval: `vtprune eval --model PATH --tasks pope --methods var,vhr
+--keep 1` (after `vtprune calibrate var --model PATH`)."""),
     ("code", SETUP),
     ("code", """\
 import numpy as np
@@ -181,8 +185,11 @@ def run(method=None, **options):
 settings = {
     "stock": run(),
     "vhr (alpha 2)": run("vhr", alpha=2.0),
+    "var (tau 20)": run("var"),
+    "var (tau 4)": run("var", tau=4.0),
     "fastervlm keep 0.1": run("fastervlm", keep=0.1),
     "fastervlm keep 0.1 + vhr": run(["fastervlm", "vhr"], keep=0.1, alpha=2.0),
+    "fastervlm keep 0.1 + var (tau 4)": run(["fastervlm", "var"], keep=0.1, tau=4.0),
 }
 pd.DataFrame(settings).T.round(3)"""),
     ("code", """\

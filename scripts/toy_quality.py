@@ -3,6 +3,7 @@
     python scripts/toy_quality.py --n 400 --methods random,uniform,fastervlm,vtc_cls --keep 1.0,0.25,0.1,0.05
     python scripts/toy_quality.py --methods random,fastervlm,fastervlm:source=received --keep 0.1
     python scripts/toy_quality.py --spec exit layer=1 --spec fastv layer=1 keep=0.25 --spec dyvte weights=toy
+    python scripts/toy_quality.py --spec var --spec var tau=4 --spec vhr --spec fastervlm+vhr keep=0.25
 
 Prints a markdown table: accuracy overall and per question type, and the number of visual
 tokens per image the LLM actually saw, for every method x budget (random averaged over seeds);
@@ -102,7 +103,7 @@ def run_specs(specs, n, batch_size, timing_batch=1, decode_tokens=32):
             result, seconds, exit_info = toy.evaluate(model, processor, samples, batch_size, progress=False), stock_time, {}
             decode = stock_decode
         else:
-            with vtprune.wrapped(model, name, **options):
+            with vtprune.wrapped(model, name.split("+"), **options):
                 result = toy.evaluate(model, processor, samples, batch_size=batch_size, progress=False)
                 seconds = prefill_seconds()
                 decode = decode_seconds()

@@ -46,4 +46,4 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
         assert "| fastervlm | 0.1 | 26.0 |" in text and "VTPRUNE_MODEL is not set: skipped" in text
         assert (tmp_path / "runs" / "results.csv").exists()
     else:
-        assert "fastervlm keep 0.1 + vhr" in text and "false yes, hard negatives" in text
+        assert "fastervlm keep 0.1 + vhr" in text and "false yes, hard negatives" in text and "var (tau 4)" in text

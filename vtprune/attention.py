@@ -3,7 +3,8 @@
 A per-wrap attention function is registered in transformers' ``AttentionInterface`` (with the
 original implementation's mask builder in ``AttentionMaskInterface``, or padding would be
 ignored) and selected for the text config only; it lets observers see each layer's query and key
-(RoPE applied, cache included) and then calls the original implementation (SDPA, eager, flash).
+(RoPE applied, cache included), calls the original implementation (SDPA, eager, flash), and lets
+modifiers rewrite that layer's output (``var`` recomputes a few query rows).
 ``remove`` switches the text config back and unregisters the names.
 """
 
@@ -26,6 +27,8 @@ class AttentionRoute:
         self.original = _text_config(model)._attn_implementation or "sdpa"
         self.name = f"vtprune_{next(_COUNTER)}"
         self.observers = {}  # layer_idx -> fn(module, query, key, attention_mask, scaling)
+        # layer_idx -> fn(module, query, key, value, attention_mask, kwargs, output) -> output
+        self.modifiers = {}
         self.installed = False
 
     def install(self):
@@ -38,14 +41,19 @@ class AttentionRoute:
             raise ValueError(f"vtprune cannot route attention implementation {original!r}; use sdpa, eager or flash")
 
         def attention(module, query, key, value, attention_mask, **kwargs):
-            observer = self.observers.get(getattr(module, "layer_idx", None))
+            layer = getattr(module, "layer_idx", None)
+            observer = self.observers.get(layer)
             if observer is not None:
                 observer(module, query, key, attention_mask, kwargs.get("scaling"))
             if original in ALL_ATTENTION_FUNCTIONS._global_mapping and original != "eager":
                 impl = ALL_ATTENTION_FUNCTIONS[original]
             else:
                 impl = sys.modules[type(module).__module__].eager_attention_forward
-            return impl(module, query, key, value, attention_mask, **kwargs)
+            output = impl(module, query, key, value, attention_mask, **kwargs)
+            modifier = self.modifiers.get(layer)
+            if modifier is not None:
+                output = modifier(module, query, key, value, attention_mask, kwargs, output)
+            return output
 
         AttentionInterface.register(self.name, attention)
         AttentionMaskInterface.register(self.name, ALL_MASK_ATTENTION_FUNCTIONS[original])

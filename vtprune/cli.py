@@ -1,4 +1,4 @@
-"""The ``vtprune`` command: ``info``, ``demo``, ``eval``, ``toy-task``."""
+"""The ``vtprune`` command: ``info``, ``demo``, ``eval``, ``calibrate``, ``toy-task``."""
 
 from __future__ import annotations
 
@@ -62,6 +62,45 @@ def _toy_task(args) -> int:
     return 0
 
 
+def _calibrate(args) -> int:
+    import json
+    import os
+
+    import torch
+
+    from vtprune import toy, var
+
+    if args.model == "toy":
+        model, processor = toy.load()
+    else:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype="auto", device_map=args.device)
+        processor = AutoProcessor.from_pretrained(args.model)
+    model.eval()
+    if args.images:
+        from PIL import Image
+
+        names = sorted(f for f in os.listdir(args.images) if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp")))
+        if not names:
+            raise SystemExit(f"no .png/.jpg/.webp images in {args.images}")
+        images = [Image.open(os.path.join(args.images, f)).convert("RGB") for f in names[:args.n]]
+    else:  # the toy benchmark's scenes: any natural-ish image shows the massive activations
+        images = [s["image"].convert("RGB") for s in toy.eval_split(n=args.n, seed=4321)]
+    with torch.no_grad():
+        result = var.calibrate(model, processor, images, prompt=args.prompt, top=args.top, tau=args.tau)
+    out = args.out or var.cache_path(model)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps({k: result[k] for k in ("sink_dims", "hits", "peak")}))
+    if not result["hits"]:
+        print(f"warning: no token reached |x_d|/RMS > {args.tau} (the largest values are under 'peak'); "
+              "var will find no sinks at this tau")
+    print(f"wrote {out}; vtprune.wrap(model, 'var') now uses these dimensions")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="vtprune",
@@ -96,6 +135,17 @@ def main(argv=None) -> int:
     ev.add_argument("--lmms-model", default=None, help="vtprune lmms-eval model id (default: from the config)")
     ev.add_argument("--lmms", action="store_true", help="run the toy task through lmms-eval too")
     ev.set_defaults(func=_eval)
+    cal = sub.add_parser("calibrate", help="find per-model constants a method needs (var: sink dimensions)")
+    cal.add_argument("method", choices=["var"], help="the method to calibrate")
+    cal.add_argument("--model", required=True, help="'toy' or a model path / hub id")
+    cal.add_argument("--images", default=None, help="folder of images (default: toy scenes)")
+    cal.add_argument("--n", type=int, default=8, help="number of images (default: 8)")
+    cal.add_argument("--prompt", default="Describe the image.", help="the text next to each image")
+    cal.add_argument("--top", type=int, default=2, help="number of sink dimensions (default: 2, as the paper)")
+    cal.add_argument("--tau", type=float, default=20.0, help="massive-activation threshold (default: 20)")
+    cal.add_argument("--device", default="cpu", help="device map for from_pretrained (default: cpu)")
+    cal.add_argument("--out", default=None, help="output JSON (default: the user cache var reads)")
+    cal.set_defaults(func=_calibrate)
     task = sub.add_parser("toy-task", help="write the toy benchmark as an lmms-eval task folder")
     task.add_argument("folder", help="where to write it (use as --include_path)")
     task.add_argument("--n", type=int, default=400, help="number of questions (default: 400)")

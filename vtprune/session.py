@@ -19,7 +19,9 @@ How a forward pass is cut (all six families, any transformers 5.x that calls the
 
 In-LLM methods (``exit``, ``fastv``, ``dart``, ``dyvte``) run in ``vtprune.exit`` on decoder-layer
 hooks; ``vhr`` runs in ``vtprune.vhr`` (it doubles the prefill batch in step 3 and undoes it in the
-language model's post-hook).  Vision-tower scores come from adapter hooks installed here.
+language model's post-hook), ``var`` in ``vtprune.var`` (decoder-layer pre-hooks find the sinks,
+a routed attention function rewrites a few rows); ``self.vhr`` holds either attention runtime.
+Vision-tower scores come from adapter hooks installed here.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ from .budget import tokens_to_keep
 from .exit import LayerExit
 from .methods import ScoreContext
 from .select import plan_cut, top_tokens
-from .vhr import HeadReinforcement
 
 
 @dataclass
@@ -95,7 +96,7 @@ class Session:
         self._install_tower_hooks()
         self._install_layer_exit()
         if self.attn_method is not None:
-            self.vhr = HeadReinforcement(self, self.attn_method, self.adapter.language_model.layers)
+            self.vhr = self.attn_method.runtime(self, self.adapter.language_model.layers)
             self.handles.extend(self.vhr.install())
         self._patch(inner, "get_image_features", self._after_features, before=self._before_features)
         self._patch(inner, "get_placeholder_mask", self._after_placeholder)
@@ -108,6 +109,8 @@ class Session:
     def remove(self):
         if self.route is not None:
             self.route.remove()
+        if self.vhr is not None and hasattr(self.vhr, "remove"):
+            self.vhr.remove()
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
@@ -485,8 +488,8 @@ class Session:
                 n = len(runtime.layers)
                 # the first layer without the row's visual tokens (None: they never left)
                 out["exit"]["exit_layers"] = [int(j) + 1 if j < n else None for j in runtime.exit_at.tolist()]
-        if self.vhr is not None and self.vhr.heads:
-            out["vhr"] = self.vhr.stats()
+        if self.vhr is not None and self.vhr.stats():
+            out[self.attn_method.name] = self.vhr.stats()
         if out:
             out["totals"] = dict(self.totals)
         return out or {"forwards_with_images": 0, "totals": dict(self.totals)}

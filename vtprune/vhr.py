@@ -129,4 +129,6 @@ class HeadReinforcement:
         return (x * factor, *args[1:])
 
     def stats(self) -> dict:
+        if not self.heads:
+            return {}
         return {"layers": list(self.heads), "heads_per_layer": {j: h.sum(-1).tolist() for j, h in self.heads.items()}}

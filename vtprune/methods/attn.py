@@ -1,4 +1,4 @@
-"""Attention interventions for faithfulness: VHR."""
+"""Attention interventions for faithfulness: VHR and VAR."""
 
 from __future__ import annotations
 
@@ -30,3 +30,52 @@ class VHR(Method):
             raise ValueError(f"vhr alpha must be > 0, got {self.alpha}")
         if self.layers is not None:
             self.layers = sorted({int(j) for j in self.layers})
+
+    def runtime(self, session, layers):
+        from ..vhr import HeadReinforcement
+
+        return HeadReinforcement(session, self, layers)
+
+
+@register("var")
+@dataclass
+class VAR(Method):
+    """Visual attention sink redistribution (VAR, ICLR 2025): in image-centric heads, move a fraction
+    ``moved`` (default 0.4: the official code keeps p = 0.6) of the attention paid to sink tokens onto
+    the non-sink visual tokens, for the text rows after the image and every generated token.
+
+    Sinks are tokens whose residual stream has a massive activation (``|x_d / RMS(x)| > tau`` in the
+    ``sink_dims``; default: calibrated or known per model, see ``vtprune calibrate var``). A head is
+    image-centric for a row when at least ``summ`` of its attention is on the image and a share
+    ``>= rho`` of that is on non-sink visual tokens (paper: 0.5 for hallucination benchmarks, 0.8
+    general, 0.9 vision-centric). ``layers`` default to 2 .. L-2 of a 32-layer model, scaled. Runs on
+    SDPA: only the intervened rows are recomputed. ``moved=0`` leaves the model unchanged.
+    """
+
+    stage: ClassVar[str] = "attention"
+    moved: float = 0.4
+    rho: float = 0.5
+    summ: float = 0.2
+    tau: float = 20.0
+    sink_dims: list | None = None
+    calibration: str | None = None
+    layers: list | None = None
+
+    def validate(self):
+        for name in ("moved", "rho", "summ"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"var {name} must be in [0, 1], got {value!r}")
+        if not self.tau > 0:
+            raise ValueError(f"var tau must be > 0, got {self.tau}")
+        if self.sink_dims is not None:
+            self.sink_dims = sorted({int(d) for d in self.sink_dims})
+            if not self.sink_dims:
+                raise ValueError("var sink_dims is empty")
+        if self.layers is not None:
+            self.layers = sorted({int(j) for j in self.layers})
+
+    def runtime(self, session, layers):
+        from ..var import SinkRedistribution
+
+        return SinkRedistribution(session, self, layers)

@@ -1,0 +1,257 @@
+"""VAR: visual attention sink redistribution (Kang et al., ICLR 2025, arXiv 2503.03321) — the runtime.
+
+Sinks. At the prefill, before each VAR layer ``l``, a token is a *sink* when
+``max_{d in sink_dims} |x_d / RMS(x)| > tau`` for its residual-stream input ``x`` (the official
+code's rule: RMS without gain, ``tau`` 20, the model's massive-activation dimensions). Sinks inside
+the image are *visual sinks*; the sink sets of the prefill are kept for every decode step.
+
+Redistribution. For every query row after the sample's last visual token (prefill) and every
+decode row, per head: if the head is *image-centric* for that row — at least ``summ`` of its
+attention on the image, and a share ``>= rho`` of that on non-sink visual tokens — a fraction
+``moved`` of the attention it pays to all sinks (visual and text, e.g. BOS) is moved onto the
+non-sink visual tokens in proportion to their attention; the row still sums to 1. Layers without
+a visual sink are left alone, as in the official code.
+
+On SDPA (or flash) the layer runs unchanged; only the intervened rows are recomputed explicitly
+(one sample at a time: heads x rows x keys), and only the image-centric heads of those rows are
+overwritten. ``moved = 0`` changes nothing. Attention softcapping and sliding windows, which the
+supported language models do not use, are not modelled.
+
+``sink_dims`` come from, in order: the option, ``calibration=PATH``, ``vtprune_var.json`` in the
+model's folder, the user cache written by ``vtprune calibrate var``, and a table of the dimensions
+the paper reports (Llama-2-7B/13B for LLaVA-1.5, Qwen2-7B for Qwen2-VL).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+
+import torch
+
+# (text model_type, hidden size, layers) -> massive-activation dims reported by VAR / Sun et al. 2024
+KNOWN_DIMS = {
+    ("llama", 4096, 32): [1415, 2533],  # Llama-2-7B / Vicuna-7B: LLaVA-1.5-7B
+    ("llama", 5120, 40): [2100, 4743],  # Llama-2-13B / Vicuna-13B: LLaVA-1.5-13B
+    ("qwen2_vl_text", 3584, 28): [458, 2570],  # Qwen2-VL-7B
+}
+FILE = "vtprune_var.json"
+
+
+def default_layers(n_layers: int) -> list:
+    """The official code's layers 2 .. L-1 of a 32-layer model, scaled, without the last layer."""
+    start = max(1, round(2 * n_layers / 32))
+    return list(range(start, max(start, n_layers - 1)))
+
+
+def cache_dir() -> str:
+    root = os.environ.get("VTPRUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vtprune")
+    return os.path.join(root, "var")
+
+
+def cache_path(model) -> str:
+    name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+    return os.path.join(cache_dir(), re.sub(r"[^A-Za-z0-9_.-]+", "_", name.strip("/")) + ".json")
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def find_dims(model, calibration=None):
+    """``(sink_dims, source)`` for ``model`` (see the module docstring), or raise ``ValueError``."""
+    if calibration and not os.path.isfile(calibration):
+        raise ValueError(f"var calibration file {calibration!r} does not exist")
+    candidates = [calibration] if calibration else []
+    name = getattr(model.config, "_name_or_path", "")
+    if name and os.path.isdir(name):
+        candidates.append(os.path.join(name, FILE))
+    candidates.append(cache_path(model))
+    for path in candidates:
+        if path and os.path.isfile(path):
+            with open(path) as f:
+                return [int(d) for d in json.load(f)["sink_dims"]], path
+    text = _text_config(model)
+    key = (text.model_type, text.hidden_size, text.num_hidden_layers)
+    if key in KNOWN_DIMS:
+        return list(KNOWN_DIMS[key]), "the dimensions the VAR paper reports for this backbone"
+    raise ValueError(f"var needs the massive-activation dimensions of this language model ({key}): run "
+                     f"`vtprune calibrate var --model {name or 'PATH'}` once, or pass sink_dims=[...]")
+
+
+class SinkRedistribution:
+    def __init__(self, session, method, layers):
+        from .attention import AttentionRoute
+
+        self.session = session
+        self.method = method
+        n = len(layers)
+        self.layer_ids = method.layers if method.layers is not None else default_layers(n)
+        bad = [j for j in self.layer_ids if not 0 <= j < n]
+        if bad:
+            raise ValueError(f"var layers {bad} do not exist: the language model has {n} decoder layers")
+        self.layers = layers
+        hidden = _text_config(session.model).hidden_size
+        if method.sink_dims is not None:
+            self.dims, self.source = list(method.sink_dims), "sink_dims"
+        else:
+            self.dims, self.source = find_dims(session.model, method.calibration)
+        bad = [d for d in self.dims if not 0 <= d < hidden]
+        if bad:
+            raise ValueError(f"var sink_dims {bad} are outside the hidden size {hidden}")
+        self.route = AttentionRoute(session.model)
+        self.probing = False  # the session's protocol: var never changes the language model's inputs
+        self.prefill = False
+        self.visual = None  # bool [B, n0]: visual tokens of the prefill sequence
+        self.rows_from = None  # [B]: first prefill position whose row is intervened
+        self.sinks = {}  # layer -> bool [B, n0]
+        self.changed = {}  # layer -> (row, head) pairs redistributed in the last call
+
+    def install(self) -> list:
+        handles = [self.layers[j].register_forward_pre_hook(functools.partial(self._detect, j), with_kwargs=True)
+                   for j in self.layer_ids]
+        for j in self.layer_ids:
+            self.route.modifiers[j] = functools.partial(self._redistribute, j)
+        self.route.install()
+        return handles
+
+    def remove(self):
+        self.route.remove()
+
+    # ------------------------------------------------------------------ per call
+    def begin_call(self, kwargs, visual, fresh):
+        self.prefill = fresh
+        self.changed = {}
+        if not fresh:
+            return
+        self.sinks = {}
+        if visual is None or not bool(visual.any()):
+            self.visual = None
+            return
+        self.visual = visual.bool()
+        n0 = visual.shape[1]
+        pos = torch.arange(n0, device=visual.device).expand_as(visual)
+        last = torch.where(visual, pos, torch.full_like(pos, -1)).amax(1)
+        self.rows_from = torch.where(last >= 0, last + 1, torch.full_like(last, 1 << 30))
+
+    def end_call(self, output):
+        return None
+
+    def _detect(self, layer, module, args, kwargs):
+        if not self.prefill or self.visual is None or self.method.moved == 0:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        x = hidden.float()
+        rms = x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+        phi = (x[..., self.dims] / rms).abs().amax(-1)
+        self.sinks[layer] = (phi > self.method.tau).to(self.visual.device)
+        return None
+
+    # ------------------------------------------------------------------ attention
+    def _redistribute(self, layer, module, query, key, value, mask, kwargs, output):
+        sinks = self.sinks.get(layer)
+        if sinks is None or self.visual is None:
+            return output
+        b, h, q, d = query.shape
+        kv = key.shape[2]
+        n0 = sinks.shape[1]
+        if kv < n0:  # not this sequence (should not happen)
+            return output
+        device = query.device
+        pad = torch.zeros(b, kv - n0, dtype=torch.bool, device=device)
+        sink = torch.cat([sinks.to(device), pad], 1)
+        vis = torch.cat([self.visual.to(device), pad], 1)
+        vis_sink = sink & vis
+        positions = torch.arange(q, device=device) + (kv - q)
+        rows = (positions[None, :] >= self.rows_from.to(device)[:, None]) & vis_sink.any(1)[:, None]
+        if not bool(rows.any()):
+            return output
+        attn_out = output[0] if isinstance(output, tuple) else output
+        attn_out = attn_out.clone()
+        groups = h // key.shape[1]
+        scaling = kwargs.get("scaling") or d ** -0.5
+        method = self.method
+        changed = 0
+        for bi in rows.any(1).nonzero().squeeze(1).tolist():
+            r = rows[bi].nonzero().squeeze(1)
+            k = key[bi].repeat_interleave(groups, 0).float()  # [H, kv, d]
+            v = value[bi].repeat_interleave(groups, 0).float()
+            logits = query[bi][:, r].float() @ k.transpose(-1, -2) * scaling  # [H, R, kv]
+            allowed = _allowed(mask, bi, r, positions, kv, device)
+            probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+            v_mask, s_mask, vs_mask = vis[bi], sink[bi], vis_sink[bi]
+            plain = v_mask & ~s_mask
+            mass_v = probs[..., v_mask].sum(-1)
+            share_plain = probs[..., plain].sum(-1)
+            centric = (mass_v >= method.summ) & (share_plain >= method.rho * mass_v) & (share_plain > 0)
+            if not bool(centric.any()) or not bool(vs_mask.any()):
+                continue
+            budget = method.moved * probs[..., s_mask].sum(-1, keepdim=True)
+            new = probs.clone()
+            new[..., s_mask] = probs[..., s_mask] * (1 - method.moved)
+            new[..., plain] = probs[..., plain] + budget * probs[..., plain] / share_plain.clamp_min(1e-12)[..., None]
+            out = (new @ v).transpose(0, 1).to(attn_out.dtype)  # [R, H, d]
+            keep = centric.transpose(0, 1)[..., None]  # [R, H, 1]
+            attn_out[bi, r] = torch.where(keep, out, attn_out[bi, r])
+            changed += int(centric.sum())
+        self.changed[layer] = self.changed.get(layer, 0) + changed
+        return (attn_out, *output[1:]) if isinstance(output, tuple) else attn_out
+
+    def stats(self) -> dict:
+        return {"sink_dims": self.dims, "source": self.source,
+                "sinks_per_layer": {j: s.sum(1).tolist() for j, s in self.sinks.items()},
+                "visual_sinks_per_layer": {j: (s & self.visual.to(s.device)).sum(1).tolist()
+                                           for j, s in self.sinks.items()} if self.visual is not None else {},
+                "row_heads_changed_last_call": dict(self.changed)}
+
+
+def _allowed(mask, bi, rows, positions, kv, device):
+    """Bool [1|H, R, kv]: the keys each intervened row may attend to (causal when no mask)."""
+    if mask is None:
+        return (torch.arange(kv, device=device)[None, :] <= positions[rows][:, None])[None]
+    m = mask[bi if mask.shape[0] > 1 else 0][:, rows][..., :kv]
+    if m.dtype != torch.bool:
+        m = m > torch.finfo(m.dtype).min / 2
+    return m.to(device)
+
+
+@torch.no_grad()
+def calibrate(model, processor, images, prompt="Describe the image.", top=2, tau=20.0, progress=True):
+    """Find the massive-activation dimensions of ``model``'s language model from a few images.
+
+    For every image, the prefill's residual-stream input to layers 2 .. L-1 (``output_hidden_states``)
+    is RMS-normalised; a channel scores one hit per (layer, token) where it is the token's largest
+    ``|x_d / RMS(x)|`` and exceeds ``tau``. The ``top`` channels with most hits are the sink
+    dimensions; without any hit, the ``top`` channels with the largest values are returned and
+    ``hits`` is empty (VAR will then find no sinks at this ``tau``). Returns a JSON-able dict.
+    """
+    from tqdm.auto import tqdm
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    device = next(model.parameters()).device
+    hits, peak = {}, None
+    layers = None
+    for image in tqdm(images, desc="calibrate var", disable=not progress):
+        inputs = processor(images=[image], text=[text], return_tensors="pt").to(device)
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+        n = len(hidden) - 1
+        layers = default_layers(n) if layers is None else layers
+        for j in layers:
+            x = hidden[j][0].float()
+            ratio = (x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()).abs()  # [T, D]
+            values, channels = ratio.max(-1)
+            for c in channels[values > tau].tolist():
+                hits[c] = hits.get(c, 0) + 1
+            layer_peak = ratio.amax(0)
+            peak = layer_peak if peak is None else torch.maximum(peak, layer_peak)
+    if hits:
+        dims = sorted(hits, key=lambda c: -hits[c])[:top]
+    else:
+        dims = peak.topk(top).indices.tolist()
+    return {"sink_dims": [int(d) for d in dims], "tau": tau, "hits": {str(k): v for k, v in sorted(hits.items())},
+            "peak": {str(int(c)): round(float(peak[c]), 3) for c in peak.topk(min(8, peak.numel())).indices},
+            "layers": layers, "images": len(images), "model": getattr(model.config, "_name_or_path", "")}

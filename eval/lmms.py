@@ -93,7 +93,11 @@ class VtpruneModel:
         return next(c for c in cls.__mro__[1:] if c is not VtpruneModel and c.__module__.startswith("lmms_eval"))
 
     def rewrap(self, method, **options):
-        """Re-wrap the loaded model with another method/options (the sweep reuses one load)."""
+        """Re-wrap the loaded model with another method/options (the sweep reuses one load).
+
+        ``downsample`` swaps lmms-eval's processor for ``vtprune.downsample(processor, keep)``; the
+        other methods wrap the model.
+        """
         import vtprune
 
         model = self.model
@@ -102,15 +106,37 @@ class VtpruneModel:
         if getattr(self, "_stock_handle", None) is not None:
             self._stock_handle.remove()
             self._stock_handle = None
+        saved = getattr(self, "_vtprune_processor", None)
+        if saved is not None:
+            setattr(self, saved[0], saved[1])
+            self._vtprune_processor = None
         names = parse_methods(method)
+        if "downsample" in names:
+            self._downsample(options)
+            names = [n for n in names if n != "downsample"]
+            options = {k: v for k, v in options.items() if k != "keep" or names}
         if names:
             vtprune.wrap(model, names, **options)
         elif options:
             raise TypeError(f"vtprune options {sorted(options)} given without a method")
-        self.vtprune_method, self.vtprune_options = "+".join(names) or None, dict(options)
+        self.vtprune_method = "+".join(parse_methods(method)) or None
+        self.vtprune_options = dict(options)
         self._stock_totals = stock_totals()
-        if not names:  # count the stock model's visual tokens too (a hook that changes nothing)
+        if not names:  # count the visual tokens of the unwrapped model too (a hook that changes nothing)
             self._stock_handle = count_visual_tokens(model, self._stock_totals)
+
+    def _downsample(self, options):
+        import vtprune
+
+        if "keep" not in options:
+            raise TypeError("downsample needs keep=...")
+        for attr in ("_image_processor", "processor"):
+            processor = getattr(self, attr, None)
+            if processor is not None and hasattr(processor, "tokenizer"):
+                setattr(self, attr, vtprune.downsample(processor, options["keep"]))
+                self._vtprune_processor = (attr, processor)
+                return
+        raise TypeError(f"{type(self).__name__}: no processor attribute to downsample")
 
     vtprune_reuse = False  # the sweep sets it: lmms-eval's clean() would free the model after each task
 

@@ -33,9 +33,10 @@ def add_margins(records):
     for row in records:
         for base in BASELINES:
             row[f"delta_{base}"] = None
-            if row["method"] in ("stock", base):
+            if row["method"] in ("stock", base) or row.get("score") is None:
                 continue
-            pool = [r for r in records if r["task"] == row["task"] and r["method"] == base]
+            pool = [r for r in records if r["task"] == row["task"] and r["method"] == base
+                    and r.get("score") is not None]
             match = _matched(row, pool)
             if match is not None:
                 row[f"delta_{base}"] = row["score"] - match["score"]
@@ -72,7 +73,12 @@ def _fmt(value, spec=".3f", signed=False):
 def markdown(records) -> str:
     lines = []
     for task in dict.fromkeys(r["task"] for r in records):
-        rows = [r for r in records if r["task"] == task]
+        failed = [r for r in records if r["task"] == task and r.get("score") is None]
+        rows = [r for r in records if r["task"] == task and r.get("score") is not None]
+        if not rows:
+            lines += [f"## {task}", ""] + [f"Not applicable: `{r['method']}` keep={r['keep']}: {r.get('error')}"
+                                          for r in failed] + [""]
+            continue
         types = sorted({t for r in rows for t in r.get("by_type", {})})
         timing = any("prefill_ms" in r for r in rows)
         metric = rows[0].get("metric", "score")
@@ -90,6 +96,8 @@ def markdown(records) -> str:
             cells += [_fmt(speed, ".2f"), f"{r.get('llm_flops_saved', 0.0):.0%}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "✗: not above `random` at the same number of visual tokens.", ""]
+        lines += [f"Not applicable: `{r['method']}` keep={r['keep']}: {r.get('error')}" for r in failed]
+        lines += [""] if failed else []
     return "\n".join(lines)
 
 
@@ -99,7 +107,7 @@ def plots(records, out) -> list:
 
     written = []
     for task in dict.fromkeys(r["task"] for r in records):
-        rows = [r for r in records if r["task"] == task]
+        rows = [r for r in records if r["task"] == task and r.get("score") is not None]
         timing = "prefill_ms" if any("prefill_ms" in r for r in rows) else None
         for kind in ("score", "time"):
             fig = Figure(figsize=(6.4, 4.2))

@@ -144,6 +144,8 @@ class ToyRunner:
         names, options = cell.wrap_args()
         if seed is not None:
             options["seed"] = seed
+        if "downsample" in names:
+            vtprune.downsample(self.processor, options.get("keep", 1.0))  # LLaVA-1.5: raises, use pool
         if not names:
             result, totals = _count_stock(self.model, lambda: toy.evaluate(self.model, self.processor, self.samples,
                                                                             self.batch_size, progress=False))
@@ -279,7 +281,13 @@ def _run_cell(runner, cell, seeds):
     names, _ = cell.wrap_args()
     repeat = seeds if names and _accepts(names, "seed") and "seed" not in parse_spec(cell.spec)[1] else 1
     start = time.perf_counter()
-    runs = [runner.run(cell, seed=s if repeat > 1 else None) for s in range(repeat)]
+    try:
+        runs = [runner.run(cell, seed=s if repeat > 1 else None) for s in range(repeat)]
+    except (ValueError, TypeError) as err:  # the method does not apply to this model: say so, go on
+        print(f"vtprune eval: {cell.spec} keep={cell.keep} not applicable: {err}", flush=True)
+        return {"slug": cell.slug, "task": cell.task, "method": cell.spec, "keep": cell.keep, "runs": 0,
+                "score": None, "error": str(err), "visual_tokens_in": None, "visual_tokens_out": None,
+                "visual_tokens_llm": None}
     seconds = time.perf_counter() - start
     first = runs[0]
     totals = first["totals"]

@@ -112,6 +112,9 @@ def test_plugin_options_and_errors():
     assert [c.name for c in methods_of(model.model)] == ["fastervlm", "vhr"]
     model.rewrap(None)
     assert not vtprune.is_wrapped(model.model)
+    with pytest.raises(ValueError, match="pool"):  # LLaVA-1.5's processor has one fixed resolution
+        model.rewrap("downsample", keep=0.25)
+    assert not vtprune.is_wrapped(model.model) and type(model._image_processor).__name__ == "LlavaProcessor"
 
 
 def test_toy_task_folder(tmp_path):

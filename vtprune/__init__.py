@@ -6,7 +6,8 @@
 
 from . import methods
 from .api import is_wrapped, last_kept, stats, unwrap, wrap, wrapped
+from .downsample import downsample
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "is_wrapped", "last_kept", "methods", "stats", "unwrap", "wrap", "wrapped"]
+__all__ = ["__version__", "downsample", "is_wrapped", "last_kept", "methods", "stats", "unwrap", "wrap", "wrapped"]

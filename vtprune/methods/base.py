@@ -169,6 +169,10 @@ def resolve(method, options: dict) -> list:
             raise TypeError(f"a method is a registered name or a config object, got {type(item).__name__}")
         config.validate()
         configs.append(config)
+    if any(c.stage == "input" for c in configs):
+        raise ValueError("downsample acts on the processor, not the model: "
+                         "processor = vtprune.downsample(processor, keep=...) (vtprune eval and the lmms-eval "
+                         "plugin do this for you); wrap the model only with the other methods")
     unused = set(options) - used
     if unused:
         raise TypeError(f"option(s) {sorted(unused)} are not accepted by method(s) "

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from ..budget import check_keep
 from ..scoring import divprune_order, pool_windows, total_budget, uniform_scores
-from .base import Selector, register
+from .base import Method, Selector, register
 
 @register("random")
 @dataclass
@@ -83,3 +85,17 @@ class DivPrune(Selector):
                 s[members[order]] = torch.arange(order.numel(), 0, -1, dtype=torch.float32)
             scores.append(s)
         return scores
+
+
+@register("downsample")
+@dataclass
+class Downsample(Method):
+    """A smaller image instead of fewer tokens (dynamic-resolution families): acts on the processor,
+    ``processor = vtprune.downsample(processor, keep=0.25)``; ``vtprune eval`` and the lmms-eval
+    plugin apply it for you. LLaVA-1.5 has a fixed resolution: use ``pool`` there."""
+
+    stage: ClassVar[str] = "input"
+    keep: float = 0.5
+
+    def validate(self):
+        self.keep = check_keep(self.keep)

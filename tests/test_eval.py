@@ -237,3 +237,26 @@ def test_cli_eval_and_toy_task(tmp_path, capsys):
     assert main(["eval", "--methods", "random", "--keep", "1,0.5", "--limit", "8", "--out", str(tmp_path / "e")]) == 0
     printed = capsys.readouterr().out
     assert "| random | 0.5 | 128.0 |" in printed and "2 cells" in printed
+
+
+@pytest.mark.parametrize("through_lmms", [False, True])
+def test_two_processes_give_the_one_process_answers(tmp_path, through_lmms):
+    """``--num-processes 2`` (torch.distributed.run, gloo): native cells dealt to the ranks, or
+    lmms-eval sharding the questions; the same answers, scores and visual-token counts as 1 process."""
+    if through_lmms:
+        need_lmms()
+    args = ["--methods", "fastervlm", "--keep", "1,0.1", "--limit", "8"] + (["--lmms"] if through_lmms else [])
+    one = sweep.run(model="toy", tasks=["vtprune_toy"], methods=["fastervlm"], keeps=[1.0, 0.1],
+                    out=str(tmp_path / "one"), limit=8, use_lmms=through_lmms, progress=False)
+    env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "vtprune.cli", "eval", *args, "--out", str(tmp_path / "two"),
+                           "--num-processes", "2"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.load(open(tmp_path / "two" / "results.json"))
+    assert [r["method"] for r in two] == [r["method"] for r in one] == ["stock", "fastervlm"]
+    for a, b in zip(one, two):
+        assert b["world_size"] == 2
+        assert a["answers"] == b["answers"] and len(a["answers"]) == 8
+        assert a["score"] == b["score"] and a["visual_tokens_out"] == b["visual_tokens_out"]
+        if through_lmms:
+            assert len(b["ranks"]) == 2 and all(r["samples"] == 4 for r in b["ranks"])

@@ -38,8 +38,34 @@ def _demo(args) -> int:
                n=args.n, out=args.out, seed=args.seed)
 
 
+def _relaunch(args, argv) -> int:
+    """``vtprune eval --num-processes N``: the same command under torch.distributed.run, N ranks."""
+    import os
+    import subprocess
+
+    rest, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--num-processes":
+            skip = True
+        elif not item.startswith("--num-processes="):
+            rest.append(item)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.num_processes)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(args.num_processes), "-m", "vtprune.cli", *rest]
+    print("vtprune eval: " + " ".join(cmd), flush=True)
+    return subprocess.run(cmd, env=env).returncode
+
+
 def _eval(args) -> int:
+    import os
+
     from vtprune.eval import sweep
+
+    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch(args, args.argv)
 
     model_args = dict(item.split("=", 1) for item in args.model_args.split(",") if item) if args.model_args else {}
     model_args = {k: sweep.parse_value(v) for k, v in model_args.items()}
@@ -48,6 +74,8 @@ def _eval(args) -> int:
                         out=args.out, limit=args.limit, seeds=args.seeds, batch_size=args.batch_size,
                         device=args.device, include_path=args.include_path, model_args=model_args,
                         lmms_model=args.lmms_model, use_lmms=args.lmms)
+    if not records:  # a rank other than 0
+        return 0
     with open(f"{args.out}/results.md") as f:
         print(f.read())
     print(f"{len(records)} cells; results, tables and plots in {args.out}/")
@@ -134,6 +162,8 @@ def main(argv=None) -> int:
     ev.add_argument("--model-args", default="", help="extra lmms-eval model args: k=v,k=v (e.g. dtype=bfloat16)")
     ev.add_argument("--lmms-model", default=None, help="vtprune lmms-eval model id (default: from the config)")
     ev.add_argument("--lmms", action="store_true", help="run the toy task through lmms-eval too")
+    ev.add_argument("--num-processes", type=int, default=1,
+                    help="data-parallel ranks under torch.distributed.run (gloo on CPU, nccl on CUDA)")
     ev.set_defaults(func=_eval)
     cal = sub.add_parser("calibrate", help="find per-model constants a method needs (var: sink dimensions)")
     cal.add_argument("method", choices=["var"], help="the method to calibrate")
@@ -152,6 +182,7 @@ def main(argv=None) -> int:
     task.add_argument("--seed", type=int, default=1234, help="seed of the split (default: 1234)")
     task.set_defaults(func=_toy_task)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -49,12 +49,9 @@ def run(methods, keeps, n, seeds, batch_size):
 
 
 def _value(text):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+    from vtprune.eval.sweep import parse_value
+
+    return parse_value(text)
 
 
 def run_specs(specs, n, batch_size, timing_batch=1, decode_tokens=32):

@@ -135,3 +135,16 @@ class LayerMasked:
             mask = mask.masked_fill(cols[:, None, None, :], torch.finfo(mask.dtype).min)
         kwargs["attention_mask"] = mask
         return args, kwargs
+
+
+def always_exit_routers(layers=(0,), hidden_size=32):
+    """DyVTE routers that always decide "exit": no trained weights needed."""
+    from vtprune.dyvte import Routers
+
+    routers = Routers(hidden_size, list(layers), width=8)
+    with torch.no_grad():
+        for r in routers.routers:
+            r.fc1.weight.zero_()
+            r.fc2.weight.zero_()
+            r.fc2.bias.copy_(torch.tensor([-5.0, 5.0]))
+    return routers

@@ -231,3 +231,28 @@ def test_stats_totals_of_an_in_llm_exit():
     assert totals["visual_tokens_out"] == visual and totals["exits"] == 1
     assert totals["visual_tokens_llm"] == pytest.approx(visual * 1 / n_layers)
     assert totals["llm_flops_saved"] == pytest.approx(stats["exit"]["llm_flops_saved"])
+
+
+def test_stats_kv_bytes_saved():
+    model = tiny_model("llava")
+    config = model.config.text_config
+    layers = config.num_hidden_layers
+    per_token_layer = 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4
+    inputs = tiny_inputs(model, "llava", images_per_row=(1, 1))
+    with vtprune.wrapped(model, "random", keep=0.5):
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+        stats = vtprune.stats(model)
+    cut = stats["llm_sequence_in"] - stats["llm_sequence_out"]
+    assert cut > 0 and stats["kv_bytes_saved"] == 2 * cut * layers * per_token_layer
+    # the cache really is that much smaller than the stock one
+    with torch.no_grad():
+        stock = model(**inputs, use_cache=True)
+    size = lambda c: sum(l.keys.numel() + l.values.numel() for l in c.layers) * 4  # noqa: E731,E741
+    assert size(stock.past_key_values) - size(out.past_key_values) == stats["kv_bytes_saved"]
+    with vtprune.wrapped(model, "exit", layer=1):
+        with torch.no_grad():
+            model(**inputs)
+        stats = vtprune.stats(model)
+    dropped = sum(stats["exit"]["visual_tokens_dropped"])
+    assert stats["kv_bytes_saved"] == dropped * (layers - 1) * per_token_layer

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from reference import LayerMasked, drop_mask, masked_forward, masked_greedy
+from reference import LayerMasked, always_exit_routers, drop_mask, masked_forward, masked_greedy
 
 import vtprune
 from vtprune.testing import FAMILIES, IMAGE_TOKEN, tiny_inputs, tiny_model
@@ -152,16 +152,6 @@ def test_layer_errors_and_unwrap_restores_attention():
     assert dict(AttentionInterface._global_mapping) == before
 
 
-def _always_exit_routers(layers, hidden_size=32):
-    from vtprune.dyvte import Routers
-
-    routers = Routers(hidden_size, layers, width=8)
-    with torch.no_grad():
-        for r in routers.routers:
-            r.fc1.weight.zero_()
-            r.fc2.weight.zero_()
-            r.fc2.bias.copy_(torch.tensor([-5.0, 5.0]))
-    return routers
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "internvl"])
@@ -169,7 +159,7 @@ def test_dyvte_that_always_exits_equals_exit(family, tmp_path):
     model = _model(family)
     inputs = tiny_inputs(model, family, images_per_row=(1, 2))
     path = str(tmp_path / "routers.safetensors")
-    _always_exit_routers([0]).save(path)
+    always_exit_routers([0]).save(path)
     dyvte = _run(model, inputs, "dyvte", weights=path)
     fixed = _run(model, inputs, "exit", layer=1)
     torch.testing.assert_close(dyvte[0], fixed[0], atol=1e-6, rtol=0)
@@ -187,7 +177,7 @@ def test_dyvte_rows_exit_at_different_layers():
 
     model = _model("llava")
     inputs = tiny_inputs(model, "llava", images_per_row=(1, 2))
-    config = RowZeroOnly(weights=_always_exit_routers([0]))
+    config = RowZeroOnly(weights=always_exit_routers([0]))
     vtprune.wrap(model, config)
     with torch.no_grad():
         logits = model(**inputs).logits
@@ -206,9 +196,9 @@ def test_dyvte_errors(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         vtprune.wrap(model, "dyvte", weights=str(tmp_path / "missing.safetensors"))
     with pytest.raises(ValueError, match="do not fit"):
-        vtprune.wrap(model, "dyvte", weights=_always_exit_routers([1]))
+        vtprune.wrap(model, "dyvte", weights=always_exit_routers([1]))
     with pytest.raises(ValueError, match="threshold"):
-        vtprune.wrap(model, "dyvte", weights=_always_exit_routers([0]), threshold=1.5)
+        vtprune.wrap(model, "dyvte", weights=always_exit_routers([0]), threshold=1.5)
     assert not vtprune.is_wrapped(model)
 
 

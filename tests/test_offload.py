@@ -10,6 +10,7 @@ the dispatched model as it was: stock logits, accelerate's hooks in place.
 
 import pytest
 import torch
+from reference import always_exit_routers
 
 import vtprune
 from vtprune.testing import tiny_inputs, tiny_model
@@ -32,17 +33,6 @@ DISK = {
 }
 
 
-def _always_exit_routers(layers=(0,), hidden_size=32):
-    """DyVTE routers that always decide "exit" (as in tests/test_exit.py): no trained weights needed."""
-    from vtprune.dyvte import Routers
-
-    routers = Routers(hidden_size, list(layers), width=8)
-    with torch.no_grad():
-        for r in routers.routers:
-            r.fc1.weight.zero_()
-            r.fc2.weight.zero_()
-            r.fc2.bias.copy_(torch.tensor([-5.0, 5.0]))
-    return routers
 
 
 # name -> options for ``vtprune.wrap`` (a callable for options that must be built per wrap)
@@ -57,7 +47,7 @@ OPTIONS = {
     "exit": {"layer": 1},
     "fastv": {"layer": 1, "keep": 0.5},
     "dart": {"layer": 1, "keep": 0.5, "pivot_image": 2, "pivot_text": 2},
-    "dyvte": lambda: {"weights": _always_exit_routers()},
+    "dyvte": lambda: {"weights": always_exit_routers()},
     "vhr": {"alpha": 2.0, "layers": [0, 1]},
     "var": {"sink_dims": [0, 1], "tau": 1.5, "rho": 0.3, "summ": 0.05, "layers": [1]},
 }
@@ -76,7 +66,7 @@ def _dyvte_row_zero_only():
         def decide(self, runtime, j, hidden):
             return torch.tensor([True, False])
 
-    return RowZeroOnly(weights=_always_exit_routers())
+    return RowZeroOnly(weights=always_exit_routers())
 
 
 EXTRA = {  # config objects: a pre-LLM selector with an in-LLM method, and DyVTE rows exiting apart

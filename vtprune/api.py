@@ -78,6 +78,9 @@ def last_kept(model) -> list:
 def stats(model) -> dict:
     """Tokens in/out per sample and per image of the last forward with images, and time spent.
 
+    ``kv_bytes_saved``: the KV-cache bytes that forward did not store (tokens cut before the LLM
+    times every layer, plus visual tokens an in-LLM method dropped times the layers after it).
+
     ``totals`` adds up every language-model call with images since ``wrap``: ``forwards``,
     ``samples`` (rows with visual tokens), ``visual_tokens_in`` / ``visual_tokens_out`` (before and
     after the pre-LLM cut), ``visual_tokens_llm`` (visual tokens averaged over the LLM's layers: less

@@ -16,6 +16,15 @@ import sys
 _COUNTER = itertools.count()
 
 
+def pick_layers(name, chosen, default, n_layers) -> list:
+    """The decoder layers an attention intervention acts on: ``chosen`` or ``default(n)``, checked."""
+    ids = chosen if chosen is not None else default(n_layers)
+    bad = [j for j in ids if not 0 <= j < n_layers]
+    if bad:
+        raise ValueError(f"{name} layers {bad} do not exist: the language model has {n_layers} decoder layers")
+    return ids
+
+
 def _text_config(model):
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config

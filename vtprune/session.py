@@ -456,6 +456,16 @@ class Session:
         return {int(t): tokens_to_keep(self.selector.keep, int((tiles == t).sum())) for t in tiles.unique() if t >= 0}
 
     # ------------------------------------------------------------------ reporting
+    def _kv_token_bytes(self) -> int:
+        """KV-cache bytes of one token over all the language model's layers (keys and values)."""
+        config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") \
+            else self.model.config
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        itemsize = next(self.adapter.language_model.parameters()).element_size()
+        return 2 * len(self.adapter.language_model.layers) * kv_heads * head_dim * itemsize
+
     def stats(self) -> dict:
         out = {}
         last = self.last
@@ -475,6 +485,7 @@ class Session:
                 "time_score_s": last["time_score_s"],
                 "time_gather_s": last["time_gather_s"],
             })
+            out["kv_bytes_saved"] = self._kv_token_bytes() * len(last["kept"]) * (last["length"] - last["llm_length"])
         runtime = self.layer_exit
         if self.exits is not None or (runtime is not None and runtime.exit_at is not None):
             exits = self.exits or {}
@@ -484,6 +495,11 @@ class Session:
                 "visual_tokens_dropped": exits.get("dropped"),
                 "llm_flops_saved": exits.get("llm_flops_saved", 0.0),
             }
+            if exits.get("dropped") is not None:
+                n = len(self.adapter.language_model.layers)
+                per_layer = self._kv_token_bytes() / n
+                out["kv_bytes_saved"] = out.get("kv_bytes_saved", 0) + int(
+                    per_layer * sum(exits["dropped"]) * (n - exits["layer"]))
             if runtime.exit_at is not None and self.layer_method.decision_layers(len(runtime.layers)):
                 n = len(runtime.layers)
                 # the first layer without the row's visual tokens (None: they never left)

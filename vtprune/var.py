@@ -84,15 +84,11 @@ def find_dims(model, calibration=None):
 
 class SinkRedistribution:
     def __init__(self, session, method, layers):
-        from .attention import AttentionRoute
+        from .attention import AttentionRoute, pick_layers
 
         self.session = session
         self.method = method
-        n = len(layers)
-        self.layer_ids = method.layers if method.layers is not None else default_layers(n)
-        bad = [j for j in self.layer_ids if not 0 <= j < n]
-        if bad:
-            raise ValueError(f"var layers {bad} do not exist: the language model has {n} decoder layers")
+        self.layer_ids = pick_layers("var", method.layers, default_layers, len(layers))
         self.layers = layers
         hidden = _text_config(session.model).hidden_size
         if method.sink_dims is not None:

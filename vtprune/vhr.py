@@ -18,6 +18,8 @@ import functools
 
 import torch
 
+from .attention import pick_layers
+
 
 def default_layers(n_layers: int) -> list:
     """The paper's choice for 32-layer LLaVA (layer 1 and the last 14), scaled to ``n_layers``."""
@@ -29,11 +31,7 @@ class HeadReinforcement:
     def __init__(self, session, method, layers):
         self.session = session
         self.method = method
-        n = len(layers)
-        self.layer_ids = method.layers if method.layers is not None else default_layers(n)
-        bad = [j for j in self.layer_ids if not 0 <= j < n]
-        if bad:
-            raise ValueError(f"vhr layers {bad} do not exist: the language model has {n} decoder layers")
+        self.layer_ids = pick_layers("vhr", method.layers, default_layers, len(layers))
         self.layers = layers
         self.batch = None  # the real batch size while the prefill runs doubled, else None
         self.heads = {}  # layer -> [B, H] bool, fixed at the prefill

@@ -47,8 +47,8 @@ def _greedy_reference(model, inputs, steps):
     mask = torch.stack([torch.ones(n, dtype=torch.long), torch.cat([torch.zeros(n - m), torch.ones(m)]).long()])
     pos = torch.stack([torch.arange(n), torch.cat([torch.zeros(n - m), torch.arange(m)]).long()])
     with torch.no_grad():
-        out = model(input_ids=batch_ids, attention_mask=mask, position_ids=pos, pixel_values=inputs["pixel_values"],
-                    use_cache=True)
+        images = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        out = model(input_ids=batch_ids, attention_mask=mask, position_ids=pos, use_cache=True, **images)
         first = out.logits[0, -1]
         cache = out.past_key_values
         for layer in cache.layers:
@@ -61,12 +61,12 @@ def _greedy_reference(model, inputs, steps):
     return first, torch.cat(tokens, 1)
 
 
-@pytest.mark.parametrize("alpha", [2.0, 0.5])
-def test_vhr_equals_eager_reference(alpha):
-    model = tiny_model("llava")
+@pytest.mark.parametrize("family,alpha", [("llava", 2.0), ("llava", 0.5), ("llava_next", 2.0), ("internvl", 2.0)])
+def test_vhr_equals_eager_reference(family, alpha):
+    model = tiny_model(family)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
-    inputs = tiny_inputs(model, "llava", images_per_row=(1,), with_mask=False)
+    inputs = tiny_inputs(model, family, images_per_row=(1,), with_mask=False)
     vtprune.wrap(model, "vhr", alpha=alpha, layers=[0, 1])
     with torch.no_grad():
         logits = model(**inputs).logits[0, -1]

@@ -11,8 +11,10 @@ from .base import Method, register
 @register("vhr")
 @dataclass
 class VHR(Method):
-    """Vision-aware head reinforcement (VHR, ACL 2025): per sample, scale the outputs of the heads
-    whose output changes most when the image is removed by ``alpha`` (default 2), before ``o_proj``.
+    """Scale the outputs of the most vision-aware heads by ``alpha`` (VHR, ACL 2025).
+
+    Per sample, the heads whose output changes most when the image is removed are scaled by
+    ``alpha`` (default 2), before ``o_proj``.
 
     Heads are chosen at the first generation step, layer by layer, from the vision-aware head
     divergence (with outlier removal, ``outliers=True``) and kept for the rest of the generation.
@@ -40,9 +42,11 @@ class VHR(Method):
 @register("var")
 @dataclass
 class VAR(Method):
-    """Visual attention sink redistribution (VAR, ICLR 2025): in image-centric heads, move a fraction
-    ``moved`` (default 0.4: the official code keeps p = 0.6) of the attention paid to sink tokens onto
-    the non-sink visual tokens, for the text rows after the image and every generated token.
+    """Move attention from sink tokens onto the other visual tokens in image-centric heads (VAR, ICLR 2025).
+
+    A fraction ``moved`` (default 0.4: the official code keeps p = 0.6) of the attention paid to sink
+    tokens goes to the non-sink visual tokens, for the text rows after the image and every generated
+    token.
 
     Sinks are tokens whose residual stream has a massive activation (``|x_d / RMS(x)| > tau`` in the
     ``sink_dims``; default: calibrated or known per model, see ``vtprune calibrate var``). A head is

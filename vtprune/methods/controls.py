@@ -90,9 +90,11 @@ class DivPrune(Selector):
 @register("downsample")
 @dataclass
 class Downsample(Method):
-    """A smaller image instead of fewer tokens (dynamic-resolution families): acts on the processor,
-    ``processor = vtprune.downsample(processor, keep=0.25)``; ``vtprune eval`` and the lmms-eval
-    plugin apply it for you. LLaVA-1.5 has a fixed resolution: use ``pool`` there."""
+    """A smaller image instead of fewer tokens; acts on the processor, not the model.
+
+    ``processor = vtprune.downsample(processor, keep=0.25)`` for dynamic-resolution families;
+    ``vtprune eval`` and the lmms-eval plugin apply it for you. LLaVA-1.5 has a fixed resolution:
+    use ``pool`` there."""
 
     stage: ClassVar[str] = "input"
     keep: float = 0.5

@@ -128,12 +128,17 @@ class ToyRunner:
     def prefill_ms(self):
         import torch
 
+        cuda = next(self.model.parameters()).is_cuda
         with torch.no_grad():
             self.model(**self.timing_inputs)
             times = []
             for _ in range(7):
+                if cuda:
+                    torch.cuda.synchronize()
                 start = time.perf_counter()
                 self.model(**self.timing_inputs)
+                if cuda:
+                    torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)
         # the minimum: other work on the machine only ever adds time
         return 1000 * min(times) / len(self.timing_inputs["input_ids"])
@@ -145,17 +150,24 @@ class ToyRunner:
         names, options = cell.wrap_args()
         if seed is not None:
             options["seed"] = seed
-        if "downsample" in names:
-            vtprune.downsample(self.processor, options.get("keep", 1.0))  # LLaVA-1.5: raises, use pool
+        processor = self.processor
+        if "downsample" in names:  # on the processor (LLaVA-1.5 raises: pool stands in)
+            processor = vtprune.downsample(processor, options.get("keep", 1.0))
+            names = [n for n in names if n != "downsample"]
+            if not names:
+                options = {}
+
+        def evaluate():
+            return toy.evaluate(self.model, processor, self.samples, self.batch_size, progress=False)
+
         if not names:
-            result, totals = _count_stock(self.model, lambda: toy.evaluate(self.model, self.processor, self.samples,
-                                                                            self.batch_size, progress=False))
-            return {"score": result["overall"], "by_type": result["by_type"], "n": result["n"],
-                    "totals": totals, "prefill_ms": self.prefill_ms(), "answers": _answers(result)}
-        with vtprune.wrapped(self.model, names, **options):
-            result = toy.evaluate(self.model, self.processor, self.samples, self.batch_size, progress=False)
-            totals = vtprune.stats(self.model)["totals"]
+            result, totals = _count_stock(self.model, evaluate)
             prefill = self.prefill_ms()
+        else:
+            with vtprune.wrapped(self.model, names, **options):
+                result = evaluate()
+                totals = vtprune.stats(self.model)["totals"]
+                prefill = self.prefill_ms()
         return {"score": result["overall"], "by_type": result["by_type"], "n": result["n"], "totals": totals,
                 "prefill_ms": prefill, "answers": _answers(result)}
 
@@ -266,6 +278,11 @@ def run(model="toy", tasks=(TOY_TASK,), methods=("fastervlm", "random"), keeps=(
 
     for spec in methods:
         parse_spec(spec)  # fail before any model is loaded
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and device == "cuda":  # one GPU per rank
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        import torch
+
+        torch.cuda.set_device(device)
     rank, world = _distributed(device)
     cells = plan(tasks, methods, keeps)
     config = {"model": model, "limit": limit, "seeds": seeds, "model_args": model_args or {}}

@@ -25,6 +25,8 @@ def _options(name, model):
         return {"sink_dims": [0, 1], "tau": 1.5, "rho": 0.3, "summ": 0.05}
     if name == "vhr":
         return {"alpha": 2.0}
+    if name == "zerotuning":
+        return {"gamma": 3.0}
     return {"keep": 0.5}
 
 

@@ -50,6 +50,7 @@ OPTIONS = {
     "dyvte": lambda: {"weights": always_exit_routers()},
     "vhr": {"alpha": 2.0, "layers": [0, 1]},
     "var": {"sink_dims": [0, 1], "tau": 1.5, "rho": 0.3, "summ": 0.05, "layers": [1]},
+    "zerotuning": {"gamma": 3.0, "layers": [1]},
 }
 RAISES = {  # name -> (families or None for all, error, match)
     "downsample": (None, ValueError, "processor"),

@@ -3,8 +3,9 @@
 A per-wrap attention function is registered in transformers' ``AttentionInterface`` (with the
 original implementation's mask builder in ``AttentionMaskInterface``, or padding would be
 ignored) and selected for the text config only; it lets observers see each layer's query and key
-(RoPE applied, cache included), calls the original implementation (SDPA, eager, flash), and lets
-modifiers rewrite that layer's output (``var`` recomputes a few query rows).
+(RoPE applied, cache included), lets mask transforms bias the logits (``zerotuning``), calls the
+original implementation (SDPA, eager, flash), and lets modifiers rewrite that layer's output
+(``var`` recomputes a few query rows).
 ``remove`` switches the text config back and unregisters the names.
 """
 
@@ -38,6 +39,8 @@ class AttentionRoute:
         self.observers = {}  # layer_idx -> fn(module, query, key, attention_mask, scaling)
         # layer_idx -> fn(module, query, key, value, attention_mask, kwargs, output) -> output
         self.modifiers = {}
+        # layer_idx -> fn(module, query, key, attention_mask) -> attention_mask (before the call)
+        self.masks = {}
         self.installed = False
 
     def install(self):
@@ -54,6 +57,9 @@ class AttentionRoute:
             observer = self.observers.get(layer)
             if observer is not None:
                 observer(module, query, key, attention_mask, kwargs.get("scaling"))
+            transform = self.masks.get(layer)
+            if transform is not None:
+                attention_mask = transform(module, query, key, attention_mask)
             if original in ALL_ATTENTION_FUNCTIONS._global_mapping and original != "eager":
                 impl = ALL_ATTENTION_FUNCTIONS[original]
             else:

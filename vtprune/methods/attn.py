@@ -1,4 +1,4 @@
-"""Attention interventions for faithfulness: VHR and VAR."""
+"""Attention interventions: VHR and VAR (faithfulness), ZeroTuning (the attention sink)."""
 
 from __future__ import annotations
 
@@ -83,3 +83,34 @@ class VAR(Method):
         from ..var import SinkRedistribution
 
         return SinkRedistribution(session, self, layers)
+
+
+@register("zerotuning")
+@dataclass
+class ZeroTuning(Method):
+    """Rescale the attention every row pays to the first token by ``gamma`` (ZeroTuning, arXiv 2505.11739).
+
+    In ``layers`` (default: all) and ``heads`` (default: all), a row's attention to the sequence's
+    first real token (BOS) is multiplied by ``gamma`` and the row renormalised — the same as adding
+    log(gamma) to that logit, so it runs on SDPA as a mask bias. The paper tunes ``gamma``, layers
+    and heads per task (some heads want the sink up, some down); there is no universal value, so
+    ``gamma`` has no effect until set (``gamma=1`` is the stock model).
+    """
+
+    stage: ClassVar[str] = "attention"
+    gamma: float = 1.0
+    layers: list | None = None
+    heads: list | None = None
+
+    def validate(self):
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not self.gamma > 0:
+            raise ValueError(f"zerotuning gamma must be > 0, got {self.gamma!r}")
+        if self.layers is not None:
+            self.layers = sorted({int(j) for j in self.layers})
+        if self.heads is not None:
+            self.heads = sorted({int(h) for h in self.heads})
+
+    def runtime(self, session, layers):
+        from ..zerotuning import SinkScaling
+
+        return SinkScaling(session, self, layers)

@@ -186,6 +186,6 @@ def resolve(method, options: dict) -> list:
             raise ValueError(f"only one {what} method can run at a time, got {chosen}")
     stages = {c.stage for c in configs}
     if {"llm", "attention"} <= stages:
-        raise ValueError("an attention intervention (vhr, var) does not compose with in-LLM exit yet; "
+        raise ValueError("an attention intervention (vhr, var, zerotuning) does not compose with in-LLM exit yet; "
                          "combine it with a pre-LLM method instead")
     return configs

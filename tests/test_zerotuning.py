@@ -1,0 +1,126 @@
+"""ZeroTuning against an eager reference: probabilities materialised, the first real token's column
+multiplied by gamma, rows renormalised."""
+
+import pytest
+import torch
+from reference import drop_mask, masked_greedy, positions
+
+import vtprune
+from vtprune.testing import FAMILIES, tiny_inputs, tiny_model
+
+
+class ReferenceZeroTuning:
+    def __init__(self, model, gamma, layers=None, heads=None):
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        self.model, self.gamma, self.layers, self.heads = model, gamma, layers, heads
+        AttentionInterface.register("zt_reference", self.attention)
+        AttentionMaskInterface.register("zt_reference", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+        self.before = model.config.get_text_config()._attn_implementation
+        model.set_attn_implementation({"text_config": "zt_reference"})
+
+    def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        groups = query.shape[1] // key.shape[1]
+        k = key.repeat_interleave(groups, 1).float()
+        v = value.repeat_interleave(groups, 1).float()
+        logits = query.float() @ k.transpose(-1, -2) * scaling
+        if attention_mask is not None:
+            logits = logits + attention_mask[..., :k.shape[2]].float()
+        probs = logits.softmax(-1)
+        if self.layers is None or module.layer_idx in self.layers:
+            for b in range(probs.shape[0]):
+                allowed = probs[b, 0, -1] > 0
+                first = int(allowed.nonzero()[0])
+                for h in range(probs.shape[1]):
+                    if self.heads is not None and h not in self.heads:
+                        continue
+                    rows = probs[b, h]
+                    rows[:, first] = rows[:, first] * self.gamma
+                    probs[b, h] = rows / rows.sum(-1, keepdim=True)
+        out = (probs @ v).to(query.dtype)
+        return out.transpose(1, 2).contiguous(), probs
+
+    def close(self):
+        from transformers import AttentionInterface, AttentionMaskInterface
+
+        self.model.set_attn_implementation({"text_config": self.before})
+        AttentionInterface._global_mapping.pop("zt_reference", None)
+        AttentionMaskInterface._global_mapping.pop("zt_reference", None)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zerotuning_equals_eager_reference(family):
+    model = tiny_model(family)
+    inputs = tiny_inputs(model, family, images_per_row=(1, 1))
+    options = dict(gamma=3.0, layers=[1], heads=[0, 2])
+    with torch.no_grad():
+        stock = model(**inputs).logits
+        with vtprune.wrapped(model, "zerotuning", **options):
+            ours = model(**inputs).logits
+        ref = ReferenceZeroTuning(model, **options)
+        try:
+            expected = model(**inputs).logits
+        finally:
+            ref.close()
+    mask = inputs["attention_mask"].bool()
+    assert (ours - stock)[mask].abs().max() > 1e-4
+    torch.testing.assert_close(ours[mask], expected[mask], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_zerotuning_generate_and_no_mask(family):
+    model = tiny_model(family)
+    inputs = tiny_inputs(model, family, images_per_row=(1, 1))
+    no_drop = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+    with torch.no_grad():
+        with vtprune.wrapped(model, "zerotuning", gamma=0.2):
+            ours = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+            single = tiny_inputs(model, family, with_mask=False)
+            ours_single = model(**single).logits
+        ref = ReferenceZeroTuning(model, 0.2)
+        try:
+            expected = masked_greedy(model, inputs, no_drop, steps=6)
+            expected_single = model(**single).logits
+        finally:
+            ref.close()
+    assert torch.equal(ours, expected)
+    torch.testing.assert_close(ours_single, expected_single, atol=2e-5, rtol=1e-4)
+
+
+def test_zerotuning_after_pruning_and_identity():
+    model = tiny_model("llava")
+    inputs = tiny_inputs(model, "llava", images_per_row=(1, 1))
+    with torch.no_grad():
+        stock = model(**inputs).logits
+        with vtprune.wrapped(model, "zerotuning"):  # gamma 1: nothing changes
+            assert torch.equal(model(**inputs).logits, stock)
+        with vtprune.wrapped(model, ["random", "zerotuning"], keep=0.5, gamma=2.5):
+            ours = model(**inputs).logits[:, -1]
+            kept = vtprune.last_kept(model)
+        drop = drop_mask(inputs["input_ids"], kept)
+        ref = ReferenceZeroTuning(model, 2.5)
+        try:
+            kw = dict(inputs, attention_mask=inputs["attention_mask"] * (~drop).long())
+            pos = positions(model, inputs, for_generate=False)
+            if pos is not None:
+                kw["position_ids"] = pos
+            expected = model(**kw).logits[:, -1]
+        finally:
+            ref.close()
+    torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-4)
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
+
+
+def test_zerotuning_errors():
+    model = tiny_model("llava")
+    for bad in (dict(gamma=0.0), dict(gamma=-1.0), dict(gamma=True)):
+        with pytest.raises(ValueError, match="gamma"):
+            vtprune.wrap(model, "zerotuning", **bad)
+    with pytest.raises(ValueError, match="heads"):
+        vtprune.wrap(model, "zerotuning", gamma=2.0, heads=[99])
+    with pytest.raises(ValueError, match="layers"):
+        vtprune.wrap(model, "zerotuning", gamma=2.0, layers=[99])
+    with pytest.raises(ValueError, match="only one attention"):
+        vtprune.wrap(model, ["vhr", "zerotuning"], gamma=2.0)
+    assert not vtprune.is_wrapped(model)

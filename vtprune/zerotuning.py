@@ -1,0 +1,78 @@
+"""ZeroTuning (Han et al., arXiv 2505.11739) — the runtime: rescale the attention to the first token.
+
+In the chosen layers and heads, every query row's post-softmax attention to the sequence's first
+real token (BOS; per row, after any left padding) is multiplied by ``gamma`` and the row is
+renormalised. That equals adding ``log(gamma)`` to that column's logit, so it runs on SDPA (and
+eager) as a float bias in the attention mask — no probabilities are materialised. Flash
+attention takes no float mask: ``wrap`` raises there. ``gamma = 1`` changes nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+
+class SinkScaling:
+    def __init__(self, session, method, layers):
+        from .attention import AttentionRoute, pick_layers
+
+        self.method = method
+        n = len(layers)
+        self.layer_ids = pick_layers("zerotuning", method.layers, lambda n: list(range(n)), n)
+        heads = session.model.config.get_text_config().num_attention_heads
+        bad = [h for h in (method.heads or []) if not 0 <= h < heads]
+        if bad:
+            raise ValueError(f"zerotuning heads {bad} do not exist: the language model has {heads} heads")
+        self.route = AttentionRoute(session.model)
+        if "flash" in self.route.original:
+            raise ValueError("zerotuning biases the attention mask, which flash attention does not take; "
+                             "load the model with attn_implementation='sdpa' or 'eager'")
+        self.probing = False
+
+    def install(self) -> list:
+        if self.method.gamma != 1.0:
+            for j in self.layer_ids:
+                self.route.masks[j] = functools.partial(self._bias, j)
+        self.route.install()
+        return []
+
+    def remove(self):
+        self.route.remove()
+
+    def begin_call(self, kwargs, visual, fresh):
+        return None
+
+    def end_call(self, output):
+        return None
+
+    def stats(self) -> dict:
+        return {}
+
+    def _bias(self, layer, module, query, key, mask):
+        """The layer's mask as a float bias [B, 1|H, q, kv] with log(gamma) on each row's first token."""
+        b, h, q, _ = query.shape
+        kv = key.shape[2]
+        device, dtype = query.device, query.dtype
+        low = torch.finfo(dtype).min
+        if mask is None:  # SDPA's causal fast path
+            rows = torch.arange(q, device=device)[:, None] + (kv - q)
+            allowed = (torch.arange(kv, device=device)[None, :] <= rows)[None, None].expand(b, 1, q, kv)
+            base = torch.zeros(b, 1, q, kv, device=device, dtype=dtype).masked_fill(~allowed, low)
+        elif mask.dtype == torch.bool:
+            allowed = mask[..., :kv].expand(b, mask.shape[1], q, kv)
+            base = torch.zeros(allowed.shape, device=device, dtype=dtype).masked_fill(~allowed, low)
+        else:
+            base = mask[..., :kv].expand(b, mask.shape[1], q, kv).to(dtype)
+            allowed = base > low / 2
+        first = allowed[:, 0, -1].float().argmax(-1)  # each row's first real token (after left padding)
+        column = torch.zeros(b, 1, 1, kv, device=device, dtype=torch.bool)
+        column[torch.arange(b, device=device), 0, 0, first] = True
+        bias = (column & allowed[:, :1]).to(dtype) * math.log(self.method.gamma)
+        if self.method.heads:
+            chosen = torch.zeros(1, h, 1, 1, device=device, dtype=dtype)
+            chosen[0, list(self.method.heads)] = 1
+            bias = bias * chosen
+        return base + bias

@@ -14,9 +14,9 @@ prefill, timed apart from it; medians of ``--repeats``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -27,10 +27,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _bench_prefill():
-    spec = importlib.util.spec_from_file_location("bench_prefill", os.path.join(HERE, "bench_prefill.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, HERE)
+    import bench_prefill
+
+    return bench_prefill
 
 
 def sink_dims(model, inputs, top=2):

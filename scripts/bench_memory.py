@@ -17,7 +17,6 @@ on an offloaded model), peak memory, the KV cache the prefill stored and ``vtpru
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -31,10 +30,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _bench_prefill():
-    spec = importlib.util.spec_from_file_location("bench_prefill", os.path.join(HERE, "bench_prefill.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, HERE)
+    import bench_prefill
+
+    return bench_prefill
 
 
 def offload_map(model):

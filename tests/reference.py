@@ -148,3 +148,43 @@ def always_exit_routers(layers=(0,), hidden_size=32):
             r.fc2.weight.zero_()
             r.fc2.bias.copy_(torch.tensor([-5.0, 5.0]))
     return routers
+
+
+class EagerReference:
+    """The stock model with its language model on a plain eager attention whose post-softmax
+    probabilities ``edit(module, probs)`` may change in place (an independent reference for
+    attention interventions). ``close()`` restores the model."""
+
+    name = "eager_reference"
+
+    def __init__(self, model):
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        self.model = model
+        AttentionInterface.register(self.name, self.attention)
+        AttentionMaskInterface.register(self.name, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+        self.before = model.config.get_text_config()._attn_implementation
+        model.set_attn_implementation({"text_config": self.name})
+
+    def edit(self, module, probs):
+        raise NotImplementedError
+
+    def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        groups = query.shape[1] // key.shape[1]
+        k = key.repeat_interleave(groups, 1).float()
+        v = value.repeat_interleave(groups, 1).float()
+        logits = query.float() @ k.transpose(-1, -2) * scaling
+        if attention_mask is not None:
+            logits = logits + attention_mask[..., :k.shape[2]].float()
+        probs = logits.softmax(-1)
+        self.edit(module, probs)
+        out = (probs @ v).to(query.dtype)
+        return out.transpose(1, 2).contiguous(), probs
+
+    def close(self):
+        from transformers import AttentionInterface, AttentionMaskInterface
+
+        self.model.set_attn_implementation({"text_config": self.before})
+        AttentionInterface._global_mapping.pop(self.name, None)
+        AttentionMaskInterface._global_mapping.pop(self.name, None)

@@ -10,29 +10,23 @@ import torch
 import vtprune
 from vtprune.testing import FAMILIES, IMAGE_TOKEN, tiny_inputs, tiny_model
 
-from reference import drop_mask, masked_greedy, positions
+from reference import EagerReference, drop_mask, masked_forward, masked_greedy
 
 # tiny random models have no massive activations: a low tau and permissive head rules make the
 # intervention fire often, so that the comparison below means something
 OPTIONS = dict(sink_dims=[0, 1], tau=1.5, rho=0.3, summ=0.05, moved=0.5)
 
 
-class ReferenceVAR:
+class ReferenceVAR(EagerReference):
     """Eager attention on the stock model with VAR applied to the full probability matrix."""
 
     def __init__(self, model, layers, visual, sink_dims, tau, rho, summ, moved):
-        from transformers import AttentionInterface, AttentionMaskInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-        self.model, self.layers, self.visual = model, layers, visual
+        self.layers, self.visual = layers, visual
         self.dims, self.tau, self.rho, self.summ, self.moved = sink_dims, tau, rho, summ, moved
         self.sinks, self.changed = {}, 0
         last = [int(v.nonzero().max()) if v.any() else 1 << 30 for v in visual]
         self.rows_from = [x + 1 for x in last]
-        AttentionInterface.register("var_reference", self.attention)
-        AttentionMaskInterface.register("var_reference", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
-        self.before = model.config.get_text_config()._attn_implementation
-        model.set_attn_implementation({"text_config": "var_reference"})
+        super().__init__(model)
         lm_layers = model.model.language_model.layers
         self.handles = [lm_layers[j].register_forward_pre_hook(self.detector(j), with_kwargs=True) for j in layers]
 
@@ -45,49 +39,37 @@ class ReferenceVAR:
             self.sinks[j] = torch.stack([(x[..., d] / rms[..., 0]).abs() for d in self.dims]).amax(0) > self.tau
         return hook
 
-    def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        groups = query.shape[1] // key.shape[1]
-        k = key.repeat_interleave(groups, 1).float()
-        v = value.repeat_interleave(groups, 1).float()
-        logits = query.float() @ k.transpose(-1, -2) * scaling
-        if attention_mask is not None:
-            logits = logits + attention_mask[..., :k.shape[2]].float()
-        probs = logits.softmax(-1)
+    def edit(self, module, probs):
         j = module.layer_idx
         b_n, h_n, q_n, kv = probs.shape
-        if j in self.sinks:
-            n0 = self.sinks[j].shape[1]
-            for b in range(b_n):
-                sink = torch.zeros(kv, dtype=torch.bool)
-                vis = torch.zeros(kv, dtype=torch.bool)
-                sink[:n0], vis[:n0] = self.sinks[j][b], self.visual[b]
-                if not (sink & vis).any():
+        if j not in self.sinks:
+            return
+        n0 = self.sinks[j].shape[1]
+        for b in range(b_n):
+            sink = torch.zeros(kv, dtype=torch.bool)
+            vis = torch.zeros(kv, dtype=torch.bool)
+            sink[:n0], vis[:n0] = self.sinks[j][b], self.visual[b]
+            if not (sink & vis).any():
+                continue
+            plain = vis & ~sink
+            for i in range(q_n):
+                if kv - q_n + i < self.rows_from[b]:
                     continue
-                plain = vis & ~sink
-                for i in range(q_n):
-                    if kv - q_n + i < self.rows_from[b]:
-                        continue
-                    for h in range(h_n):
-                        row = probs[b, h, i]
-                        mass_v, share = row[vis].sum(), row[plain].sum()
-                        if mass_v >= self.summ and share >= self.rho * mass_v and share > 0:
-                            budget = self.moved * row[sink].sum()
-                            new = row.clone()
-                            new[sink] = row[sink] * (1 - self.moved)
-                            new[plain] = row[plain] + budget * row[plain] / share
-                            probs[b, h, i] = new
-                            self.changed += 1
-        out = (probs @ v).to(query.dtype)
-        return out.transpose(1, 2).contiguous(), probs
+                for h in range(h_n):
+                    row = probs[b, h, i]
+                    mass_v, share = row[vis].sum(), row[plain].sum()
+                    if mass_v >= self.summ and share >= self.rho * mass_v and share > 0:
+                        budget = self.moved * row[sink].sum()
+                        new = row.clone()
+                        new[sink] = row[sink] * (1 - self.moved)
+                        new[plain] = row[plain] + budget * row[plain] / share
+                        probs[b, h, i] = new
+                        self.changed += 1
 
     def close(self):
-        from transformers import AttentionInterface, AttentionMaskInterface
-
         for h in self.handles:
             h.remove()
-        self.model.set_attn_implementation({"text_config": self.before})
-        AttentionInterface._global_mapping.pop("var_reference", None)
-        AttentionMaskInterface._global_mapping.pop("var_reference", None)
+        super().close()
 
 
 def _layers(model):
@@ -165,12 +147,7 @@ def test_var_after_pruning_equals_masked_reference(family):
         visual = (inputs["input_ids"] == IMAGE_TOKEN) & ~drop
         ref = ReferenceVAR(model, layers, visual, **OPTIONS)
         try:
-            kw = dict(inputs)
-            kw["attention_mask"] = inputs["attention_mask"] * (~drop).long()
-            pos = positions(model, inputs, for_generate=False)
-            if pos is not None:
-                kw["position_ids"] = pos
-            expected = model(**kw).logits[:, -1]
+            expected = masked_forward(model, inputs, drop)[:, -1]
         finally:
             ref.close()
     assert ref.changed > 0

@@ -3,50 +3,28 @@ multiplied by gamma, rows renormalised."""
 
 import pytest
 import torch
-from reference import drop_mask, masked_greedy, positions
+from reference import EagerReference, drop_mask, masked_forward, masked_greedy
 
 import vtprune
 from vtprune.testing import FAMILIES, tiny_inputs, tiny_model
 
 
-class ReferenceZeroTuning:
+class ReferenceZeroTuning(EagerReference):
     def __init__(self, model, gamma, layers=None, heads=None):
-        from transformers import AttentionInterface, AttentionMaskInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+        self.gamma, self.layers, self.heads = gamma, layers, heads
+        super().__init__(model)
 
-        self.model, self.gamma, self.layers, self.heads = model, gamma, layers, heads
-        AttentionInterface.register("zt_reference", self.attention)
-        AttentionMaskInterface.register("zt_reference", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
-        self.before = model.config.get_text_config()._attn_implementation
-        model.set_attn_implementation({"text_config": "zt_reference"})
-
-    def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        groups = query.shape[1] // key.shape[1]
-        k = key.repeat_interleave(groups, 1).float()
-        v = value.repeat_interleave(groups, 1).float()
-        logits = query.float() @ k.transpose(-1, -2) * scaling
-        if attention_mask is not None:
-            logits = logits + attention_mask[..., :k.shape[2]].float()
-        probs = logits.softmax(-1)
-        if self.layers is None or module.layer_idx in self.layers:
-            for b in range(probs.shape[0]):
-                allowed = probs[b, 0, -1] > 0
-                first = int(allowed.nonzero()[0])
-                for h in range(probs.shape[1]):
-                    if self.heads is not None and h not in self.heads:
-                        continue
-                    rows = probs[b, h]
-                    rows[:, first] = rows[:, first] * self.gamma
-                    probs[b, h] = rows / rows.sum(-1, keepdim=True)
-        out = (probs @ v).to(query.dtype)
-        return out.transpose(1, 2).contiguous(), probs
-
-    def close(self):
-        from transformers import AttentionInterface, AttentionMaskInterface
-
-        self.model.set_attn_implementation({"text_config": self.before})
-        AttentionInterface._global_mapping.pop("zt_reference", None)
-        AttentionMaskInterface._global_mapping.pop("zt_reference", None)
+    def edit(self, module, probs):
+        if self.layers is not None and module.layer_idx not in self.layers:
+            return
+        for b in range(probs.shape[0]):
+            first = int((probs[b, 0, -1] > 0).nonzero()[0])  # the first key the row may see
+            for h in range(probs.shape[1]):
+                if self.heads is not None and h not in self.heads:
+                    continue
+                rows = probs[b, h]
+                rows[:, first] = rows[:, first] * self.gamma
+                probs[b, h] = rows / rows.sum(-1, keepdim=True)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -101,11 +79,7 @@ def test_zerotuning_after_pruning_and_identity():
         drop = drop_mask(inputs["input_ids"], kept)
         ref = ReferenceZeroTuning(model, 2.5)
         try:
-            kw = dict(inputs, attention_mask=inputs["attention_mask"] * (~drop).long())
-            pos = positions(model, inputs, for_generate=False)
-            if pos is not None:
-                kw["position_ids"] = pos
-            expected = model(**kw).logits[:, -1]
+            expected = masked_forward(model, inputs, drop)[:, -1]
         finally:
             ref.close()
     torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-4)

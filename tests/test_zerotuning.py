@@ -3,7 +3,7 @@ multiplied by gamma, rows renormalised."""
 
 import pytest
 import torch
-from reference import EagerReference, drop_mask, masked_forward, masked_greedy
+from reference import EagerReference, LayerMasked, drop_mask, masked_forward, masked_greedy
 
 import vtprune
 from vtprune.testing import FAMILIES, tiny_inputs, tiny_model
@@ -98,3 +98,37 @@ def test_zerotuning_errors():
     with pytest.raises(ValueError, match="only one attention"):
         vtprune.wrap(model, ["vhr", "zerotuning"], gamma=2.0)
     assert not vtprune.is_wrapped(model)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "internvl"])
+@pytest.mark.parametrize("method,options", [("exit", {"layer": 1}), ("fastv", {"layer": 1, "keep": 0.5})])
+def test_zerotuning_composes_with_in_llm_exit(family, method, options):
+    """In-LLM exit + zerotuning equals the stock model with the exited tokens masked from the exit
+    layer on (LayerMasked) and the eager ZeroTuning reference; unwrap restores SDPA."""
+    from transformers import AttentionInterface
+
+    model = tiny_model(family)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    inputs = tiny_inputs(model, family, images_per_row=(1, 1))
+    before = dict(AttentionInterface._global_mapping)
+    with torch.no_grad():
+        with vtprune.wrapped(model, [method, "zerotuning"], gamma=3.0, **options):
+            ours = model(**inputs).logits[:, -1]
+            drop = model._vtprune_session.exits["mask"].clone()
+            tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+            drop_gen = model._vtprune_session.exits["mask"].clone()
+        assert model.config.get_text_config()._attn_implementation == "sdpa"
+        assert dict(AttentionInterface._global_mapping) == before
+        ref = ReferenceZeroTuning(model, 3.0)
+        none = torch.zeros_like(drop)
+        try:
+            with LayerMasked(model, 1, drop):
+                expected = masked_forward(model, inputs, none)[:, -1]
+            with LayerMasked(model, 1, drop_gen):
+                expected_tokens = masked_greedy(model, inputs, none, steps=6)
+        finally:
+            ref.close()
+    assert drop.any()
+    torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-4)
+    assert torch.equal(tokens, expected_tokens)

@@ -107,10 +107,11 @@ class Session:
         self.handles.append(self.model.register_forward_hook(self._top_post, with_kwargs=True))
 
     def remove(self):
-        if self.route is not None:
-            self.route.remove()
+        # the attention runtime's route was installed last (it may call the exit's route): first out
         if self.vhr is not None and hasattr(self.vhr, "remove"):
             self.vhr.remove()
+        if self.route is not None:
+            self.route.remove()
         for handle in self.handles:
             handle.remove()
         self.handles.clear()

@@ -98,6 +98,7 @@ class ZeroTuning(Method):
     """
 
     stage: ClassVar[str] = "attention"
+    composes_with_exit: ClassVar[bool] = True  # a mask bias: indifferent to tokens leaving mid-way
     gamma: float = 1.0
     layers: list | None = None
     heads: list | None = None

@@ -184,8 +184,9 @@ def resolve(method, options: dict) -> list:
         chosen = [c.name for c in configs if c.stage == stage]
         if len(chosen) > 1:
             raise ValueError(f"only one {what} method can run at a time, got {chosen}")
-    stages = {c.stage for c in configs}
-    if {"llm", "attention"} <= stages:
-        raise ValueError("an attention intervention (vhr, var, zerotuning) does not compose with in-LLM exit yet; "
+    exiting = [c for c in configs if c.stage == "llm"]
+    blocked = [c.name for c in configs if c.stage == "attention" and not getattr(c, "composes_with_exit", False)]
+    if exiting and blocked:
+        raise ValueError(f"{blocked[0]} does not compose with in-LLM exit yet (only zerotuning does); "
                          "combine it with a pre-LLM method instead")
     return configs

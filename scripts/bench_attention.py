@@ -22,6 +22,7 @@ import time
 import torch
 
 import vtprune
+from vtprune.var import rms_ratio
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -39,8 +40,7 @@ def sink_dims(model, inputs, top=2):
         hidden = model(**inputs, output_hidden_states=True).hidden_states
     peak = None
     for x in hidden[1:-1]:
-        x = x[0].float()
-        ratio = (x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()).abs().amax(0)
+        ratio = rms_ratio(x[0]).amax(0)
         peak = ratio if peak is None else torch.maximum(peak, ratio)
     values, dims = peak.topk(top)
     return dims.tolist(), float(values.min())

@@ -39,6 +39,7 @@ def _bench_prefill():
 def offload_map(model):
     """Second half of the tower layers and of the LLM layers on disk; every other subtree on cpu."""
     from vtprune.patches import adapter_for
+    from vtprune.testing import disk_offload_map
 
     adapter = adapter_for(model)
     names = {id(m): n for n, m in model.named_modules()}
@@ -46,21 +47,7 @@ def offload_map(model):
     tower_layers = next(m for n, m in model.named_modules() if n.endswith("encoder.layers") or n.endswith("blocks"))
     disk = [names[id(m)] for m in list(lm_layers)[len(lm_layers) // 2:]]
     disk += [names[id(m)] for m in list(tower_layers)[len(tower_layers) // 2:]]
-    out = {}
-
-    def visit(module, name):
-        if name in disk:
-            out[name] = "disk"
-        elif not any(d.startswith(name + ".") or not name for d in disk):
-            out[name] = "cpu"
-        else:
-            for child, sub in module.named_children():
-                visit(sub, f"{name}.{child}" if name else child)
-            if any(True for _ in module.parameters(recurse=False)):
-                raise SystemExit(f"{name} holds parameters and contains offloaded layers")
-
-    visit(model, "")
-    return out
+    return disk_offload_map(model, disk)
 
 
 def child(cfg):

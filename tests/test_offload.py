@@ -13,7 +13,7 @@ import torch
 from reference import always_exit_routers
 
 import vtprune
-from vtprune.testing import tiny_inputs, tiny_model
+from vtprune.testing import disk_offload_map, tiny_inputs, tiny_model
 
 FAMILIES = ["llava", "qwen2_vl", "internvl"]
 
@@ -77,28 +77,6 @@ EXTRA = {  # config objects: a pre-LLM selector with an in-LLM method, and DyVTE
 }
 
 
-def _device_map(model, disk):
-    """``{module: "cpu" | "disk"}`` naming every module that holds parameters directly: each module in
-    ``disk`` goes to disk, every largest subtree without one goes to cpu as a whole."""
-    out = {}
-
-    def visit(module, name):
-        inside = [d for d in disk if d == name or d.startswith(name + ".") or not name]
-        if name in disk:
-            out[name] = "disk"
-        elif not inside:
-            out[name] = "cpu"
-        else:
-            if any(True for _ in module.parameters(recurse=False)):
-                raise AssertionError(f"{name} holds parameters and contains offloaded modules: name it in DISK")
-            for child, sub in module.named_children():
-                visit(sub, f"{name}.{child}" if name else child)
-
-    visit(model, "")
-    missing = set(disk) - set(out)
-    assert not missing, f"no such modules: {missing}"
-    return out
-
 
 def _prepare(model):
     model.eval()
@@ -118,7 +96,7 @@ def setup(request, tmp_path_factory):
     source = tiny_model(family)
     source.save_pretrained(root / "model")
     cls = type(source)
-    device_map = _device_map(source, DISK[family])
+    device_map = disk_offload_map(source, DISK[family])
     memory = _prepare(cls.from_pretrained(root / "model"))
     offloaded = _prepare(cls.from_pretrained(root / "model", device_map=device_map,
                                              offload_folder=str(root / "offload")))

@@ -14,6 +14,8 @@ from __future__ import annotations
 import itertools
 import sys
 
+import torch
+
 _COUNTER = itertools.count()
 
 
@@ -26,15 +28,26 @@ def pick_layers(name, chosen, default, n_layers) -> list:
     return ids
 
 
-def _text_config(model):
+def text_config(model):
+    """The language model's config of a composite VLM config (the config itself otherwise)."""
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def allowed_keys(mask, q, kv, device):
+    """Bool [B|1, 1|H, q, kv]: which keys each of a call's ``q`` query rows (the last ``q`` of ``kv``
+    positions) may attend to — the routed attention mask as bool, or causal where SDPA passed none."""
+    if mask is None:
+        rows = torch.arange(q, device=device)[:, None] + (kv - q)
+        return (torch.arange(kv, device=device)[None, :] <= rows)[None, None]
+    mask = mask[..., :kv]
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
 
 class AttentionRoute:
     def __init__(self, model):
         self.model = model
-        self.original = _text_config(model)._attn_implementation or "sdpa"
+        self.original = text_config(model)._attn_implementation or "sdpa"
         self.name = f"vtprune_{next(_COUNTER)}"
         self.observers = {}  # layer_idx -> fn(module, query, key, attention_mask, scaling)
         # layer_idx -> fn(module, query, key, value, attention_mask, kwargs, output) -> output

@@ -1,8 +1,8 @@
 """``downsample``: a smaller image instead of fewer tokens — the baseline VTC-Bench found strong.
 
-For dynamic-resolution families the number of visual tokens follows the image size: Qwen2/2.5/3-VL
-(28-px patches after 2x2 merging, within ``min_pixels``/``max_pixels``), InternVL (the tile count
-grows with the image area), LLaVA-NeXT (the anyres grid is chosen from the image size). Shrinking
+For dynamic-resolution families the number of visual tokens follows the image: Qwen2/2.5/3-VL
+(28-px patches after 2x2 merging, within ``min_pixels``/``max_pixels``), LLaVA-NeXT (the anyres
+grid is chosen from the image size), InternVL (the tile count, from the aspect ratio and size). Shrinking
 each image until the *processor* yields about ``keep`` of its stock token count saves the vision
 tower's work as well as the LLM's. It acts on the processor, not the model::
 

@@ -19,6 +19,7 @@ import functools
 
 import torch
 
+from .attention import allowed_keys
 from .select import plan_cut
 
 
@@ -94,7 +95,7 @@ class LayerExit:
         last_only = self.method.query == "last"
         q = query.float()[:, :, -1:] if last_only else query.float()
         logits = (q @ key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
-        allowed = self._allowed(mask, n, query.device)
+        allowed = allowed_keys(mask, n, n, query.device)
         if last_only:
             allowed = allowed[..., -1:, :]
         probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0).mean(1)  # [B, rows, n]
@@ -103,15 +104,6 @@ class LayerExit:
         else:
             weights = self.text.to(probs.device).float()
             self.scores = (probs * weights[:, :, None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
-
-    @staticmethod
-    def _allowed(mask, n, device):
-        """Bool [B|1, 1, n, n]: which keys each query may attend to in this prefill."""
-        if mask is None:
-            return torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None]
-        if mask.dtype == torch.bool:
-            return mask
-        return mask > torch.finfo(mask.dtype).min / 2
 
     def _post_layer(self, j, module, args, output):
         """Dynamic methods decide after layer ``j`` which rows' visual tokens may leave."""
@@ -152,8 +144,7 @@ class LayerExit:
         cols = torch.cat([visual, torch.zeros(b, kv - n, dtype=torch.bool, device=visual.device)], 1)
         bad = cols & rows[:, None].to(cols.device)
         if mask is None:
-            pos = torch.arange(q, device=visual.device)[:, None] + self.past
-            mask = (torch.arange(kv, device=visual.device)[None, :] <= pos)[None, None]
+            mask = allowed_keys(None, q, kv, visual.device)
         mask = mask.expand(b, *mask.shape[1:])
         bad = bad.to(mask.device)[:, None, None, :]
         return mask & ~bad if mask.dtype == torch.bool else mask.masked_fill(bad, torch.finfo(mask.dtype).min)

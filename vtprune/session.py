@@ -34,7 +34,7 @@ import torch
 
 from vtprune.kernels import gather_cut
 
-from .attention import AttentionRoute
+from .attention import AttentionRoute, text_config
 from .budget import tokens_to_keep
 from .exit import LayerExit
 from .methods import ScoreContext
@@ -459,8 +459,7 @@ class Session:
     # ------------------------------------------------------------------ reporting
     def _kv_token_bytes(self) -> int:
         """KV-cache bytes of one token over all the language model's layers (keys and values)."""
-        config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") \
-            else self.model.config
+        config = text_config(self.model)
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -505,8 +504,9 @@ class Session:
                 n = len(runtime.layers)
                 # the first layer without the row's visual tokens (None: they never left)
                 out["exit"]["exit_layers"] = [int(j) + 1 if j < n else None for j in runtime.exit_at.tolist()]
-        if self.vhr is not None and self.vhr.stats():
-            out[self.attn_method.name] = self.vhr.stats()
+        attention = self.vhr.stats() if self.vhr is not None else {}
+        if attention:
+            out[self.attn_method.name] = attention
         if out:
             out["totals"] = dict(self.totals)
         return out or {"forwards_with_images": 0, "totals": dict(self.totals)}

@@ -184,3 +184,26 @@ def tiny_inputs(model, family: str, images_per_row=(1,), text_lens=None, image_s
     if family.startswith("qwen"):
         inputs["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).int()
     return inputs
+
+
+def disk_offload_map(model, disk) -> dict:
+    """An accelerate ``device_map`` with the modules named in ``disk`` on "disk" and every largest
+    subtree without one on "cpu" (the map must name each module that holds parameters directly)."""
+    out = {}
+
+    def visit(module, name):
+        if name in disk:
+            out[name] = "disk"
+        elif not any(d.startswith(name + ".") or not name for d in disk):
+            out[name] = "cpu"
+        else:
+            if any(True for _ in module.parameters(recurse=False)):
+                raise ValueError(f"{name} holds parameters and contains offloaded modules: offload it whole")
+            for child, sub in module.named_children():
+                visit(sub, f"{name}.{child}" if name else child)
+
+    visit(model, "")
+    missing = set(disk) - set(out)
+    if missing:
+        raise ValueError(f"no such modules: {sorted(missing)}")
+    return out

@@ -31,6 +31,8 @@ import re
 
 import torch
 
+from .attention import AttentionRoute, allowed_keys, pick_layers, text_config
+
 # (text model_type, hidden size, layers) -> massive-activation dims reported by VAR / Sun et al. 2024
 KNOWN_DIMS = {
     ("llama", 4096, 32): [1415, 2533],  # Llama-2-7B / Vicuna-7B: LLaVA-1.5-7B
@@ -46,6 +48,14 @@ def default_layers(n_layers: int) -> list:
     return list(range(start, max(start, n_layers - 1)))
 
 
+def rms_ratio(x, dims=None):
+    """|x_d / RMS(x)| per channel (RMS without gain, fp32), for ``dims`` only when given: the
+    massive-activation measure."""
+    x = x.float()
+    rms = x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    return ((x if dims is None else x[..., dims]) / rms).abs()
+
+
 def cache_dir() -> str:
     root = os.environ.get("VTPRUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vtprune")
     return os.path.join(root, "var")
@@ -54,11 +64,6 @@ def cache_dir() -> str:
 def cache_path(model) -> str:
     name = getattr(model.config, "_name_or_path", "") or type(model).__name__
     return os.path.join(cache_dir(), re.sub(r"[^A-Za-z0-9_.-]+", "_", name.strip("/")) + ".json")
-
-
-def _text_config(model):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def find_dims(model, calibration=None):
@@ -74,7 +79,7 @@ def find_dims(model, calibration=None):
         if path and os.path.isfile(path):
             with open(path) as f:
                 return [int(d) for d in json.load(f)["sink_dims"]], path
-    text = _text_config(model)
+    text = text_config(model)
     key = (text.model_type, text.hidden_size, text.num_hidden_layers)
     if key in KNOWN_DIMS:
         return list(KNOWN_DIMS[key]), "the dimensions the VAR paper reports for this backbone"
@@ -84,13 +89,11 @@ def find_dims(model, calibration=None):
 
 class SinkRedistribution:
     def __init__(self, session, method, layers):
-        from .attention import AttentionRoute, pick_layers
-
         self.session = session
         self.method = method
         self.layer_ids = pick_layers("var", method.layers, default_layers, len(layers))
         self.layers = layers
-        hidden = _text_config(session.model).hidden_size
+        hidden = text_config(session.model).hidden_size
         if method.sink_dims is not None:
             self.dims, self.source = list(method.sink_dims), "sink_dims"
         else:
@@ -140,9 +143,7 @@ class SinkRedistribution:
         if not self.prefill or self.visual is None or self.method.moved == 0:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
-        x = hidden.float()
-        rms = x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
-        phi = (x[..., self.dims] / rms).abs().amax(-1)
+        phi = rms_ratio(hidden, self.dims).amax(-1)
         self.sinks[layer] = (phi > self.method.tau).to(self.visual.device)
         return None
 
@@ -176,7 +177,8 @@ class SinkRedistribution:
             k = key[bi].repeat_interleave(groups, 0).float()  # [H, kv, d]
             v = value[bi].repeat_interleave(groups, 0).float()
             logits = query[bi][:, r].float() @ k.transpose(-1, -2) * scaling  # [H, R, kv]
-            allowed = _allowed(mask, bi, r, positions, kv, device)
+            allowed = allowed_keys(mask, q, kv, device)
+            allowed = allowed[bi if allowed.shape[0] > 1 else 0][:, r]  # [1|H, R, kv]
             probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
             v_mask, s_mask, vs_mask = vis[bi], sink[bi], vis_sink[bi]
             plain = v_mask & ~s_mask
@@ -204,15 +206,6 @@ class SinkRedistribution:
                 "row_heads_changed_last_call": dict(self.changed)}
 
 
-def _allowed(mask, bi, rows, positions, kv, device):
-    """Bool [1|H, R, kv]: the keys each intervened row may attend to (causal when no mask)."""
-    if mask is None:
-        return (torch.arange(kv, device=device)[None, :] <= positions[rows][:, None])[None]
-    m = mask[bi if mask.shape[0] > 1 else 0][:, rows][..., :kv]
-    if m.dtype != torch.bool:
-        m = m > torch.finfo(m.dtype).min / 2
-    return m.to(device)
-
 
 @torch.no_grad()
 def calibrate(model, processor, images, prompt="Describe the image.", top=2, tau=20.0, progress=True):
@@ -237,8 +230,7 @@ def calibrate(model, processor, images, prompt="Describe the image.", top=2, tau
         n = len(hidden) - 1
         layers = default_layers(n) if layers is None else layers
         for j in layers:
-            x = hidden[j][0].float()
-            ratio = (x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()).abs()  # [T, D]
+            ratio = rms_ratio(hidden[j][0])  # [T, D]
             values, channels = ratio.max(-1)
             for c in channels[values > tau].tolist():
                 hits[c] = hits.get(c, 0) + 1

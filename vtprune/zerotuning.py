@@ -14,15 +14,15 @@ import math
 
 import torch
 
+from .attention import AttentionRoute, allowed_keys, pick_layers, text_config
+
 
 class SinkScaling:
     def __init__(self, session, method, layers):
-        from .attention import AttentionRoute, pick_layers
-
         self.method = method
         n = len(layers)
         self.layer_ids = pick_layers("zerotuning", method.layers, lambda n: list(range(n)), n)
-        heads = session.model.config.get_text_config().num_attention_heads
+        heads = text_config(session.model).num_attention_heads
         bad = [h for h in (method.heads or []) if not 0 <= h < heads]
         if bad:
             raise ValueError(f"zerotuning heads {bad} do not exist: the language model has {heads} heads")
@@ -57,16 +57,11 @@ class SinkScaling:
         kv = key.shape[2]
         device, dtype = query.device, query.dtype
         low = torch.finfo(dtype).min
-        if mask is None:  # SDPA's causal fast path
-            rows = torch.arange(q, device=device)[:, None] + (kv - q)
-            allowed = (torch.arange(kv, device=device)[None, :] <= rows)[None, None].expand(b, 1, q, kv)
-            base = torch.zeros(b, 1, q, kv, device=device, dtype=dtype).masked_fill(~allowed, low)
-        elif mask.dtype == torch.bool:
-            allowed = mask[..., :kv].expand(b, mask.shape[1], q, kv)
+        allowed = allowed_keys(mask, q, kv, device).expand(b, -1, q, kv)
+        if mask is not None and mask.dtype != torch.bool:
+            base = mask[..., :kv].expand(b, -1, q, kv).to(dtype)
+        else:  # bool, or None (SDPA's causal fast path)
             base = torch.zeros(allowed.shape, device=device, dtype=dtype).masked_fill(~allowed, low)
-        else:
-            base = mask[..., :kv].expand(b, mask.shape[1], q, kv).to(dtype)
-            allowed = base > low / 2
         first = allowed[:, 0, -1].float().argmax(-1)  # each row's first real token (after left padding)
         column = torch.zeros(b, 1, 1, kv, device=device, dtype=torch.bool)
         column[torch.arange(b, device=device), 0, 0, first] = True

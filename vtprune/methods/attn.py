@@ -8,6 +8,11 @@ from typing import ClassVar
 from .base import Method, register
 
 
+def _indices(values) -> list:
+    """Layer, head or channel indices as sorted unique ints."""
+    return sorted({int(v) for v in values})
+
+
 @register("vhr")
 @dataclass
 class VHR(Method):
@@ -31,7 +36,7 @@ class VHR(Method):
         if not self.alpha > 0:
             raise ValueError(f"vhr alpha must be > 0, got {self.alpha}")
         if self.layers is not None:
-            self.layers = sorted({int(j) for j in self.layers})
+            self.layers = _indices(self.layers)
 
     def runtime(self, session, layers):
         from ..vhr import HeadReinforcement
@@ -73,11 +78,11 @@ class VAR(Method):
         if not self.tau > 0:
             raise ValueError(f"var tau must be > 0, got {self.tau}")
         if self.sink_dims is not None:
-            self.sink_dims = sorted({int(d) for d in self.sink_dims})
+            self.sink_dims = _indices(self.sink_dims)
             if not self.sink_dims:
                 raise ValueError("var sink_dims is empty")
         if self.layers is not None:
-            self.layers = sorted({int(j) for j in self.layers})
+            self.layers = _indices(self.layers)
 
     def runtime(self, session, layers):
         from ..var import SinkRedistribution
@@ -107,9 +112,9 @@ class ZeroTuning(Method):
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not self.gamma > 0:
             raise ValueError(f"zerotuning gamma must be > 0, got {self.gamma!r}")
         if self.layers is not None:
-            self.layers = sorted({int(j) for j in self.layers})
+            self.layers = _indices(self.layers)
         if self.heads is not None:
-            self.heads = sorted({int(h) for h in self.heads})
+            self.heads = _indices(self.heads)
 
     def runtime(self, session, layers):
         from ..zerotuning import SinkScaling

@@ -61,13 +61,24 @@ def compact_kv(keys, values, index):
     return _torch.compact_kv(keys, values, index)
 
 
+def compact_layers(pairs, index):
+    """Keep positions ``index`` [B, S'] of every ``(keys, values)`` pair [B, H, S, D]; with Triton
+    one launch covers all layers alike (same shape, strides, dtype)."""
+    pairs = list(pairs)
+    if pairs and backend(pairs[0][0].device.type) == "triton":
+        from .triton_gather import compact_layers_triton
+
+        return compact_layers_triton(pairs, index)
+    return _torch.compact_layers(pairs, index)
+
+
 def compact_cache(cache, index, layers=None):
     """Drop positions from a ``DynamicCache`` in place: keep ``index`` [B, S'] in ``layers`` (default all)."""
-    chosen = range(len(cache.layers)) if layers is None else layers
-    for i in chosen:
-        layer = cache.layers[i]
-        layer.keys, layer.values = compact_kv(layer.keys, layer.values, index)
+    chosen = list(range(len(cache.layers)) if layers is None else layers)
+    new = compact_layers([(cache.layers[i].keys, cache.layers[i].values) for i in chosen], index)
+    for i, (keys, values) in zip(chosen, new):
+        cache.layers[i].keys, cache.layers[i].values = keys, values
     return cache
 
 
-__all__ = ["BACKENDS", "backend", "compact_cache", "compact_kv", "gather_cut", "triton_available"]
+__all__ = ["BACKENDS", "backend", "compact_cache", "compact_kv", "compact_layers", "gather_cut", "triton_available"]

@@ -1,4 +1,4 @@
-"""Torch reference of the pre-LLM cut: gather the kept rows of embeddings, mask and positions."""
+"""Torch references: the pre-LLM cut (kept rows of embeddings, mask and positions) and KV compaction."""
 
 from __future__ import annotations
 
@@ -34,3 +34,8 @@ def compact_kv(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor):
         return t.gather(2, idx)
 
     return pick(keys), pick(values)
+
+
+def compact_layers(pairs, index):
+    """``compact_kv`` of every ``(keys, values)`` pair (torch reference of the multi-layer kernel)."""
+    return [compact_kv(k, v, index) for k, v in pairs]

@@ -1,11 +1,12 @@
 """Triton kernels: the pre-LLM cut in one launch, and KV-cache compaction.
 
 ``gather_cut_triton`` gathers the kept rows of ``embeds`` [B, L, D] and, in the same launch, writes
-the cut attention mask and position ids (1-D [B, L] or Qwen's [P, B, L]).  ``compact_kv_triton``
-drops positions from a layer's keys and values [B, H, S, D] in one launch per layer (keys and values
-together).  Both take any strides (non-contiguous inputs), fp32/fp16/bf16, and empty or full
-selections; outputs are bitwise equal to the torch reference in ``gather.py``.  On a CPU they run
-under ``TRITON_INTERPRET=1`` (how CI tests them).
+the cut attention mask and position ids (1-D [B, L] or Qwen's [P, B, L]).  ``compact_layers_triton``
+drops positions from the keys and values [B, H, S, D] of many layers in one launch (a table of
+their addresses; one launch per group of tensors with equal shape, strides and dtype).  Both take
+any strides (non-contiguous inputs), fp32/fp16/bf16, and empty or full selections; outputs are
+bitwise equal to the torch reference in ``gather.py``.  On a CPU they run under
+``TRITON_INTERPRET=1`` (how CI tests them).
 """
 
 from __future__ import annotations
@@ -77,33 +78,60 @@ def gather_cut_triton(embeds, index, real, mask=None, positions=None):
 
 
 @triton.jit
-def _compact_kv_kernel(k_src, v_src, k_dst, v_dst, index, heads, d_head, sp,
-                       k_b, k_h, k_s, k_d, v_b, v_h, v_s, v_d, BLOCK_D: tl.constexpr):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    j = tl.program_id(2)
-    i = tl.load(index + b * sp + j)
+def _compact_kv_kernel(src_ptrs, dst_ptrs, like, index, heads, d_head, sp,
+                       s_b, s_h, s_s, s_d, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    # program (t, b*heads + h, block of kept positions): tensor t of the pointer tables
+    t = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // heads
+    h = bh % heads
+    js = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_ok = js < sp
+    i = tl.load(index + b * sp + js, mask=j_ok, other=0)
+    src = tl.load(src_ptrs + t).to(like.dtype)  # addresses -> typed pointers (like's element type)
+    dst = tl.load(dst_ptrs + t).to(like.dtype)
+    src_rows = src + b * s_b + h * s_h + i[:, None] * s_s
+    dst_rows = dst + (bh * sp + js[:, None]) * d_head
     for d0 in range(0, d_head, BLOCK_D):
-        offs = d0 + tl.arange(0, BLOCK_D)
-        ok = offs < d_head
-        kv = tl.load(k_src + b * k_b + h * k_h + i * k_s + offs * k_d, mask=ok)
-        tl.store(k_dst + ((b * heads + h) * sp + j) * d_head + offs, kv, mask=ok)
-        vv = tl.load(v_src + b * v_b + h * v_h + i * v_s + offs * v_d, mask=ok)
-        tl.store(v_dst + ((b * heads + h) * sp + j) * d_head + offs, vv, mask=ok)
+        ds = d0 + tl.arange(0, BLOCK_D)
+        ok = j_ok[:, None] & (ds < d_head)[None, :]
+        x = tl.load(src_rows + ds[None, :] * s_d, mask=ok)
+        tl.store(dst_rows + ds[None, :], x, mask=ok)
+
+
+def compact_layers_triton(pairs, index):
+    """Keep positions ``index`` [B, S'] of every ``(keys, values)`` pair [B, H, S, D] (many layers).
+
+    Tensors that share shape, strides and dtype (the usual cache: every layer alike) are compacted by
+    one launch that reads their addresses from a pointer table; others form their own groups.
+    Returns ``[(keys, values), ...]``, contiguous, in the order given.
+    """
+    tensors = [t for pair in pairs for t in pair]
+    if not tensors:
+        return []
+    device = tensors[0].device
+    sp = index.shape[1]
+    index = index.to(device, torch.int64).contiguous()
+    outs = [torch.empty(*t.shape[:2], sp, t.shape[3], dtype=t.dtype, device=t.device) for t in tensors]
+    groups: dict = {}
+    for n, t in enumerate(tensors):
+        if t.device != device:
+            raise ValueError(f"KV compaction needs every tensor on one device; got {device} and {t.device}")
+        groups.setdefault((tuple(t.shape), t.stride(), t.dtype), []).append(n)
+    for (shape, stride, _), members in groups.items():
+        b, h, _, d = shape
+        if not (b and h and sp and d):
+            continue
+        src = torch.tensor([tensors[n].data_ptr() for n in members], dtype=torch.int64, device=device)
+        dst = torch.tensor([outs[n].data_ptr() for n in members], dtype=torch.int64, device=device)
+        block_d = min(256, triton.next_power_of_2(max(d, 16)))
+        block_j = max(1, min(64, 4096 // block_d, triton.next_power_of_2(sp)))
+        grid = (len(members), b * h, triton.cdiv(sp, block_j))
+        _compact_kv_kernel[grid](src, dst, outs[members[0]], index, h, d, sp, *stride,
+                                 BLOCK_J=block_j, BLOCK_D=block_d)
+    return list(zip(outs[0::2], outs[1::2]))
 
 
 def compact_kv_triton(keys, values, index):
-    """Keep positions ``index`` [B, S'] of ``keys``/``values`` [B, H, S, D] (one launch for both)."""
-    b, h, _, d = keys.shape
-    sp = index.shape[1]
-    index = index.to(keys.device, torch.int64).contiguous()
-    k_out = torch.empty(b, h, sp, d, dtype=keys.dtype, device=keys.device)
-    v_out = torch.empty(b, h, sp, values.shape[-1], dtype=values.dtype, device=values.device)
-    if b and h and sp:
-        block = min(256, triton.next_power_of_2(max(d, 16)))
-        _compact_kv_kernel[(b, h, sp)](
-            keys, values, k_out, v_out, index, h, d, sp,
-            keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
-            values.stride(0), values.stride(1), values.stride(2), values.stride(3), BLOCK_D=block,
-        )
-    return k_out, v_out
+    """Keep positions ``index`` [B, S'] of one layer's ``keys``/``values`` [B, H, S, D] (one launch)."""
+    return compact_layers_triton([(keys, values)], index)[0]

@@ -7,15 +7,22 @@ Random-weight models are built from configs at the widths of LLaVA-1.5-7B, LLaVA
 Qwen2.5-VL-7B and InternVL3-8B (no download).  On a CPU the towers and LLMs are cut to a few layers
 (same widths) so that a run takes minutes; ``--full-depth`` keeps every layer (GPU).
 
-For every keep and method it measures, as medians over ``--repeats`` after a warm-up:
+For every keep and method it measures, as medians over ``--repeats`` after a warm-up, the wrapped
+model and its oracle timed alternately (wrap/unwrap untimed around each call) so that drift on a
+shared machine hits both alike:
 - ``prefill``: one forward of the wrapped model on the image prompt (logits of the last position,
   as ``generate`` asks for);
-- ``oracle``: the same model fed the kept tokens directly — its vision tower, then the language
-  model on ``inputs_embeds`` holding only the kept tokens at their original positions — so
-  ``prefill / oracle`` is the cost of scoring + gathering, measured in the same run;
-- ``decode``: tokens per second of greedy decoding with the cache after the prefill (generate of
-  n+1 tokens minus generate of 1 token);
-- the ideal speedup from token counts (LLM FLOPs model: linear layers ∝ tokens, attention ∝ tokens²).
+- ``oracle``: the unwrapped model fed the kept tokens directly — its vision tower, then the
+  language model on ``inputs_embeds`` holding only the kept tokens at their original positions —
+  so ``oracle / wrapped`` is the cost of scoring + gathering.  For in-LLM methods (``fastv``,
+  ``exit``, ``dart``: ``--methods random,fastervlm,fastv,exit``) the oracle runs *every* layer at
+  the final length, a lower bound that the first K layers cannot reach;
+- ``decode``: tokens per second of greedy decoding with the cache after the prefill (timed inside
+  ``generate`` from the first token's logits to the last), for the wrapped model and for the
+  oracle (``generate`` on the kept ``inputs_embeds``);
+- the ideal speedup from token counts (LLM FLOPs model: linear layers ∝ tokens, attention ∝ tokens²;
+  for in-LLM methods the first K layers at the full length);
+- on CUDA, the prefill's peak memory above the weights (CPU peak memory: ``bench_memory.py``).
 Writes JSON, a markdown table and (with matplotlib) a PNG.
 """
 
@@ -41,6 +48,13 @@ SHAPES = {
 def build(name, llm_layers, vision_layers, dtype, device):
     import transformers as tf
 
+    if name.startswith("tiny-"):  # vtprune.testing's tiny models (a smoke test of this script)
+        from vtprune.testing import tiny_model
+
+        model = tiny_model(name[5:]).to(device, dtype)
+        model.generation_config.eos_token_id = None
+        model.generation_config.pad_token_id = 0
+        return model
     if name in ("llava-1.5-7b", "llava-next-7b"):
         vision = tf.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers or 24,
                                      num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
@@ -84,6 +98,12 @@ def build(name, llm_layers, vision_layers, dtype, device):
 def inputs_for(name, model, device, dtype):
     """A one-image prompt at the model's real image size: 20 text tokens, the image, 12 text tokens."""
     config = model.config
+    if name.startswith("tiny-"):
+        from vtprune.testing import tiny_inputs
+
+        out = tiny_inputs(model, name[5:])
+        n = int((out["input_ids"][0] == (getattr(config, "image_token_id", None) or config.image_token_index)).sum())
+        return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in out.items()}, n
     gen = torch.Generator().manual_seed(0)
     text = lambda n: torch.randint(10, 1000, (n,), generator=gen).tolist()  # noqa: E731
     if name == "llava-1.5-7b":
@@ -117,30 +137,63 @@ def _sync(device):
 
 
 def timed(fn, repeats, device):
-    with torch.no_grad():
-        fn()
-        times = []
-        for _ in range(repeats):
+    return median_pair(fn, None, repeats, device)[0]
+
+
+def timed_pair(first, second, repeats, device):
+    """Times of ``first`` and ``second`` run alternately (order swapped every repeat), after a
+    warm-up of each, so that drift on a shared machine hits both the same way.  Each is a callable
+    or ``(enter, fn, leave)``: ``enter``/``leave`` (e.g. wrap/unwrap) run untimed around every call."""
+    cells = [c if isinstance(c, tuple) else (None, c, None) for c in (first, second) if c is not None]
+    times = [[] for _ in cells]
+
+    def once(i):
+        enter, fn, leave = cells[i]
+        if enter is not None:
+            enter()
+        try:
             _sync(device)
             start = time.perf_counter()
             fn()
             _sync(device)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+            return time.perf_counter() - start
+        finally:
+            if leave is not None:
+                leave()
+
+    with torch.no_grad():
+        for i in range(len(cells)):
+            once(i)
+        for r in range(repeats):
+            for i in (range(len(cells)) if r % 2 == 0 else reversed(range(len(cells)))):
+                times[i].append(once(i))
+    return times
+
+
+def median_pair(first, second, repeats, device):
+    """``timed_pair`` reduced to the two medians (None for a missing second)."""
+    medians = [statistics.median(t) for t in timed_pair(first, second, repeats, device)]
+    return medians + [None] * (2 - len(medians))
+
+
+def merged_embeds(model, inputs):
+    """The stock model's input embeddings with the image features scattered in (no pruning)."""
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        feats = model.model.get_image_features(**{k: v for k, v in inputs.items()
+                                                  if k in ("pixel_values", "image_sizes", "image_grid_thw")})
+        feats = feats.pooler_output
+        feats = torch.cat(list(feats), 0) if isinstance(feats, (list, tuple)) else feats.reshape(-1, feats.shape[-1])
+        mask = model.model.get_placeholder_mask(inputs["input_ids"], inputs_embeds=embeds, image_features=feats)
+        mask = mask[0] if isinstance(mask, tuple) else mask
+        return embeds.masked_scatter(mask, feats.to(embeds.dtype))
 
 
 def oracle_fn(model, inputs, kept_positions):
     """The tower, then the language model fed only the kept tokens (original positions), last logits."""
     def run():
         with torch.no_grad():
-            embeds = model.get_input_embeddings()(inputs["input_ids"])
-            feats = model.model.get_image_features(**{k: v for k, v in inputs.items()
-                                                      if k in ("pixel_values", "image_sizes", "image_grid_thw")})
-            feats = feats.pooler_output
-            feats = torch.cat(list(feats), 0) if isinstance(feats, (list, tuple)) else feats.reshape(-1, feats.shape[-1])
-            mask = model.model.get_placeholder_mask(inputs["input_ids"], inputs_embeds=embeds, image_features=feats)
-            mask = mask[0] if isinstance(mask, tuple) else mask
-            embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
+            embeds = merged_embeds(model, inputs)
             keep = kept_positions
             kw = {"inputs_embeds": embeds[:, keep], "attention_mask": inputs["attention_mask"][:, keep]}
             if "image_grid_thw" in inputs:
@@ -154,11 +207,51 @@ def oracle_fn(model, inputs, kept_positions):
     return run
 
 
-def ideal_speedup(length, kept_length):
-    """LLM prefill FLOPs ratio: per layer ~ 24·L·d² + 4·L²·d with d = 4096 (linear + attention)."""
+class _Stamps:
+    """A logits processor that only records when each generated token's logits arrive."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores):
+        _sync(str(scores.device))
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def decode_speed(generate, steps, repeats, device):
+    """Tokens/s of greedy decoding with the cache, timed inside ``generate``: from the first token's
+    logits (after the prefill) to the last, so the prefill's time and noise stay out.  Median of
+    ``repeats`` calls (the first is a warm-up)."""
+    from transformers import LogitsProcessorList
+
+    rates = []
+    with torch.no_grad():
+        for r in range(repeats + 1):
+            stamps = _Stamps()
+            generate(steps + 1, LogitsProcessorList([stamps]))
+            if r:
+                rates.append(steps / (stamps.times[-1] - stamps.times[0]))
+    return statistics.median(rates)
+
+
+def ideal_speedup(length, kept_length, layers=1, exit_layer=None):
+    """LLM prefill FLOPs ratio: per layer ~ 24·L·d² + 4·L²·d with d = 4096 (linear + attention).
+    With ``exit_layer`` K the first K of ``layers`` run at ``length`` and the rest at ``kept_length``."""
     d = 4096
     cost = lambda n: 24 * n * d * d + 4 * n * n * d  # noqa: E731
-    return cost(length) / cost(kept_length)
+    k = 0 if exit_layer is None else exit_layer
+    return layers * cost(length) / (k * cost(length) + (layers - k) * cost(kept_length))
+
+
+def method_options(method, keep, n_layers):
+    """Options of one benchmark cell: the budget, and for in-LLM methods an exit layer the cut model has."""
+    if method == "none":
+        return "random", {"keep": 1.0}
+    options = {} if method == "exit" else {"keep": keep}
+    if vtprune.methods.get(method).stage == "llm":
+        options["layer"] = min(2, max(1, n_layers // 2))
+    return method, options
 
 
 def run(args):
@@ -167,56 +260,87 @@ def run(args):
     for name in args.models:
         model = build(name, None if args.full_depth else args.llm_layers, None if args.full_depth else args.vision_layers,
                       dtype, device)
+        n_layers = model.config.get_text_config().num_hidden_layers
         inputs, n_visual = inputs_for(name, model, device, dtype)
         length = inputs["input_ids"].shape[1]
         visual = inputs["input_ids"][0] == (getattr(model.config, "image_token_id", None) or model.config.image_token_index)
+        vis_pos = visual.nonzero().squeeze(1)
+        steps = args.decode_tokens
         for keep in args.keep:
             for method in (["none"] if keep == 1.0 else args.methods):
-                options = {} if method == "none" else {"keep": keep}
-                with vtprune.wrapped(model, "random" if method == "none" else method, **(options or {"keep": 1.0})):
-                    prefill = timed(lambda: model(**inputs, logits_to_keep=1), args.repeats, device)
+                if method == "exit" and keep != min(k for k in args.keep if k < 1.0):
+                    continue  # every visual token leaves: one row per model (keep 0)
+                wrapped_name, options = method_options(method, keep, n_layers)
+                in_llm = vtprune.methods.get(wrapped_name).stage == "llm"
+                if in_llm and n_layers < 2:
+                    print(f"skipping {method}: an in-LLM exit needs at least 2 LLM layers (--llm-layers)")
+                    continue
+                with vtprune.wrapped(model, wrapped_name, **options):
                     with torch.no_grad():
                         model(**inputs, logits_to_keep=1)
-                    kept_local = torch.cat(vtprune.last_kept(model)[0])
                     stats = vtprune.stats(model)
-                    steps = args.decode_tokens
-                    gen_long = timed(lambda: model.generate(**inputs, max_new_tokens=steps + 1, do_sample=False),
-                                     max(1, args.repeats // 2), device)
-                    gen_short = timed(lambda: model.generate(**inputs, max_new_tokens=1, do_sample=False),
-                                      max(1, args.repeats // 2), device)
-                vis_pos = visual.nonzero().squeeze(1)
+                    if in_llm:  # the oracle runs every layer at the final length (a lower bound)
+                        exit_layer = stats["exit"]["layer"]
+                        n_final = n_visual - stats["exit"]["visual_tokens_dropped"][0]
+                        kept_local = torch.arange(n_final)
+                    else:
+                        exit_layer = None
+                        kept_local = torch.cat(vtprune.last_kept(model)[0])
+                        n_final = kept_local.numel()
+                    if device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                        base = torch.cuda.memory_allocated()
+                        with torch.no_grad():
+                            model(**inputs, logits_to_keep=1)
+                        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+                    decode = decode_speed(lambda n, lp: model.generate(**inputs, max_new_tokens=n, do_sample=False,
+                                                                       logits_processor=lp), steps, args.repeats, device)
                 keep_mask = ~visual.clone()
                 keep_mask[vis_pos[kept_local.to(vis_pos.device)]] = True
                 kept_positions = keep_mask.nonzero().squeeze(1)
-                oracle = timed(oracle_fn(model, inputs, kept_positions), args.repeats, device)
-                decode_tps = args.decode_tokens / max(gen_long - gen_short, 1e-9)
+                # wrapped and oracle alternate; the oracle runs on the unwrapped model
+                wrapped_cell = (lambda: vtprune.wrap(model, wrapped_name, **options),
+                                lambda: model(**inputs, logits_to_keep=1), lambda: vtprune.unwrap(model))
+                times = timed_pair(wrapped_cell, oracle_fn(model, inputs, kept_positions), args.repeats, device)
+                prefill, oracle = (statistics.median(t) for t in times)
+                embeds = merged_embeds(model, inputs)[:, kept_positions]
+                kept_mask = inputs["attention_mask"][:, kept_positions]
+                oracle_decode = decode_speed(
+                    lambda n, lp: model.generate(inputs_embeds=embeds, attention_mask=kept_mask, max_new_tokens=n,
+                                                 do_sample=False, logits_processor=lp), steps, args.repeats, device)
                 row = {
-                    "model": name, "method": method, "keep": keep, "visual_in": n_visual,
-                    "visual_out": stats["visual_tokens_out"], "llm_length": stats["llm_sequence_out"],
+                    "model": name, "method": method, "keep": 0.0 if method == "exit" else keep, "stage": "llm" if in_llm else "pre-llm",
+                    "exit_layer": exit_layer, "llm_layers": n_layers, "visual_in": n_visual, "visual_out": n_final,
+                    "llm_length": length - n_visual + n_final, "length": length,
                     "prefill_ms": prefill * 1000, "oracle_ms": oracle * 1000, "wrapped_vs_oracle": oracle / prefill,
-                    "decode_tok_s": decode_tps, "ideal_speedup": ideal_speedup(length, stats["llm_sequence_out"]),
+                    "wrapped_vs_oracle_best": min(times[1]) / min(times[0]),
+                    "decode_tok_s": decode, "oracle_decode_tok_s": oracle_decode,
+                    "decode_vs_oracle": decode / oracle_decode,
+                    "ideal_speedup": ideal_speedup(length, length - n_visual + n_final, n_layers, exit_layer),
                 }
                 if device.startswith("cuda"):
-                    row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                    torch.cuda.reset_peak_memory_stats()
+                    row["prefill_extra_gb"] = peak
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         base = {r["model"]: r["prefill_ms"] for r in rows if r["method"] == "none"}
         for r in rows:
             if r["model"] == name:
                 r["speedup_vs_unpruned"] = base[name] / r["prefill_ms"]
-        del model
+        model = None  # free before the next shape
     return rows
 
 
 def table(rows) -> str:
     head = ("| model | method | keep | visual tokens | LLM length | prefill ms | oracle ms | oracle/wrapped speed "
-            "| speedup vs keep 1 | ideal (FLOPs) | decode tok/s |")
-    lines = [head, "|" + "---|" * 11]
+            "| speedup vs keep 1 | ideal (FLOPs) | decode tok/s | oracle decode tok/s |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['method']} | {r['keep']} | {r['visual_out']}/{r['visual_in']} | "
+        method = r["method"] + (f" (L{r['exit_layer']}/{r['llm_layers']})" if r["stage"] == "llm" else "")
+        lines.append(f"| {r['model']} | {method} | {r['keep']} | {r['visual_out']}/{r['visual_in']} | "
                      f"{r['llm_length']} | {r['prefill_ms']:.1f} | {r['oracle_ms']:.1f} | {r['wrapped_vs_oracle']:.3f} | "
-                     f"{r['speedup_vs_unpruned']:.2f}x | {r['ideal_speedup']:.2f}x | {r['decode_tok_s']:.1f} |")
+                     f"{r['speedup_vs_unpruned']:.2f}x | {r['ideal_speedup']:.2f}x | {r['decode_tok_s']:.2f} | "
+                     f"{r['oracle_decode_tok_s']:.2f} |")
     return "\n".join(lines)
 
 
@@ -242,10 +366,11 @@ def plot(rows, path):
     print(f"wrote {path}")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
-    parser.add_argument("--methods", default="random,fastervlm")
+    parser.add_argument("--models", default=",".join(SHAPES),
+                        help="comma-separated: " + ", ".join(SHAPES) + " (or tiny-<family>: a smoke test)")
+    parser.add_argument("--methods", default="random,fastervlm,fastv,exit")
     parser.add_argument("--keep", default="1.0,0.5,0.25,0.11,0.05")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default bfloat16 on cuda, float32 on cpu")
@@ -253,15 +378,16 @@ def main():
     parser.add_argument("--llm-layers", type=int, default=2)
     parser.add_argument("--vision-layers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--decode-tokens", type=int, default=8)
+    parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="LLaVA-1.5 shapes, 1 LLM layer, 3 budgets, 3 repeats")
     parser.add_argument("--out", default="bench_prefill", help="output prefix (.json, .md, .png)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.quick:
         args.models, args.keep, args.repeats, args.llm_layers = "llava-1.5-7b", "1.0,0.25,0.05", 3, 1
+        args.methods = "random,fastervlm"
     args.models = args.models.split(",")
     args.methods = args.methods.split(",")
     args.keep = [float(k) for k in args.keep.split(",")]
@@ -273,6 +399,7 @@ def main():
     with open(args.out + ".md", "w") as f:
         f.write(md + "\n")
     plot(rows, args.out + ".png")
+    return rows
 
 
 if __name__ == "__main__":

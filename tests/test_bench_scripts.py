@@ -1,0 +1,67 @@
+"""The benchmark scripts run end to end on tiny models (they are run for real on a GPU only when one
+is lent, so a broken script must show up here first).  These check what the scripts report, not
+how fast anything is."""
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+
+SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(SCRIPTS, name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    threads = torch.get_num_threads()  # bench_prefill sets the thread count
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_bench_prefill_rows(tmp_path, family):
+    bench = _load("bench_prefill")
+    out = str(tmp_path / "b")
+    rows = bench.main(["--models", f"tiny-{family}", "--methods", "random,fastervlm,fastv,exit",
+                       "--keep", "1.0,0.25", "--repeats", "1", "--decode-tokens", "2",
+                       "--out", out])
+    assert [(r["method"], r["keep"]) for r in rows] == [
+        ("none", 1.0), ("random", 0.25), ("fastervlm", 0.25), ("fastv", 0.25), ("exit", 0.0)]
+    n = rows[0]["visual_in"]
+    for r in rows:
+        assert r["llm_length"] == r["length"] - n + r["visual_out"]
+        for key in ("prefill_ms", "oracle_ms", "wrapped_vs_oracle", "decode_tok_s", "oracle_decode_tok_s"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["method"], key)
+    by = {r["method"]: r for r in rows}
+    assert by["none"]["visual_out"] == n and by["none"]["ideal_speedup"] == pytest.approx(1.0)
+    assert by["random"]["visual_out"] == by["fastervlm"]["visual_out"] == round(0.25 * n)
+    assert by["random"]["stage"] == "pre-llm" and by["fastv"]["stage"] == "llm"
+    assert by["fastv"]["exit_layer"] == by["exit"]["exit_layer"] == 1  # a 2-layer LLM exits at layer 1
+    assert by["exit"]["visual_out"] == 0
+    # the FLOPs model: in-LLM methods save less than pruning to the same count before the LLM
+    assert 1.0 < by["fastv"]["ideal_speedup"] < by["random"]["ideal_speedup"]
+    with open(out + ".json") as f:
+        assert len(json.load(f)["rows"]) == len(rows)
+    with open(out + ".md") as f:
+        table = f.read()
+    assert "fastv (L1/2)" in table and table.count("\n") == len(rows) + 2
+
+
+def test_bench_kernels_smoke(monkeypatch, tmp_path):
+    pytest.importorskip("triton", reason="the triton extra is not installed")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the smoke run needs TRITON_INTERPRET=1 (set before triton is imported)")
+    bench = _load("bench_kernels")
+    rows = bench.main(["--smoke", "--out", str(tmp_path / "k.md")])
+    assert [(what.split()[0], batch) for what, batch, *_ in rows] == [("cut", 1), ("kv", 1), ("cut", 2), ("kv", 2)]
+    assert all(v > 0 for *_, k, t, c in rows for v in (k, t, c))
+    assert (tmp_path / "k.md").read_text().count("\n") == len(rows) + 2

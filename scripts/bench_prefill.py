@@ -136,10 +136,6 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, repeats, device):
-    return median_pair(fn, None, repeats, device)[0]
-
-
 def timed_pair(first, second, repeats, device):
     """Times of ``first`` and ``second`` run alternately (order swapped every repeat), after a
     warm-up of each, so that drift on a shared machine hits both the same way.  Each is a callable
@@ -168,12 +164,6 @@ def timed_pair(first, second, repeats, device):
             for i in (range(len(cells)) if r % 2 == 0 else reversed(range(len(cells)))):
                 times[i].append(once(i))
     return times
-
-
-def median_pair(first, second, repeats, device):
-    """``timed_pair`` reduced to the two medians (None for a missing second)."""
-    medians = [statistics.median(t) for t in timed_pair(first, second, repeats, device)]
-    return medians + [None] * (2 - len(medians))
 
 
 def merged_embeds(model, inputs):
@@ -245,13 +235,15 @@ def ideal_speedup(length, kept_length, layers=1, exit_layer=None):
 
 
 def method_options(method, keep, n_layers):
-    """Options of one benchmark cell: the budget, and for in-LLM methods an exit layer the cut model has."""
+    """One benchmark cell: the method to wrap, its options (the budget; for in-LLM methods an exit
+    layer the cut model has) and whether it works inside the LLM."""
     if method == "none":
-        return "random", {"keep": 1.0}
+        return "random", {"keep": 1.0}, False
     options = {} if method == "exit" else {"keep": keep}
-    if vtprune.methods.get(method).stage == "llm":
+    in_llm = vtprune.methods.get(method).stage == "llm"
+    if in_llm:
         options["layer"] = min(2, max(1, n_layers // 2))
-    return method, options
+    return method, options, in_llm
 
 
 def run(args):
@@ -270,8 +262,7 @@ def run(args):
             for method in (["none"] if keep == 1.0 else args.methods):
                 if method == "exit" and keep != min(k for k in args.keep if k < 1.0):
                     continue  # every visual token leaves: one row per model (keep 0)
-                wrapped_name, options = method_options(method, keep, n_layers)
-                in_llm = vtprune.methods.get(wrapped_name).stage == "llm"
+                wrapped_name, options, in_llm = method_options(method, keep, n_layers)
                 if in_llm and n_layers < 2:
                     print(f"skipping {method}: an in-LLM exit needs at least 2 LLM layers (--llm-layers)")
                     continue

@@ -387,7 +387,7 @@ def _run_cell(runner, cell, seeds):
         "visual_tokens_in": totals.get("visual_tokens_in", 0) / samples,
         "visual_tokens_out": totals.get("visual_tokens_out", 0) / samples,
         "visual_tokens_llm": totals.get("visual_tokens_llm", totals.get("visual_tokens_out", 0)) / samples,
-        "llm_flops_saved": totals.get("llm_flops_saved", 0.0) / max(totals.get("exits", 0), 1),
+        "llm_flops_saved": totals.get("llm_flops_saved", 0.0),
         "seconds": seconds,
     }
     if "by_type" in first:

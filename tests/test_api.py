@@ -193,7 +193,7 @@ def test_text_only_prompt_untouched():
         with torch.no_grad():
             assert torch.equal(model(input_ids=ids).logits, stock)
         stats = vtprune.stats(model)
-        assert stats["forwards_with_images"] == 0 and set(stats) == {"forwards_with_images", "totals"}
+        assert stats["forwards_with_images"] == 0 and set(stats) == {"forwards_with_images", "method", "methods", "totals"}
         assert stats["totals"]["forwards"] == 0 and stats["totals"]["visual_tokens_in"] == 0
         with pytest.raises(ValueError, match="not run a forward"):
             vtprune.last_kept(model)
@@ -230,7 +230,12 @@ def test_stats_totals_of_an_in_llm_exit():
     visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
     assert totals["visual_tokens_out"] == visual and totals["exits"] == 1
     assert totals["visual_tokens_llm"] == pytest.approx(visual * 1 / n_layers)
-    assert totals["llm_flops_saved"] == pytest.approx(stats["exit"]["llm_flops_saved"])
+    text = int(inputs["attention_mask"].sum()) - visual
+    assert totals["text_tokens"] == text
+    assert totals["llm_flops_saved"] == pytest.approx((visual - visual / n_layers) / (visual + text))
+    assert stats["llm_flops_saved"] == pytest.approx(totals["llm_flops_saved"])
+    per_layer = [s["visual_tokens_per_layer"] for s in stats["samples"]]
+    assert per_layer == [[v, 0] for v in (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()]
 
 
 def test_stats_kv_bytes_saved():

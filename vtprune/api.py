@@ -76,16 +76,21 @@ def last_kept(model) -> list:
 
 
 def stats(model) -> dict:
-    """Tokens in/out per sample and per image of the last forward with images, and time spent.
+    """What the wrapped model did in its last forward with images, and in total since ``wrap``.
 
-    ``kv_bytes_saved``: the KV-cache bytes that forward did not store (tokens cut before the LLM
-    times every layer, plus visual tokens an in-LLM method dropped times the layers after it).
+    ``method`` names every wrapped method (``"fastervlm+vhr"``; ``methods`` lists them). Per sample
+    (``samples``) and image: visual tokens in and out of the pre-LLM cut, and per sample
+    ``visual_tokens_per_layer``, the visual tokens each decoder layer saw (less than ``tokens_out``
+    after an in-LLM exit).  ``llm_flops_saved``: the share of the language model's per-token work
+    (every linear layer; attention's quadratic term not counted) that the forward did not spend
+    compared with the stock model on the same prompt — the pre-LLM cut and in-LLM exits together.
+    ``kv_bytes_saved``: the KV-cache bytes that forward did not store.  ``exit`` and the attention
+    methods' entries (``vhr``, ``var``, ...) describe their own stage, each with its ``method``.
 
     ``totals`` adds up every language-model call with images since ``wrap``: ``forwards``,
     ``samples`` (rows with visual tokens), ``visual_tokens_in`` / ``visual_tokens_out`` (before and
-    after the pre-LLM cut), ``visual_tokens_llm`` (visual tokens averaged over the LLM's layers: less
-    than ``visual_tokens_out`` when an in-LLM method drops them part-way), and for fixed-layer
-    in-LLM methods ``exits`` and the summed ``llm_flops_saved``.
+    after the pre-LLM cut), ``visual_tokens_llm`` (visual tokens averaged over the LLM's layers),
+    ``text_tokens``, ``exits`` (in-LLM exits taken) and ``llm_flops_saved`` over all of them.
     """
     return _session(model).stats()
 

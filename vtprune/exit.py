@@ -84,8 +84,9 @@ class LayerExit:
 
     def observe(self, module, query, key, mask, scaling):
         """Layer k-1's attention (routed): the attention paid to each token by the query rows."""
-        if self.visual is None or self.plan is not None or query.shape[2] != key.shape[2]:
+        if self.visual is None or self.plan is not None or key.shape[2] < query.shape[2]:
             return
+        key = key[:, :, :query.shape[2]]  # the prefill's keys (a static cache returns its unfilled slots too)
         self.keys = key.detach()
         if not hasattr(self.method, "query"):
             return
@@ -140,7 +141,7 @@ class LayerExit:
         """Mask the visual columns for the rows whose visual tokens have left (others unchanged)."""
         visual = self.seq_visual
         b, n = visual.shape
-        kv = self.past + q
+        kv = mask.shape[-1] if mask is not None else self.past + q  # a static cache's mask is wider
         cols = torch.cat([visual, torch.zeros(b, kv - n, dtype=torch.bool, device=visual.device)], 1)
         bad = cols & rows[:, None].to(cols.device)
         if mask is None:
@@ -178,7 +179,8 @@ class LayerExit:
             q_index = None
         if mask is not None and mask.dim() == 4:
             kv = mask.shape[-1]
-            extra = torch.arange(plan["length"], kv, device=mask.device).expand(index.shape[0], -1)
+            filled = self.past + self.q  # a static cache's mask is wider: unfilled slots follow
+            extra = torch.arange(plan["length"], filled, device=mask.device).expand(index.shape[0], -1)
             cols = torch.cat([index.to(mask.device), extra], 1)
             m = mask.expand(index.shape[0], *mask.shape[1:])
             m = m.gather(-1, cols[:, None, None, :].expand(-1, m.shape[1], m.shape[2], -1))
@@ -186,6 +188,11 @@ class LayerExit:
                 m = m.gather(-2, q_index.to(m.device)[:, None, :, None].expand(-1, m.shape[1], -1, m.shape[3]))
             col_real = torch.cat([real.to(mask.device), torch.ones_like(extra, dtype=torch.bool)], 1)
             m = _mask_columns(m, col_real)
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if getattr(cache, "is_compileable", False) and kv > m.shape[3]:
+                # a static cache keeps its width: the slots this layer's cache never fills are blocked
+                pad = torch.zeros(*m.shape[:3], kv - m.shape[3], dtype=m.dtype, device=m.device)
+                m = torch.cat([m, pad if m.dtype == torch.bool else pad.fill_(torch.finfo(m.dtype).min)], -1)
             out["attention_mask"] = m
         elif mask is None and not bool(real.all()):
             out["attention_mask"] = self._fresh_mask(real, prefill)

@@ -7,15 +7,18 @@ How a forward pass is cut (all six families, any transformers 5.x that calls the
    count and features.
 2. ``model.model.get_placeholder_mask`` is wrapped: it tells where the image tokens are.
 3. A forward pre-hook on the language model scores each image, keeps the best ``keep`` tokens per
-   image and gathers ``inputs_embeds``, the 2-D attention mask and the position ids (original
-   values: RoPE positions are those of the full sequence, so the result equals the full sequence
-   with the dropped tokens masked out).  Rows that keep fewer tokens are padded at the front with
-   masked slots, like left padding.
-4. The pre-hook also tracks the cache: later calls on the same cache get a compacted attention mask
-   (``generate`` keeps passing the original-length mask) and, without ``position_ids``, original
-   positions.
-5. ``labels`` are taken from the top-level call and the loss is recomputed on the cut sequence with
-   the model's own ``loss_function``.
+   image and gathers ``inputs_embeds``, the attention mask (2-D; or 4-D / per-layer dicts, see
+   ``vtprune.masks``) and the position ids (original values: RoPE positions are those of the full
+   sequence, so the result equals the full sequence with the dropped tokens masked out).  Rows
+   that keep fewer tokens are padded at the front with masked slots, like left padding.
+4. The pre-hook also tracks each cache (``CacheState``, one per cache object): later calls on it
+   get a compacted attention mask (``generate`` keeps passing the original-length mask) and,
+   without ``position_ids``, original positions.  For a static cache ``generate``'s
+   ``create_masks_for_generate`` is given the compacted 2-D mask.
+5. ``labels`` / ``shift_labels`` are taken from the top-level call and the loss is computed on the
+   cut sequence with the model's own ``loss_function`` (``vtprune.loss``).
+6. A wrap that can change nothing (``inert``: selectors at ``keep=1.0``) steps aside inside
+   ``torch.compile``; any other raises there, and ``generate`` does not auto-compile it.
 
 In-LLM methods (``exit``, ``fastv``, ``dart``, ``dyvte``) run in ``vtprune.exit`` on decoder-layer
 hooks; ``vhr`` runs in ``vtprune.vhr`` (it doubles the prefill batch in step 3 and undoes it in the
@@ -26,17 +29,22 @@ Vision-tower scores come from adapter hooks installed here.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from vtprune.kernels import gather_cut
 
+from . import masks
 from .attention import AttentionRoute, text_config
 from .budget import tokens_to_keep
 from .exit import LayerExit
+from .loss import Loss
 from .methods import ScoreContext
 from .select import plan_cut, top_tokens
 
@@ -49,7 +57,25 @@ class CacheState:
     cache_len: int = 0
     dropped: int = 0
     mask: torch.Tensor | None = None
-    cache: object = None
+    slots: torch.Tensor | None = None  # [B, cache_len]: the original position each cache entry holds
+    live: torch.Tensor | None = None  # [B, cache_len]: False on the padding slots of a cut
+
+    def extend(self, batch: int, q: int, device, index=None, real=None):
+        """Account for a call of ``q`` new tokens of which the cache keeps ``index`` [B, L'] (all when None).
+
+        ``slots``/``live`` are tracked from the first cut on (before it, entry j holds position j)."""
+        if index is not None and self.slots is None:
+            self.slots = torch.arange(self.cache_len, device=device).expand(batch, -1)
+            self.live = torch.ones(batch, self.cache_len, dtype=torch.bool, device=device)
+        if self.slots is not None:
+            if index is None:
+                index = torch.arange(q, device=device).expand(batch, q)
+                real = torch.ones(batch, q, dtype=torch.bool, device=device)
+            self.slots = torch.cat([self.slots.to(device).expand(batch, -1), index.to(device) + self.orig_len], 1)
+            self.live = torch.cat([self.live.to(device).expand(batch, -1), real.to(device)], 1)
+        self.orig_len += q
+        self.cache_len += q if index is None else index.shape[1]
+        self.dropped = self.orig_len - self.cache_len
 
 
 def _cache_of(kwargs):
@@ -80,14 +106,16 @@ class Session:
         self.patched = []
         self.pending_mask = None
         self.pending_capture = None
-        self.state = None
+        self.last_capture = None
+        self.made_masks = ()
+        self.state = None  # the sequence of the current call
+        self.states = weakref.WeakKeyDictionary()  # cache object -> its sequence's CacheState
         self.forward_cut = None
         self.replacements = []
-        self.labels = None
-        self.loss_kwargs = {}
+        self.loss = Loss(model)
         self.last = None
         self.totals = {"forwards": 0, "samples": 0, "visual_tokens_in": 0, "visual_tokens_out": 0,
-                       "visual_tokens_llm": 0.0, "exits": 0, "llm_flops_saved": 0.0}
+                       "visual_tokens_llm": 0.0, "text_tokens": 0, "exits": 0}
         self.prefill_visual = None
 
     # ------------------------------------------------------------------ install / remove
@@ -105,6 +133,66 @@ class Session:
         self.handles.append(lm.register_forward_hook(self._lm_post, with_kwargs=True))
         self.handles.append(self.model.register_forward_pre_hook(self._top_pre, with_kwargs=True))
         self.handles.append(self.model.register_forward_hook(self._top_post, with_kwargs=True))
+        if hasattr(self.model, "_valid_auto_compile_criteria"):
+            self._wrap(self.model, "_valid_auto_compile_criteria", self._no_auto_compile)
+        from transformers.masking_utils import create_masks_for_generate
+
+        self._wrap(self.model, "create_masks_for_generate", self._generate_masks, default=create_masks_for_generate)
+        self._wrap(self.model, "__deepcopy__", lambda _: self._deepcopy)
+
+    def _deepcopy(self, memo):
+        """``copy.deepcopy(model)``: the stock model is copied, and the copy wrapped alike (its own
+        hooks and statistics); the original keeps this session."""
+        from .api import _ATTR, wrap
+
+        model = self.model
+        self.remove()
+        delattr(model, _ATTR)
+        try:
+            clone = copy.deepcopy(model, memo)
+        finally:
+            self.install()
+            setattr(model, _ATTR, self)
+        return wrap(clone, [dataclasses.replace(c) for c in self.configs])
+
+    @property
+    def inert(self) -> bool:
+        """True when nothing can be cut or changed (every method is a selector at ``keep=1.0``)."""
+        return all(getattr(c, "inert", False) for c in self.configs)
+
+    def _skip_compiled(self) -> bool:
+        """Inside ``torch.compile`` the hooks of an inert wrap step aside; a pruning wrap cannot run there."""
+        if not torch.compiler.is_compiling():
+            return False
+        if self.inert:
+            return True
+        raise RuntimeError("vtprune: a model wrapped to prune cannot run under torch.compile (the number of kept "
+                           "tokens decides the shapes); run it uncompiled — generate() does not compile it")
+
+    def _no_auto_compile(self, original):
+        def criteria(*args, **kwargs):
+            return original(*args, **kwargs) if self.inert else False
+
+        return criteria
+
+    def _generate_masks(self, original):
+        """``generate`` builds the 4-D masks of a static cache from its 2-D mask, which counts every
+        token of the prompt: give it the mask of what the pruned cache holds."""
+        def create_masks(*args, **kwargs):
+            mask, past, embeds = kwargs.get("attention_mask"), kwargs.get("past_key_values"), kwargs.get("inputs_embeds")
+            state = self._states_get(past) if past is not None else None
+            compacted = state is not None and state.mask is not None \
+                and isinstance(mask, torch.Tensor) and mask.dim() == 2 and embeds is not None \
+                and mask.shape[1] == state.orig_len + embeds.shape[1]
+            if compacted:
+                new = mask[:, state.orig_len:]
+                kwargs["attention_mask"] = torch.cat([state.mask.to(new.device, new.dtype), new], 1)
+            out = original(*args, **kwargs)
+            made = tuple(out.values()) if isinstance(out, dict) else (out,)
+            self.made_masks = tuple(m for m in made if m is not None) if compacted else ()
+            return out
+
+        return create_masks
 
     def remove(self):
         # the attention runtime's route was installed last (it may call the exit's route): first out
@@ -151,7 +239,6 @@ class Session:
             "llm_flops_saved": sum(dropped) * (n_layers - k) / (len(dropped) * length * n_layers),
         }
         self.totals["exits"] += 1
-        self.totals["llm_flops_saved"] += self.exits["llm_flops_saved"]
         if not self.layer_method.decision_layers(n_layers):  # dynamic exits are counted in _lm_post
             self.totals["visual_tokens_llm"] -= sum(dropped) * (n_layers - k) / n_layers
 
@@ -193,8 +280,13 @@ class Session:
         self.tower_selected = selected
         return (merged, *args[1:])
 
-    def _before_features(self, args, kwargs):
-        self.tower_cls, self.tower_keys, self.tower_selected = {}, [], None
+    def _wrap(self, obj, name, make, default=None):
+        """Set ``obj.name`` (an instance attribute, removed by ``remove``) to ``make(original)``."""
+        if name in vars(obj):
+            raise ValueError(f"{type(obj).__name__}.{name} is already patched on this instance; "
+                             "vtprune cannot wrap a model another tool has patched the same way")
+        setattr(obj, name, make(getattr(obj, name, default)))
+        self.patched.append((obj, name))
 
     def _patch(self, obj, name, after, before=None):
         if name in vars(obj):
@@ -214,14 +306,21 @@ class Session:
         self.patched.append((obj, name))
 
     # ------------------------------------------------------------------ captures
+    def _before_features(self, args, kwargs):
+        self.tower_cls, self.tower_keys, self.tower_selected = {}, [], None
+
     def _after_features(self, args, kwargs, out):
+        if isinstance(out, tuple) and not all(isinstance(t, torch.Tensor) for t in out):
+            # a direct call with return_dict=False (forward and generate always ask for a ModelOutput)
+            self.tower_cls, self.tower_keys, self.tower_selected = {}, [], None
+            return
         self.pending_capture = self.adapter.capture(args, kwargs, out)
         self.pending_capture["cls"] = {layer: torch.cat(parts) for layer, parts in self.tower_cls.items()}
         self.pending_capture["selected"] = self.tower_selected
         self.tower_cls, self.tower_keys, self.tower_selected = {}, [], None
 
     def _after_placeholder(self, args, kwargs, out):
-        if kwargs.get("video_features") is not None:
+        if kwargs.get("video_features") is not None and not self.inert:
             raise ValueError("vtprune does not prune video inputs yet; pass images, or unwrap the model "
                              "(vtprune.unwrap(model)) to run videos")
         if kwargs.get("image_features") is None and len(args) < 3:
@@ -231,27 +330,25 @@ class Session:
 
     # ------------------------------------------------------------------ top level (labels)
     def _top_pre(self, module, args, kwargs):
+        if self._skip_compiled():
+            return None
         self.forward_cut = None
-        self.labels = kwargs.pop("labels", None)
-        self.loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch",) if k in kwargs}
+        self.loss.take(kwargs)
         return args, kwargs
 
     def _top_post(self, module, args, kwargs, output):
-        labels, self.labels = self.labels, None
-        if labels is None:
+        if self._skip_compiled() or self.loss.labels is None:
             return None
-        if self.forward_cut is not None:
-            index, real = self.forward_cut
-            labels = labels.gather(1, index.to(labels.device)).masked_fill(~real.to(labels.device), -100)
         logits = output[0] if isinstance(output, tuple) else output.logits
-        loss = module.loss_function(logits=logits, labels=labels, vocab_size=module.config.text_config.vocab_size,
-                                    **self.loss_kwargs)
+        loss = self.loss.compute(logits, self.forward_cut)
         if isinstance(output, tuple):
             return (loss, *output)
         return type(output)(loss=loss, **{k: v for k, v in output.items() if k != "loss"})
 
     # ------------------------------------------------------------------ language model
     def _lm_post(self, module, args, kwargs, output):
+        if self._skip_compiled():
+            return None
         visual, self.prefill_visual = self.prefill_visual, None
         runtime = self.layer_exit
         if visual is not None and runtime is not None and runtime.exit_at is not None \
@@ -265,10 +362,12 @@ class Session:
         if cache is None:
             cache = getattr(output, "cache", None)
         if self.state is not None and cache is not None:
-            self.state.cache = cache
+            self._states_set(cache, self.state)
         return output if self.vhr is not None else None
 
     def _lm_pre(self, module, args, kwargs):
+        if self._skip_compiled():
+            return None
         embeds = kwargs.get("inputs_embeds")
         image_mask, self.pending_mask = self.pending_mask, None
         if embeds is None:
@@ -282,7 +381,7 @@ class Session:
             self.exits = None
         cut, changed = self._cut(kwargs, state, image_mask, embeds)
         if image_mask is not None:
-            self._count(image_mask, self._visual_after_cut(kwargs, image_mask, cut))
+            self._count(image_mask, self._visual_after_cut(kwargs, image_mask, cut), kwargs)
         if self.layer_exit is not None:
             self._begin_layer_exit(kwargs, image_mask, cut, fresh)
         if self.vhr is not None:
@@ -290,11 +389,27 @@ class Session:
             changed = changed or self.vhr.probing
         return (args, kwargs) if changed else None
 
-    def _count(self, before, after):
+    def _present(self, kwargs, q):
+        """Bool [B, q]: the real (not padding) tokens of this language-model call, after the cut."""
+        mask = kwargs.get("attention_mask")
+        batch = kwargs["inputs_embeds"].shape[0]
+        if masks.is_4d(mask) and masks.primary(mask) is not None:
+            past = self.state.cache_len - q if self.state is not None else 0
+            return masks.present(masks.primary(mask), past, q).expand(batch, q)
+        if mask is None or masks.is_4d(mask):
+            return torch.ones(batch, q, dtype=torch.bool, device=kwargs["inputs_embeds"].device)
+        return mask[:, -q:].bool()
+
+    def _count(self, before, after, kwargs):
         """Add one language-model call with images to ``totals`` (samples with visual tokens only)."""
         rows = before.any(1)
         if not bool(rows.any()):
             return
+        text = int((self._present(kwargs, after.shape[1]).to(after.device) & ~after).sum())
+        self.totals["text_tokens"] += text
+        if self.last is not None:
+            self.last["visual_llm"] = after.sum(1).tolist()
+            self.last["text_tokens"] = text
         self.totals["forwards"] += 1
         self.totals["samples"] += int(rows.sum())
         self.totals["visual_tokens_in"] += int(before.sum())
@@ -316,14 +431,23 @@ class Session:
     def _cut(self, kwargs, state, image_mask, embeds):
         """The pre-LLM cut of one language-model call; returns ``(cut or None, kwargs changed)``."""
         batch, q = embeds.shape[:2]
-        prefix, chunk = self._split_mask(kwargs.get("attention_mask"), state, q)
+        mask = kwargs.get("attention_mask")
+        four_d = masks.is_4d(mask)
+        if four_d:  # the chunk's padding: columns nobody attends to
+            main = masks.primary(mask)
+            prefix, chunk = None, None
+            if main is not None:
+                offset = state.orig_len if self._original_columns(main, state, q) else state.cache_len
+                chunk = masks.present(main, offset, q).long().expand(batch, q)
+        else:
+            prefix, chunk = self._split_mask(mask, state, q)
         cut = None
         if self.selector is not None and image_mask is not None:
-            capture, self.pending_capture = self.pending_capture, None
-            cut = self._plan(image_mask, capture, chunk, embeds.device)
-        if cut is None and state.mask is None:
-            state.orig_len += q
-            state.cache_len += q
+            cut = self._plan(image_mask, self._take_capture(), chunk, embeds.device)
+        elif image_mask is not None:
+            self._record_uncut(image_mask, self._take_capture())
+        if cut is None and state.mask is None:  # nothing cut in this sequence: the call as it came
+            state.extend(batch, q, embeds.device)
             return None, False
         start = time.perf_counter()
         positions = kwargs.get("position_ids")
@@ -331,6 +455,7 @@ class Session:
             positions = (torch.arange(q, device=embeds.device) + state.orig_len).expand(batch, q)
         elif positions.shape[-2] == 1 and batch > 1:
             positions = positions.expand(*positions.shape[:-2], batch, q)
+        index = real = None
         if cut is not None:
             index, real = cut
             if self.replacements:  # merged tokens (pool) take their anchor token's place
@@ -343,17 +468,36 @@ class Session:
         elif chunk is None:
             chunk = torch.ones(batch, q, dtype=torch.long, device=embeds.device)
         if prefix is None:
-            prefix = torch.ones(batch, state.cache_len, dtype=chunk.dtype, device=chunk.device)
+            prefix = state.mask if state.mask is not None else \
+                torch.ones(batch, state.cache_len, dtype=chunk.dtype, device=chunk.device)
         full = torch.cat([prefix.to(chunk.device, chunk.dtype), chunk], dim=1)
-        kwargs.update(inputs_embeds=embeds, attention_mask=full, position_ids=positions)
-        state.orig_len += q
-        state.cache_len += embeds.shape[1]
-        state.dropped = state.orig_len - state.cache_len
+        if four_d:
+            mask = masks.apply(mask, functools.partial(self._cut_4d, state=state, cut=cut, q=q))
+        kwargs.update(inputs_embeds=embeds, attention_mask=mask if four_d else full, position_ids=positions)
+        state.extend(batch, q, embeds.device, index, real)
         state.mask = full
         if cut is not None:
             self.adapter.after_cut(state)
             self.last["time_gather_s"] = time.perf_counter() - start
         return cut, True
+
+    def _original_columns(self, mask, state, q) -> bool:
+        """Whether a 4-D mask of this call indexes the original sequence rather than the pruned cache
+        (masks ``generate`` builds for a static cache are built on the pruned cache)."""
+        return state.slots is not None and mask.shape[-1] == state.orig_len + q \
+            and not any(mask is made for made in self.made_masks)
+
+    def _cut_4d(self, mask, state, cut, q):
+        """A 4-D mask of this call, re-indexed to the pruned cache and cut with this call's tokens."""
+        if self._original_columns(mask, state, q):
+            mask = masks.to_cache(mask, state.slots, state.live)
+        elif mask.shape[-1] < state.cache_len + q:
+            raise ValueError(f"a 4-D attention_mask with {mask.shape[-1]} key columns cannot cover this call: "
+                             f"expected {state.orig_len + q} (the full sequence) or at least {state.cache_len + q} "
+                             "(the pruned cache)")
+        if cut is None:
+            return mask
+        return masks.cut_chunk(mask, cut[0], cut[1], state.cache_len, q)
 
     def _begin_layer_exit(self, kwargs, image_mask, cut, fresh):
         """Tell the in-LLM exit which tokens of this call are visual and which are text."""
@@ -362,21 +506,32 @@ class Session:
         text = None
         visual = self._visual_after_cut(kwargs, image_mask, cut)
         if visual is not None:
-            mask = kwargs.get("attention_mask")
-            present = mask[:, -q:].bool() if mask is not None and mask.dim() == 2 else torch.ones_like(visual)
-            text = present & ~visual
+            text = self._present(kwargs, q).to(visual.device) & ~visual
         past = self.state.cache_len - q if self.state is not None else 0
         self.layer_exit.begin_call(visual, text, fresh, past, q)
 
     def _state_for(self, past):
-        past_len = past.get_seq_length() if past is not None else 0
-        state = self.state
-        if past_len == 0:
-            state = CacheState(cache=past)
-        elif state is None or state.cache_len != past_len or (state.cache is not None and state.cache is not past):
-            state = CacheState(orig_len=past_len, cache_len=past_len, cache=past)
+        """The bookkeeping of the sequence whose cache is ``past`` (one per cache: calls may interleave)."""
+        past_len = int(past.get_seq_length()) if past is not None else 0
+        state = self._states_get(past)
+        if past_len == 0 or state is None or state.cache_len != past_len:
+            state = CacheState(orig_len=past_len, cache_len=past_len)
+            self._states_set(past, state)
         self.state = state
         return state
+
+    def _states_get(self, cache):
+        try:
+            return self.states.get(cache) if cache is not None else None
+        except TypeError:  # a cache that cannot be weakly referenced: only the latest sequence is known
+            return self.state
+
+    def _states_set(self, cache, state):
+        if cache is not None:
+            try:
+                self.states[cache] = state
+            except TypeError:
+                pass
 
     @staticmethod
     def _split_mask(mask, state, q):
@@ -384,7 +539,7 @@ class Session:
         if mask is None:
             return state.mask, None
         if mask.dim() != 2:
-            raise ValueError("vtprune cannot cut a custom 4-D attention mask; pass a 2-D padding mask")
+            raise ValueError(f"attention_mask must be a 2-D padding mask or a 4-D mask, got {mask.dim()}-D")
         if mask.shape[1] == state.orig_len + q:
             prefix, chunk = mask[:, :state.orig_len], mask[:, state.orig_len:]
         elif mask.shape[1] == state.cache_len + q:
@@ -395,22 +550,21 @@ class Session:
         return (state.mask if state.mask is not None else prefix), chunk
 
     # ------------------------------------------------------------------ selection
-    def _plan(self, image_mask, capture, chunk_mask, device):
-        """Score and select; returns ``(index, real)`` of the cut or ``None`` when all is kept.
+    def _take_capture(self):
+        """The tower's capture for this call: a fresh one, else the last one (``generate`` without a
+        cache scatters the same image features again at every step without running the tower)."""
+        capture, self.pending_capture = self.pending_capture, None
+        if capture is not None:
+            self.last_capture = capture
+        return self.last_capture
 
-        When image tokens are dropped, padding positions (mask 0) of the chunk are dropped too.
-        """
-        start = time.perf_counter()
-        image_mask = image_mask.detach().cpu()
-        batch, length = image_mask.shape
-        images = self.adapter.images(image_mask, capture or {"counts": [], "features": []})
-        layouts = [img.layout for img in images]
-        if self.selector.scope == "tile":
-            budgets = [self._tile_budgets(layout) for layout in layouts]
-        else:
-            budgets = [tokens_to_keep(self.selector.keep, layout.n_content) for layout in layouts]
-        ctx = ScoreContext(layouts=layouts, budgets=budgets, rows=[img.row for img in images],
-                           features=[img.features for img in images], generator=self.generator)
+    def _select(self, images, capture):
+        """Scores, merged replacements and budgets of every image; a reused capture reuses its selection."""
+        if capture is not None and "selection" in capture:
+            return capture["selection"]
+        ctx = ScoreContext(layouts=[img.layout for img in images], budgets=self._budgets(images),
+                           rows=[img.row for img in images], features=[img.features for img in images],
+                           generator=self.generator)
         if self.tower_layers:
             towers = (capture or {}).get("cls", {})
             if set(towers) != set(self.tower_layers):
@@ -427,22 +581,31 @@ class Session:
         for i, img in enumerate(images):  # copies of one image (an expanded batch) share its selection
             if img.features is not None:
                 scores[i] = scores[first.setdefault(id(img.features), i)]
-        kept = [top_tokens(s, layout, k) for s, layout, k in zip(scores, layouts, budgets)]
-        self.replacements = [(img.row, img.positions[idx], feats) for img, rep in zip(images, ctx.replacements)
+        selection = (scores, ctx.replacements, ctx.budgets)  # a method may set its own budgets (pool, visionzip)
+        if capture is not None:
+            capture["selection"] = selection
+        return selection
+
+    def _budgets(self, images) -> list:
+        if self.selector.scope == "tile":
+            return [self._tile_budgets(img.layout) for img in images]
+        return [tokens_to_keep(self.selector.keep, img.layout.n_content) for img in images]
+
+    def _plan(self, image_mask, capture, chunk_mask, device):
+        """Score and select; returns ``(index, real)`` of the cut or ``None`` when all is kept.
+
+        When image tokens are dropped, padding positions (mask 0) of the chunk are dropped too.
+        """
+        start = time.perf_counter()
+        image_mask = image_mask.detach().cpu()
+        batch, length = image_mask.shape
+        images = self.adapter.images(image_mask, capture or {"counts": [], "features": []})
+        scores, replacements, budgets = self._select(images, capture)
+        kept = [top_tokens(s, img.layout, k) for s, img, k in zip(scores, images, budgets)]
+        self.replacements = [(img.row, img.positions[idx], feats) for img, rep in zip(images, replacements)
                              if rep is not None for idx, feats in [rep]]
-        drop = torch.zeros(batch, length, dtype=torch.bool)
-        per_sample = [[] for _ in range(batch)]
-        layouts_of = [[] for _ in range(batch)]
-        for (row, pos, layout, _, _), keep in zip(images, kept):
-            gone = torch.ones(layout.n, dtype=torch.bool)
-            gone[keep] = False
-            drop[row, pos[gone]] = True
-            per_sample[row].append(keep)
-            layouts_of[row].append(layout)
-        self.last = {"kept": per_sample, "layouts": layouts_of, "scores": scores, "images": [(img.row, img.layout.n, k.numel()) for img, k in zip(images, kept)],
-                     "length": length, "time_score_s": time.perf_counter() - start, "time_gather_s": 0.0}
+        drop = self._record(images, kept, batch, length, start, scores)
         if not drop.any():
-            self.last["llm_length"] = length
             return None
         if chunk_mask is not None:
             drop |= chunk_mask.detach().cpu() == 0
@@ -450,6 +613,30 @@ class Session:
         self.last["llm_length"] = index.shape[1]
         self.last["pad_slots"] = (~real).sum(1).tolist()
         return index, real
+
+    def _record_uncut(self, image_mask, capture):
+        """``last`` for a call with images that no pre-LLM method cuts (in-LLM and attention methods)."""
+        start = time.perf_counter()
+        image_mask = image_mask.detach().cpu()
+        images = self.adapter.images(image_mask, capture or {"counts": [], "features": []})
+        self._record(images, [torch.arange(img.layout.n) for img in images], *image_mask.shape, start, None)
+
+    def _record(self, images, kept, batch, length, start, scores):
+        """Fill ``last`` (what ``last_kept`` and ``stats`` report); returns the bool [B, L] drop mask."""
+        drop = torch.zeros(batch, length, dtype=torch.bool)
+        per_sample = [[] for _ in range(batch)]
+        layouts_of = [[] for _ in range(batch)]
+        for img, keep in zip(images, kept):
+            gone = torch.ones(img.layout.n, dtype=torch.bool)
+            gone[keep] = False
+            drop[img.row, img.positions[gone]] = True
+            per_sample[img.row].append(keep)
+            layouts_of[img.row].append(img.layout)
+        self.last = {"kept": per_sample, "layouts": layouts_of, "scores": scores,
+                     "images": [(img.row, img.layout.n, k.numel()) for img, k in zip(images, kept)],
+                     "length": length, "llm_length": length, "time_score_s": time.perf_counter() - start,
+                     "time_gather_s": 0.0}
+        return drop
 
     def _tile_budgets(self, layout) -> dict:
         content = ~layout.newline
@@ -466,8 +653,23 @@ class Session:
         itemsize = next(self.adapter.language_model.parameters()).element_size()
         return 2 * len(self.adapter.language_model.layers) * kv_heads * head_dim * itemsize
 
+    def _per_layer(self, base) -> list:
+        """Per sample, the visual tokens each decoder layer sees in the last prefill (after every exit)."""
+        runtime, n = self.layer_exit, len(self.adapter.language_model.layers)
+        rows = [[v] * n for v in base]
+        if runtime is None:
+            return rows
+        if runtime.exit_at is not None and self.layer_method.decision_layers(n):
+            for b, j in enumerate(runtime.exit_at.tolist()[:len(rows)]):  # gone from layer j + 1 on
+                rows[b] = [v if i <= j else 0 for i, v in enumerate(rows[b])]
+        elif self.exits is not None:
+            k = self.exits["layer"]
+            for b, gone in enumerate(self.exits["dropped"][:len(rows)]):
+                rows[b] = [v if i < k else v - gone for i, v in enumerate(rows[b])]
+        return rows
+
     def stats(self) -> dict:
-        out = {}
+        out = {"method": "+".join(c.name for c in self.configs), "methods": [c.name for c in self.configs]}
         last = self.last
         if last is not None:
             samples = []
@@ -476,7 +678,6 @@ class Session:
                 samples.append({"images": imgs, "tokens_in": sum(i["tokens_in"] for i in imgs),
                                 "tokens_out": sum(i["tokens_out"] for i in imgs)})
             out.update({
-                "method": self.selector.name if self.selector else None,
                 "samples": samples,
                 "visual_tokens_in": sum(s["tokens_in"] for s in samples),
                 "visual_tokens_out": sum(s["tokens_out"] for s in samples),
@@ -486,6 +687,13 @@ class Session:
                 "time_gather_s": last["time_gather_s"],
             })
             out["kv_bytes_saved"] = self._kv_token_bytes() * len(last["kept"]) * (last["length"] - last["llm_length"])
+            if "visual_llm" in last:
+                layers = self._per_layer(last["visual_llm"])
+                for sample, counts in zip(samples, layers):
+                    sample["visual_tokens_per_layer"] = counts
+                seen = sum(sum(c) / len(c) for c in layers if c)
+                stock = out["visual_tokens_in"] + last["text_tokens"]
+                out["llm_flops_saved"] = (out["visual_tokens_in"] - seen) / stock if stock else 0.0
         runtime = self.layer_exit
         if self.exits is not None or (runtime is not None and runtime.exit_at is not None):
             exits = self.exits or {}
@@ -506,7 +714,11 @@ class Session:
                 out["exit"]["exit_layers"] = [int(j) + 1 if j < n else None for j in runtime.exit_at.tolist()]
         attention = self.vhr.stats() if self.vhr is not None else {}
         if attention:
-            out[self.attn_method.name] = attention
-        if out:
-            out["totals"] = dict(self.totals)
-        return out or {"forwards_with_images": 0, "totals": dict(self.totals)}
+            out[self.attn_method.name] = {"method": self.attn_method.name, **attention}
+        totals = dict(self.totals)
+        stock = totals["visual_tokens_in"] + totals["text_tokens"]
+        totals["llm_flops_saved"] = (totals["visual_tokens_in"] - totals["visual_tokens_llm"]) / stock if stock else 0.0
+        out["totals"] = totals
+        if last is None:
+            out["forwards_with_images"] = 0
+        return out

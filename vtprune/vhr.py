@@ -18,6 +18,7 @@ import functools
 
 import torch
 
+from . import masks
 from .attention import pick_layers
 
 
@@ -57,6 +58,11 @@ class HeadReinforcement:
         embeds = kwargs["inputs_embeds"]
         b, n, _ = embeds.shape
         mask = kwargs.get("attention_mask")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if masks.is_4d(mask) or getattr(cache, "is_compileable", False):
+            raise ValueError("vhr doubles the prefill batch (each sample next to its text-only copy), which needs "
+                             "a 2-D attention mask and a dynamic cache: drop the 4-D mask / the static cache "
+                             "(cache_implementation='static') for vhr")
         mask = mask[:, -n:] if mask is not None else torch.ones(b, n, dtype=torch.long, device=embeds.device)
         keep = (~visual.to(embeds.device)) & mask.bool()
         text_embeds = torch.zeros_like(embeds)

@@ -49,6 +49,11 @@ class Method:
     def validate(self):
         """Raise ``ValueError`` on an invalid option."""
 
+    @property
+    def inert(self) -> bool:
+        """True when the method, as configured, leaves every forward exactly as the stock model runs it."""
+        return False
+
 
 @dataclass
 class ScoreContext:
@@ -89,6 +94,10 @@ class Selector(Method):
     merges: ClassVar[bool] = False  # rewrites tower features before the projector (``merge``)
     keep: float = 0.25
     scope: str = "image"
+
+    @property
+    def inert(self) -> bool:  # every token kept as it is (merging methods rewrite features even then)
+        return isinstance(self.keep, float) and self.keep == 1.0 and not self.merges
 
     @property
     def tower_score(self) -> str:

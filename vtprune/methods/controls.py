@@ -48,6 +48,10 @@ class Pool(Selector):
     positions stay original.  The realized count can be a little under ``keep``.
     """
 
+    @property
+    def inert(self) -> bool:  # the windows' means replace the features
+        return False
+
     def score(self, ctx):
         scores = []
         for i, (layout, k) in enumerate(zip(ctx.layouts, ctx.budgets)):

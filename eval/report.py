@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import statistics
 
 BASELINES = ("random", "pool", "downsample")
 COLUMNS = ("task", "method", "keep", "runs", "n", "metric", "score", "visual_tokens_in", "visual_tokens_out",
@@ -102,39 +103,110 @@ def markdown(records) -> str:
 
 
 def plots(records, out) -> list:
-    """``score_<task>.png`` and ``time_<task>.png``: per method, against visual tokens kept."""
-    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
-
+    """``score_<task>.png`` and ``time_<task>.png``: per method, against visual tokens seen by the LLM."""
     written = []
-    for task in dict.fromkeys(r["task"] for r in records):
-        rows = [r for r in records if r["task"] == task and r.get("score") is not None]
-        timing = "prefill_ms" if any("prefill_ms" in r for r in rows) else None
-        for kind in ("score", "time"):
-            fig = Figure(figsize=(6.4, 4.2))
-            ax = fig.add_subplot()
-            for method in dict.fromkeys(r["method"] for r in rows):
-                points = sorted((r["visual_tokens_llm"], _y(r, kind, timing)) for r in rows if r["method"] == method)
-                points = [p for p in points if p[1] is not None]
-                if not points:
-                    continue
-                xs, ys = zip(*points)
-                if method == "stock":
-                    ax.axhline(ys[0], color="black", linestyle="--", linewidth=1, label="stock")
-                    ax.plot(xs, ys, "k*", markersize=10)
-                else:
-                    ax.plot(xs, ys, marker="o", label=method)
-            ax.set_xscale("log")
-            ax.set_xlabel("visual tokens per sample seen by the LLM (mean over layers)")
-            ax.set_ylabel(rows[0].get("metric", "score") if kind == "score"
-                          else ("prefill ms per sample" if timing else "seconds per sample"))
-            ax.set_title(task)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-            fig.tight_layout()
-            path = os.path.join(out, f"{kind}_{task}.png")
-            fig.savefig(path, dpi=110)
-            written.append(path)
+    for name, fig in figures(records):
+        path = os.path.join(out, name)
+        fig.savefig(path, dpi=110)
+        written.append(path)
     return written
+
+
+def figures(records) -> list:
+    """``[(file name, matplotlib Figure)]``: a score and a time figure per task."""
+    # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
+    from matplotlib.figure import Figure
+
+    out = []
+    for task in dict.fromkeys(r["task"] for r in records):
+        for kind in ("score", "time"):
+            fig = Figure(figsize=(6.4, 4.4))
+            draw(fig.add_subplot(), [r for r in records if r["task"] == task], kind)
+            fig.tight_layout()
+            out.append((f"{kind}_{task}.png", fig))
+    return out
+
+
+def draw(ax, records, kind="score"):
+    """One task's ``score`` (or ``time``) per method on ``ax``, against the realized visual tokens
+    (log axis, ticks at the counts the cells realized); stock is a star and a dashed level; the
+    timing of a cell is the median of its repeats with min-max bars and a caveat on timing noise."""
+    from matplotlib.ticker import NullLocator
+
+    rows = [r for r in records if r.get("score") is not None and r.get("visual_tokens_llm")]
+    timing = any("prefill_ms" in r for r in rows)
+    for method in dict.fromkeys(r["method"] for r in rows):
+        points = sorted((r["visual_tokens_llm"], _y(r, kind, timing), _runs(r, kind, timing))
+                        for r in rows if r["method"] == method)
+        points = [p for p in points if p[1] is not None]
+        if not points:
+            continue
+        xs, ys, runs = zip(*points)
+        style = {"color": "black", "marker": "*", "markersize": 11, "linestyle": "none"} if method == "stock" \
+            else {"marker": "o"}
+        if kind == "time" and any(runs):
+            spread = [[y - min(r or [y]) for y, r in zip(ys, runs)], [max(r or [y]) - y for y, r in zip(ys, runs)]]
+            ax.errorbar(xs, ys, yerr=spread, capsize=2.5, elinewidth=0.9, label=method, **style)
+        else:
+            ax.plot(xs, ys, label=method, **style)
+        if method == "stock":
+            ax.axhline(ys[0], color="black", linestyle="--", linewidth=1, zorder=0)
+    ax.set_xscale("log")
+    ticks = sorted({round(r["visual_tokens_llm"], 1) for r in rows})
+    ax.set_xticks(ticks, _tick_labels(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("visual tokens per sample seen by the LLM (mean over layers)")
+    ax.set_ylabel(_metric(rows) if kind == "score" else ("prefill ms per sample" if timing else "seconds per sample"))
+    ax.set_title(title(rows), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if kind == "time":
+        ax.set_ylim(bottom=0)
+        ax.annotate(caveat(rows, timing), xy=(0, 0), xycoords="axes fraction", xytext=(0, -32),
+                    textcoords="offset points", ha="left", va="top", fontsize=7, color="dimgray")
+    return ax
+
+
+def title(rows) -> str:
+    """``"vtprune_toy: toy model, n = 400"`` (the model from the cells' ``config`` when they have one)."""
+    if not rows:
+        return ""
+    models = {str((r.get("config") or {}).get("model")) for r in rows if (r.get("config") or {}).get("model")}
+    model = ", ".join(sorted(_model_name(m) for m in models))
+    ns = sorted({r["n"] for r in rows if r.get("n") is not None})
+    n = "" if not ns else f"n = {ns[0]}" if len(ns) == 1 else f"n = {ns[0]}–{ns[-1]}"
+    details = ", ".join(p for p in (model, n) if p)
+    return f"{rows[0]['task']}: {details}" if details else rows[0]["task"]
+
+
+def caveat(rows, timing) -> str:
+    spreads = [(max(r["prefill_ms_runs"]) - min(r["prefill_ms_runs"])) / 2 / r["prefill_ms"]
+               for r in rows if timing and r.get("prefill_ms_runs") and r.get("prefill_ms")]
+    if spreads:
+        repeats = statistics.mode(len(r["prefill_ms_runs"]) for r in rows if r.get("prefill_ms_runs"))
+        return (f"median of {repeats} repeats, bars min–max (typically ±{statistics.median(spreads):.0%}); "
+                "CPU timings are noisy: compare within one run only")
+    return "one timing per cell, no repeats: CPU timings vary ±10% or more; compare within one run only"
+
+
+def _tick_labels(ticks):
+    """The realized counts as plain numbers; a tick within 12% of the last labelled one stays unlabelled."""
+    labels, last = [], None
+    for t in ticks:
+        crowded = last is not None and t < last * 1.12
+        labels.append("" if crowded else (f"{t:.0f}" if abs(t - round(t)) < 0.05 else f"{t:.1f}"))
+        last = last if crowded else t
+    return labels
+
+
+def _model_name(model):
+    if model == "toy":
+        return "toy model"
+    return os.path.basename(model.rstrip("/")) if os.path.isdir(model) or model.startswith(("/", ".")) else model
+
+
+def _metric(rows):
+    return rows[0].get("metric", "score") if rows else "score"
 
 
 def _y(row, kind, timing):
@@ -143,3 +215,7 @@ def _y(row, kind, timing):
     if timing:
         return row.get("prefill_ms")
     return row["seconds"] / row["n"] if row.get("n") else None
+
+
+def _runs(row, kind, timing):
+    return tuple(row.get("prefill_ms_runs") or ()) if kind == "time" and timing else ()

@@ -23,35 +23,10 @@ import re
 import statistics
 import time
 
+from vtprune.errors import NotApplicable
+from vtprune.spec import parse_spec, parse_value  # noqa: F401 (the sweep's grammar)
+
 TOY_TASK = "vtprune_toy"
-
-
-def parse_value(text):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
-
-
-def parse_spec(spec: str):
-    """``"fastervlm+vhr:alpha=2;layer=1"`` -> ``(["fastervlm", "vhr"], {"alpha": 2, "layer": 1})``."""
-    from vtprune import methods
-
-    names, _, extra = spec.strip().partition(":")
-    names = [n.strip() for n in names.split("+") if n.strip()]
-    if not names:
-        raise ValueError(f"empty method spec {spec!r}")
-    for name in names:
-        methods.get(name)  # raises ValueError naming the registered methods
-    options = {}
-    for item in filter(None, (i.strip() for i in extra.split(";"))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"method option {item!r} in {spec!r} is not key=value")
-        options[key.strip()] = parse_value(value.strip())
-    return names, options
 
 
 def parse_keeps(text: str) -> list:
@@ -60,7 +35,11 @@ def parse_keeps(text: str) -> list:
 
     out = []
     for item in filter(None, (t.strip() for t in text.split(","))):
-        value = 1.0 if item in ("1", "1.0") else (float(item) if "." in item else int(item))
+        try:
+            value = 1.0 if item in ("1", "1.0") else (float(item) if "." in item else int(item))
+        except ValueError:
+            raise ValueError(f"--keep {item!r} is not a number: budgets are fractions in (0, 1] (0.25) or "
+                             "token counts per image (64)") from None
         out.append(check_keep(value))
     if not out:
         raise ValueError("--keep needs at least one budget, e.g. 1,0.25,0.1")
@@ -140,8 +119,8 @@ class ToyRunner:
                 if cuda:
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)
-        # the minimum: other work on the machine only ever adds time
-        return 1000 * min(times) / len(self.timing_inputs["input_ids"])
+        # every repeat, per sample: the record keeps their median and all of them (the plots draw the spread)
+        return [1000 * t / len(self.timing_inputs["input_ids"]) for t in times]
 
     def run(self, cell, seed=None):
         import vtprune
@@ -288,6 +267,9 @@ def run(model="toy", tasks=(TOY_TASK,), methods=("fastervlm", "random"), keeps=(
     config = {"model": model, "limit": limit, "seeds": seeds, "model_args": model_args or {}}
     os.makedirs(os.path.join(out, "cells"), exist_ok=True)
     todo = [c for c in cells if not _done(out, c, config)]
+    if rank == 0 and len(todo) < len(cells):
+        print(f"vtprune eval: reusing {len(cells) - len(todo)} of {len(cells)} cells finished in {out}/cells "
+              f"(same model and limit); {len(todo)} to run", flush=True)
     native_cells = [c for c in todo if c.task == TOY_TASK and model == "toy" and not use_lmms]
     mine = [c for i, c in enumerate(native_cells) if i % world == rank] + [c for c in todo if c not in native_cells]
     runners = {}
@@ -329,8 +311,12 @@ def run(model="toy", tasks=(TOY_TASK,), methods=("fastervlm", "random"), keeps=(
 
 
 def _done(out, cell, config):
+    """A cell file of the same model and limit: a result, or a typed not-applicable (an error of an
+    older version without that mark runs again)."""
     done = _load(os.path.join(out, "cells", cell.slug + ".json"))
-    return done is not None and done.get("config") == config
+    if done is None or done.get("config") != config:
+        return False
+    return done.get("score") is not None or bool(done.get("not_applicable"))
 
 
 def _distributed(device):
@@ -369,11 +355,11 @@ def _run_cell(runner, cell, seeds):
     start = time.perf_counter()
     try:
         runs = [runner.run(cell, seed=s if repeat > 1 else None) for s in range(repeat)]
-    except (ValueError, TypeError) as err:  # the method does not apply to this model: say so, go on
+    except NotApplicable as err:  # inherent to model and method: say so, record it, go on
         print(f"vtprune eval: {cell.spec} keep={cell.keep} not applicable: {err}", flush=True)
         return {"slug": cell.slug, "task": cell.task, "method": cell.spec, "keep": cell.keep, "runs": 0,
-                "score": None, "error": str(err), "visual_tokens_in": None, "visual_tokens_out": None,
-                "visual_tokens_llm": None}
+                "score": None, "error": str(err), "not_applicable": True, "visual_tokens_in": None,
+                "visual_tokens_out": None, "visual_tokens_llm": None}
     seconds = time.perf_counter() - start
     first = runs[0]
     totals = first["totals"]
@@ -392,8 +378,10 @@ def _run_cell(runner, cell, seeds):
     }
     if "by_type" in first:
         record["by_type"] = {t: statistics.fmean(r["by_type"][t] for r in runs) for t in first["by_type"]}
-    if "prefill_ms" in first:
-        record["prefill_ms"] = statistics.median(r["prefill_ms"] for r in runs)
+    if "prefill_ms" in first:  # a runner's repeats (a list), or one value
+        record["prefill_ms_runs"] = [t for r in runs for t in
+                                     (r["prefill_ms"] if isinstance(r["prefill_ms"], list) else [r["prefill_ms"]])]
+        record["prefill_ms"] = statistics.median(record["prefill_ms_runs"])
     if "metrics" in first:
         record["metrics"] = first["metrics"]
     if "ranks" in first:

@@ -6,6 +6,7 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
+from vtprune.errors import NotApplicable
 from vtprune.layout import ImageLayout
 
 
@@ -93,7 +94,7 @@ class Adapter:
 
         Returns ``[(q_module, k_module, num_heads, scale)]``; families without a [CLS] token raise.
         """
-        raise ValueError(f"{self.family} has no [CLS] token in its vision tower; [CLS]-attention methods "
+        raise NotApplicable(f"{self.family} has no [CLS] token in its vision tower; [CLS]-attention methods "
                          "cannot apply to it")
 
     def tower_depth(self) -> int:
@@ -158,7 +159,7 @@ class Adapter:
 
     def projector(self):
         """The module that turns per-patch tower features ``[tiles, patches, C]`` into LLM tokens."""
-        raise ValueError(f"merging methods need each patch's tower feature before the projector; "
+        raise NotApplicable(f"merging methods need each patch's tower feature before the projector; "
                          f"{self.family} merges patches (pixel shuffle / patch merger) before that point, "
                          "which vtprune does not support yet")
 
@@ -170,7 +171,7 @@ class Adapter:
         """
         source = ref.layout.source
         if source is None:
-            raise ValueError(f"{self.family} cannot map vision-tower scores to LLM tokens")
+            raise NotApplicable(f"{self.family} cannot map vision-tower scores to LLM tokens")
         flat = tower_scores[ref.tiles].reshape(-1)
         src = source.to(flat.device)
         values = flat[src.clamp(min=0)] * (src >= 0)

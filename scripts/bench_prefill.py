@@ -1,6 +1,6 @@
 """Prefill and decode speed of wrapped models at real model widths, against the oracle.
 
-    python scripts/bench_prefill.py --quick                # ~1-2 minutes on a 2-core CPU
+    python scripts/bench_prefill.py --quick                # under a minute on a 2-core CPU
     python scripts/bench_prefill.py --device cuda --dtype bfloat16 --full-depth
 
 Random-weight models are built from configs at the widths of LLaVA-1.5-7B, LLaVA-NeXT-7B,
@@ -136,10 +136,11 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def timed_pair(first, second, repeats, device):
+def timed_pair(first, second, repeats, device, warm=(False, False)):
     """Times of ``first`` and ``second`` run alternately (order swapped every repeat), after a
-    warm-up of each, so that drift on a shared machine hits both the same way.  Each is a callable
-    or ``(enter, fn, leave)``: ``enter``/``leave`` (e.g. wrap/unwrap) run untimed around every call."""
+    warm-up of each (``warm[i]``: already warm), so that drift on a shared machine hits both the
+    same way.  Each is a callable or ``(enter, fn, leave)``: ``enter``/``leave`` (e.g. wrap/unwrap)
+    run untimed around every call; ``second`` may be None (``first`` alone)."""
     cells = [c if isinstance(c, tuple) else (None, c, None) for c in (first, second) if c is not None]
     times = [[] for _ in cells]
 
@@ -159,7 +160,8 @@ def timed_pair(first, second, repeats, device):
 
     with torch.no_grad():
         for i in range(len(cells)):
-            once(i)
+            if not warm[i]:
+                once(i)
         for r in range(repeats):
             for i in (range(len(cells)) if r % 2 == 0 else reversed(range(len(cells)))):
                 times[i].append(once(i))
@@ -212,9 +214,11 @@ class _Stamps:
 def decode_speed(generate, steps, repeats, device):
     """Tokens/s of greedy decoding with the cache, timed inside ``generate``: from the first token's
     logits (after the prefill) to the last, so the prefill's time and noise stay out.  Median of
-    ``repeats`` calls (the first is a warm-up)."""
+    ``repeats`` calls (the first is a warm-up).  ``steps=0``: not measured (None)."""
     from transformers import LogitsProcessorList
 
+    if steps <= 0:
+        return None
     rates = []
     with torch.no_grad():
         for r in range(repeats + 1):
@@ -287,19 +291,24 @@ def run(args):
                         peak = (torch.cuda.max_memory_allocated() - base) / 2**30
                     decode = decode_speed(lambda n, lp: model.generate(**inputs, max_new_tokens=n, do_sample=False,
                                                                        logits_processor=lp), steps, args.repeats, device)
+                stock = method == "none"  # keep 1: the oracle is the stock model itself, not timed twice
                 keep_mask = ~visual.clone()
                 keep_mask[vis_pos[kept_local.to(vis_pos.device)]] = True
                 kept_positions = keep_mask.nonzero().squeeze(1)
                 # wrapped and oracle alternate; the oracle runs on the unwrapped model
                 wrapped_cell = (lambda: vtprune.wrap(model, wrapped_name, **options),
                                 lambda: model(**inputs, logits_to_keep=1), lambda: vtprune.unwrap(model))
-                times = timed_pair(wrapped_cell, oracle_fn(model, inputs, kept_positions), args.repeats, device)
+                times = timed_pair(wrapped_cell, None if stock else oracle_fn(model, inputs, kept_positions),
+                                   args.repeats, device, warm=(True, False))
+                times = times * 2 if stock else times
                 prefill, oracle = (statistics.median(t) for t in times)
-                embeds = merged_embeds(model, inputs)[:, kept_positions]
-                kept_mask = inputs["attention_mask"][:, kept_positions]
-                oracle_decode = decode_speed(
-                    lambda n, lp: model.generate(inputs_embeds=embeds, attention_mask=kept_mask, max_new_tokens=n,
-                                                 do_sample=False, logits_processor=lp), steps, args.repeats, device)
+                oracle_decode = decode if stock else None
+                if steps > 0 and not stock:
+                    embeds = merged_embeds(model, inputs)[:, kept_positions]
+                    kept_mask = inputs["attention_mask"][:, kept_positions]
+                    oracle_decode = decode_speed(
+                        lambda n, lp: model.generate(inputs_embeds=embeds, attention_mask=kept_mask, max_new_tokens=n,
+                                                     do_sample=False, logits_processor=lp), steps, args.repeats, device)
                 row = {
                     "model": name, "method": method, "keep": 0.0 if method == "exit" else keep, "stage": "llm" if in_llm else "pre-llm",
                     "exit_layer": exit_layer, "llm_layers": n_layers, "visual_in": n_visual, "visual_out": n_final,
@@ -307,7 +316,7 @@ def run(args):
                     "prefill_ms": prefill * 1000, "oracle_ms": oracle * 1000, "wrapped_vs_oracle": oracle / prefill,
                     "wrapped_vs_oracle_best": min(times[1]) / min(times[0]),
                     "decode_tok_s": decode, "oracle_decode_tok_s": oracle_decode,
-                    "decode_vs_oracle": decode / oracle_decode,
+                    "decode_vs_oracle": decode / oracle_decode if decode and oracle_decode else None,
                     "ideal_speedup": ideal_speedup(length, length - n_visual + n_final, n_layers, exit_layer),
                 }
                 if device.startswith("cuda"):
@@ -330,9 +339,13 @@ def table(rows) -> str:
         method = r["method"] + (f" (L{r['exit_layer']}/{r['llm_layers']})" if r["stage"] == "llm" else "")
         lines.append(f"| {r['model']} | {method} | {r['keep']} | {r['visual_out']}/{r['visual_in']} | "
                      f"{r['llm_length']} | {r['prefill_ms']:.1f} | {r['oracle_ms']:.1f} | {r['wrapped_vs_oracle']:.3f} | "
-                     f"{r['speedup_vs_unpruned']:.2f}x | {r['ideal_speedup']:.2f}x | {r['decode_tok_s']:.2f} | "
-                     f"{r['oracle_decode_tok_s']:.2f} |")
+                     f"{r['speedup_vs_unpruned']:.2f}x | {r['ideal_speedup']:.2f}x | {_num(r['decode_tok_s'])} | "
+                     f"{_num(r['oracle_decode_tok_s'])} |")
     return "\n".join(lines)
+
+
+def _num(value):
+    return "–" if value is None else f"{value:.2f}"
 
 
 def plot(rows, path):
@@ -371,14 +384,16 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="LLaVA-1.5 shapes, 1 LLM layer, 3 budgets, 3 repeats")
+    parser.add_argument("--quick", action="store_true",
+                        help="under a minute: LLaVA-1.5 widths, 1 LLM and 1 tower layer, keep 1/0.1, fastervlm, "
+                             "2 repeats, no decode")
     parser.add_argument("--out", default="bench_prefill", help="output prefix (.json, .md, .png)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.quick:
-        args.models, args.keep, args.repeats, args.llm_layers = "llava-1.5-7b", "1.0,0.25,0.05", 3, 1
-        args.methods = "random,fastervlm"
+        args.models, args.keep, args.repeats, args.llm_layers = "llava-1.5-7b", "1.0,0.1", 2, 1
+        args.methods, args.vision_layers, args.decode_tokens = "fastervlm", 1, 0
     args.models = args.models.split(",")
     args.methods = args.methods.split(",")
     args.keep = [float(k) for k in args.keep.split(",")]

@@ -65,3 +65,16 @@ def test_bench_kernels_smoke(monkeypatch, tmp_path):
     assert [(what.split()[0], batch) for what, batch, *_ in rows] == [("cut", 1), ("kv", 1), ("cut", 2), ("kv", 2)]
     assert all(v > 0 for *_, k, t, c in rows for v in (k, t, c))
     assert (tmp_path / "k.md").read_text().count("\n") == len(rows) + 2
+
+
+def test_bench_prefill_without_decode_and_keep_1_timed_once(tmp_path):
+    """What ``--quick`` runs (no decode; at keep 1 the oracle is the stock model, not timed twice)."""
+    bench = _load("bench_prefill")
+    out = str(tmp_path / "q")
+    rows = bench.main(["--models", "tiny-llava", "--methods", "fastervlm", "--keep", "1.0,0.1", "--repeats", "1",
+                       "--decode-tokens", "0", "--out", out])
+    assert [(r["method"], r["keep"]) for r in rows] == [("none", 1.0), ("fastervlm", 0.1)]
+    assert all(r["decode_tok_s"] is None and r["oracle_decode_tok_s"] is None for r in rows)
+    assert rows[0]["oracle_ms"] == rows[0]["prefill_ms"] and rows[0]["wrapped_vs_oracle"] == 1.0
+    assert rows[1]["oracle_ms"] != rows[1]["prefill_ms"] and rows[1]["visual_out"] < rows[1]["visual_in"]
+    assert "| – | – |" in open(out + ".md").read()

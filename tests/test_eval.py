@@ -195,6 +195,8 @@ def test_sweep_writes_everything_and_resumes(tmp_path, monkeypatch):
     assert by["fastv:layer=2"]["visual_tokens_out"] == toy.NUM_IMAGE_TOKENS
     assert by["fastv:layer=2"]["visual_tokens_llm"] == pytest.approx((2 * 256 + 64) / 3)
     assert by["fastervlm"]["delta_random"] == pytest.approx(by["fastervlm"]["score"] - by["random"]["score"])
+    assert len(by["stock"]["prefill_ms_runs"]) == 7 and len(by["random"]["prefill_ms_runs"]) == 14  # every repeat
+    assert by["stock"]["prefill_ms"] == pytest.approx(np.median(by["stock"]["prefill_ms_runs"]))
     # the stock cell is the unwrapped model's own accuracy
     model, processor = toy.load()
     stock = toy.evaluate(model, processor, toy.eval_split(n=16), progress=False)

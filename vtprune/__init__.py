@@ -7,7 +7,9 @@
 from . import methods
 from .api import is_wrapped, last_kept, stats, unwrap, wrap, wrapped
 from .downsample import downsample
+from . import spec
+from .errors import NotApplicable
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "downsample", "is_wrapped", "last_kept", "methods", "stats", "unwrap", "wrap", "wrapped"]
+__all__ = ["NotApplicable", "__version__", "downsample", "is_wrapped", "last_kept", "methods", "spec", "stats", "unwrap", "wrap", "wrapped"]

@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from .errors import NotApplicable
+
 _COUNTER = itertools.count()
 
 
@@ -24,7 +26,7 @@ def pick_layers(name, chosen, default, n_layers) -> list:
     ids = chosen if chosen is not None else default(n_layers)
     bad = [j for j in ids if not 0 <= j < n_layers]
     if bad:
-        raise ValueError(f"{name} layers {bad} do not exist: the language model has {n_layers} decoder layers")
+        raise NotApplicable(f"{name} layers {bad} do not exist: the language model has {n_layers} decoder layers")
     return ids
 
 
@@ -63,7 +65,7 @@ class AttentionRoute:
 
         original = self.original
         if original not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-            raise ValueError(f"vtprune cannot route attention implementation {original!r}; use sdpa, eager or flash")
+            raise NotApplicable(f"vtprune cannot route attention implementation {original!r}; use sdpa, eager or flash")
 
         def attention(module, query, key, value, attention_mask, **kwargs):
             layer = getattr(module, "layer_idx", None)

@@ -1,13 +1,49 @@
-"""The ``vtprune`` command: ``info``, ``demo``, ``eval``, ``calibrate``, ``toy-task``."""
+"""The ``vtprune`` command: ``info``, ``demo``, ``eval``, ``calibrate``, ``toy-task``.
+
+Errors are one line, ``vtprune: error: ...``: exit status 2 for anything wrong with the command
+(checked before a model loads: methods and options with a "did you mean", budgets, the device,
+the model path or id, missing extras), 1 for a failure while running.  ``--debug`` (or
+``VTPRUNE_DEBUG=1``) shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import re
 import sys
 
 
+class UsageError(Exception):
+    """Something wrong with the command itself: one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _info_method(name) -> int:
+    from vtprune.spec import describe
+
+    d = describe(name)
+    print(f"{d['name']}: {d['summary']}")
+    print(f"stage:   {d['stage_words']}")
+    print(f"paper:   {d['paper'] or '(a control: no paper)'}")
+    print("options:")
+    for o in d["options"]:
+        print(f"  {o['name']:<17} default {o['default']!r:<8} {o['range']}")
+    details = d["details"].split("\n\n", 1)
+    if len(details) > 1:
+        print()
+        print(details[1].strip())
+    return 0
+
+
 def _info(args) -> int:
+    if args.method:
+        return _info_method(args.method)
     import torch
     import transformers
 
@@ -24,7 +60,7 @@ def _info(args) -> int:
     print("families:")
     for family, cls in supported().items():
         print(f"  {family:<12} {cls}")
-    print("methods:")
+    print("methods (vtprune info --method NAME for options and the paper):")
     for name in methods.available():
         doc = (methods.get(name).__doc__ or "").strip().splitlines()[0]
         print(f"  {name:<12} {doc}")
@@ -34,8 +70,8 @@ def _info(args) -> int:
 def _demo(args) -> int:
     from vtprune.demo import run
 
-    return run(keeps=[float(k) if "." in k else int(k) for k in args.keep.split(",")], method=args.method,
-               n=args.n, out=args.out, seed=args.seed)
+    return run(keeps=args.keeps, method=args.names[0], n=args.n, out=args.out, seed=args.seed,
+               options=args.options or None)
 
 
 def _relaunch(args, argv) -> int:
@@ -67,10 +103,8 @@ def _eval(args) -> int:
     if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch(args, args.argv)
 
-    model_args = dict(item.split("=", 1) for item in args.model_args.split(",") if item) if args.model_args else {}
-    model_args = {k: sweep.parse_value(v) for k, v in model_args.items()}
-    records = sweep.run(model=args.model, tasks=[t for t in args.tasks.split(",") if t],
-                        methods=[m for m in args.methods.split(",") if m], keeps=sweep.parse_keeps(args.keep),
+    model_args = {k: sweep.parse_value(v) for k, v in args.model_arg_pairs.items()}
+    records = sweep.run(model=args.model, tasks=args.task_list, methods=args.specs, keeps=args.keeps,
                         out=args.out, limit=args.limit, seeds=args.seeds, batch_size=args.batch_size,
                         device=args.device, include_path=args.include_path, model_args=model_args,
                         lmms_model=args.lmms_model, use_lmms=args.lmms)
@@ -129,17 +163,185 @@ def _calibrate(args) -> int:
     return 0
 
 
+
+# ------------------------------------------------------------------------------ checks (no model loaded)
+
+def _positive(args, *names):
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def _check_spec(spec: str, keeps=None, defaults=None):
+    """Parse a method spec and check it as ``wrap`` will (every budget): ``(names, options)``.
+    ``defaults(name, options)`` adds what the caller will add (the demo's defaults)."""
+    from vtprune.spec import check, options_of, parse_spec
+
+    try:
+        names, options = parse_spec(spec)
+        takes_keep = "keep" not in options and any("keep" in options_of(n) for n in names)
+        budgets = [k for k in keeps if k != 1.0] if keeps and takes_keep else [None]
+        full = defaults(names[0], options) if defaults is not None and len(names) == 1 else options
+        check(names, full, budgets or [None])
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"method {spec!r}: {err}") from None
+    return names, options
+
+
+def _check_keeps(text: str) -> list:
+    from vtprune.eval.sweep import parse_keeps
+
+    try:
+        return parse_keeps(text)
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err) if str(err).startswith("--keep") else f"--keep {text}: {err}") from None
+
+
+def _check_device(device: str):
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s)")
+        return
+    backend = getattr(torch.backends, dev.type, None) or getattr(torch, dev.type, None)
+    if backend is None or not backend.is_available():
+        raise UsageError(f"--device {device}: not available on this machine; use --device cpu")
+
+
+def _check_model(model: str) -> str:
+    """``toy``, a model folder, or a hub id whose config resolves; returns the model_type."""
+    from vtprune import toy
+
+    if model == "toy":
+        if not os.path.isfile(os.path.join(toy.DEFAULT_PATH, "config.json")):
+            raise UsageError(f"the toy model is missing from this install ({toy.DEFAULT_PATH})")
+        return "llava"
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UsageError(f"--model {model}: the folder has no config.json (a saved transformers model has one)")
+    elif os.path.exists(path):
+        raise UsageError(f"--model {model} is a file: pass the model's folder (or a hub id like org/name)")
+    elif path.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model):
+        raise UsageError(f"--model {model}: no such folder, and not a hub id (org/name)")
+    from transformers import AutoConfig
+
+    try:
+        try:
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+        except OSError:
+            if os.path.isdir(path) or os.environ.get("HF_HUB_OFFLINE") == "1":
+                raise
+            config = AutoConfig.from_pretrained(path)
+    except Exception as err:  # noqa: BLE001 - any failure to resolve is a bad --model
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"--model {model}: cannot read its config ({first})") from None
+    return config.model_type
+
+
+def _needs(module: str, extra: str, why: str):
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(f"{why} needs {module}: pip install 'vtprune[{extra}]'")
+
+
+def _check_eval(args):
+    from vtprune.eval.sweep import TOY_TASK
+
+    _positive(args, "limit", "seeds", "batch_size", "num_processes")
+    args.keeps = _check_keeps(args.keep)
+    args.specs = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not args.specs:
+        raise UsageError("--methods is empty; e.g. --methods random,fastervlm")
+    for spec in args.specs:
+        _check_spec(spec, args.keeps)
+    args.task_list = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not args.task_list:
+        raise UsageError("--tasks is empty; e.g. --tasks vtprune_toy")
+    _check_device(args.device)
+    model_type = _check_model(args.model)
+    if args.lmms or args.model != "toy" or any(t != TOY_TASK for t in args.task_list):
+        _needs("lmms_eval", "eval", "evaluating through lmms-eval (a model other than toy, a task other than "
+               f"{TOY_TASK}, or --lmms)")
+        from vtprune.eval.lmms import FOR_MODEL_TYPE
+
+        if model_type not in FOR_MODEL_TYPE:
+            raise UsageError(f"--model {args.model}: model_type {model_type!r} is not supported; "
+                             f"supported: {', '.join(sorted(FOR_MODEL_TYPE))}")
+    pairs = [item for item in args.model_args.split(",") if item] if args.model_args else []
+    bad = [item for item in pairs if "=" not in item]
+    if bad:
+        raise UsageError(f"--model-args {bad[0]!r} is not key=value")
+    args.model_arg_pairs = dict(item.split("=", 1) for item in pairs)
+    for path in args.include_path or []:
+        if not os.path.isdir(path):
+            raise UsageError(f"--include-path {path}: no such folder")
+
+
+def _check_demo(args):
+    _positive(args, "n")
+    args.keeps = _check_keeps(args.keep)
+    from vtprune.demo import defaults
+
+    args.names, args.options = _check_spec(args.method, args.keeps, defaults)
+    if len(args.names) != 1:
+        raise UsageError("the demo runs one method at a time; use vtprune eval to combine methods")
+    if args.names == ["downsample"]:
+        raise UsageError("downsample does not apply to the toy model: LLaVA-1.5 resizes every image to one "
+                         "size (pool stands in for it)")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise UsageError(f"--out {args.out}: no such folder {out_dir}")
+
+
+def _check_calibrate(args):
+    _positive(args, "n", "top")
+    if not args.tau > 0:
+        raise UsageError(f"--tau must be > 0, got {args.tau}")
+    if args.images is not None and not os.path.isdir(args.images):
+        raise UsageError(f"--images {args.images}: no such folder")
+    _check_model(args.model)
+    if args.model != "toy" and args.device not in ("auto", "balanced", "sequential"):
+        _check_device(args.device)
+
+
+def _check_toy_task(args):
+    _positive(args, "n")
+    if os.path.exists(args.folder) and not os.path.isdir(args.folder):
+        raise UsageError(f"{args.folder} is a file, not a folder")
+
+
+CHECKS = {"eval": _check_eval, "demo": _check_demo, "calibrate": _check_calibrate, "toy-task": _check_toy_task}
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("VTPRUNE_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    parser = _Parser(
         prog="vtprune",
-        description="Visual-token pruning for Hugging Face VLMs: vtprune.wrap(model, method, keep=...).",
+        description="Visual-token pruning for Hugging Face VLMs: vtprune.wrap(model, method, keep=...). "
+                    "Add --debug (or set VTPRUNE_DEBUG=1) to see the traceback of an error.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = sub.add_parser("info", help="versions, supported model families, registered methods, kernel backend")
+    info.add_argument("--method", default=None, help="one method: its stage, options with defaults and ranges, "
+                      "the paper")
     info.set_defaults(func=_info)
     demo = sub.add_parser("demo", help="run the embedded toy model unpruned and pruned, offline")
     demo.add_argument("--keep", default="1.0,0.25,0.1", help="comma-separated budgets (default: 1.0,0.25,0.1)")
-    demo.add_argument("--method", default="fastervlm", help="selection method (default: fastervlm)")
+    demo.add_argument("--method", default="fastervlm",
+                      help="a method, with options as name:opt=value;... (default: fastervlm)")
     demo.add_argument("--n", type=int, default=6, help="number of questions (default: 6)")
     demo.add_argument("--out", default="vtprune_demo.png", help="where to write the kept-token overlay PNG")
     demo.add_argument("--seed", type=int, default=0, help="seed of the questions")
@@ -181,12 +383,37 @@ def main(argv=None) -> int:
     task.add_argument("--n", type=int, default=400, help="number of questions (default: 400)")
     task.add_argument("--seed", type=int, default=1234, help="seed of the split (default: 1234)")
     task.set_defaults(func=_toy_task)
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
-    return args.func(args)
+    try:
+        args = parser.parse_args(argv)
+        args.argv = argv
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 0
+        if args.command == "info" and args.method:
+            from vtprune.spec import method_class
+
+            try:
+                method_class(args.method)
+            except ValueError as err:
+                raise UsageError(str(err)) from None
+        if args.command in CHECKS:
+            CHECKS[args.command](args)
+        return args.func(args)
+    except UsageError as err:
+        if debug:
+            raise
+        print(f"vtprune: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vtprune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one line unless --debug
+        if debug:
+            raise
+        text = str(err).strip().splitlines()
+        print(f"vtprune: error: {type(err).__name__}: {text[0] if text else ''} "
+              "(run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

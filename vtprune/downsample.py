@@ -27,6 +27,7 @@ image to one size, so ``downsample`` raises there: ``pool`` stands in for it.
 from __future__ import annotations
 
 from .budget import check_keep, tokens_to_keep
+from .errors import NotApplicable
 
 FIXED_RESOLUTION = ("LlavaProcessor",)
 TILED = ("InternVLProcessor",)  # the tile count, not the image size, sets the number of tokens
@@ -56,7 +57,7 @@ class DownsampledProcessor:
             raise ValueError("this processor is already downsampled; wrap the original processor")
         name = type(processor).__name__
         if name in FIXED_RESOLUTION:
-            raise ValueError(f"{name} resizes every image to one fixed size, so a smaller image gives the same "
+            raise NotApplicable(f"{name} resizes every image to one fixed size, so a smaller image gives the same "
                              "number of visual tokens: downsample cannot apply; use 'pool', which merges the "
                              "token grid down to the budget")
         self.processor = processor

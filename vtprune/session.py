@@ -43,6 +43,7 @@ from vtprune.kernels import gather_cut
 from . import masks
 from .attention import AttentionRoute, text_config
 from .budget import tokens_to_keep
+from .errors import NotApplicable
 from .exit import LayerExit
 from .loss import Loss
 from .methods import ScoreContext
@@ -216,7 +217,7 @@ class Session:
         layers = self.adapter.language_model.layers
         low = self.adapter.first_exit_layer()
         if method.first_layer(len(layers)) < low:
-            raise ValueError(f"{method.name} layer={method.first_layer(len(layers))} is too early for "
+            raise NotApplicable(f"{method.name} layer={method.first_layer(len(layers))} is too early for "
                              f"{self.adapter.family}: visual features are still added to the hidden states up "
                              f"to layer {low - 1}")
         self.layer_exit = LayerExit(self, method, layers)
@@ -251,7 +252,7 @@ class Session:
         layers = self.selector.tower_layers(n, self.adapter.feature_layer())
         for layer in layers:
             if not -n <= layer < n:
-                raise ValueError(f"vision-tower layer {layer} is out of range: the tower has {n} layers")
+                raise NotApplicable(f"vision-tower layer {layer} is out of range: the tower has {n} layers")
         self.tower_layers = sorted({layer % n for layer in layers})
         for layer in self.tower_layers:
             sink = functools.partial(lambda layer, scores: self.tower_cls.setdefault(layer, []).append(scores), layer)

@@ -15,6 +15,7 @@ import math
 import torch
 
 from .attention import AttentionRoute, allowed_keys, pick_layers, text_config
+from .errors import NotApplicable
 
 
 class SinkScaling:
@@ -25,10 +26,10 @@ class SinkScaling:
         heads = text_config(session.model).num_attention_heads
         bad = [h for h in (method.heads or []) if not 0 <= h < heads]
         if bad:
-            raise ValueError(f"zerotuning heads {bad} do not exist: the language model has {heads} heads")
+            raise NotApplicable(f"zerotuning heads {bad} do not exist: the language model has {heads} heads")
         self.route = AttentionRoute(session.model)
         if "flash" in self.route.original:
-            raise ValueError("zerotuning biases the attention mask, which flash attention does not take; "
+            raise NotApplicable("zerotuning biases the attention mask, which flash attention does not take; "
                              "load the model with attn_implementation='sdpa' or 'eager'")
         self.probing = False
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
 
 WRAPPED = {"count": 0}
 
 
 def _spec():
-    from vtprune.eval.sweep import parse_spec
+    from vtprune.spec import parse_spec
 
     return parse_spec(os.environ.get("VTPRUNE_HF_WRAP", "random:keep=1.0"))
 

@@ -28,6 +28,9 @@ class VHR(Method):
     """
 
     stage: ClassVar[str] = "attention"
+    paper: ClassVar[str] = "VHR: He et al., ACL 2025, arXiv 2412.13949"
+    ranges: ClassVar[dict] = {"alpha": "float > 0 (1 = no change)", "layers": "list of decoder layers; None: the "
+                              "paper's choice scaled to the depth", "outliers": "bool: drop outlier heads"}
     alpha: float = 2.0
     layers: list | None = None
     outliers: bool = True
@@ -62,6 +65,11 @@ class VAR(Method):
     """
 
     stage: ClassVar[str] = "attention"
+    paper: ClassVar[str] = "VAR: Kang et al., ICLR 2025, arXiv 2503.03321"
+    ranges: ClassVar[dict] = {"moved": "float in [0, 1]", "rho": "float in [0, 1]", "summ": "float in [0, 1]",
+                              "tau": "float > 0", "sink_dims": "list of hidden channels; None: calibrated "
+                              "(vtprune calibrate var)", "calibration": "path to a calibration JSON",
+                              "layers": "list of decoder layers; None: 2 .. L-2 of 32, scaled"}
     moved: float = 0.4
     rho: float = 0.5
     summ: float = 0.2
@@ -104,6 +112,9 @@ class ZeroTuning(Method):
 
     stage: ClassVar[str] = "attention"
     composes_with_exit: ClassVar[bool] = True  # a mask bias: indifferent to tokens leaving mid-way
+    paper: ClassVar[str] = "ZeroTuning: Han et al. 2025, arXiv 2505.11739"
+    ranges: ClassVar[dict] = {"gamma": "float > 0 (1 = no change)", "layers": "list of decoder layers; None: all",
+                              "heads": "list of heads; None: all"}
     gamma: float = 1.0
     layers: list | None = None
     heads: list | None = None

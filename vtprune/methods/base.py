@@ -9,6 +9,7 @@ from typing import ClassVar
 import torch
 
 from ..budget import check_keep
+from ..errors import NotApplicable
 
 _REGISTRY: dict = {}
 
@@ -45,6 +46,8 @@ class Method:
 
     name: ClassVar[str] = "method"
     stage: ClassVar[str] = "method"
+    paper: ClassVar[str] = ""  # where the method is defined ("" for controls)
+    ranges: ClassVar[dict] = {}  # option -> its valid values, in words (``vtprune info --method``)
 
     def validate(self):
         """Raise ``ValueError`` on an invalid option."""
@@ -90,6 +93,8 @@ class Selector(Method):
     """
 
     stage: ClassVar[str] = "select"
+    ranges: ClassVar[dict] = {"keep": "float in (0, 1]: fraction of each image's visual tokens; int >= 1: tokens "
+                                      "per image", "scope": "'image' (one budget per image) or 'tile' (per crop/tile)"}
     needs_cls: ClassVar[bool] = False  # reads ctx.cls_attention (the tower layers of ``tower_layers``)
     merges: ClassVar[bool] = False  # rewrites tower features before the projector (``merge``)
     keep: float = 0.25
@@ -131,6 +136,8 @@ class LayerMethod(Method):
     """
 
     stage: ClassVar[str] = "llm"
+    ranges: ClassVar[dict] = {"layer": "int decoder layer: 0 .. layers-1 (1 .. layers-1 for methods that read "
+                                       "the previous layer's attention)"}
     needs_attention: ClassVar[bool] = False  # reads the attention of layer - 1 (runtime.scores)
     layer: int = 2
 
@@ -142,7 +149,7 @@ class LayerMethod(Method):
         """The first decoder layer that may lose tokens; raises ``ValueError`` when out of range."""
         low = 1 if self.needs_attention else 0
         if not low <= self.layer < n_layers:
-            raise ValueError(f"{self.name} layer={self.layer} must lie in [{low}, {n_layers - 1}] "
+            raise NotApplicable(f"{self.name} layer={self.layer} must lie in [{low}, {n_layers - 1}] "
                              f"(the language model has {n_layers} decoder layers)")
         return self.layer
 

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 
+from ..errors import NotApplicable
 from .base import Selector, register
 
 def _check_source(source):
@@ -29,6 +30,9 @@ class FasterVLM(Selector):
     while the tower runs on SDPA; no eager attention.
     """
 
+    paper: ClassVar[str] = "FasterVLM: Zhang et al. 2024, arXiv 2412.01818"
+    ranges: ClassVar[dict] = {"vision_layer": "int tower layer, negative from the end; None: the layer the "
+                                              "projector reads", "source": "'cls' or 'received'"}
     needs_cls: ClassVar[bool] = True
     vision_layer: int | None = None
     source: str = "cls"
@@ -57,6 +61,9 @@ class VTCCLS(Selector):
     a tower of fewer than 8 layers it starts at layer 0).
     """
 
+    paper: ClassVar[str] = "VTC-CLS: Wang et al. 2024, arXiv 2412.05819"
+    ranges: ClassVar[dict] = {"start_layer": "int tower layer, negative from the end, up to the projector's layer",
+                              "source": "'cls' or 'received'"}
     needs_cls: ClassVar[bool] = True
     start_layer: int = -8
     source: str = "cls"
@@ -68,7 +75,7 @@ class VTCCLS(Selector):
     def tower_layers(self, n_layers, feature_layer):
         start = max(0, n_layers + self.start_layer) if self.start_layer < 0 else self.start_layer
         if not 0 <= start <= feature_layer:
-            raise ValueError(f"vtc_cls start_layer={self.start_layer} must lie before layer {feature_layer} "
+            raise NotApplicable(f"vtc_cls start_layer={self.start_layer} must lie before layer {feature_layer} "
                              f"(the projector reads layer {feature_layer} of {n_layers})")
         return list(range(start, feature_layer + 1))
 
@@ -94,6 +101,9 @@ class VisionZip(Selector):
     An int ``keep`` counts tokens per tile.
     """
 
+    paper: ClassVar[str] = "VisionZip: Yang et al., CVPR 2025, arXiv 2412.04467"
+    ranges: ClassVar[dict] = {"contextual_share": "float in [0, 1): the share of the budget merged into contextual "
+                                                  "tokens"}
     needs_cls: ClassVar[bool] = True
     merges: ClassVar[bool] = True
     contextual_share: float = 0.15

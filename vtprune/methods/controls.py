@@ -20,6 +20,7 @@ class Random(Selector):
     reproducible; successive forward passes draw new subsets.
     """
 
+    ranges: ClassVar[dict] = {"seed": "int: the generator's seed at wrap time"}
     seed: int = 0
 
     def score(self, ctx):
@@ -77,6 +78,8 @@ class DivPrune(Selector):
     earliest token).  Needs no [CLS] and no attention map.  Kept tokens enter in original order.
     """
 
+    paper: ClassVar[str] = "DivPrune: Alvar et al., CVPR 2025, arXiv 2503.02175"
+
     def score(self, ctx):
         scores = []
         for i, (layout, k) in enumerate(zip(ctx.layouts, ctx.budgets)):
@@ -101,6 +104,8 @@ class Downsample(Method):
     use ``pool`` there."""
 
     stage: ClassVar[str] = "input"
+    ranges: ClassVar[dict] = {"keep": "float in (0, 1]: the share of the image's tokens the smaller image yields; "
+                                      "int >= 1: tokens per image"}
     keep: float = 0.5
 
     def validate(self):

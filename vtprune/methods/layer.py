@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 
 from ..budget import check_keep, tokens_to_keep
+from ..errors import NotApplicable
 from .base import LayerMethod, register
 
 @register("exit")
@@ -31,6 +32,9 @@ class FastV(LayerMethod):
     each sample's visual tokens in the LLM; the rest leave as in ``exit``.
     """
 
+    paper: ClassVar[str] = "FastV: Chen et al., ECCV 2024, arXiv 2403.06764"
+    ranges: ClassVar[dict] = {"keep": "float in (0, 1] or int >= 1: the visual tokens each sample keeps from layer "
+                                      "`layer` on", "query": "'last' (the last prompt token) or 'text' (all text)"}
     needs_attention: ClassVar[bool] = True
     keep: float = 0.5
     query: str = "last"
@@ -65,6 +69,9 @@ class DART(LayerMethod):
     tokens stay), and near-duplicates of what is kept leave as in ``exit``.
     """
 
+    paper: ClassVar[str] = "DART: Wen et al. 2025, arXiv 2502.11494"
+    ranges: ClassVar[dict] = {"keep": "float in (0, 1] or int >= 1: the visual tokens each sample keeps",
+                              "pivot_image": "int >= 1", "pivot_text": "int >= 0"}
     needs_attention: ClassVar[bool] = True
     keep: float = 0.25
     pivot_image: int = 4
@@ -120,6 +127,10 @@ class DyVTE(LayerMethod):
     ["exit_layers"]`` gives each row's first layer without its visual tokens (None: never left).
     """
 
+    paper: ClassVar[str] = "DyVTE: Wu et al., NeurIPS 2025, arXiv 2411.19628"
+    ranges: ClassVar[dict] = {"weights": "path to a router file (scripts/train_dyvte.py), or 'toy'",
+                              "threshold": "float in (0, 1): p(exit) above which a row's visual tokens leave",
+                              "layer": "int: the earliest decoder layer after which a row may exit"}
     weights: str | None = None
     threshold: float = 0.5
     layer: int = 0  # the earliest layer after which a row may exit
@@ -152,7 +163,7 @@ class DyVTE(LayerMethod):
     def first_layer(self, n_layers):
         layers = [j for j in self.routers.layers if j >= self.layer]
         if not layers or max(layers) >= n_layers - 1:
-            raise ValueError(f"dyvte routers for layers {self.routers.layers} do not fit a language model of "
+            raise NotApplicable(f"dyvte routers for layers {self.routers.layers} do not fit a language model of "
                              f"{n_layers} decoder layers (a router may run after layers 0..{n_layers - 2})")
         return min(layers) + 1
 

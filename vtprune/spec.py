@@ -1,0 +1,104 @@
+"""Method specs as text, and checking them without a model.
+
+A spec is ``name[+name...][:option=value;...]`` — ``fastervlm``, ``fastervlm:source=received``,
+``fastervlm+vhr:alpha=2``.  Values are ints, floats, ``true``/``false``/``none`` or strings.
+``check`` validates names, options and values (every budget included) the way ``wrap`` will, so a
+command line can fail in one line before it loads a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+
+
+def parse_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def did_you_mean(word: str, choices) -> str:
+    """`` (did you mean 'x'?)`` for the closest choice, or ``""``."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def method_class(name: str):
+    """The registered config class ``name``; ``ValueError`` with the closest names otherwise."""
+    from . import methods
+
+    if name not in methods.available():
+        raise ValueError(f"unknown method {name!r}{did_you_mean(name, methods.available())}; "
+                         f"registered methods: {', '.join(methods.available())}")
+    return methods.get(name)
+
+
+def options_of(name: str) -> set:
+    return {f.name for f in dataclasses.fields(method_class(name)) if f.init}
+
+
+def parse_spec(spec: str):
+    """``"fastervlm+vhr:alpha=2;layer=1"`` -> ``(["fastervlm", "vhr"], {"alpha": 2, "layer": 1})``."""
+    names, _, extra = spec.strip().partition(":")
+    names = [n.strip() for n in names.split("+") if n.strip()]
+    if not names:
+        raise ValueError(f"empty method spec {spec!r}")
+    for name in names:
+        method_class(name)
+    options = {}
+    for item in filter(None, (i.strip() for i in extra.split(";"))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"method option {item!r} in {spec!r} is not key=value")
+        options[key.strip()] = parse_value(value.strip())
+    return names, options
+
+
+def check(names, options: dict, keeps=(None,)):
+    """Raise ``ValueError``/``TypeError`` for anything ``wrap`` would refuse (without a model):
+    unknown options (with the closest accepted one), bad values, methods that cannot be combined.
+    ``keeps``: the budgets the methods will run at (``None``: their own ``keep``).  ``downsample``
+    (which acts on the processor) is checked on its own."""
+    from .methods import resolve
+
+    accepted = set().union(*(options_of(n) for n in names))
+    for key in options:
+        if key not in accepted:
+            raise TypeError(f"option {key!r} is not accepted by {'+'.join(names)}{did_you_mean(key, accepted)}; "
+                            f"options: {', '.join(sorted(accepted)) or 'none'}")
+    model_names = [n for n in names if n != "downsample"]
+    for keep in keeps:
+        opts = dict(options) if keep is None else {**options, "keep": keep}
+        if "downsample" in names:
+            method_class("downsample")(**{k: v for k, v in opts.items() if k in options_of("downsample")}).validate()
+        if model_names:
+            resolve(model_names, {k: v for k, v in opts.items() if k in set().union(*map(options_of, model_names))})
+
+
+STAGES = {"select": "before the LLM (a selection of each image's visual tokens)",
+          "llm": "inside the LLM (visual tokens leave at a decoder layer)",
+          "attention": "attention (changes how the LLM attends; no token is dropped)",
+          "input": "the processor (a smaller image)"}
+
+
+def describe(name: str) -> dict:
+    """What ``vtprune info --method NAME`` prints: stage, summary, paper, options with defaults and ranges."""
+    cls = method_class(name)
+    ranges = {}
+    for klass in reversed(cls.__mro__):
+        ranges.update(vars(klass).get("ranges", {}))
+    options = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        options.append({"name": f.name, "type": str(f.type), "default": default, "range": ranges.get(f.name, "")})
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    return {"name": name, "stage": cls.stage, "stage_words": STAGES.get(cls.stage, cls.stage),
+            "summary": doc.split("\n\n")[0].replace("\n", " "), "details": doc, "paper": cls.paper,
+            "options": options}

@@ -362,3 +362,83 @@ def test_deepcopy_of_a_wrapped_model_is_wrapped_alike(family):
     vtprune.unwrap(clone)
     vtprune.unwrap(model)
     assert not any(k in vars(clone) for k in ("__deepcopy__", "_vtprune_session"))
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "internvl", "qwen2_vl"])
+def test_assisted_decoding_while_pruning_equals_greedy(family):
+    """Assisted decoding verifies candidates in one call and crops the rejected ones from the cache:
+    the pruned cache's bookkeeping follows the crop, and the tokens equal plain greedy decoding."""
+    model = _model(family)
+    inputs = tiny_inputs(model, family, images_per_row=(1,), with_mask=False)
+    other = _model(family)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a different assistant: some candidates are rejected
+    kw = dict(do_sample=False, max_new_tokens=6, min_new_tokens=6)
+    vtprune.wrap(model, "uniform", keep=0.5)
+    with torch.no_grad():
+        greedy = model.generate(**inputs, **kw)
+        for assistant in (model, other):
+            assistant.generation_config.num_assistant_tokens = 2
+            assistant.generation_config.num_assistant_tokens_schedule = "constant"
+            assisted = model.generate(**inputs, **kw, assistant_model=assistant)
+            assert torch.equal(assisted, greedy)
+    vtprune.unwrap(model)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_right_padding_and_masked_positions_keep_their_place(family):
+    """Only left padding leaves with the cut: masked positions after a row's first real token (right
+    padding) stay, so the last position — the one generate reads — is the stock model's last position."""
+    model = _model(family)
+    inputs = tiny_inputs(model, family, images_per_row=(1, 1), text_lens=[3, 3])
+    mask = inputs["attention_mask"].clone()
+    mask[0, -2:] = 0  # row 0 right-padded by two
+    inputs["attention_mask"] = mask
+    from reference import positions
+
+    pos = positions(model, inputs, for_generate=False)
+    kw = dict(inputs, **({"position_ids": pos} if pos is not None else {}))
+    with torch.no_grad():
+        vtprune.wrap(model, "uniform", keep=0.5)
+        pruned = model(**kw).logits
+        kept = vtprune.last_kept(model)
+        vtprune.unwrap(model)
+        drop = drop_mask(inputs["input_ids"], kept)
+        ref = model(**dict(kw, attention_mask=mask * (~drop).long())).logits
+    assert pruned.shape[1] == inputs["input_ids"].shape[1] - int(drop[0].sum())
+    torch.testing.assert_close(pruned[:, -1], ref[:, -1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(pruned[:, -3], ref[:, -3], atol=ATOL, rtol=0)
+
+
+def test_labels_of_another_length_are_a_clear_error():
+    model = _model("llava")
+    inputs = tiny_inputs(model, "llava", images_per_row=(1,))
+    with vtprune.wrapped(model, "uniform", keep=0.5):
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            with pytest.raises(ValueError, match="for the whole prompt"):
+                model(**inputs, labels=torch.zeros(logits.shape[:2], dtype=torch.long))
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "internvl", "qwen2_vl", "qwen3_vl"])
+def test_generate_continues_from_a_pruned_cache(family):
+    """A second ``generate`` given the whole conversation so far and the returned cache (multi-turn
+    chat; the pixels are in the cache) feeds only what the cache does not hold: the same tokens as one
+    longer generate, as for the stock model (transformers' test_generate_continue_from_past_key_values)."""
+    model = _model(family)
+    inputs = tiny_inputs(model, family, images_per_row=(1, 2))
+    kw = dict(do_sample=False, bad_words_ids=NO_IMAGE_TOKENS)
+    with vtprune.wrapped(model, "uniform", keep=0.5):
+        with torch.no_grad():
+            full = model.generate(**inputs, **kw, max_new_tokens=6, min_new_tokens=6)
+            first = model.generate(**inputs, **kw, max_new_tokens=3, min_new_tokens=3, return_dict_in_generate=True)
+            mask = torch.cat([inputs["attention_mask"], torch.ones_like(first.sequences[:, -3:])], 1)
+            more = {k: v for k, v in inputs.items() if "pixel" not in k}  # the images are in the cache
+            more.update(input_ids=first.sequences, attention_mask=mask)
+            if "mm_token_type_ids" in more:
+                more["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(
+                    first.sequences[:, -3:], dtype=inputs["mm_token_type_ids"].dtype)], 1)
+            second = model.generate(**more, **kw, past_key_values=first.past_key_values, max_new_tokens=3,
+                                    min_new_tokens=3)
+    assert torch.equal(second, full)

@@ -29,7 +29,8 @@ class Loss:
         self.kwargs = {k: v for k, v in kwargs.items() if k not in self.params} if self.labels is not None else {}
 
     def compute(self, logits, cut):
-        """The loss of this forward (None without labels); ``cut`` is the pre-LLM ``(index, real)`` or None."""
+        """The loss of this forward (None without labels); ``cut`` is the pre-LLM ``(index, real, length)``
+        (``length``: the uncut prompt's) or None."""
         labels, shift_labels, kwargs = self.labels, self.shift_labels, self.kwargs
         self.labels = self.shift_labels = None
         self.kwargs = {}
@@ -41,9 +42,15 @@ class Loss:
                 kwargs["shift_labels"] = shift_labels
             return self.model.loss_function(logits=logits, labels=labels, vocab_size=vocab, **kwargs)
         ignore = kwargs.get("ignore_index", -100)
+        index, real, length = cut
+        for name, given in (("labels", labels), ("shift_labels", shift_labels)):
+            if given is not None and given.shape[-1] != length:
+                raise ValueError(f"{name} has {given.shape[-1]} positions but the prompt has {length} tokens: pass "
+                                 f"{name} for the whole prompt (vtprune cuts them with the tokens it drops; the "
+                                 f"logits have one row per kept token)")
         if shift_labels is None:
             shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore)[..., 1:]
-        index, real = (t.to(labels.device) for t in cut)
+        index, real = index.to(labels.device), real.to(labels.device)
         targets = shift_labels.to(labels.device).gather(1, index).masked_fill(~real, ignore)
         kept = labels.gather(1, index).masked_fill(~real, ignore)
         return self.model.loss_function(logits=logits, labels=kept, vocab_size=vocab, shift_labels=targets, **kwargs)

@@ -60,12 +60,25 @@ class CacheState:
     mask: torch.Tensor | None = None
     slots: torch.Tensor | None = None  # [B, cache_len]: the original position each cache entry holds
     live: torch.Tensor | None = None  # [B, cache_len]: False on the padding slots of a cut
+    tail: int = 0  # entries since the last cut (one per token): what a crop may take back
+
+    def crop(self, length: int):
+        """The cache was cut back to ``length`` entries, dropping only uncut tokens (its tail)."""
+        gone = self.cache_len - length
+        self.orig_len -= gone
+        self.cache_len = length
+        self.tail -= gone
+        if self.mask is not None:
+            self.mask = self.mask[:, :length]
+        if self.slots is not None:
+            self.slots, self.live = self.slots[:, :length], self.live[:, :length]
 
     def extend(self, batch: int, q: int, device, index=None, real=None):
         """Account for a call of ``q`` new tokens of which the cache keeps ``index`` [B, L'] (all when None).
 
         ``slots``/``live`` are tracked from the first cut on (before it, entry j holds position j)."""
-        if index is not None and self.slots is None:
+        cut = index is not None
+        if cut and self.slots is None:
             self.slots = torch.arange(self.cache_len, device=device).expand(batch, -1)
             self.live = torch.ones(batch, self.cache_len, dtype=torch.bool, device=device)
         if self.slots is not None:
@@ -75,7 +88,13 @@ class CacheState:
             self.slots = torch.cat([self.slots.to(device).expand(batch, -1), index.to(device) + self.orig_len], 1)
             self.live = torch.cat([self.live.to(device).expand(batch, -1), real.to(device)], 1)
         self.orig_len += q
-        self.cache_len += q if index is None else index.shape[1]
+        self.cache_len += index.shape[1] if cut else q
+        if cut:  # the call's last positions that every row kept, 1:1 (text after the images)
+            width = index.shape[1]
+            same = index.to(device) == torch.arange(q - width, q, device=device)
+            self.tail = int(same.flip(1).long().cumprod(1).sum(1).min())
+        else:
+            self.tail += q
         self.dropped = self.orig_len - self.cache_len
 
 
@@ -140,6 +159,24 @@ class Session:
 
         self._wrap(self.model, "create_masks_for_generate", self._generate_masks, default=create_masks_for_generate)
         self._wrap(self.model, "__deepcopy__", lambda _: self._deepcopy)
+        self._wrap(self.model, "prepare_inputs_for_generation", self._continue_inputs)
+
+    def _continue_inputs(self, original):
+        """``generate`` continuing from a pruned cache (the whole conversation passed again) counts what
+        to feed from the cache's length, which the cut made shorter: feed what follows the tokens the
+        cache stands for."""
+        @functools.wraps(original)  # generate reads its signature
+        def prepare(input_ids, next_sequence_length=None, *args, **kwargs):
+            past = kwargs.get("past_key_values")
+            state = self._states_get(past) if past is not None and next_sequence_length else None
+            if state is not None and state.dropped > 0:
+                embeds = kwargs.get("inputs_embeds")
+                total = embeds.shape[1] if embeds is not None and kwargs.get("is_first_iteration") else input_ids.shape[1]
+                if next_sequence_length == total - state.cache_len and total > state.orig_len:
+                    next_sequence_length = total - state.orig_len
+            return original(input_ids, next_sequence_length, *args, **kwargs)
+
+        return prepare
 
     def _deepcopy(self, memo):
         """``copy.deepcopy(model)``: the stock model is copied, and the copy wrapped alike (its own
@@ -171,6 +208,7 @@ class Session:
                            "tokens decides the shapes); run it uncompiled — generate() does not compile it")
 
     def _no_auto_compile(self, original):
+        @functools.wraps(original)
         def criteria(*args, **kwargs):
             return original(*args, **kwargs) if self.inert else False
 
@@ -179,14 +217,16 @@ class Session:
     def _generate_masks(self, original):
         """``generate`` builds the 4-D masks of a static cache from its 2-D mask, which counts every
         token of the prompt: give it the mask of what the pruned cache holds."""
+        @functools.wraps(original)
         def create_masks(*args, **kwargs):
             mask, past, embeds = kwargs.get("attention_mask"), kwargs.get("past_key_values"), kwargs.get("inputs_embeds")
             state = self._states_get(past) if past is not None else None
-            compacted = state is not None and state.mask is not None \
-                and isinstance(mask, torch.Tensor) and mask.dim() == 2 and embeds is not None \
-                and mask.shape[1] == state.orig_len + embeds.shape[1]
-            if compacted:
-                new = mask[:, state.orig_len:]
+            compacted = state is not None and state.mask is not None and embeds is not None and (
+                mask is None or isinstance(mask, torch.Tensor) and mask.dim() == 2
+                and mask.shape[1] == state.orig_len + embeds.shape[1])
+            if compacted:  # (no mask: the cut's padding slots still need masking)
+                new = mask[:, state.orig_len:] if mask is not None else \
+                    torch.ones(embeds.shape[:2], dtype=state.mask.dtype, device=state.mask.device)
                 kwargs["attention_mask"] = torch.cat([state.mask.to(new.device, new.dtype), new], 1)
             out = original(*args, **kwargs)
             made = tuple(out.values()) if isinstance(out, dict) else (out,)
@@ -341,7 +381,8 @@ class Session:
         if self._skip_compiled() or self.loss.labels is None:
             return None
         logits = output[0] if isinstance(output, tuple) else output.logits
-        loss = self.loss.compute(logits, self.forward_cut)
+        cut = None if self.forward_cut is None else (*self.forward_cut, self.forward_length)
+        loss = self.loss.compute(logits, cut)
         if isinstance(output, tuple):
             return (loss, *output)
         return type(output)(loss=loss, **{k: v for k, v in output.items() if k != "loss"})
@@ -466,6 +507,7 @@ class Session:
             embeds, chunk, positions = gather_cut(embeds, index, real, chunk, positions)
             self.adapter.cut_extra(kwargs, index, real)
             self.forward_cut = cut
+            self.forward_length = q
         elif chunk is None:
             chunk = torch.ones(batch, q, dtype=torch.long, device=embeds.device)
         if prefix is None:
@@ -515,6 +557,8 @@ class Session:
         """The bookkeeping of the sequence whose cache is ``past`` (one per cache: calls may interleave)."""
         past_len = int(past.get_seq_length()) if past is not None else 0
         state = self._states_get(past)
+        if state is not None and 0 < past_len < state.cache_len and past_len >= state.cache_len - state.tail:
+            state.crop(past_len)  # the cache was cropped (assisted decoding drops rejected candidates)
         if past_len == 0 or state is None or state.cache_len != past_len:
             state = CacheState(orig_len=past_len, cache_len=past_len)
             self._states_set(past, state)
@@ -595,7 +639,9 @@ class Session:
     def _plan(self, image_mask, capture, chunk_mask, device):
         """Score and select; returns ``(index, real)`` of the cut or ``None`` when all is kept.
 
-        When image tokens are dropped, padding positions (mask 0) of the chunk are dropped too.
+        When image tokens are dropped, left padding (mask 0 before a row's first real token) is dropped
+        too; other masked positions stay, masked, so that every position whose output the caller may
+        read (right padding, the last position) keeps its place.
         """
         start = time.perf_counter()
         image_mask = image_mask.detach().cpu()
@@ -608,8 +654,9 @@ class Session:
         drop = self._record(images, kept, batch, length, start, scores)
         if not drop.any():
             return None
-        if chunk_mask is not None:
-            drop |= chunk_mask.detach().cpu() == 0
+        if chunk_mask is not None:  # left padding goes too (what follows the first real token stays, masked)
+            pad = chunk_mask.detach().cpu() == 0
+            drop |= pad & (~pad).long().cumsum(1).eq(0)
         index, real = plan_cut([(~drop[b]).nonzero().squeeze(1) for b in range(batch)], length, device)
         self.last["llm_length"] = index.shape[1]
         self.last["pad_slots"] = (~real).sum(1).tolist()

@@ -32,10 +32,10 @@ def _run(model, inputs, method, **options):
     vtprune.wrap(model, method, **options)
     with torch.no_grad():
         logits = model(**inputs).logits
-        drop_forward = model._vtprune_session.exits["mask"].clone()
+        drop_forward = vtprune.record(model).exit.drop.clone()
         stats = vtprune.stats(model)
         tokens = model.generate(**inputs, max_new_tokens=8, do_sample=False)[:, inputs["input_ids"].shape[1]:]
-        drop_generate = model._vtprune_session.exits["mask"].clone()
+        drop_generate = vtprune.record(model).exit.drop.clone()
     vtprune.unwrap(model)
     return logits, drop_forward, tokens, drop_generate, stats
 
@@ -73,8 +73,8 @@ def test_fastv_scores_equal_eager_attention(family):
     vtprune.wrap(model, "fastv", layer=1, keep=0.25)
     with torch.no_grad():
         model(**inputs)
-    ours = model._vtprune_session.layer_exit.scores[0]
-    drop = model._vtprune_session.exits["mask"][0]
+    ours = vtprune.record(model).exit.scores[0]
+    drop = vtprune.record(model).exit.drop[0]
     vtprune.unwrap(model)
     model.set_attn_implementation({"text_config": "eager"})
     with torch.no_grad():
@@ -110,9 +110,9 @@ def test_compose_pre_llm_cut_and_exit():
     with torch.no_grad():
         logits = model(**inputs).logits
     kept = vtprune.last_kept(model)
-    session = model._vtprune_session
-    index, real = session.forward_cut
-    drop_in_cut = session.exits["mask"]
+    record = vtprune.record(model)
+    index, real = record.cut
+    drop_in_cut = record.exit.drop
     stats = vtprune.stats(model)
     vtprune.unwrap(model)
     assert stats["visual_tokens_out"] == 24 and stats["exit"]["visual_tokens_dropped"] == [4, 8]

@@ -58,7 +58,7 @@ def test_scores_equal_eager_definition_and_select_same_tokens(family, keep):
     vtprune.wrap(model, "fastervlm", keep=keep)
     with torch.no_grad():
         logits = model(**inputs).logits
-    ours = model._vtprune_session.last["scores"][0]
+    ours = vtprune.record(model).scores[0]
     kept = vtprune.last_kept(model)
     vtprune.unwrap(model)
     ref = _reference_scores(family, inputs)
@@ -79,7 +79,7 @@ def test_layer_option_and_range():
     vtprune.wrap(model, "fastervlm", keep=0.5, vision_layer=0)
     with torch.no_grad():
         model(**inputs)
-    ours = model._vtprune_session.last["scores"][0]
+    ours = vtprune.record(model).scores[0]
     vtprune.unwrap(model)
     _, cls = _eager_cls("llava", inputs, layer=0)
     torch.testing.assert_close(ours, cls[0], atol=1e-6, rtol=1e-5)
@@ -112,8 +112,8 @@ def test_vtc_cls_sums_layers_up_to_the_feature_layer():
     vtprune.wrap(model, "vtc_cls", keep=0.5, start_layer=0)
     with torch.no_grad():
         model(**inputs)
-    ours = model._vtprune_session.last["scores"][0]
-    assert model._vtprune_session.tower_layers == [0, 1]
+    ours = vtprune.record(model).scores[0]
+    assert vtprune.record(model).tower_layers == [0, 1]
     vtprune.unwrap(model)
     ref = _eager_cls("llava", inputs, layer=0)[1][0] + _eager_cls("llava", inputs, layer=1)[1][0]
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
@@ -162,7 +162,7 @@ def test_qwen_substitute_score_equals_recorded_attention(family):
     vtprune.wrap(model, "fastervlm", keep=0.25)
     with torch.no_grad():
         model(**inputs)
-    ours = model._vtprune_session.last["scores"]
+    ours = vtprune.record(model).scores
     vtprune.unwrap(model)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
@@ -174,7 +174,7 @@ def test_received_attention_source_on_clip_equals_eager():
     vtprune.wrap(model, "fastervlm", keep=0.5, source="received")
     with torch.no_grad():
         model(**inputs)
-    ours = model._vtprune_session.last["scores"][0]
+    ours = vtprune.record(model).scores[0]
     vtprune.unwrap(model)
     eager = tiny_model("llava", attn_implementation="eager")
     with torch.no_grad():

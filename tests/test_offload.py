@@ -124,13 +124,14 @@ def _run(model, inputs, method, options):
     """Wrap, run a forward and a greedy generate, unwrap; returns what the two models must share."""
     vtprune.wrap(model, method, **options)
     try:
-        session = model._vtprune_session
         with torch.no_grad():
             logits = model(**inputs).logits
             kept = None
-            if session.selector is not None:  # per sample, per image: the kept indices as plain lists
+            items = method if isinstance(method, (list, tuple)) else [method]
+            if any((vtprune.methods.get(m) if isinstance(m, str) else m).stage == "select" for m in items):
                 kept = [[idx.tolist() for idx in images] for images in vtprune.last_kept(model)]
-            exits = session.exits["mask"].clone() if session.exits is not None else None
+            record = vtprune.record(model)
+            exits = record.exit.drop.clone() if record.exit is not None and record.exit.drop is not None else None
             stats = vtprune.stats(model)
             tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)[:, inputs["input_ids"].shape[1]:]
     finally:

@@ -5,6 +5,7 @@ import torch
 
 import vtprune
 from vtprune.layout import ImageLayout
+from vtprune.patches import adapter_for
 from vtprune.scoring import lattice, split_budget, uniform_scores
 from vtprune.select import plan_cut, top_tokens
 from vtprune.testing import tiny_inputs, tiny_model
@@ -54,11 +55,11 @@ def test_llava_next_layout_matches_packing_and_keeps_newlines_of_kept_rows():
     with vtprune.wrapped(model, "uniform", keep=0.3):
         with torch.no_grad():
             model(**inputs)
-        session = model._vtprune_session
-        capture = session.adapter.capture((), {"image_sizes": inputs["image_sizes"]},
+        adapter = adapter_for(model)
+        capture = adapter.capture((), {"image_sizes": inputs["image_sizes"]},
                                           model.model.get_image_features(pixel_values=inputs["pixel_values"],
                                                                          image_sizes=inputs["image_sizes"]))
-        layout = session.adapter.layout(0, capture["counts"][0], capture)
+        layout = adapter.layout(0, capture["counts"][0], capture)
         kept = vtprune.last_kept(model)[0][0]
     n = capture["counts"][0]
     assert layout.n == n and layout.shapes[0] == (4, 4)
@@ -103,7 +104,7 @@ def test_tile_scope_gives_every_tile_its_share(family):
     with vtprune.wrapped(model, "fastervlm", keep=0.25, scope="tile"):
         with torch.no_grad():
             model(**inputs)
-        layout = model._vtprune_session.last["layouts"][0][0]
+        layout = vtprune.record(model).layouts[0][0]
         kept = vtprune.last_kept(model)[0][0]
     content = ~layout.newline
     tiles = layout.tiles

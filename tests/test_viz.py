@@ -33,7 +33,7 @@ def test_overlay_from_wrapped_model(family, grid, shape):
     with vtprune.wrapped(model, "random", keep=0.3, seed=1):
         with torch.no_grad():
             model(**inputs)
-        layout = model._vtprune_session.last["layouts"][0][0]
+        layout = vtprune.record(model).layouts[0][0]
         kept = vtprune.last_kept(model)[0][0]
         out = overlay(image, model, grid=grid)
         with pytest.raises(ValueError, match="grid 5"):

@@ -115,9 +115,9 @@ def test_zerotuning_composes_with_in_llm_exit(family, method, options):
     with torch.no_grad():
         with vtprune.wrapped(model, [method, "zerotuning"], gamma=3.0, **options):
             ours = model(**inputs).logits[:, -1]
-            drop = model._vtprune_session.exits["mask"].clone()
+            drop = vtprune.record(model).exit.drop.clone()
             tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1]:]
-            drop_gen = model._vtprune_session.exits["mask"].clone()
+            drop_gen = vtprune.record(model).exit.drop.clone()
         assert model.config.get_text_config()._attn_implementation == "sdpa"
         assert dict(AttentionInterface._global_mapping) == before
         ref = ReferenceZeroTuning(model, 3.0)

@@ -67,12 +67,25 @@ def last_kept(model) -> list:
     """For the last forward pass with images: per sample, per image, the kept token indices.
 
     Indices point into the image's visual-token sequence as the stock model feeds it to the LLM
-    (LLaVA-NeXT newline tokens included), ascending.  Samples without images get ``[]``.
+    (LLaVA-NeXT newline tokens included), ascending; every token for methods that cut nothing
+    before the LLM.  Samples without images get ``[]``.
     """
-    last = _session(model).last
-    if last is None:
+    return [list(images) for images in record(model).kept]
+
+
+def record(model):
+    """The typed record (``vtprune.records.Forward``) of the last forward pass with images.
+
+    ``kept``/``layouts`` per sample and image, ``scores`` per image (the selector's), ``cut`` (the
+    pre-LLM ``(index, real)`` over the language model's input, None when nothing was cut),
+    ``length``/``llm_length``, ``visual_llm`` per sample, ``tower_layers`` the selector read, and
+    ``exit`` (``vtprune.records.Exit``: the layer, the tokens that left as a mask over the language
+    model's input, per-sample counts, fastv's scores, dynamic exit layers) for in-LLM methods.
+    """
+    out = _session(model).record()
+    if out is None:
         raise ValueError("the wrapped model has not run a forward pass with images yet")
-    return [list(images) for images in last["kept"]]
+    return out
 
 
 def stats(model) -> dict:

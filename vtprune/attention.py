@@ -63,7 +63,8 @@ class AttentionRoute:
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        original = self.original
+        # read now: a route installed earlier in this wrap (the in-LLM exit's) is the one to call
+        self.original = original = text_config(self.model)._attn_implementation or "sdpa"
         if original not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
             raise NotApplicable(f"vtprune cannot route attention implementation {original!r}; use sdpa, eager or flash")
 

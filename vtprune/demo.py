@@ -26,7 +26,7 @@ import time
 import torch
 
 from . import methods, toy
-from .api import _session, stats, unwrap, wrap
+from .api import record, stats, unwrap, wrap
 from .viz import overlay
 
 # method -> (options the demo adds unless given, why)
@@ -135,11 +135,11 @@ def _answer(model, tokenizer, inputs, samples):
 
 def _left_llm(model, inputs, image_token, per_layer):
     """Indices of the first image's visual tokens still in the LLM's last layer (in-LLM methods)."""
-    exits = _session(model).exits
+    exit_ = record(model).exit
     row = inputs["input_ids"][0]
-    if exits is not None and "mask" in exits and exits["mask"].shape[1] == row.numel():
+    if exit_ is not None and exit_.drop is not None and exit_.drop.shape[1] == row.numel():
         positions = (row == image_token).nonzero().squeeze(1)
-        return (~exits["mask"][0, positions.to(exits["mask"].device)]).nonzero().squeeze(1).cpu()
+        return (~exit_.drop[0, positions.to(exit_.drop.device)]).nonzero().squeeze(1).cpu()
     return torch.arange(per_layer[0] if per_layer[-1] else 0)  # a dynamic exit: all or nothing
 
 

@@ -19,7 +19,9 @@ import functools
 
 import torch
 
-from .attention import allowed_keys
+from .attention import AttentionRoute, allowed_keys
+from .errors import NotApplicable
+from .records import Exit
 from .select import plan_cut
 
 
@@ -35,19 +37,29 @@ def _gather_seq(t, index, dim):
 
 
 class LayerExit:
-    """Attached to a session when an ``llm``-stage method (``exit``, ``fastv``, ``dyvte``) is wrapped.
+    """The stage runtime of an ``llm``-stage method (``exit``, ``fastv``, ``dart``, ``dyvte``).
 
     Per sequence it holds: ``k``, the layer from which the dropped tokens are physically gone (the
     *plan* of the cut), and for dynamic methods ``exit_at`` [B], the layer after which each row's
     visual tokens are masked while other rows still use them (``dyvte`` before the whole batch
-    has exited).
+    has exited).  Methods read what they need from it: ``scores`` (fastv), ``keys``/``hidden``/
+    ``language_model`` (dart), ``visual``/``text`` (dyvte).
     """
 
-    def __init__(self, session, method, layers):
-        self.session = session
+    def __init__(self, model, adapter, method, counts):
+        self.model = model
         self.method = method
-        self.layers = layers
+        self.counts = counts
+        self.language_model = adapter.language_model
+        self.layers = layers = adapter.language_model.layers
         self.first = method.first_layer(len(layers))
+        low = adapter.first_exit_layer()
+        if self.first < low:
+            raise NotApplicable(f"{method.name} layer={self.first} is too early for {adapter.family}: visual "
+                                f"features are still added to the hidden states up to layer {low - 1}")
+        self.route = None
+        self.record = None  # Exit: what left in the last prefill (None: nothing yet)
+        self.prefill_visual = None  # [B] visual tokens per row of the current prefill
         self.plan = None  # the cut of the current sequence: index, real, full length, layer k
         self.visual = None  # [B, L] visual tokens of the current prefill (None in other calls)
         self.seq_visual = None  # the same, kept for the decode steps of the sequence
@@ -64,23 +76,72 @@ class LayerExit:
                    for i in range(self.first, len(self.layers))]
         for j in self.method.decision_layers(len(self.layers)):
             handles.append(self.layers[j].register_forward_hook(functools.partial(self._post_layer, j)))
+        if self.method.needs_attention:
+            self.route = AttentionRoute(self.model)
+            self.route.observers[self.method.layer - 1] = self.observe
+            self.route.install()
         return handles
 
+    def remove(self):
+        if self.route is not None:
+            self.route.remove()
+
+    @property
+    def dynamic(self) -> bool:
+        return bool(self.method.decision_layers(len(self.layers)))
+
     # ------------------------------------------------------------------ per call
-    def begin_call(self, visual, text, fresh: bool, past: int, q: int):
-        """Called by the session's language-model pre-hook: the call's visual and text tokens
-        ([B, q] bool, or None without images), whether it starts a new sequence, the cache length
-        before it and its length."""
+    def begin_call(self, call):
+        """The call's visual and text tokens (after the pre-LLM cut), whether it starts a new
+        sequence, the cache length before it and its length."""
+        visual, q = call.visual, call.embeds.shape[1]
         self.cache = None
-        self.past, self.q = past, q
-        if fresh:
+        self.past, self.q = call.past, q
+        self.prefill_visual = None
+        if call.fresh:
             self.plan = self.scores = self.exit_at = self.compact_from = None
+            self.record = None
             self.visual = visual if visual is not None and bool(visual.any()) else None
-            self.seq_visual, self.text = self.visual, text
+            self.seq_visual, self.text = self.visual, call.text()
             if self.visual is not None:
                 self.exit_at = torch.full((visual.shape[0],), len(self.layers), device=visual.device)
+                self.prefill_visual = visual.sum(1)
+                self.record = Exit(method=self.method.name)
         else:
             self.visual = None
+
+    def end_call(self, call, output):
+        """Dynamic exits: the layers each row's visual tokens did not run (for ``visual_tokens_llm``)."""
+        visual, self.prefill_visual = self.prefill_visual, None
+        if visual is None or self.exit_at is None or not self.dynamic:
+            return None
+        n = len(self.layers)  # a row that left after layer j is absent from layers j+1 .. n-1
+        gone = (n - 1 - self.exit_at.to(visual.device)).clamp(min=0)
+        self.counts.left(float((visual * gone).sum()))
+        self.record.exit_layers = [int(j) + 1 if j < n else None for j in self.exit_at.tolist()]
+        return None
+
+    def stats(self) -> dict:
+        record = self.record
+        if record is None or (record.dropped is None and record.exit_layers is None):
+            return {}
+        out = {"method": record.method, "layer": record.layer, "visual_tokens_dropped": record.dropped,
+               "llm_flops_saved": record.share}
+        if record.exit_layers is not None:
+            out["exit_layers"] = record.exit_layers  # the first layer without the row's visual tokens
+        return {"exit": out}
+
+    def _note(self, drop, k):
+        """What left the LLM in this prefill before layer ``k``."""
+        n = len(self.layers)
+        dropped = drop.sum(1).tolist()
+        record = self.record
+        record.drop, record.layer, record.dropped = drop, k, dropped
+        record.scores = self.scores
+        record.share = sum(dropped) * (n - k) / (len(dropped) * drop.shape[1] * n)
+        self.counts.totals["exits"] += 1
+        if not self.dynamic:  # dynamic exits are counted in end_call
+            self.counts.left(sum(dropped) * (n - k))
 
     def observe(self, module, query, key, mask, scaling):
         """Layer k-1's attention (routed): the attention paid to each token by the query rows."""
@@ -159,7 +220,7 @@ class LayerExit:
             return None
         keep_rows = [(~drop[b]).nonzero().squeeze(1) for b in range(drop.shape[0])]
         index, real = plan_cut(keep_rows, drop.shape[1], hidden.device)
-        self.session.note_exit(drop, k)
+        self._note(drop, k)
         return {"index": index, "real": real, "length": drop.shape[1], "k": k}
 
     def _cut_kwargs(self, kwargs, prefill: bool, plan) -> dict:

@@ -88,21 +88,20 @@ def find_dims(model, calibration=None):
 
 
 class SinkRedistribution:
-    def __init__(self, session, method, layers):
-        self.session = session
+    def __init__(self, model, method, layers):
+        self.model = model
         self.method = method
         self.layer_ids = pick_layers("var", method.layers, default_layers, len(layers))
         self.layers = layers
-        hidden = text_config(session.model).hidden_size
+        hidden = text_config(model).hidden_size
         if method.sink_dims is not None:
             self.dims, self.source = list(method.sink_dims), "sink_dims"
         else:
-            self.dims, self.source = find_dims(session.model, method.calibration)
+            self.dims, self.source = find_dims(model, method.calibration)
         bad = [d for d in self.dims if not 0 <= d < hidden]
         if bad:
             raise ValueError(f"var sink_dims {bad} are outside the hidden size {hidden}")
-        self.route = AttentionRoute(session.model)
-        self.probing = False  # the session's protocol: var never changes the language model's inputs
+        self.route = AttentionRoute(model)
         self.prefill = False
         self.visual = None  # bool [B, n0]: visual tokens of the prefill sequence
         self.rows_from = None  # [B]: first prefill position whose row is intervened
@@ -121,7 +120,8 @@ class SinkRedistribution:
         self.route.remove()
 
     # ------------------------------------------------------------------ per call
-    def begin_call(self, kwargs, visual, fresh):
+    def begin_call(self, call):
+        visual, fresh = call.visual, call.fresh
         self.prefill = fresh
         self.changed = {}
         if not fresh:
@@ -136,7 +136,7 @@ class SinkRedistribution:
         last = torch.where(visual, pos, torch.full_like(pos, -1)).amax(1)
         self.rows_from = torch.where(last >= 0, last + 1, torch.full_like(last, 1 << 30))
 
-    def end_call(self, output):
+    def end_call(self, call, output):
         return None
 
     def _detect(self, layer, module, args, kwargs):

@@ -29,8 +29,7 @@ def default_layers(n_layers: int) -> list:
 
 
 class HeadReinforcement:
-    def __init__(self, session, method, layers):
-        self.session = session
+    def __init__(self, model, method, layers):
         self.method = method
         self.layer_ids = pick_layers("vhr", method.layers, default_layers, len(layers))
         self.layers = layers
@@ -47,10 +46,14 @@ class HeadReinforcement:
         return handles
 
     # ------------------------------------------------------------------ per call
-    def begin_call(self, kwargs, visual, fresh):
+    def remove(self):
+        pass
+
+    def begin_call(self, call):
         """Double the batch of a fresh prefill with images: each sample plus its text-only copy."""
+        kwargs, visual = call.kwargs, call.visual
         self.probing = False
-        if not fresh:
+        if not call.fresh:
             return
         self.heads = {}
         if visual is None or not bool(visual.any()):
@@ -88,9 +91,9 @@ class HeadReinforcement:
         if vis is not None:
             kwargs["visual_pos_masks"] = torch.cat([vis, torch.zeros_like(vis)])
         self.batch = b
-        self.probing = True
+        self.probing = call.changed = True
 
-    def end_call(self, output):
+    def end_call(self, call, output):
         """Drop the text-only rows from the outputs and the KV cache after a doubled prefill."""
         if not self.probing:
             return None

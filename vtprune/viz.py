@@ -24,13 +24,11 @@ def overlay(image, model_or_kept, sample: int = 0, image_index: int = 0, grid: i
         cells = {int(i) for i in kept}
         cell_of = {i: (i // w, i % w) for i in range(h * w)}
     else:
-        from .api import _session
+        from .api import record
 
-        last = _session(model_or_kept).last
-        if last is None:
-            raise ValueError("the wrapped model has not run a forward pass with images yet")
-        kept = last["kept"][sample][image_index]
-        layout = last["layouts"][sample][image_index]
+        last = record(model_or_kept)
+        kept = last.kept[sample][image_index]
+        layout = last.layouts[sample][image_index]
         if not 0 <= grid < len(layout.shapes):
             raise ValueError(f"grid {grid} does not exist: this image has {len(layout.shapes)} grid(s)")
         h, w = layout.shapes[grid]

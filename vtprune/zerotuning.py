@@ -19,19 +19,18 @@ from .errors import NotApplicable
 
 
 class SinkScaling:
-    def __init__(self, session, method, layers):
+    def __init__(self, model, method, layers):
         self.method = method
         n = len(layers)
         self.layer_ids = pick_layers("zerotuning", method.layers, lambda n: list(range(n)), n)
-        heads = text_config(session.model).num_attention_heads
+        heads = text_config(model).num_attention_heads
         bad = [h for h in (method.heads or []) if not 0 <= h < heads]
         if bad:
             raise NotApplicable(f"zerotuning heads {bad} do not exist: the language model has {heads} heads")
-        self.route = AttentionRoute(session.model)
+        self.route = AttentionRoute(model)
         if "flash" in self.route.original:
             raise NotApplicable("zerotuning biases the attention mask, which flash attention does not take; "
                              "load the model with attn_implementation='sdpa' or 'eager'")
-        self.probing = False
 
     def install(self) -> list:
         if self.method.gamma != 1.0:
@@ -43,10 +42,10 @@ class SinkScaling:
     def remove(self):
         self.route.remove()
 
-    def begin_call(self, kwargs, visual, fresh):
+    def begin_call(self, call):
         return None
 
-    def end_call(self, output):
+    def end_call(self, call, output):
         return None
 
     def stats(self) -> dict:

@@ -41,10 +41,10 @@ class VHR(Method):
         if self.layers is not None:
             self.layers = _indices(self.layers)
 
-    def runtime(self, session, layers):
+    def runtime(self, model, layers):
         from ..vhr import HeadReinforcement
 
-        return HeadReinforcement(session, self, layers)
+        return HeadReinforcement(model, self, layers)
 
 
 @register("var")
@@ -92,10 +92,10 @@ class VAR(Method):
         if self.layers is not None:
             self.layers = _indices(self.layers)
 
-    def runtime(self, session, layers):
+    def runtime(self, model, layers):
         from ..var import SinkRedistribution
 
-        return SinkRedistribution(session, self, layers)
+        return SinkRedistribution(model, self, layers)
 
 
 @register("zerotuning")
@@ -127,7 +127,7 @@ class ZeroTuning(Method):
         if self.heads is not None:
             self.heads = _indices(self.heads)
 
-    def runtime(self, session, layers):
+    def runtime(self, model, layers):
         from ..zerotuning import SinkScaling
 
-        return SinkScaling(session, self, layers)
+        return SinkScaling(model, self, layers)

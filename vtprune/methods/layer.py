@@ -84,7 +84,7 @@ class DART(LayerMethod):
             raise ValueError("dart needs pivot_image >= 1 and pivot_text >= 0")
 
     def drop(self, runtime, visual):
-        hidden = runtime.session.adapter.language_model.norm(runtime.hidden).float()
+        hidden = runtime.language_model.norm(runtime.hidden).float()
         hidden = torch.nn.functional.normalize(hidden, dim=-1)
         keys = runtime.keys.float()  # [B, H_kv, L, d]
         key_norm = keys.abs().sum(-1).sum(1)  # L1 norm over all heads: [B, L]

@@ -1,0 +1,113 @@
+"""What the vision side tells the cut: each run of the tower, and where the image tokens are.
+
+``model.model.get_image_features`` is wrapped: whenever the tower runs (inside ``forward``, or in
+``generate`` before the prefill on transformers >= 5.23) the adapter records each image's token
+count and features, plus the [CLS] (or substitute) scores of the tower layers the selector reads
+and, for merging methods, their merge (a pre-hook on the projector).  ``get_placeholder_mask`` is
+wrapped to learn where the image tokens are.  ``take`` hands both to the next language-model call.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .budget import tokens_to_keep
+from .errors import NotApplicable
+from .hooks import Installed
+
+
+class Capture:
+    def __init__(self, adapter, selector, inert):
+        self.adapter = adapter
+        self.selector = selector
+        self.inert = inert  # () -> bool: the wrap cannot change anything (videos may pass)
+        self.installed = Installed()
+        self.tower_layers = []
+        self.tower_cls, self.tower_keys, self.tower_selected = {}, [], None
+        self.pending_mask = None
+        self.pending = None
+        self.last = None  # the last capture (re-used when the same features are scattered again)
+
+    def install(self) -> list:
+        if self.selector is not None and self.selector.needs_cls:
+            self._hook_tower()
+        inner = self.adapter.inner
+        self.installed.after(inner, "get_image_features", self._after_features, before=self._reset)
+        self.installed.after(inner, "get_placeholder_mask", self._after_placeholder)
+        return []
+
+    def remove(self):
+        self.installed.remove()
+
+    def _hook_tower(self):
+        """Hooks on the tower layers the selector reads ([CLS] attention or its substitute)."""
+        n = self.adapter.tower_depth()
+        layers = self.selector.tower_layers(n, self.adapter.feature_layer())
+        for layer in layers:
+            if not -n <= layer < n:
+                raise NotApplicable(f"vision-tower layer {layer} is out of range: the tower has {n} layers")
+        self.tower_layers = sorted({layer % n for layer in layers})
+        for layer in self.tower_layers:
+            sink = functools.partial(lambda layer, scores: self.tower_cls.setdefault(layer, []).append(scores), layer)
+            self.installed.add(*self.adapter.hook_tower(layer, sink, self.selector.tower_score))
+        if self.selector.merges:
+            projector = self.adapter.projector()
+            self.installed.add(*self.adapter.hook_keys(self.tower_layers[-1], lambda keys: self.tower_keys.append(keys)))
+            self.installed.add(projector.register_forward_pre_hook(self._on_projector))
+
+    def _on_projector(self, module, args):
+        """Let a merging method rewrite the per-patch tower features before the projector."""
+        features = args[0]
+        layer = self.tower_layers[-1]
+        if features.dim() != 3 or not self.tower_keys or layer not in self.tower_cls:
+            return None
+        cls, keys = self.tower_cls[layer][-1], self.tower_keys[-1]
+        sources = self.adapter.projector_sources(cls.shape[1], features.shape[1]).to(cls.device)  # [T, k]
+        if cls.shape[0] != features.shape[0]:
+            raise RuntimeError("vtprune: the projector input does not line up with the tower's tokens")
+        # per projector token: the summed [CLS] attention and the mean key of the tower tokens it holds
+        k = tokens_to_keep(self.selector.keep, features.shape[1])
+        merged, kept = self.selector.merge(cls[:, sources].sum(-1), keys[:, sources].mean(-2), features, k)
+        selected = torch.zeros_like(cls)
+        for t, idx in enumerate(kept):
+            selected[t, sources[idx].flatten()] = 1.0
+        self.tower_selected = selected
+        return (merged, *args[1:])
+
+    def _reset(self, args=None, kwargs=None):
+        self.tower_cls, self.tower_keys, self.tower_selected = {}, [], None
+
+    def _after_features(self, args, kwargs, out):
+        if isinstance(out, tuple) and not all(isinstance(t, torch.Tensor) for t in out):
+            self._reset()  # a direct call with return_dict=False (forward and generate ask for a ModelOutput)
+            return
+        self.pending = self.adapter.capture(args, kwargs, out)
+        self.pending["cls"] = {layer: torch.cat(parts) for layer, parts in self.tower_cls.items()}
+        self.pending["selected"] = self.tower_selected
+        self._reset()
+
+    def _after_placeholder(self, args, kwargs, out):
+        if kwargs.get("video_features") is not None and not self.inert():
+            raise ValueError("vtprune does not prune video inputs yet; pass images, or unwrap the model "
+                             "(vtprune.unwrap(model)) to run videos")
+        if kwargs.get("image_features") is None and len(args) < 3:
+            return
+        mask = out[0] if isinstance(out, tuple) else out
+        self.pending_mask = mask[..., 0] if mask.dim() == 3 else mask
+
+    def take(self, batch: int, q: int):
+        """``(image_mask [B, q] or None, capture or None)`` for the language-model call about to run.
+
+        Without a fresh tower run the last capture is used: ``generate`` without a cache scatters the
+        same image features again at every step."""
+        image_mask, self.pending_mask = self.pending_mask, None
+        if image_mask is not None and tuple(image_mask.shape) != (batch, q):
+            image_mask = None
+        if image_mask is None:
+            return None, None
+        capture, self.pending = self.pending, None
+        if capture is not None:
+            self.last = capture
+        return image_mask, self.last

@@ -1,0 +1,107 @@
+"""Token counts and what they save: ``totals`` since ``wrap`` and the statistics of the last forward.
+
+``llm_flops_saved`` is the share of the language model's per-token work (every linear layer;
+attention's quadratic term not counted) not spent compared with the stock model on the same
+prompts: the pre-LLM cut and in-LLM exits together.
+"""
+
+from __future__ import annotations
+
+from .attention import text_config
+
+
+class Counts:
+    def __init__(self, model, language_model):
+        self.model = model
+        self.language_model = language_model
+        self.totals = {"forwards": 0, "samples": 0, "visual_tokens_in": 0, "visual_tokens_out": 0,
+                       "visual_tokens_llm": 0.0, "text_tokens": 0, "exits": 0}
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.language_model.layers)
+
+    def add_call(self, call, record):
+        """A language-model call with images: its visual tokens before and after the cut, its text."""
+        before, after = call.image_mask, call.visual
+        rows = before.any(1)
+        if not bool(rows.any()):
+            return
+        text = int((call.present().to(after.device) & ~after).sum())
+        if record is not None:
+            record.visual_llm = after.sum(1).tolist()
+            record.text_tokens = text
+        self.totals["text_tokens"] += text
+        self.totals["forwards"] += 1
+        self.totals["samples"] += int(rows.sum())
+        self.totals["visual_tokens_in"] += int(before.sum())
+        self.totals["visual_tokens_out"] += int(after.sum())
+        self.totals["visual_tokens_llm"] += float(after.sum())
+
+    def left(self, token_layers: float):
+        """Visual tokens x layers an in-LLM exit did not run (``visual_tokens_llm`` is per layer)."""
+        self.totals["visual_tokens_llm"] -= token_layers / self.n_layers
+
+    def kv_token_bytes(self) -> int:
+        """KV-cache bytes of one token over all the language model's layers (keys and values)."""
+        config = text_config(self.model)
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        itemsize = next(self.language_model.parameters()).element_size()
+        return 2 * self.n_layers * kv_heads * head_dim * itemsize
+
+    def per_layer(self, record) -> list:
+        """Per sample, the visual tokens each decoder layer saw in the last prefill (after every exit)."""
+        n = self.n_layers
+        rows = [[v] * n for v in record.visual_llm]
+        exit_ = record.exit
+        if exit_ is None:
+            return rows
+        if exit_.exit_layers is not None:
+            for b, first in enumerate(exit_.exit_layers[:len(rows)]):  # gone from layer `first` on
+                if first is not None:
+                    rows[b] = [v if i < first else 0 for i, v in enumerate(rows[b])]
+        elif exit_.dropped is not None:
+            for b, gone in enumerate(exit_.dropped[:len(rows)]):
+                rows[b] = [v if i < exit_.layer else v - gone for i, v in enumerate(rows[b])]
+        return rows
+
+    def stats(self, record, methods, sections) -> dict:
+        """``vtprune.stats``: the last forward (``record``), the stage sections, the totals."""
+        out = {"method": "+".join(methods), "methods": list(methods)}
+        if record is not None:
+            samples = []
+            for b in range(len(record.kept)):
+                imgs = [{"tokens_in": n, "tokens_out": k} for row, n, k in record.images if row == b]
+                samples.append({"images": imgs, "tokens_in": sum(i["tokens_in"] for i in imgs),
+                                "tokens_out": sum(i["tokens_out"] for i in imgs)})
+            out.update({
+                "samples": samples,
+                "visual_tokens_in": sum(s["tokens_in"] for s in samples),
+                "visual_tokens_out": sum(s["tokens_out"] for s in samples),
+                "llm_sequence_in": record.length,
+                "llm_sequence_out": record.llm_length,
+                "time_score_s": record.time_score_s,
+                "time_gather_s": record.time_gather_s,
+            })
+            out["kv_bytes_saved"] = self.kv_token_bytes() * len(record.kept) * (record.length - record.llm_length)
+            exit_ = record.exit
+            if exit_ is not None and exit_.dropped is not None and exit_.layer is not None:
+                per_layer = self.kv_token_bytes() / self.n_layers
+                out["kv_bytes_saved"] += int(per_layer * sum(exit_.dropped) * (self.n_layers - exit_.layer))
+            if record.visual_llm is not None:
+                layers = self.per_layer(record)
+                for sample, counts in zip(samples, layers):
+                    sample["visual_tokens_per_layer"] = counts
+                seen = sum(sum(c) / len(c) for c in layers if c)
+                stock = out["visual_tokens_in"] + record.text_tokens
+                out["llm_flops_saved"] = (out["visual_tokens_in"] - seen) / stock if stock else 0.0
+        out.update(sections)
+        totals = dict(self.totals)
+        stock = totals["visual_tokens_in"] + totals["text_tokens"]
+        totals["llm_flops_saved"] = (totals["visual_tokens_in"] - totals["visual_tokens_llm"]) / stock if stock else 0.0
+        out["totals"] = totals
+        if record is None:
+            out["forwards_with_images"] = 0
+        return out

@@ -1,0 +1,96 @@
+"""Typed records: ``Call`` (one language-model call, passed to every stage runtime) and ``Forward``
+(what the last forward with images did: ``vtprune.record(model)``, ``last_kept``, ``stats``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import masks
+
+
+@dataclass
+class Call:
+    """One call of the language model, as the stage runtimes see and change it.
+
+    The session's pre-hook builds it; the pre-LLM cut fills ``cut`` and ``visual`` and may replace
+    the kwargs; the in-LLM exit and the attention runtimes read it and may change the kwargs too
+    (``changed``).
+    """
+
+    kwargs: dict  # the language model's keyword arguments
+    state: object  # the sequence's CacheState
+    fresh: bool  # the call starts a new sequence (a prefill)
+    image_mask: torch.Tensor | None = None  # [B, q] bool: the visual tokens as the call came
+    capture: dict | None = None  # what the vision tower's run recorded (counts, features, scores)
+    cut: tuple | None = None  # (index [B, q'], real [B, q']) of the pre-LLM cut
+    changed: bool = False
+
+    @property
+    def embeds(self) -> torch.Tensor:
+        return self.kwargs["inputs_embeds"]
+
+    @property
+    def past(self) -> int:
+        """Cache entries before this call (after the cut's bookkeeping)."""
+        return self.state.cache_len - self.embeds.shape[1]
+
+    @property
+    def visual(self) -> torch.Tensor | None:
+        """[B, q'] bool: the visual tokens of the call after the pre-LLM cut (None without images)."""
+        if self.image_mask is None:
+            return None
+        visual = self.image_mask.to(self.embeds.device)
+        if self.cut is not None:
+            index, real = self.cut
+            visual = visual.gather(1, index) & real
+        return visual
+
+    def present(self) -> torch.Tensor:
+        """[B, q'] bool: the real (not padding) tokens of the call after the cut."""
+        mask = self.kwargs.get("attention_mask")
+        batch, q = self.embeds.shape[:2]
+        if masks.is_4d(mask) and masks.primary(mask) is not None:
+            return masks.present(masks.primary(mask), self.past, q).expand(batch, q)
+        if mask is None or masks.is_4d(mask):
+            return torch.ones(batch, q, dtype=torch.bool, device=self.embeds.device)
+        return mask[:, -q:].bool()
+
+    def text(self) -> torch.Tensor | None:
+        """[B, q'] bool: the real tokens that are not visual (None without images)."""
+        visual = self.visual
+        return None if visual is None else self.present().to(visual.device) & ~visual
+
+
+@dataclass
+class Exit:
+    """What left the language model in the last prefill (in-LLM methods)."""
+
+    method: str
+    layer: int | None = None  # the first layer without the dropped tokens (fixed exits)
+    drop: torch.Tensor | None = None  # [B, q'] bool over the language model's input: the tokens that left
+    dropped: list | None = None  # per sample: visual tokens that left
+    scores: torch.Tensor | None = None  # [B, q'] the attention scores the method ranked by (fastv)
+    exit_layers: list | None = None  # per sample: first layer without its visual tokens (dynamic exits)
+    share: float = 0.0  # the exit's own share of the prefill's token-layer work
+
+
+@dataclass
+class Forward:
+    """The last forward pass with images: what was kept, where, and what it cost."""
+
+    kept: list  # per sample, per image: kept token indices (ascending) into the image's visual tokens
+    layouts: list  # per sample, per image: ImageLayout
+    images: list  # per image: (sample, tokens in, tokens out)
+    length: int  # the language model's input length before the cut
+    llm_length: int  # ... and after it
+    scores: list | None = None  # per image: the selector's scores (None: no selector)
+    cut: tuple | None = None  # (index, real) of the pre-LLM cut, None when nothing was cut
+    pad_slots: list | None = None  # per sample: padding slots the cut added
+    visual_llm: list | None = None  # per sample: visual tokens entering the language model
+    text_tokens: int = 0  # real text tokens of the call
+    time_score_s: float = 0.0
+    time_gather_s: float = 0.0
+    exit: Exit | None = None
+    tower_layers: list = field(default_factory=list)  # the vision-tower layers the selector read

@@ -58,13 +58,21 @@ def manifests():
     return out
 
 
+def parse_method(method):
+    """A method spec (``vtprune.spec``: ``"fastervlm+vhr:alpha=2"``) -> ``(names, options)``;
+    ``None``/``"none"``/``"stock"`` -> ``([], {})``."""
+    if method is None or (isinstance(method, str) and method.strip().lower() in ("", "none", "stock")):
+        return [], {}
+    if isinstance(method, str):
+        from vtprune.spec import parse_spec
+
+        return parse_spec(method)
+    return list(method), {}
+
+
 def parse_methods(method):
     """``"fastervlm+vhr"`` -> ``["fastervlm", "vhr"]``; ``None``/``"none"`` -> ``[]``."""
-    if method is None or (isinstance(method, str) and method.strip().lower() in ("", "none", "stock")):
-        return []
-    if isinstance(method, str):
-        return [m.strip() for m in method.split("+") if m.strip()]
-    return list(method)
+    return parse_method(method)[0]
 
 
 class VtpruneModel:
@@ -110,7 +118,8 @@ class VtpruneModel:
         if saved is not None:
             setattr(self, saved[0], saved[1])
             self._vtprune_processor = None
-        names = parse_methods(method)
+        names, spec_options = parse_method(method)
+        options = {**spec_options, **options}
         if "downsample" in names:
             self._downsample(options)
             names = [n for n in names if n != "downsample"]

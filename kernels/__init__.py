@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import os
 
+import torch
+
 from . import gather as _torch
 
 BACKENDS = ("torch", "triton")
@@ -52,6 +54,22 @@ def gather_cut(embeds, index, real, mask=None, positions=None):
     return _torch.gather_cut(embeds, index, real, mask, positions)
 
 
+def gather_positions(positions, index):
+    """Position ids ``[B, L]`` / ``[P, B, L]`` of the kept positions ``index`` [B, L'] (``gather.gather_positions``)."""
+    return _torch.gather_positions(positions, index)
+
+
+def gather_seq(t, index):
+    """Rows of ``t`` [B|1, L, ...] along its sequence dimension (1) by a per-row ``index`` [B, L'] — the
+    in-LLM exit's hidden states and position embeddings, through the same kernel as the pre-LLM cut."""
+    batch, width = index.shape
+    if t.shape[0] != batch:
+        t = t.expand(batch, *t.shape[1:])
+    flat = t.reshape(batch, t.shape[1], -1)
+    real = torch.ones(batch, width, dtype=torch.bool, device=index.device)
+    return gather_cut(flat, index.to(t.device), real)[0].reshape(batch, width, *t.shape[2:])
+
+
 def compact_kv(keys, values, index):
     """Keep positions ``index`` [B, S'] of one layer's keys and values [B, H, S, D]."""
     if backend(keys.device.type) == "triton":
@@ -81,4 +99,5 @@ def compact_cache(cache, index, layers=None):
     return cache
 
 
-__all__ = ["BACKENDS", "backend", "compact_cache", "compact_kv", "compact_layers", "gather_cut", "triton_available"]
+__all__ = ["BACKENDS", "backend", "compact_cache", "compact_kv", "compact_layers", "gather_cut", "gather_positions", "gather_seq",
+           "triton_available"]

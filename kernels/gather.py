@@ -20,11 +20,19 @@ def gather_cut(embeds: torch.Tensor, index: torch.Tensor, real: torch.Tensor, ma
     else:
         new_mask = mask.gather(1, index.to(mask.device)) * real.to(mask.device, mask.dtype)
     if positions is not None:
-        idx = index.to(positions.device)
-        if positions.dim() == 3:
-            idx = idx.expand(positions.shape[0], -1, -1)
-        positions = positions.gather(-1, idx)
+        positions = gather_positions(positions, index)
     return out, new_mask, positions
+
+
+def gather_positions(positions: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Position ids ``[B|1, L]`` or ``[P, B|1, L]`` (Qwen's mrope rows) at ``index`` [B, L'] of each row."""
+    idx = index.to(positions.device)
+    batch = idx.shape[0]
+    if positions.shape[-2] != batch:
+        positions = positions.expand(*positions.shape[:-2], batch, positions.shape[-1])
+    if positions.dim() == 3:
+        idx = idx.expand(positions.shape[0], -1, -1)
+    return positions.gather(-1, idx)
 
 
 def compact_kv(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor):

@@ -6,6 +6,7 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
+from vtprune import tower_scores
 from vtprune.errors import NotApplicable
 from vtprune.layout import ImageLayout
 
@@ -33,6 +34,7 @@ class Adapter:
 
     family: ClassVar[str] = ""
     classes: ClassVar[tuple] = ()
+    default_score: ClassVar[str] = "cls"  # what [CLS]-attention methods read unless told (``source``)
 
     def __init__(self, model):
         self.model = model
@@ -110,15 +112,13 @@ class Adapter:
         return n + layer if layer < 0 else layer - 1
 
     def hook_tower(self, layer: int, sink, kind: str = "cls") -> list:
-        """Hook tower layer ``layer`` so that each run calls ``sink(scores)`` with ``scores`` [tiles, N].
-
-        ``kind="cls"``: the [CLS] query's post-softmax attention to every token, averaged over heads
-        (one 1 x N product per head).  ``kind="received"``: the attention each token receives,
-        averaged over all queries and heads (the score the Qwen towers use in place of [CLS]).
-        Computed from the q/k projections' outputs, so the tower keeps its SDPA/flash attention.
-        Returns the hook handles.
+        """Hook tower layer ``layer`` so that each run calls ``sink(scores)`` with ``scores`` [tiles, N]:
+        the ``vtprune.tower_scores`` formula ``kind`` ("cls" or "received") on the layer's queries and
+        keys, each tile attending within itself.  Read from the q/k projections' outputs, so the tower
+        keeps its SDPA/flash attention.  Returns the hook handles.
         """
         q_mod, k_mod, heads, scale = self.cls_sites()[layer]
+        score = tower_scores.SCORES[kind]
         box = {}
 
         def on_keys(module, args, k):
@@ -126,14 +126,10 @@ class Adapter:
             if q is None:
                 return
             tiles, n, d = k.shape
-            kh = k.float().reshape(tiles, n, heads, d // heads).transpose(1, 2)
-            if kind == "received":
-                qh = q.float().reshape(tiles, n, heads, d // heads).transpose(1, 2)
-                probs = ((qh @ kh.transpose(-1, -2)) * scale).softmax(-1)  # [tiles, H, N, N]
-                sink(probs.mean(2).mean(1).detach())
-                return
-            qh = q[:, :1].float().reshape(tiles, 1, heads, d // heads).transpose(1, 2)
-            sink(((qh @ kh.transpose(-1, -2)).squeeze(2) * scale).softmax(-1).mean(1).detach())
+            segments = [(t * n, (t + 1) * n) for t in range(tiles)]
+            flat = score(q.reshape(tiles * n, heads, d // heads), k.reshape(tiles * n, heads, d // heads),
+                         segments, scale)
+            sink(flat.view(tiles, n))
 
         return [q_mod.register_forward_hook(lambda module, args, out: box.update(q=out)),
                 k_mod.register_forward_hook(on_keys)]

@@ -29,6 +29,8 @@ import sys
 
 import torch
 
+from vtprune import tower_scores
+from vtprune.errors import NotApplicable
 from vtprune.layout import ImageLayout
 
 from .base import Adapter
@@ -37,6 +39,7 @@ from .base import Adapter
 class QwenVLAdapter(Adapter):
     family = "qwen2_vl"
     classes = ("Qwen2VLForConditionalGeneration",)
+    default_score = "received"  # no [CLS]
 
     def __init__(self, model):
         super().__init__(model)
@@ -91,7 +94,13 @@ class QwenVLAdapter(Adapter):
             capture["sources"] = sources
         return capture["sources"]
 
-    def hook_tower(self, layer, sink, kind="received"):  # no [CLS]: always the attention received
+    def hook_tower(self, layer, sink, kind="received"):
+        """The ``vtprune.tower_scores`` formula ``kind`` on the block's queries and keys, read from its
+        fused ``qkv`` output with the block's own rotary embedding applied; each ``cu_seqlens`` segment
+        (an image in a full-attention block, a window otherwise) attends within itself."""
+        if kind != "received":
+            raise NotApplicable(f"{self.family}'s vision tower has no [CLS] token: [CLS]-attention methods read "
+                                "the attention each patch receives instead (source='received', the default here)")
         attn = self._blocks()[layer].attn
         rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
         box = {}
@@ -105,7 +114,8 @@ class QwenVLAdapter(Adapter):
             q, k, _ = qkv.reshape(seq, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
             cos, sin = box.pop("position_embeddings")
             q, k = rotary(q, k, cos, sin)
-            sink(received_attention(q, k, box.pop("cu_seqlens"), attn.scaling)[None])
+            bounds = box.pop("cu_seqlens").tolist()
+            sink(tower_scores.received(q, k, list(zip(bounds[:-1], bounds[1:])), attn.scaling)[None])
 
         return [attn.register_forward_pre_hook(on_attn, with_kwargs=True), attn.qkv.register_forward_hook(on_qkv)]
 
@@ -122,29 +132,6 @@ class QwenVLAdapter(Adapter):
         if self._rope_set is not None and self.inner.rope_deltas is self._rope_set:
             self.inner.rope_deltas = self._rope_base
         self._rope_base = self._rope_set = None
-
-
-def received_attention(q, k, cu_seqlens, scale, max_queries: int = 512, chunk: int = 512) -> torch.Tensor:
-    """Per token, the attention it receives within its segment, averaged over queries and heads.
-
-    ``q``, ``k``: [N, heads, d] (rotary applied); ``cu_seqlens``: segment boundaries.  A segment
-    longer than ``max_queries`` averages over that many evenly strided query rows (every row of the
-    softmax is needed otherwise: O(n^2) per head).  Returns [N] fp32.
-    """
-    out = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
-    bounds = cu_seqlens.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        n = b - a
-        ks = k[a:b].float().transpose(0, 1)  # [H, n, d]
-        rows = torch.arange(a, b, device=q.device)
-        if n > max_queries:
-            rows = a + torch.linspace(0, n - 1, max_queries, device=q.device).round().long()
-        total = torch.zeros(n, dtype=torch.float32, device=q.device)
-        for c in range(0, rows.numel(), chunk):
-            qs = q[rows[c:c + chunk]].float().transpose(0, 1)  # [H, m, d]
-            total += ((qs @ ks.transpose(-1, -2)) * scale).softmax(-1).sum((0, 1))
-        out[a:b] = total / (rows.numel() * q.shape[1])
-    return out.detach()
 
 
 class Qwen25VLAdapter(QwenVLAdapter):

@@ -21,6 +21,7 @@ import torch
 
 import vtprune
 from vtprune import toy
+from vtprune.spec import parse_spec
 
 
 def run(methods, keeps, n, seeds, batch_size):
@@ -29,12 +30,12 @@ def run(methods, keeps, n, seeds, batch_size):
     rows = []
     for keep in keeps:
         for method in methods:
-            name, _, extra = method.partition(":")
-            extra = {k: _value(v) for k, v in (item.split("=", 1) for item in extra.split(";") if item)}
+            names, extra = parse_spec(method)
+            name = "+".join(names)
             runs = []
             for seed in range(seeds if name == "random" else 1):
                 options = {"keep": keep, **extra, **({"seed": seed} if name == "random" else {})}
-                with vtprune.wrapped(model, name, **options):
+                with vtprune.wrapped(model, names, **options):
                     result = toy.evaluate(model, processor, samples, batch_size=batch_size, progress=False)
                     tokens = vtprune.stats(model)["samples"][0]["tokens_out"]
                 runs.append(result)
@@ -48,10 +49,6 @@ def run(methods, keeps, n, seeds, batch_size):
     return rows
 
 
-def _value(text):
-    from vtprune.eval.sweep import parse_value
-
-    return parse_value(text)
 
 
 def run_specs(specs, n, batch_size, timing_batch=1, decode_tokens=32):
@@ -94,13 +91,13 @@ def run_specs(specs, n, batch_size, timing_batch=1, decode_tokens=32):
     stock_decode = decode_seconds()
     rows = []
     for spec in [["stock"]] + specs:
-        name, options = spec[0], dict(item.split("=", 1) for item in spec[1:])
-        options = {k: _value(v) for k, v in options.items()}
+        name = spec[0]
+        names, options = parse_spec(f"{name}:{';'.join(spec[1:])}") if name != "stock" else ([], {})
         if name == "stock":
             result, seconds, exit_info = toy.evaluate(model, processor, samples, batch_size, progress=False), stock_time, {}
             decode = stock_decode
         else:
-            with vtprune.wrapped(model, name.split("+"), **options):
+            with vtprune.wrapped(model, names, **options):
                 result = toy.evaluate(model, processor, samples, batch_size=batch_size, progress=False)
                 seconds = prefill_seconds()
                 decode = decode_seconds()

@@ -261,3 +261,25 @@ def test_stats_kv_bytes_saved():
         stats = vtprune.stats(model)
     dropped = sum(stats["exit"]["visual_tokens_dropped"])
     assert stats["kv_bytes_saved"] == dropped * (layers - 1) * per_token_layer
+
+
+@pytest.mark.parametrize("name", vtprune.methods.available())
+def test_every_config_round_trips_through_json(name):
+    import json
+
+    options = {"weights": "toy"} if name == "dyvte" else {}
+    config = vtprune.methods.get(name)(**options)
+    data = json.loads(json.dumps(config.to_dict()))
+    assert data["method"] == name
+    again = vtprune.methods.from_dict(data)
+    assert type(again) is type(config) and again.to_dict() == config.to_dict()
+    with pytest.raises(TypeError, match="does not take"):
+        vtprune.methods.from_dict({**data, "no_such_option": 1})
+
+
+def test_config_with_an_object_asks_for_a_path():
+    from reference import always_exit_routers
+
+    config = vtprune.methods.get("dyvte")(weights=always_exit_routers([0]))
+    with pytest.raises(TypeError, match="by path"):
+        config.to_dict()

@@ -110,6 +110,9 @@ def test_plugin_options_and_errors():
     model.rewrap("fastervlm+vhr", keep=0.25, alpha=2.0)
     from vtprune.api import methods_of
     assert [c.name for c in methods_of(model.model)] == ["fastervlm", "vhr"]
+    model.rewrap("fastervlm:source=received;scope=tile", keep=0.25)  # the one spec grammar (vtprune.spec)
+    (config,) = methods_of(model.model)
+    assert (config.source, config.scope, config.keep) == ("received", "tile", 0.25)
     model.rewrap(None)
     assert not vtprune.is_wrapped(model.model)
     with pytest.raises(ValueError, match="pool"):  # LLaVA-1.5's processor has one fixed resolution

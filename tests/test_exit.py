@@ -216,3 +216,84 @@ def test_dart_equals_layer_masked_reference_and_keep_all_is_stock(family):
     kept = (visual & ~drop).sum(1)
     assert bool((drop <= visual).all()) and torch.equal(kept, (visual.sum(1) * 0.5 + 0.5).floor().long())
     _assert_layer_masked(model, inputs, logits, tokens, drop, drop_gen)
+
+
+class _KeysOfLayer:
+    """Record layer ``j``'s keys (RoPE applied) from inside the stock attention: a registered
+    attention function that stores them and calls plain SDPA."""
+
+    name = "record_keys"
+
+    def __init__(self, model, j):
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.masking_utils import sdpa_mask
+
+        self.model, self.j, self.keys = model, j, None
+
+        def attention(module, query, key, value, attention_mask, **kwargs):
+            if module.layer_idx == self.j:
+                self.keys = key.detach()
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+        AttentionInterface.register(self.name, attention)
+        AttentionMaskInterface.register(self.name, sdpa_mask)
+        model.set_attn_implementation({"text_config": self.name})
+
+    def close(self):
+        from vtprune.attention import _unregister
+
+        self.model.set_attn_implementation({"text_config": "sdpa"})
+        _unregister(self.name)
+
+
+def _dart_reference(model, inputs, layer, keep, pivot_image, pivot_text):
+    """DART's selection written out from its definition (K-norm pivots, least-similar per pivot) on
+    the stock model's layer ``layer - 1``: the bool [B, L] tokens that leave."""
+    import math
+
+    probe = _KeysOfLayer(model, layer - 1)
+    try:
+        with torch.no_grad():
+            out = model(**inputs, output_hidden_states=True)
+    finally:
+        probe.close()
+    with torch.no_grad():
+        hidden = model.model.language_model.norm(out.hidden_states[layer]).float()
+    hidden = hidden / hidden.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    key_l1 = probe.keys.float().abs().sum(-1).sum(1)  # [B, L]: L1 norm over every head's key
+    visual = inputs["input_ids"] == IMAGE_TOKEN
+    real = inputs.get("attention_mask", torch.ones_like(visual, dtype=torch.long)).bool()
+    drop = visual.clone()
+    for b in range(visual.shape[0]):
+        vis = visual[b].nonzero().squeeze(1).tolist()
+        if not vis:
+            continue
+        budget = max(1, min(len(vis), math.floor(keep * len(vis) + 0.5)))
+        by_norm = sorted(vis, key=lambda t: -float(key_l1[b, t]))
+        image_pivots = by_norm[:min(pivot_image, budget)]
+        text = [t for t in range(visual.shape[1]) if real[b, t] and not visual[b, t] and t > max(vis)]
+        text_pivots = sorted(text, key=lambda t: -float(key_l1[b, t]))[:pivot_text]
+        pivots = image_pivots + text_pivots
+        base, extra = divmod(budget - len(image_pivots), len(pivots))
+        kept = set(image_pivots)
+        for i, p in enumerate(pivots):
+            rest = [t for t in vis if t not in kept]
+            if not rest:
+                break
+            sims = {t: float(hidden[b, t] @ hidden[b, p]) for t in rest}
+            kept.update(sorted(rest, key=lambda t: sims[t])[:base + (i < extra)])
+        for t in kept:
+            drop[b, t] = False
+    return drop
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "internvl"])
+@pytest.mark.parametrize("keep,pivots", [(0.5, (2, 2)), (0.25, (4, 4))])
+def test_dart_selection_equals_an_independent_reimplementation(family, keep, pivots):
+    model = _model(family)
+    inputs = tiny_inputs(model, family, images_per_row=(1, 2))
+    expected = _dart_reference(model, inputs, 1, keep, *pivots)
+    logits, drop, tokens, drop_gen, stats = _run(model, inputs, "dart", layer=1, keep=keep, pivot_image=pivots[0],
+                                                  pivot_text=pivots[1])
+    assert torch.equal(drop, expected)

@@ -186,12 +186,38 @@ def test_received_attention_source_on_clip_equals_eager():
 
 
 def test_received_attention_strided_queries_approximate_the_full_mean():
-    from vtprune.patches.qwen_vl import received_attention
+    from vtprune.tower_scores import received
 
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(700, 4, 8, generator=gen), torch.randn(700, 4, 8, generator=gen)
-    bounds = torch.tensor([0, 300, 700])
-    full = received_attention(q, k, bounds, 0.35, max_queries=10_000)
-    strided = received_attention(q, k, bounds, 0.35, max_queries=128)
+    segments = [(0, 300), (300, 700)]
+    full = received(q, k, segments, 0.35, max_queries=10_000)
+    strided = received(q, k, segments, 0.35, max_queries=128)
     assert torch.allclose(full[:300].sum(), torch.tensor(1.0)) and torch.allclose(strided[300:].sum(), torch.tensor(1.0))
     assert torch.corrcoef(torch.stack([full, strided]))[0, 1] > 0.9
+
+
+def test_tower_scores_of_equal_and_unequal_segments_agree():
+    """Segments of one length are batched: the same numbers as one segment at a time."""
+    from vtprune.tower_scores import cls, received
+
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(60, 2, 4, generator=gen), torch.randn(60, 2, 4, generator=gen)
+    segments = [(0, 20), (20, 40), (40, 60)]
+    for score in (cls, received):
+        together = score(q, k, segments, 0.5)
+        alone = torch.cat([score(q[a:b], k[a:b], [(0, b - a)], 0.5) for a, b in segments])
+        torch.testing.assert_close(together, alone, atol=1e-6, rtol=0)
+        for a, b in segments:
+            torch.testing.assert_close(together[a:b].sum(), torch.tensor(1.0))
+
+
+def test_cls_source_on_a_tower_without_cls_is_not_applicable():
+    model = tiny_model("qwen2_vl")
+    with pytest.raises(vtprune.NotApplicable, match="no \\[CLS\\] token"):
+        vtprune.wrap(model, "fastervlm", keep=0.5, source="cls")
+    assert not vtprune.is_wrapped(model)
+    with vtprune.wrapped(model, "fastervlm", keep=0.5):  # the default there: the attention received
+        with torch.no_grad():
+            model(**tiny_inputs(model, "qwen2_vl"))
+        assert vtprune.record(model).scores[0].sum() > 0

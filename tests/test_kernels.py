@@ -153,3 +153,25 @@ def test_compact_cache_both_backends(monkeypatch):
         results[backend] = [(layer.keys, layer.values) for layer in cache.layers]
     for (tk, tv), (gk, gv) in zip(results["torch"], results["triton"]):
         assert torch.equal(tk, gk) and torch.equal(tv, gv)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl"])
+def test_in_llm_exit_gathers_through_the_cut_kernel(monkeypatch, family):
+    """The in-LLM exit cuts hidden states and position embeddings with the pre-LLM cut's kernel
+    (``vtprune.kernels.gather_seq``): its masked-reference test passes with the Triton backend, and
+    the Triton and torch results are bitwise equal."""
+    from test_exit import LAYOUTS, test_exit_equals_layer_masked_reference
+    from vtprune.kernels import gather_seq
+
+    gen = torch.Generator().manual_seed(0)
+    index, real = _plan(3, 12, [5, 5, 5], gen)
+    for t in (torch.randn(3, 12, 8, generator=gen), torch.randn(1, 12, 4, 2, generator=gen)):
+        outs = {}
+        for backend in ("torch", "triton"):
+            monkeypatch.setenv("VTPRUNE_KERNELS", backend)
+            outs[backend] = gather_seq(t, index)
+        expected = t.expand(3, *t.shape[1:]).gather(1, index.view(3, 5, *[1] * (t.dim() - 2)).expand(3, 5, *t.shape[2:]))
+        assert torch.equal(outs["torch"], expected) and torch.equal(outs["triton"], expected)
+    monkeypatch.setenv("VTPRUNE_KERNELS", "triton")
+    rows, with_mask = LAYOUTS[1]
+    test_exit_equals_layer_masked_reference(family, rows, with_mask)

@@ -114,3 +114,53 @@ def test_vhr_errors():
     with pytest.raises(ValueError, match="does not compose"):
         vtprune.wrap(model, ["exit", "vhr"])
     assert not vtprune.is_wrapped(model)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_vhr_equals_eager_reference_on_qwen(family):
+    """Qwen: the doubled prefill carries 3-D (mrope) positions — the image row's own, and plain text
+    positions for its text-only copy — and Qwen3-VL's deepstack mask doubled with it."""
+    from reference import positions
+
+    model = tiny_model(family)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    inputs = tiny_inputs(model, family, images_per_row=(1,), with_mask=False)
+    vtprune.wrap(model, "vhr", alpha=2.0, layers=[0, 1])
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, -1]
+        tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+        stats = vtprune.stats(model)["vhr"]
+    vtprune.unwrap(model)
+    model.set_attn_implementation({"text_config": "eager"})
+    ref = ReferenceVHR(model, [0, 1], 2.0)
+    try:
+        ids = inputs["input_ids"][0]
+        text_ids = ids[ids != IMAGE_TOKEN]
+        n, m = ids.numel(), text_ids.numel()
+        batch_ids = torch.stack([ids, torch.cat([torch.zeros(n - m, dtype=torch.long), text_ids])])
+        mask = torch.stack([torch.ones(n, dtype=torch.long), torch.cat([torch.zeros(n - m), torch.ones(m)]).long()])
+        image_pos = positions(model, {**inputs, "attention_mask": mask[:1]}, for_generate=True)  # [4, 1, n]
+        text_pos = torch.cat([torch.zeros(n - m), torch.arange(m)]).long().expand(image_pos.shape[0], 1, n)
+        types = torch.stack([inputs["mm_token_type_ids"][0], torch.zeros_like(inputs["mm_token_type_ids"][0])])
+        with torch.no_grad():
+            out = model(input_ids=batch_ids, attention_mask=mask, position_ids=torch.cat([image_pos, text_pos], 1),
+                        pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                        mm_token_type_ids=types, use_cache=True)
+            ref_logits = out.logits[0, -1]
+            cache = out.past_key_values
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[:1], layer.values[:1]
+            tok, pos, ref_tokens = out.logits[:1, -1].argmax(-1, keepdim=True), image_pos[..., -1:], []
+            full_mask = mask[:1]
+            for _ in range(6):
+                ref_tokens.append(tok)
+                pos, full_mask = pos + 1, torch.cat([full_mask, torch.ones_like(tok)], 1)
+                out = model(input_ids=tok, attention_mask=full_mask, position_ids=pos, past_key_values=cache,
+                            use_cache=True)
+                tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    finally:
+        ref.close()
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    assert torch.equal(tokens, torch.cat(ref_tokens, 1))
+    assert stats["heads_per_layer"] == {j: [len(h)] for j, h in ref.heads.items()}

@@ -132,3 +132,22 @@ def test_zerotuning_composes_with_in_llm_exit(family, method, options):
     assert drop.any()
     torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-4)
     assert torch.equal(tokens, expected_tokens)
+
+
+def test_one_router_per_wrap_and_the_private_registry_it_cleans():
+    """Every attention runtime of a wrap shares one registered attention function; ``unwrap`` takes it
+    out of transformers' registries through ``_global_mapping``, the one private attribute vtprune
+    uses: this fails when transformers renames it."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    assert isinstance(AttentionInterface._global_mapping, dict) and "sdpa" in AttentionInterface._global_mapping
+    assert isinstance(AttentionMaskInterface._global_mapping, dict) and "sdpa" in AttentionMaskInterface._global_mapping
+    model = tiny_model("llava")
+    before, before_masks = set(AttentionInterface._global_mapping), set(AttentionMaskInterface._global_mapping)
+    with vtprune.wrapped(model, ["fastv", "zerotuning"], layer=1, keep=0.5, gamma=2.0):
+        added = set(AttentionInterface._global_mapping) - before
+        assert len(added) == 1 and model.config.get_text_config()._attn_implementation in added
+        assert set(AttentionMaskInterface._global_mapping) - before_masks == added
+    assert set(AttentionInterface._global_mapping) == before
+    assert set(AttentionMaskInterface._global_mapping) == before_masks
+    assert model.config.get_text_config()._attn_implementation == "sdpa"

@@ -1,12 +1,15 @@
-"""Route the language model's attention through vtprune without copying modelling code.
+"""One attention router per wrap: the language model's attention goes through vtprune, without
+copying modelling code.
 
 A per-wrap attention function is registered in transformers' ``AttentionInterface`` (with the
-original implementation's mask builder in ``AttentionMaskInterface``, or padding would be
-ignored) and selected for the text config only; it lets observers see each layer's query and key
-(RoPE applied, cache included), lets mask transforms bias the logits (``zerotuning``), calls the
-original implementation (SDPA, eager, flash), and lets modifiers rewrite that layer's output
-(``var`` recomputes a few query rows).
-``remove`` switches the text config back and unregisters the names.
+original implementation's mask builder in ``AttentionMaskInterface``, or padding would be ignored)
+and selected for the text config only.  Stage runtimes add interceptors per decoder layer, run in
+the order added: mask transforms bias the logits (``zerotuning``), observers see the layer's query
+and key (RoPE applied, cache included) and final mask (``fastv``, ``dart``), the original
+implementation runs (SDPA, eager, flash), and modifiers rewrite that layer's output (``var``
+recomputes a few query rows).  ``remove`` switches the text config back and unregisters the names
+(the one private transformers attribute vtprune touches, in ``_unregister``; a test fails when
+transformers renames it).
 """
 
 from __future__ import annotations
@@ -46,43 +49,58 @@ def allowed_keys(mask, q, kv, device):
     return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
 
+def _unregister(name):
+    """Take a registered attention function and mask builder out again (transformers has no public way)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface._global_mapping.pop(name, None)
+    AttentionMaskInterface._global_mapping.pop(name, None)
+
+
 class AttentionRoute:
     def __init__(self, model):
         self.model = model
         self.original = text_config(model)._attn_implementation or "sdpa"
         self.name = f"vtprune_{next(_COUNTER)}"
-        self.observers = {}  # layer_idx -> fn(module, query, key, attention_mask, scaling)
-        # layer_idx -> fn(module, query, key, value, attention_mask, kwargs, output) -> output
-        self.modifiers = {}
-        # layer_idx -> fn(module, query, key, attention_mask) -> attention_mask (before the call)
-        self.masks = {}
+        self.masks = {}  # layer_idx -> [fn(module, query, key, attention_mask) -> attention_mask]
+        self.observers = {}  # layer_idx -> [fn(module, query, key, attention_mask, scaling)]
+        self.modifiers = {}  # layer_idx -> [fn(module, query, key, value, attention_mask, kwargs, output) -> output]
         self.installed = False
+
+    def mask(self, layer, fn):
+        self.masks.setdefault(layer, []).append(fn)
+
+    def observe(self, layer, fn):
+        self.observers.setdefault(layer, []).append(fn)
+
+    def modify(self, layer, fn):
+        self.modifiers.setdefault(layer, []).append(fn)
+
+    @property
+    def needed(self) -> bool:
+        return bool(self.masks or self.observers or self.modifiers)
 
     def install(self):
         from transformers import AttentionInterface, AttentionMaskInterface
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        # read now: a route installed earlier in this wrap (the in-LLM exit's) is the one to call
-        self.original = original = text_config(self.model)._attn_implementation or "sdpa"
-        if original not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        original = self.original
+        if original not in ALL_MASK_ATTENTION_FUNCTIONS:
             raise NotApplicable(f"vtprune cannot route attention implementation {original!r}; use sdpa, eager or flash")
 
         def attention(module, query, key, value, attention_mask, **kwargs):
             layer = getattr(module, "layer_idx", None)
-            observer = self.observers.get(layer)
-            if observer is not None:
-                observer(module, query, key, attention_mask, kwargs.get("scaling"))
-            transform = self.masks.get(layer)
-            if transform is not None:
+            for transform in self.masks.get(layer, ()):
                 attention_mask = transform(module, query, key, attention_mask)
-            if original in ALL_ATTENTION_FUNCTIONS._global_mapping and original != "eager":
+            for observer in self.observers.get(layer, ()):
+                observer(module, query, key, attention_mask, kwargs.get("scaling"))
+            if original in ALL_ATTENTION_FUNCTIONS and original != "eager":
                 impl = ALL_ATTENTION_FUNCTIONS[original]
             else:
                 impl = sys.modules[type(module).__module__].eager_attention_forward
             output = impl(module, query, key, value, attention_mask, **kwargs)
-            modifier = self.modifiers.get(layer)
-            if modifier is not None:
+            for modifier in self.modifiers.get(layer, ()):
                 output = modifier(module, query, key, value, attention_mask, kwargs, output)
             return output
 
@@ -92,10 +110,7 @@ class AttentionRoute:
         self.installed = True
 
     def remove(self):
-        from transformers import AttentionInterface, AttentionMaskInterface
-
         if self.installed:
             self.model.set_attn_implementation({"text_config": self.original})
             self.installed = False
-        AttentionInterface._global_mapping.pop(self.name, None)
-        AttentionMaskInterface._global_mapping.pop(self.name, None)
+        _unregister(self.name)

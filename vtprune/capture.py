@@ -51,7 +51,8 @@ class Capture:
         self.tower_layers = sorted({layer % n for layer in layers})
         for layer in self.tower_layers:
             sink = functools.partial(lambda layer, scores: self.tower_cls.setdefault(layer, []).append(scores), layer)
-            self.installed.add(*self.adapter.hook_tower(layer, sink, self.selector.tower_score))
+            kind = self.selector.tower_score or self.adapter.default_score
+            self.installed.add(*self.adapter.hook_tower(layer, sink, kind))
         if self.selector.merges:
             projector = self.adapter.projector()
             self.installed.add(*self.adapter.hook_keys(self.tower_layers[-1], lambda keys: self.tower_keys.append(keys)))

@@ -19,21 +19,12 @@ import functools
 
 import torch
 
-from .attention import AttentionRoute, allowed_keys
+from vtprune.kernels import gather_positions, gather_seq
+
+from .attention import allowed_keys
 from .errors import NotApplicable
 from .records import Exit
 from .select import plan_cut
-
-
-def _gather_seq(t, index, dim):
-    """Gather ``t`` along sequence dimension ``dim`` with a per-row ``index`` [B, L']."""
-    batch = index.shape[0]
-    if t.shape[0] == 1 and batch > 1 and dim != 0:
-        t = t.expand(batch, *t.shape[1:])
-    shape = [1] * t.dim()
-    shape[0], shape[dim] = batch, index.shape[1]
-    idx = index.view(shape).expand(*[s if i not in (0, dim) else -1 for i, s in enumerate(t.shape)])
-    return t.gather(dim, idx)
 
 
 class LayerExit:
@@ -46,8 +37,9 @@ class LayerExit:
     ``language_model`` (dart), ``visual``/``text`` (dyvte).
     """
 
-    def __init__(self, model, adapter, method, counts):
+    def __init__(self, model, adapter, method, counts, route):
         self.model = model
+        self.route = route  # the wrap's attention router (fastv, dart observe layer k-1)
         self.method = method
         self.counts = counts
         self.language_model = adapter.language_model
@@ -57,7 +49,6 @@ class LayerExit:
         if self.first < low:
             raise NotApplicable(f"{method.name} layer={self.first} is too early for {adapter.family}: visual "
                                 f"features are still added to the hidden states up to layer {low - 1}")
-        self.route = None
         self.record = None  # Exit: what left in the last prefill (None: nothing yet)
         self.prefill_visual = None  # [B] visual tokens per row of the current prefill
         self.plan = None  # the cut of the current sequence: index, real, full length, layer k
@@ -77,14 +68,11 @@ class LayerExit:
         for j in self.method.decision_layers(len(self.layers)):
             handles.append(self.layers[j].register_forward_hook(functools.partial(self._post_layer, j)))
         if self.method.needs_attention:
-            self.route = AttentionRoute(self.model)
-            self.route.observers[self.method.layer - 1] = self.observe
-            self.route.install()
+            self.route.observe(self.method.layer - 1, self.observe)
         return handles
 
     def remove(self):
-        if self.route is not None:
-            self.route.remove()
+        pass
 
     @property
     def dynamic(self) -> bool:
@@ -187,7 +175,7 @@ class LayerExit:
                 self.cache = self._cut_kwargs(kwargs, hidden.shape[1] == plan["length"], plan)
             kwargs.update(self.cache)
             if hidden.shape[1] == plan["length"]:  # layer k of the prefill: cut the hidden states
-                hidden = _gather_seq(hidden, plan["index"].to(hidden.device), 1)
+                hidden = gather_seq(hidden, plan["index"].to(hidden.device))
                 args = (hidden, *args[1:]) if args else args
                 if not args:
                     kwargs["hidden_states"] = hidden
@@ -231,10 +219,10 @@ class LayerExit:
         if prefill:
             pe = kwargs.get("position_embeddings")
             if pe is not None:
-                out["position_embeddings"] = tuple(_gather_seq(t, index.to(t.device), t.dim() - 2) for t in pe)
+                out["position_embeddings"] = tuple(gather_seq(t, index.to(t.device)) for t in pe)
             pos = kwargs.get("position_ids")
             if pos is not None:
-                out["position_ids"] = _gather_seq(pos, index.to(pos.device), pos.dim() - 1)
+                out["position_ids"] = gather_positions(pos, index)
             q_index = index
         else:
             q_index = None

@@ -22,6 +22,7 @@ import dataclasses
 
 import torch
 
+from .attention import AttentionRoute
 from .capture import Capture
 from .counts import Counts
 from .exit import LayerExit
@@ -48,11 +49,13 @@ class Session:
         self.attn_method = _first(configs, "attention")
         layers = adapter.language_model.layers
         self.sequences = Sequences()
+        self.route = AttentionRoute(model)  # one attention router per wrap, shared by the runtimes
         self.counts = Counts(model, adapter.language_model)
         self.capture = Capture(adapter, self.selector, lambda: self.inert)
         self.precut = PreCut(adapter, self.selector, self.capture)
-        self.layer_exit = LayerExit(model, adapter, self.layer_method, self.counts) if self.layer_method else None
-        self.attention = self.attn_method.runtime(model, layers) if self.attn_method else None
+        self.layer_exit = LayerExit(model, adapter, self.layer_method, self.counts, self.route) \
+            if self.layer_method else None
+        self.attention = self.attn_method.runtime(model, layers, self.route) if self.attn_method else None
         self.generation = Generation(model, self.sequences, self.precut, lambda: self.inert)
         self.loss = Loss(model)
         self.installed = Installed()
@@ -73,6 +76,8 @@ class Session:
         self.capture.install()
         for runtime in self.runtimes:
             self.installed.add(*runtime.install())
+        if self.route.needed:
+            self.route.install()
         lm = self.adapter.language_model
         self.installed.add(lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True),
                            lm.register_forward_hook(self._lm_post, with_kwargs=True),
@@ -82,7 +87,7 @@ class Session:
         self.installed.wrap(self.model, "__deepcopy__", lambda _: self._deepcopy)
 
     def remove(self):
-        # routes come off in reverse order (the attention runtime's may call the exit's)
+        self.route.remove()
         for runtime in reversed(self.runtimes):
             runtime.remove()
         self.installed.remove()

@@ -31,7 +31,7 @@ import re
 
 import torch
 
-from .attention import AttentionRoute, allowed_keys, pick_layers, text_config
+from .attention import allowed_keys, pick_layers, text_config
 
 # (text model_type, hidden size, layers) -> massive-activation dims reported by VAR / Sun et al. 2024
 KNOWN_DIMS = {
@@ -88,7 +88,7 @@ def find_dims(model, calibration=None):
 
 
 class SinkRedistribution:
-    def __init__(self, model, method, layers):
+    def __init__(self, model, method, layers, route):
         self.model = model
         self.method = method
         self.layer_ids = pick_layers("var", method.layers, default_layers, len(layers))
@@ -101,7 +101,7 @@ class SinkRedistribution:
         bad = [d for d in self.dims if not 0 <= d < hidden]
         if bad:
             raise ValueError(f"var sink_dims {bad} are outside the hidden size {hidden}")
-        self.route = AttentionRoute(model)
+        self.route = route
         self.prefill = False
         self.visual = None  # bool [B, n0]: visual tokens of the prefill sequence
         self.rows_from = None  # [B]: first prefill position whose row is intervened
@@ -112,12 +112,11 @@ class SinkRedistribution:
         handles = [self.layers[j].register_forward_pre_hook(functools.partial(self._detect, j), with_kwargs=True)
                    for j in self.layer_ids]
         for j in self.layer_ids:
-            self.route.modifiers[j] = functools.partial(self._redistribute, j)
-        self.route.install()
+            self.route.modify(j, functools.partial(self._redistribute, j))
         return handles
 
     def remove(self):
-        self.route.remove()
+        pass
 
     # ------------------------------------------------------------------ per call
     def begin_call(self, call):

@@ -29,7 +29,7 @@ def default_layers(n_layers: int) -> list:
 
 
 class HeadReinforcement:
-    def __init__(self, model, method, layers):
+    def __init__(self, model, method, layers, route=None):
         self.method = method
         self.layer_ids = pick_layers("vhr", method.layers, default_layers, len(layers))
         self.layers = layers

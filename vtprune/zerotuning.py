@@ -14,12 +14,12 @@ import math
 
 import torch
 
-from .attention import AttentionRoute, allowed_keys, pick_layers, text_config
+from .attention import allowed_keys, pick_layers, text_config
 from .errors import NotApplicable
 
 
 class SinkScaling:
-    def __init__(self, model, method, layers):
+    def __init__(self, model, method, layers, route):
         self.method = method
         n = len(layers)
         self.layer_ids = pick_layers("zerotuning", method.layers, lambda n: list(range(n)), n)
@@ -27,7 +27,7 @@ class SinkScaling:
         bad = [h for h in (method.heads or []) if not 0 <= h < heads]
         if bad:
             raise NotApplicable(f"zerotuning heads {bad} do not exist: the language model has {heads} heads")
-        self.route = AttentionRoute(model)
+        self.route = route
         if "flash" in self.route.original:
             raise NotApplicable("zerotuning biases the attention mask, which flash attention does not take; "
                              "load the model with attn_implementation='sdpa' or 'eager'")
@@ -35,12 +35,11 @@ class SinkScaling:
     def install(self) -> list:
         if self.method.gamma != 1.0:
             for j in self.layer_ids:
-                self.route.masks[j] = functools.partial(self._bias, j)
-        self.route.install()
+                self.route.mask(j, functools.partial(self._bias, j))
         return []
 
     def remove(self):
-        self.route.remove()
+        pass
 
     def begin_call(self, call):
         return None

@@ -14,10 +14,11 @@ scores are kept (``keep`` per image), in their original order.
 """
 
 from .attn import VHR
-from .base import LayerMethod, Method, ScoreContext, Selector, available, get, register, resolve
+from .base import LayerMethod, Method, ScoreContext, Selector, available, from_dict, get, register, resolve
 from .cls import VTCCLS, FasterVLM, VisionZip
 from .controls import DivPrune, Pool, Random, Uniform
 from .layer import DART, DyVTE, Exit, FastV
 
 __all__ = ["DART", "DivPrune", "DyVTE", "Exit", "FastV", "FasterVLM", "LayerMethod", "Method", "Pool", "Random",
-           "ScoreContext", "Selector", "Uniform", "VHR", "VTCCLS", "VisionZip", "available", "get", "register", "resolve"]
+           "ScoreContext", "Selector", "Uniform", "VHR", "VTCCLS", "VisionZip", "available", "from_dict", "get", "register",
+           "resolve"]

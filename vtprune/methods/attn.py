@@ -41,7 +41,7 @@ class VHR(Method):
         if self.layers is not None:
             self.layers = _indices(self.layers)
 
-    def runtime(self, model, layers):
+    def runtime(self, model, layers, route):
         from ..vhr import HeadReinforcement
 
         return HeadReinforcement(model, self, layers)
@@ -92,10 +92,10 @@ class VAR(Method):
         if self.layers is not None:
             self.layers = _indices(self.layers)
 
-    def runtime(self, model, layers):
+    def runtime(self, model, layers, route):
         from ..var import SinkRedistribution
 
-        return SinkRedistribution(model, self, layers)
+        return SinkRedistribution(model, self, layers, route)
 
 
 @register("zerotuning")
@@ -127,7 +127,7 @@ class ZeroTuning(Method):
         if self.heads is not None:
             self.heads = _indices(self.heads)
 
-    def runtime(self, model, layers):
+    def runtime(self, model, layers, route):
         from ..zerotuning import SinkScaling
 
-        return SinkScaling(model, self, layers)
+        return SinkScaling(model, self, layers, route)

@@ -57,6 +57,20 @@ class Method:
         """True when the method, as configured, leaves every forward exactly as the stock model runs it."""
         return False
 
+    def to_dict(self) -> dict:
+        """``{"method": name, option: value, ...}``, JSON-able (trained weights go by path):
+        ``vtprune.methods.from_dict`` gives the config back."""
+        out = {"method": self.name}
+        for f in dataclasses.fields(self):
+            if not f.init:
+                continue
+            value = getattr(self, f.name)
+            if value is not None and not isinstance(value, (bool, int, float, str, list, tuple)):
+                raise TypeError(f"{self.name} option {f.name} holds a {type(value).__name__}; pass it by path "
+                                "to serialise the config")
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
 
 @dataclass
 class ScoreContext:
@@ -105,9 +119,9 @@ class Selector(Method):
         return isinstance(self.keep, float) and self.keep == 1.0 and not self.merges
 
     @property
-    def tower_score(self) -> str:
-        """Which tower attention ``ctx.cls_attention`` holds: ``"cls"`` or ``"received"``."""
-        return getattr(self, "source", "cls")
+    def tower_score(self) -> str | None:
+        """Which tower score ``ctx.cls_attention`` holds: ``"cls"``, ``"received"`` or None (the family's default)."""
+        return getattr(self, "source", None)
 
     def validate(self):
         self.keep = check_keep(self.keep)
@@ -164,6 +178,23 @@ class LayerMethod(Method):
     def drop(self, runtime, visual: torch.Tensor) -> torch.Tensor:
         """Bool [B, L]: the visual tokens that leave (``visual`` marks the visual tokens)."""
         raise NotImplementedError
+
+
+def from_dict(data: dict):
+    """The config ``Method.to_dict`` wrote (validated)."""
+    data = dict(data)
+    try:
+        name = data.pop("method")
+    except KeyError:
+        raise ValueError(f"a method config needs a 'method' key naming it, got keys {sorted(data)}") from None
+    cls = get(name)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise TypeError(f"{name} does not take option(s) {unknown}; options: {sorted(names)}")
+    config = cls(**data)
+    config.validate()
+    return config
 
 
 def resolve(method, options: dict) -> list:

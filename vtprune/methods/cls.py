@@ -11,9 +11,12 @@ from ..errors import NotApplicable
 from .base import Selector, register
 
 def _check_source(source):
-    if source not in ("cls", "received"):
+    if source not in (None, "cls", "received"):
         raise ValueError(f"source must be 'cls' (the [CLS] row) or 'received' (attention each token receives, "
                          f"the score Qwen towers use), got {source!r}")
+
+
+SOURCE = "'cls' or 'received'; None: 'cls' where the tower has a [CLS] token, 'received' where it has none (Qwen)"
 
 
 @register("fastervlm")
@@ -26,16 +29,17 @@ class FasterVLM(Selector):
     averaged over heads; the top ``keep`` per image are kept in their original order.
     ``vision_layer`` (0-based, negative counts from the end) overrides the layer.
     ``source="received"`` scores each token by the attention it receives from all tokens instead
-    (the [CLS]-free score the Qwen towers always use; available on every tower for comparison).  Computed from the layer's q/k
+    (the [CLS]-free score of the Qwen towers, the default there; available on every tower for
+    comparison); ``source="cls"`` on a tower without [CLS] is not applicable.  Computed from the layer's q/k
     while the tower runs on SDPA; no eager attention.
     """
 
     paper: ClassVar[str] = "FasterVLM: Zhang et al. 2024, arXiv 2412.01818"
     ranges: ClassVar[dict] = {"vision_layer": "int tower layer, negative from the end; None: the layer the "
-                                              "projector reads", "source": "'cls' or 'received'"}
+                                              "projector reads", "source": SOURCE}
     needs_cls: ClassVar[bool] = True
     vision_layer: int | None = None
-    source: str = "cls"
+    source: str | None = None
 
     def validate(self):
         super().validate()
@@ -63,10 +67,10 @@ class VTCCLS(Selector):
 
     paper: ClassVar[str] = "VTC-CLS: Wang et al. 2024, arXiv 2412.05819"
     ranges: ClassVar[dict] = {"start_layer": "int tower layer, negative from the end, up to the projector's layer",
-                              "source": "'cls' or 'received'"}
+                              "source": SOURCE}
     needs_cls: ClassVar[bool] = True
     start_layer: int = -8
-    source: str = "cls"
+    source: str | None = None
 
     def validate(self):
         super().validate()

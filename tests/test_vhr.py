@@ -61,8 +61,9 @@ def _greedy_reference(model, inputs, steps):
     return first, torch.cat(tokens, 1)
 
 
-@pytest.mark.parametrize("family,alpha", [("llava", 2.0), ("llava", 0.5), ("llava_next", 2.0), ("internvl", 2.0)])
-def test_vhr_equals_eager_reference(family, alpha):
+def _wrapped_run(family, alpha):
+    """VHR's last-position logits, greedy tokens and stats on a one-image prompt; the model comes back
+    unwrapped, on eager attention (for the reference)."""
     model = tiny_model(family)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -74,6 +75,12 @@ def test_vhr_equals_eager_reference(family, alpha):
         stats = vtprune.stats(model)["vhr"]
     vtprune.unwrap(model)
     model.set_attn_implementation({"text_config": "eager"})
+    return model, inputs, logits, tokens, stats
+
+
+@pytest.mark.parametrize("family,alpha", [("llava", 2.0), ("llava", 0.5), ("llava_next", 2.0), ("internvl", 2.0)])
+def test_vhr_equals_eager_reference(family, alpha):
+    model, inputs, logits, tokens, stats = _wrapped_run(family, alpha)
     ref = ReferenceVHR(model, [0, 1], alpha)
     try:
         ref_logits, ref_tokens = _greedy_reference(model, inputs, 6)
@@ -122,17 +129,7 @@ def test_vhr_equals_eager_reference_on_qwen(family):
     positions for its text-only copy — and Qwen3-VL's deepstack mask doubled with it."""
     from reference import positions
 
-    model = tiny_model(family)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    inputs = tiny_inputs(model, family, images_per_row=(1,), with_mask=False)
-    vtprune.wrap(model, "vhr", alpha=2.0, layers=[0, 1])
-    with torch.no_grad():
-        logits = model(**inputs).logits[0, -1]
-        tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1]:]
-        stats = vtprune.stats(model)["vhr"]
-    vtprune.unwrap(model)
-    model.set_attn_implementation({"text_config": "eager"})
+    model, inputs, logits, tokens, stats = _wrapped_run(family, 2.0)
     ref = ReferenceVHR(model, [0, 1], 2.0)
     try:
         ids = inputs["input_ids"][0]

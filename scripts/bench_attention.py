@@ -5,7 +5,7 @@
     python scripts/bench_attention.py --device cuda --dtype bfloat16 --llm-layers 32 --vision-layers 24
 
 Random weights have no massive activations, so ``var`` gets the two channels with the largest
-|x_d|/RMS(x) (``vtprune.var.calibrate`` on the random model) and ``--tau`` low enough that it
+|x_d|/RMS(x) (``vtprune.methods.var.calibrate`` on the random model) and ``--tau`` low enough that it
 finds sinks and redistributes — the cost of the real path, not of a no-op; the script prints how
 many (row, head) pairs it changed. Decode time per token: greedy steps with the cache after the
 prefill, timed apart from it; medians of ``--repeats``.
@@ -22,7 +22,7 @@ import time
 import torch
 
 import vtprune
-from vtprune.var import rms_ratio
+from vtprune.methods.var import rms_ratio
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

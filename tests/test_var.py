@@ -188,7 +188,7 @@ def test_var_errors_leave_model_alone(tmp_path, monkeypatch):
 
 
 def test_var_finds_calibrated_dims(tmp_path, monkeypatch):
-    from vtprune import var
+    from vtprune.methods import var
 
     monkeypatch.setenv("VTPRUNE_CACHE", str(tmp_path / "cache"))
     model = tiny_model("llava")
@@ -211,7 +211,7 @@ def test_var_finds_calibrated_dims(tmp_path, monkeypatch):
 def test_calibrate_finds_a_planted_massive_activation():
     """A channel made huge in the residual stream of one token is found by calibration."""
     from vtprune import toy
-    from vtprune.var import calibrate
+    from vtprune.methods.var import calibrate
 
     model, processor = toy.load()
     layer = model.model.language_model.layers[0]
@@ -245,6 +245,6 @@ def test_cli_calibrate_writes_what_var_reads(tmp_path, monkeypatch, capsys):
     with vtprune.wrapped(model, "var", calibration=str(out)):
         pass
     assert main(["calibrate", "var", "--model", "toy", "--n", "1"]) == 0
-    from vtprune import var
+    from vtprune.methods import var
 
     assert os.path.isfile(var.cache_path(model))

@@ -130,7 +130,8 @@ def _calibrate(args) -> int:
 
     import torch
 
-    from vtprune import toy, var
+    from vtprune import toy
+    from vtprune.methods import var
 
     if args.model == "toy":
         model, processor = toy.load()

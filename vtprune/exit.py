@@ -137,23 +137,7 @@ class LayerExit:
             return
         key = key[:, :, :query.shape[2]]  # the prefill's keys (a static cache returns its unfilled slots too)
         self.keys = key.detach()
-        if not hasattr(self.method, "query"):
-            return
-        heads, kv_heads = query.shape[1], key.shape[1]
-        key = key.float().repeat_interleave(heads // kv_heads, dim=1)
-        n = key.shape[2]
-        last_only = self.method.query == "last"
-        q = query.float()[:, :, -1:] if last_only else query.float()
-        logits = (q @ key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
-        allowed = allowed_keys(mask, n, n, query.device)
-        if last_only:
-            allowed = allowed[..., -1:, :]
-        probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0).mean(1)  # [B, rows, n]
-        if last_only:
-            self.scores = probs[:, 0]
-        else:
-            weights = self.text.to(probs.device).float()
-            self.scores = (probs * weights[:, :, None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
+        self.scores = self.method.observe(self, query, key, mask, scaling)
 
     def _post_layer(self, j, module, args, output):
         """Dynamic methods decide after layer ``j`` which rows' visual tokens may leave."""

@@ -13,12 +13,14 @@ A :class:`Selector` scores each image's visual tokens before the LLM; the tokens
 scores are kept (``keep`` per image), in their original order.
 """
 
-from .attn import VHR
 from .base import LayerMethod, Method, ScoreContext, Selector, available, from_dict, get, register, resolve
 from .cls import VTCCLS, FasterVLM, VisionZip
 from .controls import DivPrune, Pool, Random, Uniform
 from .layer import DART, DyVTE, Exit, FastV
+from .var import VAR
+from .vhr import VHR
+from .zerotuning import ZeroTuning
 
 __all__ = ["DART", "DivPrune", "DyVTE", "Exit", "FastV", "FasterVLM", "LayerMethod", "Method", "Pool", "Random",
-           "ScoreContext", "Selector", "Uniform", "VHR", "VTCCLS", "VisionZip", "available", "from_dict", "get", "register",
+           "ScoreContext", "Selector", "Uniform", "VAR", "VHR", "VTCCLS", "VisionZip", "ZeroTuning", "available", "from_dict", "get", "register",
            "resolve"]

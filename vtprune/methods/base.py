@@ -14,6 +14,11 @@ from ..errors import NotApplicable
 _REGISTRY: dict = {}
 
 
+def indices(values) -> list:
+    """Layer, head or channel indices as sorted unique ints."""
+    return sorted({int(v) for v in values})
+
+
 def register(name: str):
     """Class decorator: register a method config dataclass under ``name``."""
 
@@ -174,6 +179,11 @@ class LayerMethod(Method):
     def compact_here(self, runtime, i: int) -> bool:
         """Whether the dropped tokens leave physically before layer ``i`` (fixed methods: the first hooked layer)."""
         return True
+
+    def observe(self, runtime, query, key, mask, scaling):
+        """Methods with ``needs_attention``: read layer ``layer - 1``'s prefill attention (query and
+        key [B, H, L, d], RoPE applied, and its mask); what it returns is ``runtime.scores``."""
+        return None
 
     def drop(self, runtime, visual: torch.Tensor) -> torch.Tensor:
         """Bool [B, L]: the visual tokens that leave (``visual`` marks the visual tokens)."""

@@ -1,4 +1,4 @@
-"""VAR: visual attention sink redistribution (Kang et al., ICLR 2025, arXiv 2503.03321) — the runtime.
+"""VAR: visual attention sink redistribution (Kang et al., ICLR 2025, arXiv 2503.03321) — its config and runtime.
 
 Sinks. At the prefill, before each VAR layer ``l``, a token is a *sink* when
 ``max_{d in sink_dims} |x_d / RMS(x)| > tau`` for its residual-stream input ``x`` (the official
@@ -28,10 +28,13 @@ import functools
 import json
 import os
 import re
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from .attention import allowed_keys, pick_layers, text_config
+from ..attention import allowed_keys, pick_layers, text_config
+from .base import Method, indices, register
 
 # (text model_type, hidden size, layers) -> massive-activation dims reported by VAR / Sun et al. 2024
 KNOWN_DIMS = {
@@ -40,6 +43,55 @@ KNOWN_DIMS = {
     ("qwen2_vl_text", 3584, 28): [458, 2570],  # Qwen2-VL-7B
 }
 FILE = "vtprune_var.json"
+
+
+@register("var")
+@dataclass
+class VAR(Method):
+    """Move attention from sink tokens onto the other visual tokens in image-centric heads (VAR, ICLR 2025).
+
+    A fraction ``moved`` (default 0.4: the official code keeps p = 0.6) of the attention paid to sink
+    tokens goes to the non-sink visual tokens, for the text rows after the image and every generated
+    token.
+
+    Sinks are tokens whose residual stream has a massive activation (``|x_d / RMS(x)| > tau`` in the
+    ``sink_dims``; default: calibrated or known per model, see ``vtprune calibrate var``). A head is
+    image-centric for a row when at least ``summ`` of its attention is on the image and a share
+    ``>= rho`` of that is on non-sink visual tokens (paper: 0.5 for hallucination benchmarks, 0.8
+    general, 0.9 vision-centric). ``layers`` default to 2 .. L-2 of a 32-layer model, scaled. Runs on
+    SDPA: only the intervened rows are recomputed. ``moved=0`` leaves the model unchanged.
+    """
+
+    stage: ClassVar[str] = "attention"
+    paper: ClassVar[str] = "VAR: Kang et al., ICLR 2025, arXiv 2503.03321"
+    ranges: ClassVar[dict] = {"moved": "float in [0, 1]", "rho": "float in [0, 1]", "summ": "float in [0, 1]",
+                              "tau": "float > 0", "sink_dims": "list of hidden channels; None: calibrated "
+                              "(vtprune calibrate var)", "calibration": "path to a calibration JSON",
+                              "layers": "list of decoder layers; None: 2 .. L-2 of 32, scaled"}
+    moved: float = 0.4
+    rho: float = 0.5
+    summ: float = 0.2
+    tau: float = 20.0
+    sink_dims: list | None = None
+    calibration: str | None = None
+    layers: list | None = None
+
+    def validate(self):
+        for name in ("moved", "rho", "summ"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"var {name} must be in [0, 1], got {value!r}")
+        if not self.tau > 0:
+            raise ValueError(f"var tau must be > 0, got {self.tau}")
+        if self.sink_dims is not None:
+            self.sink_dims = indices(self.sink_dims)
+            if not self.sink_dims:
+                raise ValueError("var sink_dims is empty")
+        if self.layers is not None:
+            self.layers = indices(self.layers)
+
+    def runtime(self, model, layers, route):
+        return SinkRedistribution(model, self, layers, route)
 
 
 def default_layers(n_layers: int) -> list:

@@ -1,4 +1,4 @@
-"""ZeroTuning (Han et al., arXiv 2505.11739) — the runtime: rescale the attention to the first token.
+"""ZeroTuning (Han et al., arXiv 2505.11739) — its config and runtime: rescale the attention to the first token.
 
 In the chosen layers and heads, every query row's post-softmax attention to the sequence's first
 real token (BOS; per row, after any left padding) is multiplied by ``gamma`` and the row is
@@ -11,11 +11,47 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from .attention import allowed_keys, pick_layers, text_config
-from .errors import NotApplicable
+from ..attention import allowed_keys, pick_layers, text_config
+from ..errors import NotApplicable
+from .base import Method, indices, register
+
+
+@register("zerotuning")
+@dataclass
+class ZeroTuning(Method):
+    """Rescale the attention every row pays to the first token by ``gamma`` (ZeroTuning, arXiv 2505.11739).
+
+    In ``layers`` (default: all) and ``heads`` (default: all), a row's attention to the sequence's
+    first real token (BOS) is multiplied by ``gamma`` and the row renormalised — the same as adding
+    log(gamma) to that logit, so it runs on SDPA as a mask bias. The paper tunes ``gamma``, layers
+    and heads per task (some heads want the sink up, some down); there is no universal value, so
+    ``gamma`` has no effect until set (``gamma=1`` is the stock model).
+    """
+
+    stage: ClassVar[str] = "attention"
+    composes_with_exit: ClassVar[bool] = True  # a mask bias: indifferent to tokens leaving mid-way
+    paper: ClassVar[str] = "ZeroTuning: Han et al. 2025, arXiv 2505.11739"
+    ranges: ClassVar[dict] = {"gamma": "float > 0 (1 = no change)", "layers": "list of decoder layers; None: all",
+                              "heads": "list of heads; None: all"}
+    gamma: float = 1.0
+    layers: list | None = None
+    heads: list | None = None
+
+    def validate(self):
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not self.gamma > 0:
+            raise ValueError(f"zerotuning gamma must be > 0, got {self.gamma!r}")
+        if self.layers is not None:
+            self.layers = indices(self.layers)
+        if self.heads is not None:
+            self.heads = indices(self.heads)
+
+    def runtime(self, model, layers, route):
+        return SinkScaling(model, self, layers, route)
 
 
 class SinkScaling:

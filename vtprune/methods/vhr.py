@@ -1,4 +1,4 @@
-"""VHR: vision-aware head reinforcement (He et al., ACL 2025, arXiv 2412.13949) — the runtime.
+"""VHR: vision-aware head reinforcement (He et al., ACL 2025, arXiv 2412.13949) — its config and runtime.
 
 At the first generation step (the prefill with images) every sample is run next to its own
 text-only copy (the same prompt with the visual tokens removed, left-padded so the last positions
@@ -15,11 +15,46 @@ every later step scales the same heads of that sample.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from . import masks
-from .attention import pick_layers
+from .. import masks
+from ..attention import pick_layers
+from .base import Method, indices, register
+
+
+@register("vhr")
+@dataclass
+class VHR(Method):
+    """Scale the outputs of the most vision-aware heads by ``alpha`` (VHR, ACL 2025).
+
+    Per sample, the heads whose output changes most when the image is removed are scaled by
+    ``alpha`` (default 2), before ``o_proj``.
+
+    Heads are chosen at the first generation step, layer by layer, from the vision-aware head
+    divergence (with outlier removal, ``outliers=True``) and kept for the rest of the generation.
+    ``layers`` default to the paper's layer 1 plus the last 14 of 32, scaled to the model's depth.
+    ``alpha=1`` leaves the model unchanged.
+    """
+
+    stage: ClassVar[str] = "attention"
+    paper: ClassVar[str] = "VHR: He et al., ACL 2025, arXiv 2412.13949"
+    ranges: ClassVar[dict] = {"alpha": "float > 0 (1 = no change)", "layers": "list of decoder layers; None: the "
+                              "paper's choice scaled to the depth", "outliers": "bool: drop outlier heads"}
+    alpha: float = 2.0
+    layers: list | None = None
+    outliers: bool = True
+
+    def validate(self):
+        if not self.alpha > 0:
+            raise ValueError(f"vhr alpha must be > 0, got {self.alpha}")
+        if self.layers is not None:
+            self.layers = indices(self.layers)
+
+    def runtime(self, model, layers, route):
+        return HeadReinforcement(model, self, layers)
 
 
 def default_layers(n_layers: int) -> list:

@@ -1,4 +1,4 @@
-"""Gather kernels (installed as ``vtprune.kernels``): the pre-LLM cut and KV-cache compaction.
+"""Gather kernels (installed as ``vtprune.kernels``): every cut, before the LLM and inside it.
 
 The torch implementations in ``gather.py`` are the reference and the fallback.  Fused Triton
 kernels (``triton_gather.py``) are used automatically on CUDA tensors when ``triton`` is
@@ -70,34 +70,4 @@ def gather_seq(t, index):
     return gather_cut(flat, index.to(t.device), real)[0].reshape(batch, width, *t.shape[2:])
 
 
-def compact_kv(keys, values, index):
-    """Keep positions ``index`` [B, S'] of one layer's keys and values [B, H, S, D]."""
-    if backend(keys.device.type) == "triton":
-        from .triton_gather import compact_kv_triton
-
-        return compact_kv_triton(keys, values, index)
-    return _torch.compact_kv(keys, values, index)
-
-
-def compact_layers(pairs, index):
-    """Keep positions ``index`` [B, S'] of every ``(keys, values)`` pair [B, H, S, D]; with Triton
-    one launch covers all layers alike (same shape, strides, dtype)."""
-    pairs = list(pairs)
-    if pairs and backend(pairs[0][0].device.type) == "triton":
-        from .triton_gather import compact_layers_triton
-
-        return compact_layers_triton(pairs, index)
-    return _torch.compact_layers(pairs, index)
-
-
-def compact_cache(cache, index, layers=None):
-    """Drop positions from a ``DynamicCache`` in place: keep ``index`` [B, S'] in ``layers`` (default all)."""
-    chosen = list(range(len(cache.layers)) if layers is None else layers)
-    new = compact_layers([(cache.layers[i].keys, cache.layers[i].values) for i in chosen], index)
-    for i, (keys, values) in zip(chosen, new):
-        cache.layers[i].keys, cache.layers[i].values = keys, values
-    return cache
-
-
-__all__ = ["BACKENDS", "backend", "compact_cache", "compact_kv", "compact_layers", "gather_cut", "gather_positions", "gather_seq",
-           "triton_available"]
+__all__ = ["BACKENDS", "backend", "gather_cut", "gather_positions", "gather_seq", "triton_available"]

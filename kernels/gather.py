@@ -1,4 +1,4 @@
-"""Torch references: the pre-LLM cut (kept rows of embeddings, mask and positions) and KV compaction."""
+"""Torch references: the cut (kept rows of embeddings, mask and positions)."""
 
 from __future__ import annotations
 
@@ -33,17 +33,3 @@ def gather_positions(positions: torch.Tensor, index: torch.Tensor) -> torch.Tens
     if positions.dim() == 3:
         idx = idx.expand(positions.shape[0], -1, -1)
     return positions.gather(-1, idx)
-
-
-def compact_kv(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor):
-    """Keep positions ``index`` [B, S'] of ``keys``/``values`` [B, H, S, D] (torch reference)."""
-    def pick(t):
-        idx = index.to(t.device)[:, None, :, None].expand(t.shape[0], t.shape[1], -1, t.shape[3])
-        return t.gather(2, idx)
-
-    return pick(keys), pick(values)
-
-
-def compact_layers(pairs, index):
-    """``compact_kv`` of every ``(keys, values)`` pair (torch reference of the multi-layer kernel)."""
-    return [compact_kv(k, v, index) for k, v in pairs]

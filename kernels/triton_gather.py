@@ -1,11 +1,9 @@
-"""Triton kernels: the pre-LLM cut in one launch, and KV-cache compaction.
+"""Triton kernels: the cut in one launch.
 
 ``gather_cut_triton`` gathers the kept rows of ``embeds`` [B, L, D] and, in the same launch, writes
-the cut attention mask and position ids (1-D [B, L] or Qwen's [P, B, L]).  ``compact_layers_triton``
-drops positions from the keys and values [B, H, S, D] of many layers in one launch (a table of
-their addresses; one launch per group of tensors with equal shape, strides and dtype).  Both take
-any strides (non-contiguous inputs), fp32/fp16/bf16, and empty or full selections; outputs are
-bitwise equal to the torch reference in ``gather.py``.  On a CPU they run under
+the cut attention mask and position ids (1-D [B, L] or Qwen's [P, B, L]).  It takes any strides
+(non-contiguous inputs), fp32/fp16/bf16, and empty or full selections; outputs are bitwise equal to
+the torch reference in ``gather.py``.  On a CPU they run under
 ``TRITON_INTERPRET=1`` (how CI tests them).
 """
 
@@ -75,63 +73,3 @@ def gather_cut_triton(embeds, index, real, mask=None, positions=None):
     if pos_out is not None and squeeze:
         pos_out = pos_out[0]
     return out, mask_out, pos_out
-
-
-@triton.jit
-def _compact_kv_kernel(src_ptrs, dst_ptrs, like, index, heads, d_head, sp,
-                       s_b, s_h, s_s, s_d, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    # program (t, b*heads + h, block of kept positions): tensor t of the pointer tables
-    t = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // heads
-    h = bh % heads
-    js = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
-    j_ok = js < sp
-    i = tl.load(index + b * sp + js, mask=j_ok, other=0)
-    src = tl.load(src_ptrs + t).to(like.dtype)  # addresses -> typed pointers (like's element type)
-    dst = tl.load(dst_ptrs + t).to(like.dtype)
-    src_rows = src + b * s_b + h * s_h + i[:, None] * s_s
-    dst_rows = dst + (bh * sp + js[:, None]) * d_head
-    for d0 in range(0, d_head, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        ok = j_ok[:, None] & (ds < d_head)[None, :]
-        x = tl.load(src_rows + ds[None, :] * s_d, mask=ok)
-        tl.store(dst_rows + ds[None, :], x, mask=ok)
-
-
-def compact_layers_triton(pairs, index):
-    """Keep positions ``index`` [B, S'] of every ``(keys, values)`` pair [B, H, S, D] (many layers).
-
-    Tensors that share shape, strides and dtype (the usual cache: every layer alike) are compacted by
-    one launch that reads their addresses from a pointer table; others form their own groups.
-    Returns ``[(keys, values), ...]``, contiguous, in the order given.
-    """
-    tensors = [t for pair in pairs for t in pair]
-    if not tensors:
-        return []
-    device = tensors[0].device
-    sp = index.shape[1]
-    index = index.to(device, torch.int64).contiguous()
-    outs = [torch.empty(*t.shape[:2], sp, t.shape[3], dtype=t.dtype, device=t.device) for t in tensors]
-    groups: dict = {}
-    for n, t in enumerate(tensors):
-        if t.device != device:
-            raise ValueError(f"KV compaction needs every tensor on one device; got {device} and {t.device}")
-        groups.setdefault((tuple(t.shape), t.stride(), t.dtype), []).append(n)
-    for (shape, stride, _), members in groups.items():
-        b, h, _, d = shape
-        if not (b and h and sp and d):
-            continue
-        src = torch.tensor([tensors[n].data_ptr() for n in members], dtype=torch.int64, device=device)
-        dst = torch.tensor([outs[n].data_ptr() for n in members], dtype=torch.int64, device=device)
-        block_d = min(256, triton.next_power_of_2(max(d, 16)))
-        block_j = max(1, min(64, 4096 // block_d, triton.next_power_of_2(sp)))
-        grid = (len(members), b * h, triton.cdiv(sp, block_j))
-        _compact_kv_kernel[grid](src, dst, outs[members[0]], index, h, d, sp, *stride,
-                                 BLOCK_J=block_j, BLOCK_D=block_d)
-    return list(zip(outs[0::2], outs[1::2]))
-
-
-def compact_kv_triton(keys, values, index):
-    """Keep positions ``index`` [B, S'] of one layer's ``keys``/``values`` [B, H, S, D] (one launch)."""
-    return compact_layers_triton([(keys, values)], index)[0]

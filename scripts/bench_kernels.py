@@ -5,8 +5,7 @@
 
 Shapes: the LLM input of LLaVA-1.5-7B (576 visual tokens, D 4096), LLaVA-NeXT-7B (2,880 visual,
 D 4096) and Qwen2.5-VL-7B (1,296 visual, D 3584, 3-row mrope positions), batch 1 and 16, keeping
-10% of the visual tokens; and KV compaction of a 32-layer cache (H 32, D 128) to the same kept set,
-all layers in one launch against the torch chain (two gathers per layer).
+10% of the visual tokens.
 GB/s counts the bytes read and written once; the copy column moves the same bytes with
 ``Tensor.copy_``.  Targets: >= 80% of copy bandwidth and >= 1.5x the torch chain.  Every kernel's
 output is first checked bitwise against the torch path.  Writes the table to ``--out`` too.
@@ -23,9 +22,7 @@ from vtprune.kernels import gather as ref
 
 # name: (visual tokens, text tokens, hidden size, position rows)
 SHAPES = {"llava-1.5-7b": (576, 40, 4096, 1), "llava-next-7b": (2880, 40, 4096, 1), "qwen2.5-vl-7b": (1296, 40, 3584, 3)}
-KV = (32, 32, 128)  # layers, heads, head dim
 SMOKE_SHAPES = {"smoke": (24, 8, 64, 3)}
-SMOKE_KV = (3, 2, 16)
 
 
 def bench(fn, device, repeats):
@@ -49,10 +46,9 @@ def _same(a, b):
     return all(torch.equal(x, y) for x, y in zip(a, b) if x is not None)
 
 
-def run(shapes, kv, batches, keep, dtype, device, repeats):
-    from vtprune.kernels.triton_gather import compact_layers_triton, gather_cut_triton
+def run(shapes, batches, keep, dtype, device, repeats):
+    from vtprune.kernels.triton_gather import gather_cut_triton
 
-    n_layers, heads, d_head = kv
     rows = []
     for name, (visual, text, d, pos_rows) in shapes.items():
         for batch in batches:
@@ -77,25 +73,6 @@ def run(shapes, kv, batches, keep, dtype, device, repeats):
             dst = torch.empty_like(src)
             t_copy = bench(lambda: dst.copy_(src), device, repeats)
             rows.append((f"cut {name}", batch, moved / t_kernel / 1e9, moved / t_torch / 1e9, moved / t_copy / 1e9))
-            # KV compaction of a whole cache: one launch vs two torch gathers per layer
-            cache = torch.randn(n_layers, 2, batch, heads, length, d_head, device=device, dtype=dtype)
-            pairs = [(cache[i, 0], cache[i, 1]) for i in range(n_layers)]
-            got, want = compact_layers_triton(pairs, index), ref.compact_layers(pairs, index)
-            if not all(_same(g, w) for g, w in zip(got, want)):
-                raise AssertionError(f"compact_layers_triton differs from the torch path on {name}, batch {batch}")
-            got = want = None
-            kv_bytes = 2 * n_layers * 2 * batch * heads * index.shape[1] * d_head * cache.element_size()
-            kv_repeats = max(1, repeats // 5)
-            t_kv = bench(lambda: compact_layers_triton(pairs, index), device, kv_repeats)
-            t_kv_torch = bench(lambda: ref.compact_layers(pairs, index), device, kv_repeats)
-            kv_src = torch.empty(kv_bytes // 2, dtype=torch.uint8, device=device)
-            kv_dst = torch.empty_like(kv_src)
-            t_kv_copy = bench(lambda: kv_dst.copy_(kv_src), device, kv_repeats)
-            rows.append((f"kv {name} ({n_layers} layers)", batch, kv_bytes / t_kv / 1e9,
-                         kv_bytes / t_kv_torch / 1e9, kv_bytes / t_kv_copy / 1e9))
-            cache = pairs = kv_src = kv_dst = None  # free before the next shape
-            if device == "cuda":
-                torch.cuda.empty_cache()
     return rows
 
 
@@ -117,13 +94,13 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = parser.parse_args(argv)
     if args.smoke:
-        rows = run(SMOKE_SHAPES, SMOKE_KV, (1, 2), args.keep, getattr(torch, args.dtype), "cpu", 1)
+        rows = run(SMOKE_SHAPES, (1, 2), args.keep, getattr(torch, args.dtype), "cpu", 1)
     elif not torch.cuda.is_available():
         print("bench_kernels needs a CUDA GPU; on a CPU the kernels only run in Triton's interpreter "
               "(TRITON_INTERPRET=1 ... --smoke checks this script).")
         return []
     else:
-        rows = run(SHAPES, KV, (1, 16), args.keep, getattr(torch, args.dtype), "cuda", args.repeats)
+        rows = run(SHAPES, (1, 16), args.keep, getattr(torch, args.dtype), "cuda", args.repeats)
     md = table(rows)
     print(md)
     if args.out:

@@ -8,7 +8,7 @@ import torch
 triton = pytest.importorskip("triton", reason="the triton extra is not installed")
 
 from vtprune.kernels import gather as ref  # noqa: E402
-from vtprune.kernels.triton_gather import compact_kv_triton, gather_cut_triton  # noqa: E402
+from vtprune.kernels.triton_gather import gather_cut_triton  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
@@ -64,18 +64,6 @@ def test_gather_cut_non_contiguous_and_empty():
     assert out.shape == (2, 0, 48) and m.shape == (2, 0) and p.shape == (2, 0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("keep", [[5, 5], [16, 16], [1, 1]])
-def test_compact_kv_bitwise(dtype, keep):
-    gen = torch.Generator().manual_seed(len(keep) + keep[0])
-    keys = torch.randn(2, 3, 16, 8, generator=gen).to(dtype)
-    values = torch.randn(2, 3, 16, 8, generator=gen).to(dtype).transpose(2, 3).contiguous().transpose(2, 3)
-    index, _ = _plan(2, 16, keep, gen)
-    want = ref.compact_kv(keys, values, index)
-    got = compact_kv_triton(keys, values, index)
-    assert all(torch.equal(w, g) for w, g in zip(want, got))
-
-
 def test_wrap_exactness_with_triton_backend(monkeypatch):
     """The full cut runs through the Triton kernel when selected, with identical results."""
     import vtprune
@@ -100,59 +88,6 @@ def test_exactness_suite_with_triton_backend(monkeypatch, family, rows, with_mas
 
     monkeypatch.setenv("VTPRUNE_KERNELS", "triton")
     test_pruning_equals_masked_reference(family, rows, with_mask, "random", 0.5)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("keep", [[7, 4], [20, 20], [0, 0]])
-def test_compact_layers_one_launch_bitwise(dtype, keep):
-    """Many layers at once (mixed strides form separate groups), equal to the per-layer torch path."""
-    from vtprune.kernels.triton_gather import compact_layers_triton
-
-    gen = torch.Generator().manual_seed(keep[0] + len(keep))
-    pairs = []
-    for layer in range(5):
-        keys = torch.randn(2, 3, 20, 24, generator=gen).to(dtype)
-        values = torch.randn(2, 3, 20, 24, generator=gen).to(dtype)
-        if layer == 3:  # a strided layer
-            values = values.transpose(2, 3).contiguous().transpose(2, 3)
-            keys = torch.randn(2, 40, 3, 24, generator=gen).to(dtype).transpose(1, 2)[:, :, ::2]
-        pairs.append((keys, values))
-    index, _ = _plan(2, 20, keep, gen)
-    got = compact_layers_triton(pairs, index)
-    want = ref.compact_layers(pairs, index)
-    assert len(got) == len(want) == 5
-    for (wk, wv), (gk, gv) in zip(want, got):
-        assert gk.shape == wk.shape == (2, 3, max(keep), 24) and gk.dtype == dtype
-        assert torch.equal(gk, wk) and torch.equal(gv, wv)
-        assert gk.is_contiguous() and gv.is_contiguous()
-
-
-def test_compact_cache_both_backends(monkeypatch):
-    """compact_cache on a real model's DynamicCache: Triton (one launch) equals torch, which equals
-    selecting the kept positions by hand."""
-    from vtprune.kernels import compact_cache
-    from vtprune.testing import tiny_inputs, tiny_model
-
-    model = tiny_model("llava")
-    inputs = tiny_inputs(model, "llava", images_per_row=(1, 1))
-    with torch.no_grad():
-        out = model(**inputs, use_cache=True)
-    length = inputs["input_ids"].shape[1]
-    half = length // 2
-    index = torch.stack([torch.arange(0, 2 * half, 2), torch.arange(1, 2 * half, 2)])
-    keys = out.past_key_values.layers[1].keys
-    want = torch.stack([keys[b, :, index[b]] for b in range(2)])
-    results = {}
-    for backend in ("torch", "triton"):
-        monkeypatch.setenv("VTPRUNE_KERNELS", backend)
-        with torch.no_grad():
-            cache = model(**inputs, use_cache=True).past_key_values
-        compact_cache(cache, index, layers=[1])
-        assert cache.layers[0].keys.shape[2] == length  # untouched
-        assert torch.equal(cache.layers[1].keys, want)
-        results[backend] = [(layer.keys, layer.values) for layer in cache.layers]
-    for (tk, tv), (gk, gv) in zip(results["torch"], results["triton"]):
-        assert torch.equal(tk, gk) and torch.equal(tv, gv)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl"])

@@ -120,10 +120,11 @@ class VtpruneModel:
             self._vtprune_processor = None
         names, spec_options = parse_method(method)
         options = {**spec_options, **options}
-        if "downsample" in names:
-            self._downsample(options)
-            names = [n for n in names if n != "downsample"]
-            options = {k: v for k, v in options.items() if k != "keep" or names}
+        from vtprune.downsample import split
+
+        keep, names, options = split(names, options)
+        if keep is not None:
+            self._downsample(keep)
         if names:
             vtprune.wrap(model, names, **options)
         elif options:
@@ -134,15 +135,13 @@ class VtpruneModel:
         if not names:  # count the visual tokens of the unwrapped model too (a hook that changes nothing)
             self._stock_handle = count_visual_tokens(model, self._stock_totals)
 
-    def _downsample(self, options):
+    def _downsample(self, keep):
         import vtprune
 
-        if "keep" not in options:
-            raise TypeError("downsample needs keep=...")
         for attr in ("_image_processor", "processor"):
             processor = getattr(self, attr, None)
             if processor is not None and hasattr(processor, "tokenizer"):
-                setattr(self, attr, vtprune.downsample(processor, options["keep"]))
+                setattr(self, attr, vtprune.downsample(processor, keep))
                 self._vtprune_processor = (attr, processor)
                 return
         raise TypeError(f"{type(self).__name__}: no processor attribute to downsample")

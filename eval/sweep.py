@@ -125,16 +125,15 @@ class ToyRunner:
     def run(self, cell, seed=None):
         import vtprune
         from vtprune import toy
+        from vtprune.downsample import split as split_downsample
 
         names, options = cell.wrap_args()
         if seed is not None:
             options["seed"] = seed
         processor = self.processor
-        if "downsample" in names:  # on the processor (LLaVA-1.5 raises: pool stands in)
-            processor = vtprune.downsample(processor, options.get("keep", 1.0))
-            names = [n for n in names if n != "downsample"]
-            if not names:
-                options = {}
+        keep, names, options = split_downsample(names, {"keep": 1.0, **options} if "downsample" in names else options)
+        if keep is not None:  # on the processor (LLaVA-1.5 raises: pool stands in)
+            processor = vtprune.downsample(processor, keep)
 
         def evaluate():
             return toy.evaluate(self.model, processor, self.samples, self.batch_size, progress=False)

@@ -39,6 +39,17 @@ def downsample(processor, keep):
     return DownsampledProcessor(processor, keep)
 
 
+def split(names, options):
+    """Take ``downsample`` out of a method spec: ``(keep for the processor or None, the other names,
+    their options)`` — the one place that knows ``downsample`` acts on the processor, not the model."""
+    if "downsample" not in names:
+        return None, list(names), dict(options)
+    if "keep" not in options:
+        raise TypeError("downsample needs keep=...")
+    rest = [n for n in names if n != "downsample"]
+    return options["keep"], rest, (dict(options) if rest else {k: v for k, v in options.items() if k != "keep"})
+
+
 def _image_token(processor):
     token = getattr(processor, "image_token", None)
     if token is None:

@@ -80,7 +80,8 @@ def plan(tasks, specs, keeps) -> list:
         cells.append(Cell(task, "stock"))
         for spec in specs:
             names, options = parse_spec(spec)
-            if "keep" in options or not _accepts(names, "keep"):
+            free = [n for n in names if _accepts([n], "keep") and f"{n}.keep" not in options]
+            if "keep" in options or not free:  # the spec has its own budget(s): one cell
                 cells.append(Cell(task, spec))
                 continue
             cells += [Cell(task, spec, keep) for keep in keeps if keep != 1.0]

@@ -140,3 +140,24 @@ def test_sweep_caches_only_typed_not_applicable(tmp_path, monkeypatch, capsys):
     by = {r["method"]: r for r in records}
     assert by["visionzip"]["not_applicable"] and by["visionzip"]["score"] is None
     assert by["random"]["score"] == 0.5
+
+
+def test_per_method_options_in_one_spec(capsys, no_model):
+    """``a:opt=v+b:opt=w``: each method its own options (``b.opt`` in wrap's terms); a typo names the method."""
+    from vtprune.spec import parse_spec
+
+    names, options = parse_spec("uniform:keep=0.25+fastv:layer=1;keep=0.5")
+    assert names == ["uniform", "fastv"] and options == {"uniform.keep": 0.25, "fastv.layer": 1, "fastv.keep": 0.5}
+    assert parse_spec("fastervlm+vhr:alpha=2") == (["fastervlm", "vhr"], {"alpha": 2})  # shared, as before
+    from vtprune.api import methods_of
+    from vtprune.testing import tiny_model
+
+    model = tiny_model("llava")
+    with vtprune.wrapped(model, names, **options):
+        configs = methods_of(model)
+    assert [(c.name, c.keep) for c in configs] == [("uniform", 0.25), ("fastv", 0.5)]
+    cells = sweep.plan(["t"], ["uniform:keep=0.25+fastv:layer=1;keep=0.5", "uniform+fastv:layer=1"], [1.0, 0.5, 0.1])
+    assert [(c.spec, c.keep) for c in cells] == [("stock", None), ("uniform:keep=0.25+fastv:layer=1;keep=0.5", None),
+                                                 ("uniform+fastv:layer=1", 0.5), ("uniform+fastv:layer=1", 0.1)]
+    assert main(["eval", "--methods", "uniform:keep=0.25+fastv:layr=1"]) == 2
+    assert "option 'layr' is not accepted by fastv (did you mean 'layer'?)" in capsys.readouterr().err

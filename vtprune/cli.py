@@ -181,7 +181,8 @@ def _check_spec(spec: str, keeps=None, defaults=None):
 
     try:
         names, options = parse_spec(spec)
-        takes_keep = "keep" not in options and any("keep" in options_of(n) for n in names)
+        takes_keep = "keep" not in options and any("keep" in options_of(n) and f"{n}.keep" not in options
+                                                   for n in names)
         budgets = [k for k in keeps if k != 1.0] if keeps and takes_keep else [None]
         full = defaults(names[0], options) if defaults is not None and len(names) == 1 else options
         check(names, full, budgets or [None])

@@ -1,7 +1,10 @@
 """Method specs as text, and checking them without a model.
 
 A spec is ``name[+name...][:option=value;...]`` — ``fastervlm``, ``fastervlm:source=received``,
-``fastervlm+vhr:alpha=2``.  Values are ints, floats, ``true``/``false``/``none`` or strings.
+``fastervlm+vhr:alpha=2`` (options after the last name go to every method that takes them) — or,
+with options after other names too, per method: ``fastervlm:keep=0.25+fastv:layer=2;keep=0.5``
+(each segment's options are that method's: ``fastv.keep`` in ``wrap``'s terms).  Values are ints,
+floats, ``true``/``false``/``none`` or strings.
 ``check`` validates names, options and values (every budget included) the way ``wrap`` will, so a
 command line can fail in one line before it loads a model.
 """
@@ -42,20 +45,34 @@ def options_of(name: str) -> set:
     return {f.name for f in dataclasses.fields(method_class(name)) if f.init}
 
 
-def parse_spec(spec: str):
-    """``"fastervlm+vhr:alpha=2;layer=1"`` -> ``(["fastervlm", "vhr"], {"alpha": 2, "layer": 1})``."""
-    names, _, extra = spec.strip().partition(":")
-    names = [n.strip() for n in names.split("+") if n.strip()]
-    if not names:
-        raise ValueError(f"empty method spec {spec!r}")
-    for name in names:
-        method_class(name)
+def _options(text: str, spec: str) -> dict:
     options = {}
-    for item in filter(None, (i.strip() for i in extra.split(";"))):
+    for item in filter(None, (i.strip() for i in text.split(";"))):
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"method option {item!r} in {spec!r} is not key=value")
         options[key.strip()] = parse_value(value.strip())
+    return options
+
+
+def parse_spec(spec: str):
+    """``"fastervlm+vhr:alpha=2;layer=1"`` -> ``(["fastervlm", "vhr"], {"alpha": 2, "layer": 1})``;
+    ``"fastervlm:keep=0.25+fastv:keep=0.5"`` -> ``(["fastervlm", "fastv"], {"fastervlm.keep": 0.25,
+    "fastv.keep": 0.5})``."""
+    segments = [s.strip() for s in spec.strip().split("+")]
+    if not any(segments):
+        raise ValueError(f"empty method spec {spec!r}")
+    per_method = any(":" in s for s in segments[:-1])
+    names, options = [], {}
+    for s in segments:
+        name, _, extra = s.partition(":")
+        name = name.strip()
+        if not name:
+            raise ValueError(f"empty method name in spec {spec!r}")
+        method_class(name)
+        names.append(name)
+        for key, value in _options(extra, spec).items():
+            options[f"{name}.{key}" if per_method else key] = value
     return names, options
 
 
@@ -68,16 +85,23 @@ def check(names, options: dict, keeps=(None,)):
 
     accepted = set().union(*(options_of(n) for n in names))
     for key in options:
-        if key not in accepted:
-            raise TypeError(f"option {key!r} is not accepted by {'+'.join(names)}{did_you_mean(key, accepted)}; "
-                            f"options: {', '.join(sorted(accepted)) or 'none'}")
+        owner, dot, option = key.rpartition(".")
+        scope, choices = (option, options_of(owner)) if dot and owner in names else (key, accepted)
+        if scope not in choices:
+            who = owner if dot and owner in names else "+".join(names)
+            raise TypeError(f"option {scope!r} is not accepted by {who}{did_you_mean(scope, choices)}; "
+                            f"options: {', '.join(sorted(choices)) or 'none'}")
     model_names = [n for n in names if n != "downsample"]
     for keep in keeps:
         opts = dict(options) if keep is None else {**options, "keep": keep}
         if "downsample" in names:
-            method_class("downsample")(**{k: v for k, v in opts.items() if k in options_of("downsample")}).validate()
+            own = {k.rpartition(".")[2]: v for k, v in opts.items() if k.startswith("downsample.")}
+            shared = {k: v for k, v in opts.items() if k in options_of("downsample")}
+            method_class("downsample")(**{**shared, **own}).validate()
         if model_names:
-            resolve(model_names, {k: v for k, v in opts.items() if k in set().union(*map(options_of, model_names))})
+            takes = set().union(*map(options_of, model_names))
+            resolve(model_names, {k: v for k, v in opts.items()
+                                  if k in takes or k.rpartition(".")[0] in model_names})
 
 
 STAGES = {"select": "before the LLM (a selection of each image's visual tokens)",

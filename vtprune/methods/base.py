@@ -208,7 +208,10 @@ def from_dict(data: dict):
 
 
 def resolve(method, options: dict) -> list:
-    """Turn ``wrap``'s ``method`` argument and options into validated config objects."""
+    """Turn ``wrap``'s ``method`` argument and options into validated config objects.
+
+    An option goes to every named method that takes it; ``"name.option"`` (e.g. ``"fastv.keep"``)
+    to that method only, over a shared value."""
     items = list(method) if isinstance(method, (list, tuple)) else [method]
     if not items:
         raise ValueError("wrap() needs at least one method; registered methods: " + ", ".join(available()))
@@ -218,8 +221,9 @@ def resolve(method, options: dict) -> list:
             cls = get(item)
             names = {f.name for f in dataclasses.fields(cls) if f.init}
             mine = {k: v for k, v in options.items() if k in names}
-            used |= set(mine)
-            config = cls(**mine)
+            own = {k: v for k, v in options.items() if k.startswith(item + ".") and k[len(item) + 1:] in names}
+            used |= set(mine) | set(own)
+            config = cls(**{**mine, **{k[len(item) + 1:]: v for k, v in own.items()}})
         elif isinstance(item, Method):
             config = dataclasses.replace(item)
         else:

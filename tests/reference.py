@@ -7,6 +7,8 @@ positions it would have used anyway.  These helpers build that reference.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from vtprune.testing import IMAGE_TOKEN
@@ -188,3 +190,84 @@ class EagerReference:
         self.model.set_attn_implementation({"text_config": self.before})
         AttentionInterface._global_mapping.pop(self.name, None)
         AttentionMaskInterface._global_mapping.pop(self.name, None)
+
+
+class BiasedReference:
+    """The stock model fed the kept and summary tokens with a 4-D additive mask carrying size biases.
+
+    A stock forward is run once with a pre-hook on the language model that records its inputs
+    (embeddings, positions, Qwen3-VL's deepstack kwargs).  ``logits``/``greedy`` then run the stock
+    language model (eager) on those embeddings with the summary tokens' features replaced by
+    ``features`` ({(row, position): feature}), the dropped tokens masked out of every query's keys,
+    and ``log(size)`` added to the logits of each key in ``sizes`` ({(row, position): size}) for
+    every query — no vtprune code involved.
+    """
+
+    def __init__(self, model, inputs):
+        self.model = model
+        self.inputs = inputs
+        lm = model.model.language_model
+        seen = {}
+        handle = lm.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+        with torch.no_grad():
+            model(**inputs)
+        handle.remove()
+        self.embeds = seen["inputs_embeds"].clone()
+        self.extra = {k: seen[k] for k in ("visual_pos_masks", "deepstack_visual_embeds") if seen.get(k) is not None}
+
+    def _mask(self, drop, sizes, length):
+        batch = drop.shape[0]
+        pad = _pad_mask(self.inputs).bool()
+        pad = torch.cat([pad, torch.ones(batch, length - pad.shape[1], dtype=torch.bool)], 1)
+        gone = torch.cat([drop, torch.zeros(batch, length - drop.shape[1], dtype=torch.bool)], 1)
+        cols = pad & ~gone
+        allowed = torch.tril(torch.ones(length, length, dtype=torch.bool))[None] & cols[:, None, :]
+        allowed |= torch.eye(length, dtype=torch.bool)[None]  # padding and dropped rows see themselves
+        bias = torch.zeros(batch, length)
+        for (row, pos), size in sizes.items():
+            bias[row, pos] = math.log(size)
+        low = torch.finfo(torch.float32).min
+        return torch.where(allowed, bias[:, None, :].expand(-1, length, -1), low)[:, None]
+
+    def _run(self, embeds, mask, positions, extra):
+        lm = self.model.model.language_model
+        before = self.model.config.get_text_config()._attn_implementation
+        self.model.set_attn_implementation({"text_config": "eager"})
+        try:
+            with torch.no_grad():
+                hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False,
+                            **extra).last_hidden_state
+                return self.model.lm_head(hidden)
+        finally:
+            self.model.set_attn_implementation({"text_config": before})
+
+    def _embeds(self, features):
+        embeds = self.embeds.clone()
+        for (row, pos), feature in features.items():
+            embeds[row, pos] = feature.to(embeds.dtype)
+        return embeds
+
+    def logits(self, drop, sizes, features, for_generate=False):
+        embeds = self._embeds(features)
+        return self._run(embeds, self._mask(drop, sizes, embeds.shape[1]),
+                         positions(self.model, self.inputs, for_generate), self.extra)
+
+    def greedy(self, drop, sizes, features, steps: int = 6) -> torch.Tensor:
+        """Greedy tokens without a cache (the whole sequence re-run at each step), generate's positions."""
+        embeds = self._embeds(features)
+        pos = positions(self.model, self.inputs, for_generate=True)
+        if pos is None:
+            pad = _pad_mask(self.inputs)
+            pos = (pad.long().cumsum(-1) - 1).masked_fill(pad == 0, 1)
+        extra = dict(self.extra)
+        tokens = []
+        for _ in range(steps):
+            logits = self._run(embeds, self._mask(drop, sizes, embeds.shape[1]), pos, extra)
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(tok)
+            embeds = torch.cat([embeds, self.model.get_input_embeddings()(tok)], 1)
+            pos = torch.cat([pos, pos[..., -1:] + 1], -1)
+            if "visual_pos_masks" in extra:
+                vis = extra["visual_pos_masks"]
+                extra["visual_pos_masks"] = torch.cat([vis, torch.zeros_like(vis[:, :1])], 1)
+        return torch.cat(tokens, 1)

@@ -49,6 +49,18 @@ def allowed_keys(mask, q, kv, device):
     return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
 
+def additive_mask(mask, query, key):
+    """The routed mask as an additive float mask [B, 1|H, q, kv] in the query's dtype (0 = may attend,
+    the dtype's minimum = blocked); causal where SDPA passed none."""
+    b, _, q, _ = query.shape
+    kv = key.shape[2]
+    allowed = allowed_keys(mask, q, kv, query.device).expand(b, -1, q, kv)
+    if mask is not None and mask.dtype != torch.bool:
+        return mask[..., :kv].expand(b, -1, q, kv).to(query.dtype)
+    return torch.zeros(allowed.shape, device=query.device, dtype=query.dtype).masked_fill(
+        ~allowed, torch.finfo(query.dtype).min)
+
+
 def _unregister(name):
     """Take a registered attention function and mask builder out again (transformers has no public way)."""
     from transformers import AttentionInterface, AttentionMaskInterface

@@ -25,7 +25,7 @@ class Capture:
         self.inert = inert  # () -> bool: the wrap cannot change anything (videos may pass)
         self.installed = Installed()
         self.tower_layers = []
-        self.tower_cls, self.tower_keys, self.tower_selected = {}, [], None
+        self.tower_cls, self.tower_keys, self.tower_selected, self.tower_sizes = {}, [], None, None
         self.pending_mask = None
         self.pending = None
         self.last = None  # the last capture (re-used when the same features are scattered again)
@@ -70,15 +70,19 @@ class Capture:
             raise RuntimeError("vtprune: the projector input does not line up with the tower's tokens")
         # per projector token: the summed [CLS] attention and the mean key of the tower tokens it holds
         k = tokens_to_keep(self.selector.keep, features.shape[1])
-        merged, kept = self.selector.merge(cls[:, sources].sum(-1), keys[:, sources].mean(-2), features, k)
+        merged, kept, sizes = self.selector.merge(cls[:, sources].sum(-1), keys[:, sources].mean(-2), features, k)
         selected = torch.zeros_like(cls)
+        tower_sizes = torch.zeros_like(cls, dtype=torch.float32)
+        width = sources.shape[1]  # tower tokens per projector token: an LLM token sums them (tower_to_llm)
         for t, idx in enumerate(kept):
             selected[t, sources[idx].flatten()] = 1.0
+            tower_sizes[t, sources[idx].flatten()] = (sizes[t, idx].float() / width).repeat_interleave(width)
         self.tower_selected = selected
+        self.tower_sizes = tower_sizes
         return (merged, *args[1:])
 
     def _reset(self, args=None, kwargs=None):
-        self.tower_cls, self.tower_keys, self.tower_selected = {}, [], None
+        self.tower_cls, self.tower_keys, self.tower_selected, self.tower_sizes = {}, [], None, None
 
     def _after_features(self, args, kwargs, out):
         if isinstance(out, tuple) and not all(isinstance(t, torch.Tensor) for t in out):
@@ -87,6 +91,7 @@ class Capture:
         self.pending = self.adapter.capture(args, kwargs, out)
         self.pending["cls"] = {layer: torch.cat(parts) for layer, parts in self.tower_cls.items()}
         self.pending["selected"] = self.tower_selected
+        self.pending["sizes"] = self.tower_sizes
         self._reset()
 
     def _after_placeholder(self, args, kwargs, out):

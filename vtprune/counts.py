@@ -74,12 +74,16 @@ class Counts:
             samples = []
             for b in range(len(record.kept)):
                 imgs = [{"tokens_in": n, "tokens_out": k} for row, n, k in record.images if row == b]
+                if record.summaries is not None:  # tokens_out counts them; summary_tokens says how many
+                    for img, groups in zip(imgs, record.summaries[b]):
+                        img["summary_tokens"] = len(groups)
                 samples.append({"images": imgs, "tokens_in": sum(i["tokens_in"] for i in imgs),
                                 "tokens_out": sum(i["tokens_out"] for i in imgs)})
             out.update({
                 "samples": samples,
                 "visual_tokens_in": sum(s["tokens_in"] for s in samples),
                 "visual_tokens_out": sum(s["tokens_out"] for s in samples),
+                "summary_tokens_out": sum(i.get("summary_tokens", 0) for s in samples for i in s["images"]),
                 "llm_sequence_in": record.length,
                 "llm_sequence_out": record.llm_length,
                 "time_score_s": record.time_score_s,

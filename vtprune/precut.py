@@ -79,7 +79,10 @@ class PreCut:
         if four_d:
             mask = masks.apply(mask, functools.partial(self._cut_4d, state=state, cut=cut, q=q))
         kwargs.update(inputs_embeds=embeds, attention_mask=mask if four_d else full, position_ids=positions)
-        state.extend(batch, q, embeds.device, index, real)
+        bias = None
+        if cut is not None and self.forward.weights is not None:  # log(size) of the kept tokens (vtprune.bias)
+            bias = self.forward.weights.to(embeds.device).gather(1, index) * real
+        state.extend(batch, q, embeds.device, index, real, bias)
         state.mask = full
         call.cut, call.changed = cut, True
         if cut is not None:

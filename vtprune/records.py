@@ -92,5 +92,8 @@ class Forward:
     text_tokens: int = 0  # real text tokens of the call
     time_score_s: float = 0.0
     time_gather_s: float = 0.0
+    summaries: list | None = None  # per sample, per image: [(index, member indices)] of its summary tokens
+    sizes: list | None = None  # per sample, per image: tokens each kept token stands for (size-biased runs)
+    weights: torch.Tensor | None = None  # [B, length] log(size) per token of the call (size-biased runs)
     exit: Exit | None = None
     tower_layers: list = field(default_factory=list)  # the vision-tower layers the selector read

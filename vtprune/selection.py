@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from . import summary as summaries
 from .budget import tokens_to_keep
 from .methods import ScoreContext
 from .records import Forward
@@ -35,11 +36,20 @@ class Selection:
             kept = [torch.arange(img.layout.n) for img in images]
             record, _ = self._record(images, kept, batch, length, start, None)
             return None, record
-        scores, replacements, budgets = self._select(images, capture)
-        kept = [top_tokens(s, img.layout, k) for s, img, k in zip(scores, images, budgets)]
+        scores, replacements, kept, sizes, groups = self._select(images, capture)
         self.replacements = [(img.row, img.positions[idx], feats) for img, rep in zip(images, replacements)
                              if rep is not None for idx, feats in [rep]]
         record, drop = self._record(images, kept, batch, length, start, scores)
+        record.summaries = [[] for _ in range(batch)]
+        for img, group in zip(images, groups):
+            record.summaries[img.row].append([(pos, members) for pos, members, _ in group])
+        if self.selector.weighs and any(s is not None for s in sizes):
+            record.sizes = [[] for _ in range(batch)]
+            record.weights = torch.zeros(batch, length)
+            for img, keep, size in zip(images, kept, sizes):
+                size = size if size is not None else torch.ones(img.layout.n)
+                record.sizes[img.row].append(size[keep])
+                record.weights[img.row, img.positions[keep]] = size[keep].float().log()
         if not drop.any():
             return None, record
         if chunk_mask is not None:  # left padding goes too
@@ -52,10 +62,12 @@ class Selection:
         return (index, real), record
 
     def _select(self, images, capture):
-        """Scores, merged replacements and budgets of every image; a re-used capture re-uses its selection."""
+        """Per image: scores, merged replacements, kept indices, sizes (or None) and summary groups;
+        a re-used capture re-uses its selection."""
         if capture is not None and "selection" in capture:
             return capture["selection"]
-        ctx = ScoreContext(layouts=[img.layout for img in images], budgets=self._budgets(images),
+        budgets, wanted = zip(*[self._split(b) for b in self._budgets(images)]) if images else ((), ())
+        ctx = ScoreContext(layouts=[img.layout for img in images], budgets=list(budgets),
                            rows=[img.row for img in images], features=[img.features for img in images],
                            generator=self.generator)
         layers = self.capture.tower_layers
@@ -70,15 +82,65 @@ class Selection:
             if selected is None:
                 raise RuntimeError("vtprune: the projector ran without the merging hook firing")
             ctx.tower_selected = [(self.adapter.tower_to_llm(img, selected) > 0).float() for img in images]
+            sizes = (capture or {}).get("sizes")
+            if sizes is not None:
+                ctx.tower_sizes = [self.adapter.tower_to_llm(img, sizes) for img in images]
         scores = list(self.selector.score(ctx))
         first = {}
         for i, img in enumerate(images):  # copies of one image (an expanded batch) share its selection
             if img.features is not None:
                 scores[i] = scores[first.setdefault(id(img.features), i)]
-        selection = (scores, ctx.replacements, ctx.budgets)  # a method may set its own budgets (pool, visionzip)
+        # a method may set its own budgets (pool, visionzip)
+        kept = [top_tokens(s, img.layout, k) for s, img, k in zip(scores, images, ctx.budgets)]
+        groups = [[] for _ in images]
+        for i, img in enumerate(images):
+            kept[i], groups[i], ctx.sizes[i], rep = self._summarise(img, kept[i], wanted[i], ctx.sizes[i])
+            if rep is not None:
+                ctx.replacements[i] = rep
+        selection = (scores, ctx.replacements, kept, ctx.sizes, groups)
         if capture is not None:
             capture["selection"] = selection
         return selection
+
+    def _split(self, budget):
+        """(the selector's budget, summary tokens) of an image's (or each tile's) budget: at most budget - 1
+        summary tokens."""
+        s = self.selector.summary
+        if isinstance(budget, dict):
+            parts = {t: self._split(k) for t, k in budget.items()}
+            return {t: p[0] for t, p in parts.items()}, {t: p[1] for t, p in parts.items()}
+        n = min(s, max(budget - 1, 0))
+        return budget - n, n
+
+    def _summarise(self, img, keep, wanted, sizes):
+        """Add an image's summary tokens to its kept indices: ``(kept, groups, sizes, replacement or None)``;
+        with ``size_bias`` alone, the sizes of nearest-feature assignment."""
+        layout, sel = img.layout, self.selector
+        if not (sel.summary or (sel.size_bias and sizes is None)):
+            return keep, [], sizes, None
+        if img.features is None:
+            raise RuntimeError("vtprune: summary tokens need the image's features; the vision tower's run was not seen")
+        content = ~layout.newline
+        dropped = content.clone()
+        dropped[keep] = False
+        if not sel.summary:
+            kept_content = keep[content[keep]]
+            return keep, [], summaries.nearest_sizes(img.features, kept_content, dropped.nonzero().squeeze(1),
+                                                     layout.n), None
+        parts = [(dropped, wanted)] if not isinstance(wanted, dict) else \
+            [(dropped & (layout.tiles == t), k) for t, k in wanted.items()]
+        groups = []
+        for members, k in parts:
+            groups += summaries.summarise(img.features, layout, members.nonzero().squeeze(1), k,
+                                          sel.summary_group, sel.summary_feature)
+        sizes = torch.ones(layout.n)
+        for pos, members, _ in groups:
+            sizes[pos] = float(members.numel())
+        placed = torch.tensor([pos for pos, _, _ in groups], dtype=torch.long)
+        keep = torch.sort(torch.cat([keep, placed])).values
+        means = [(pos, feat) for pos, _, feat in groups if feat is not None]
+        rep = (torch.tensor([p for p, _ in means]), torch.stack([f for _, f in means])) if means else None
+        return keep, groups, sizes, rep
 
     def _budgets(self, images) -> list:
         if self.selector.scope == "tile":

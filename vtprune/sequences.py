@@ -25,6 +25,7 @@ class CacheState:
     slots: torch.Tensor | None = None  # [B, cache_len]: the original position each cache entry holds
     live: torch.Tensor | None = None  # [B, cache_len]: False on the padding slots of a cut
     tail: int = 0  # entries since the last cut (one per token): what a crop may take back
+    bias: torch.Tensor | None = None  # [B, cache_len]: log(size) of each entry's key (vtprune.bias), 0 for most
 
     def crop(self, length: int):
         """The cache was cut back to ``length`` entries, dropping only uncut tokens (its tail)."""
@@ -36,12 +37,20 @@ class CacheState:
             self.mask = self.mask[:, :length]
         if self.slots is not None:
             self.slots, self.live = self.slots[:, :length], self.live[:, :length]
+        if self.bias is not None:
+            self.bias = self.bias[:, :length]
 
-    def extend(self, batch: int, q: int, device, index=None, real=None):
-        """Account for a call of ``q`` new tokens of which the cache keeps ``index`` [B, L'] (all when None).
+    def extend(self, batch: int, q: int, device, index=None, real=None, bias=None):
+        """Account for a call of ``q`` new tokens of which the cache keeps ``index`` [B, L'] (all when None),
+        their keys biased by ``bias`` [B, L'] (None: 0).
 
         ``slots``/``live`` are tracked from the first cut on (before it, entry j holds position j)."""
         cut = index is not None
+        if bias is not None or self.bias is not None:
+            width = index.shape[1] if cut else q
+            old = self.bias if self.bias is not None else torch.zeros(batch, self.cache_len, device=device)
+            new = bias if bias is not None else torch.zeros(batch, width, device=device)
+            self.bias = torch.cat([old.to(device).expand(batch, -1), new.to(device, old.dtype)], 1)
         if cut and self.slots is None:
             self.slots = torch.arange(self.cache_len, device=device).expand(batch, -1)
             self.live = torch.ones(batch, self.cache_len, dtype=torch.bool, device=device)

@@ -5,7 +5,8 @@ output) -> output or None``, ``stats() -> dict`` and ``remove()``; for every lan
 session builds a ``Call`` (``vtprune.records``) and hands it to them in order:
 
 1. ``PreCut`` (``vtprune.precut``): the pre-LLM cut of selector methods, and the ``Forward`` record
-   of every call with images (``vtprune.record(model)``);
+   of every call with images (``vtprune.record(model)``); ``SizeBias`` (``vtprune.bias``) when the
+   selector weighs its kept tokens (``summary``, ``size_bias``);
 2. ``LayerExit`` (``vtprune.exit``): visual tokens leaving at a decoder layer (``llm``-stage methods);
 3. the attention runtime of ``vhr``, ``var`` or ``zerotuning``.
 
@@ -23,6 +24,7 @@ import dataclasses
 import torch
 
 from .attention import AttentionRoute
+from .bias import SizeBias
 from .capture import Capture
 from .counts import Counts
 from .exit import LayerExit
@@ -53,6 +55,8 @@ class Session:
         self.counts = Counts(model, adapter.language_model)
         self.capture = Capture(adapter, self.selector, lambda: self.inert)
         self.precut = PreCut(adapter, self.selector, self.capture)
+        self.bias = SizeBias(self.selector, len(layers), self.route, lambda: self.call) \
+            if self.selector is not None and self.selector.weighs else None
         self.layer_exit = LayerExit(model, adapter, self.layer_method, self.counts, self.route) \
             if self.layer_method else None
         self.attention = self.attn_method.runtime(model, layers, self.route) if self.attn_method else None
@@ -64,7 +68,7 @@ class Session:
 
     @property
     def runtimes(self) -> list:
-        return [r for r in (self.precut, self.layer_exit, self.attention) if r is not None]
+        return [r for r in (self.precut, self.bias, self.layer_exit, self.attention) if r is not None]
 
     @property
     def inert(self) -> bool:
@@ -182,6 +186,8 @@ class Session:
 
     def stats(self) -> dict:
         sections = self.layer_exit.stats() if self.layer_exit is not None else {}
+        if self.bias is not None:
+            sections["size_bias"] = self.bias.stats()
         if self.attention is not None:
             own = self.attention.stats()
             if own:

@@ -10,6 +10,7 @@ import torch
 
 from ..budget import check_keep
 from ..errors import NotApplicable
+from ..summary import FEATURES, GROUPS
 
 _REGISTRY: dict = {}
 
@@ -83,6 +84,9 @@ class ScoreContext:
 
     ``layouts[i]`` and ``budgets[i]`` describe the i-th image of the batch (row-major order);
     ``rows[i]`` is its sample; ``features[i]`` its visual tokens as fed to the LLM ([n, D]).
+    A merging method sets ``replacements[i] = (positions, features)`` (merged features that take
+    those tokens' places) and ``sizes[i]`` ([n]: how many of the image's tokens each kept token
+    stands for; ``vtprune.summary``).
     ``cls_attention[layer][i]`` is the post-softmax attention of the [CLS] query to the vision-tower
     tokens in tower layer ``layer``, averaged over heads and mapped onto image i's LLM tokens (summed
     over the tower tokens an LLM token merges; 0 for newlines) — for the layers the method asked for.
@@ -95,10 +99,13 @@ class ScoreContext:
     generator: torch.Generator
     cls_attention: dict = dataclasses.field(default_factory=dict)
     tower_selected: list = dataclasses.field(default_factory=list)
+    tower_sizes: list = dataclasses.field(default_factory=list)
     replacements: list = dataclasses.field(default_factory=list)
+    sizes: list = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         self.replacements = [None] * len(self.layouts)
+        self.sizes = [None] * len(self.layouts)  # per image: [n] tokens each kept token stands for (merging methods)
 
 
 @dataclass
@@ -112,12 +119,27 @@ class Selector(Method):
     """
 
     stage: ClassVar[str] = "select"
-    ranges: ClassVar[dict] = {"keep": "float in (0, 1]: fraction of each image's visual tokens; int >= 1: tokens "
-                                      "per image", "scope": "'image' (one budget per image) or 'tile' (per crop/tile)"}
+    ranges: ClassVar[dict] = {
+        "keep": "float in (0, 1]: fraction of each image's visual tokens; int >= 1: tokens per image (summary "
+                "tokens included)",
+        "scope": "'image' (one budget per image) or 'tile' (per crop/tile)",
+        "summary": "int >= 0: summary tokens per image (per tile with scope='tile') standing for the dropped tokens, "
+                   "weighted by log(group size) in attention; 0: none",
+        "summary_group": "'similarity' (k-means on features) or 'space' (a lattice of cells): how dropped tokens "
+                         "are grouped",
+        "summary_feature": "'mean' (at the medoid's place), 'medoid' or 'first': a summary token's feature",
+        "size_bias": "bool: weigh each kept token in attention by the tokens it stands for",
+        "bias_layers": "list of decoder layers that add the size bias; None: all ([]: none, an ablation)"}
     needs_cls: ClassVar[bool] = False  # reads ctx.cls_attention (the tower layers of ``tower_layers``)
     merges: ClassVar[bool] = False  # rewrites tower features before the projector (``merge``)
+    covers_all: ClassVar[bool] = False  # every dropped token is already merged into a kept one (pool, visionzip)
     keep: float = 0.25
     scope: str = "image"
+    summary: int = 0
+    summary_group: str = "similarity"
+    summary_feature: str = "mean"
+    size_bias: bool = False
+    bias_layers: list | None = None
 
     @property
     def inert(self) -> bool:  # every token kept as it is (merging methods rewrite features even then)
@@ -128,11 +150,29 @@ class Selector(Method):
         """Which tower score ``ctx.cls_attention`` holds: ``"cls"``, ``"received"`` or None (the family's default)."""
         return getattr(self, "source", None)
 
+    @property
+    def weighs(self) -> bool:
+        """Whether kept tokens carry a size bias in attention (``vtprune.bias``)."""
+        return (self.summary > 0 or self.size_bias) and self.bias_layers != []
+
     def validate(self):
         self.keep = check_keep(self.keep)
         if self.scope not in ("image", "tile"):
             raise ValueError(f"scope must be 'image' (one budget over all of an image's tokens) or 'tile' "
                              f"(each crop/tile its own share), got {self.scope!r}")
+        if isinstance(self.summary, bool) or not isinstance(self.summary, int) or self.summary < 0:
+            raise ValueError(f"{self.name} summary must be an int >= 0 (summary tokens per image), got {self.summary!r}")
+        if self.summary and self.covers_all:
+            raise ValueError(f"{self.name} merges every dropped token into a kept one already: summary tokens have "
+                             "nothing left to stand for; use size_bias=True to weigh its merged tokens by their size")
+        if self.summary_group not in GROUPS:
+            raise ValueError(f"summary_group must be one of {list(GROUPS)}, got {self.summary_group!r}")
+        if self.summary_feature not in FEATURES:
+            raise ValueError(f"summary_feature must be one of {list(FEATURES)}, got {self.summary_feature!r}")
+        if not isinstance(self.size_bias, bool):
+            raise TypeError(f"size_bias must be True or False, got {self.size_bias!r}")
+        if self.bias_layers is not None:
+            self.bias_layers = indices(self.bias_layers)
 
     def score(self, ctx: ScoreContext) -> list:
         """One 1-D score tensor per image (higher = keep)."""
@@ -245,6 +285,11 @@ def resolve(method, options: dict) -> list:
         chosen = [c.name for c in configs if c.stage == stage]
         if len(chosen) > 1:
             raise ValueError(f"only one {what} method can run at a time, got {chosen}")
+    weighing = [c.name for c in configs if c.stage == "select" and c.weighs]
+    others = [c.name for c in configs if c.stage == "llm" or (c.stage == "attention" and c.name != "zerotuning")]
+    if weighing and others:
+        raise ValueError(f"{weighing[0]} with summary tokens or size_bias does not compose with {others[0]} yet "
+                         "(the size bias follows the pre-LLM cut only; zerotuning composes)")
     exiting = [c for c in configs if c.stage == "llm"]
     blocked = [c.name for c in configs if c.stage == "attention" and not getattr(c, "composes_with_exit", False)]
     if exiting and blocked:

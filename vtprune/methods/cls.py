@@ -102,7 +102,8 @@ class VisionZip(Selector):
     Merging happens on the tower features before the projector.  Differences from VisionZip: the
     [CLS] token itself is not fed to the LLM (the stock HF models drop it), and a contextual token
     sits at its target's position instead of after the dominant tokens, so positions stay original.
-    An int ``keep`` counts tokens per tile.
+    An int ``keep`` counts tokens per tile.  With ``size_bias=True`` a contextual token weighs as many
+    tokens as it merged (its target included) in the LLM's attention.
     """
 
     paper: ClassVar[str] = "VisionZip: Yang et al., CVPR 2025, arXiv 2412.04467"
@@ -110,6 +111,7 @@ class VisionZip(Selector):
                                                   "tokens"}
     needs_cls: ClassVar[bool] = True
     merges: ClassVar[bool] = True
+    covers_all: ClassVar[bool] = True
     contextual_share: float = 0.15
 
     def validate(self):
@@ -127,10 +129,12 @@ class VisionZip(Selector):
 
     def merge(self, cls, keys, features, k: int):
         """Merge one batch of tiles: ``cls`` [tiles, T] [CLS] attention to the patches, ``keys`` [tiles, T, d],
-        ``features`` [tiles, T, C].  Returns the new features and, per tile, the kept patch indices."""
+        ``features`` [tiles, T, C].  Returns the new features, per tile the kept patch indices, and
+        sizes [tiles, T] (the patches each kept patch stands for: 1 + those merged into it)."""
         dominant, contextual = self.split(min(k, features.shape[1]))
         out = features.clone()
         kept = []
+        sizes = torch.ones(features.shape[:2], device=features.device)
         for t in range(features.shape[0]):
             top = torch.sort(cls[t], descending=True, stable=True).indices[:dominant]
             rest = torch.ones(features.shape[1], dtype=torch.bool, device=features.device)
@@ -148,11 +152,14 @@ class VisionZip(Selector):
                 sums.index_add_(0, assign, features[t, others].float())
                 counts = torch.bincount(assign, minlength=targets.numel()).clamp(min=1)[:, None]
                 out[t, targets] = (features[t, targets].float() + sums / counts).to(features.dtype)
+                sizes[t, targets] += torch.bincount(assign, minlength=targets.numel()).float()
                 chosen.append(targets)
             kept.append(torch.sort(torch.cat(chosen)).values)
-        return out, kept
+        return out, kept, sizes
 
     def score(self, ctx):
         for i, selected in enumerate(ctx.tower_selected):
             ctx.budgets[i] = int((selected > 0).sum())
+            if ctx.tower_sizes:
+                ctx.sizes[i] = torch.where(selected > 0, ctx.tower_sizes[i], torch.ones_like(selected))
         return ctx.tower_selected

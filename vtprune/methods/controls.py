@@ -46,8 +46,11 @@ class Pool(Selector):
     windows (the largest such grid with r*c <= its share, aspect kept; window edges as in
     ``adaptive_avg_pool2d``).  A window's mean feature enters the LLM at the position of the
     window's first token (its top-left cell); the other tokens of the window are dropped, so
-    positions stay original.  The realized count can be a little under ``keep``.
+    positions stay original.  The realized count can be a little under ``keep``.  With
+    ``size_bias=True`` a window's token weighs as many tokens as the window holds.
     """
+
+    covers_all: ClassVar[bool] = True
 
     @property
     def inert(self) -> bool:  # the windows' means replace the features
@@ -63,6 +66,9 @@ class Pool(Selector):
             ctx.budgets[i] = anchors.numel()
             s = torch.zeros(layout.n)
             s[anchors] = 1.0
+            ctx.sizes[i] = torch.ones(layout.n)
+            if anchors.numel():
+                ctx.sizes[i][anchors] = torch.tensor([float(m.numel()) for m in members])
             scores.append(s)
         return scores
 

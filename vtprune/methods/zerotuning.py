@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from ..attention import allowed_keys, pick_layers, text_config
+from ..attention import additive_mask, allowed_keys, pick_layers, text_config
 from ..errors import NotApplicable
 from .base import Method, indices, register
 
@@ -91,12 +91,8 @@ class SinkScaling:
         b, h, q, _ = query.shape
         kv = key.shape[2]
         device, dtype = query.device, query.dtype
-        low = torch.finfo(dtype).min
         allowed = allowed_keys(mask, q, kv, device).expand(b, -1, q, kv)
-        if mask is not None and mask.dtype != torch.bool:
-            base = mask[..., :kv].expand(b, -1, q, kv).to(dtype)
-        else:  # bool, or None (SDPA's causal fast path)
-            base = torch.zeros(allowed.shape, device=device, dtype=dtype).masked_fill(~allowed, low)
+        base = additive_mask(mask, query, key)
         first = allowed[:, 0, -1].float().argmax(-1)  # each row's first real token (after left padding)
         column = torch.zeros(b, 1, 1, kv, device=device, dtype=torch.bool)
         column[torch.arange(b, device=device), 0, 0, first] = True

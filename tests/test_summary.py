@@ -1,0 +1,201 @@
+"""Summary tokens and the size bias (``summary=``, ``size_bias=``) against an independent reference:
+the stock language model (eager) fed the kept tokens and the summary tokens' features, with a 4-D
+additive mask that masks the dropped tokens and adds log(size) to each weighted key's logit."""
+
+import math
+
+import pytest
+import torch
+from reference import BiasedReference, drop_mask, image_runs
+
+import vtprune
+from vtprune.errors import NotApplicable
+from vtprune.testing import FAMILIES, tiny_inputs, tiny_model
+
+ATOL = 1e-5
+
+
+def _model(family, seed=0):
+    model = tiny_model(family, seed=seed)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def _expected(inputs, record, ref, feature="mean"):
+    """(drop, sizes, features) of the reference from the wrapped model's record: which tokens it kept,
+    the groups its summary tokens stand for, the sizes it gave; the features are computed here."""
+    drop = drop_mask(inputs["input_ids"], record.kept)
+    sizes, features = {}, {}
+    for b, runs in enumerate(image_runs(inputs["input_ids"])):
+        for i, run in enumerate(runs):
+            if record.sizes is not None:
+                for idx, size in zip(record.kept[b][i].tolist(), record.sizes[b][i].tolist()):
+                    if size != 1:
+                        sizes[(b, int(run[idx]))] = size
+            for pos, members in record.summaries[b][i]:
+                assert pos in members.tolist() and pos in record.kept[b][i].tolist()
+                assert sizes.get((b, int(run[pos])), members.numel()) == members.numel()
+                if feature == "mean":
+                    features[(b, int(run[pos]))] = ref.embeds[b, run[members]].mean(0)
+            if feature == "pool":  # LLaVA's 4 x 4 grid pooled to 2 x 2 windows at their top-left cells
+                grid = ref.embeds[b, run].T.reshape(1, -1, 4, 4)
+                pooled = torch.nn.functional.adaptive_avg_pool2d(grid, (2, 2))[0].reshape(grid.shape[1], -1).T
+                for cell, pos in enumerate((0, 2, 8, 10)):
+                    features[(b, int(run[pos]))] = pooled[cell]
+    return drop, sizes, features
+
+
+def _run(model, inputs, method, steps=6, **options):
+    vtprune.wrap(model, method, **options)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        record = vtprune.record(model)
+        stats = vtprune.stats(model)
+        tokens = model.generate(**inputs, max_new_tokens=steps, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+        generated = vtprune.record(model)
+    vtprune.unwrap(model)
+    return logits, record, stats, tokens, generated
+
+
+def _merged_embeds(model, inputs, method, options):
+    """The language model's full-length input of a run without the bias (VisionZip merges before the
+    projector: the stock model never sees those features)."""
+    seen = {}
+    handle = model.model.language_model.register_forward_pre_hook(  # runs before the wrap's own hook
+        lambda m, a, k: seen.update(embeds=k["inputs_embeds"].clone()), with_kwargs=True)
+    with vtprune.wrapped(model, method, **{k: v for k, v in options.items() if k != "size_bias"}):
+        with torch.no_grad():
+            model(**inputs)
+    handle.remove()
+    return seen["embeds"]
+
+
+def _check(model, inputs, method, feature="mean", **options):
+    ref = BiasedReference(model, inputs)
+    if method == "visionzip":
+        ref.embeds = _merged_embeds(model, inputs, method, options)
+    logits, record, stats, tokens, generated = _run(model, inputs, method, **options)
+    drop, sizes, features = _expected(inputs, record, ref, feature)
+    assert sizes, "the run weighed no token"
+    torch.testing.assert_close(logits[:, -1], ref.logits(drop, sizes, features)[:, -1], atol=ATOL, rtol=0)
+    drop, sizes, features = _expected(inputs, generated, ref, feature)
+    assert torch.equal(tokens, ref.greedy(drop, sizes, features))
+    return record, stats
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("rows,with_mask", [((1,), False), ((1, 2), True)])
+def test_summary_equals_biased_reference(family, rows, with_mask):
+    model = _model(family)
+    inputs = tiny_inputs(model, family, images_per_row=rows, with_mask=with_mask)
+    record, stats = _check(model, inputs, "fastervlm", keep=0.5, summary=1)
+    assert stats["summary_tokens_out"] == sum(rows) > 0
+    assert stats["size_bias"]["biased_calls"] >= 1
+    for b, images in enumerate(record.summaries):
+        for groups, kept, img in zip(images, record.kept[b], [i for i in stats["samples"][b]["images"]]):
+            assert len(groups) == img["summary_tokens"] == 1
+            assert kept.numel() == img["tokens_out"]
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_5_vl"])
+@pytest.mark.parametrize("options", [
+    {"summary": 2, "summary_group": "space", "summary_feature": "medoid"},
+    {"summary": 3, "summary_feature": "first"},
+    {"summary": 2, "scope": "tile"},
+])
+def test_summary_variants_equal_biased_reference(family, options):
+    model = _model(family, seed=1)
+    inputs = tiny_inputs(model, family, images_per_row=(1, 2))
+    record, _ = _check(model, inputs, "random", keep=0.5, seed=2, feature=options.get("summary_feature", "mean"),
+                       **options)
+    counts = [len(g) for row in record.summaries for g in row]
+    assert max(counts) > 1 and max(counts) <= options["summary"] * (5 if options.get("scope") == "tile" else 1)
+
+
+@pytest.mark.parametrize("family,method", [("llava", "uniform"), ("internvl", "divprune"), ("llava", "pool"),
+                                           ("llava", "visionzip"), ("internvl", "visionzip")])
+def test_size_bias_equals_biased_reference(family, method):
+    """size_bias without summary tokens: pool windows, VisionZip's contextual tokens, nearest-feature
+    assignment of the dropped tokens for the other selectors."""
+    model = _model(family)
+    inputs = tiny_inputs(model, family, images_per_row=(1, 2))
+    keep, feature = (4, "pool") if method == "pool" else (0.5, None)
+    record, _ = _check(model, inputs, method, keep=keep, size_bias=True, feature=feature)
+    n_in = sum(n for _, n, _ in record.images)
+    weight = sum(float(s.sum()) for row in record.sizes for s in row)
+    if method in ("pool", "uniform", "divprune"):  # every token of the image is stood for exactly once
+        assert weight == n_in
+    else:
+        assert n_in / 2 < weight <= n_in
+
+
+def test_summary_without_bias_and_summary_zero():
+    """``bias_layers=[]`` (a summary token without the bias) is the plain masked reference with the
+    summary features; ``summary=0`` is today's pruning bit for bit, without routing the attention."""
+    model = _model("llava")
+    inputs = tiny_inputs(model, "llava", images_per_row=(1, 2))
+    ref = BiasedReference(model, inputs)
+    logits, record, stats, _, _ = _run(model, inputs, "fastervlm", keep=0.5, summary=2, bias_layers=[])
+    drop, sizes, features = _expected(inputs, record, ref)
+    assert record.sizes is None and sizes == {} and len(features) == 6 and "size_bias" not in stats
+    torch.testing.assert_close(logits[:, -1], ref.logits(drop, {}, features)[:, -1], atol=ATOL, rtol=0)
+    plain = _run(model, inputs, "fastervlm", keep=0.5)
+    with vtprune.wrapped(model, "fastervlm", keep=0.5, summary=0, size_bias=False):
+        assert model.config.get_text_config()._attn_implementation == "sdpa"
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, plain[0])
+
+
+def test_bias_decodes_with_static_cache_and_stays_in_the_cache():
+    model = _model("llava")
+    inputs = tiny_inputs(model, "llava", images_per_row=(1, 2))
+    with vtprune.wrapped(model, "fastervlm", keep=0.25, summary=1):
+        with torch.no_grad():
+            dynamic = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+            static = model.generate(**inputs, max_new_tokens=5, do_sample=False, cache_implementation="static")
+            out = model(**inputs, use_cache=True)
+            state = vtprune.api._session(model).sequences.get(out.past_key_values)
+    assert torch.equal(dynamic, static)
+    assert state.bias.shape == (2, out.past_key_values.get_seq_length())
+    assert math.isclose(float(state.bias.max()), math.log(13), rel_tol=1e-6)  # of 16 tokens 3 kept, 13 in the group
+
+
+def test_summary_composes_with_zerotuning_and_sizes_the_budget():
+    model = _model("qwen2_vl")
+    inputs = tiny_inputs(model, "qwen2_vl", images_per_row=(1,))
+    with vtprune.wrapped(model, ["fastervlm", "zerotuning"], keep=4, summary=1, gamma=0.5):
+        with torch.no_grad():
+            model(**inputs)
+        stats = vtprune.stats(model)
+    image = stats["samples"][0]["images"][0]
+    assert image["tokens_out"] == 4 and image["summary_tokens"] == 1
+    with vtprune.wrapped(model, "random", keep=1, summary=1):  # a budget of 1 leaves no room for a summary
+        with torch.no_grad():
+            model(**inputs)
+        assert vtprune.stats(model)["summary_tokens_out"] == 0
+
+
+def test_summary_errors_leave_the_model_as_it_was():
+    model = _model("llava")
+    cases = [
+        (("pool",), {"summary": 1}, ValueError, "size_bias"),
+        (("visionzip",), {"summary": 2}, ValueError, "nothing left"),
+        (("fastervlm",), {"summary": -1}, ValueError, "summary must be an int"),
+        (("fastervlm",), {"summary": 1.5}, ValueError, "summary must be an int"),
+        (("random",), {"summary": 1, "summary_group": "kmeans"}, ValueError, "summary_group"),
+        (("random",), {"summary": 1, "summary_feature": "max"}, ValueError, "summary_feature"),
+        (("random",), {"size_bias": "yes"}, TypeError, "size_bias"),
+        ((["fastervlm", "fastv"],), {"summary": 1}, ValueError, "does not compose with fastv"),
+        ((["random", "vhr"],), {"size_bias": True}, ValueError, "does not compose with vhr"),
+        (("random",), {"summary": 1, "bias_layers": [7]}, NotApplicable, "layers"),
+    ]
+    for args, options, error, words in cases:
+        with pytest.raises(error, match=words):
+            vtprune.wrap(model, *args, **options)
+        assert not vtprune.is_wrapped(model)
+        assert model.config.get_text_config()._attn_implementation == "sdpa"
+    model.config.get_text_config()._attn_implementation = "flash_attention_2"  # never runs: wrap refuses first
+    with pytest.raises(NotApplicable, match="flash"):
+        vtprune.wrap(model, "random", summary=1)
+    assert not vtprune.is_wrapped(model)

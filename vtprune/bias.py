@@ -1,0 +1,62 @@
+"""The size bias: a kept visual token that stands for ``size`` tokens weighs as ``size`` copies of itself.
+
+Selectors with ``summary > 0`` or ``size_bias=True`` (``vtprune.summary``) give each kept token a
+size; the pre-LLM cut stores ``log(size)`` per cache entry (``CacheState.bias``: the key lives in
+the KV cache, so decode steps see it too).  This runtime adds that column bias to the attention
+logits of every query in the chosen decoder layers (``bias_layers``; default all) through the
+wrap's attention route: the routed mask becomes an additive float mask (SDPA and eager take it;
+flash attention takes no float mask, so ``wrap`` raises there).  A call whose cache holds no
+biased key runs untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from .attention import additive_mask, allowed_keys, pick_layers
+from .errors import NotApplicable
+
+
+class SizeBias:
+    def __init__(self, selector, n_layers: int, route, current):
+        self.selector = selector
+        self.route = route
+        self.current = current  # () -> the Call running now (None outside a language-model call)
+        self.layer_ids = pick_layers(f"{selector.name} bias", selector.bias_layers, lambda n: list(range(n)), n_layers)
+        if "flash" in route.original:
+            raise NotApplicable(f"{selector.name} summary/size_bias adds a bias to the attention mask, which flash "
+                                "attention does not take; load the model with attn_implementation='sdpa' or 'eager'")
+        self.biased_calls = 0
+
+    def install(self) -> list:
+        for j in self.layer_ids:
+            self.route.mask(j, functools.partial(self._bias, j))
+        return []
+
+    def remove(self):
+        pass
+
+    def begin_call(self, call):
+        if call.state.bias is not None:
+            self.biased_calls += 1
+
+    def end_call(self, call, output):
+        return None
+
+    def stats(self) -> dict:
+        return {"layers": list(self.layer_ids), "biased_calls": self.biased_calls}
+
+    def _bias(self, layer, module, query, key, mask):
+        call = self.current()
+        bias = call.state.bias if call is not None else None
+        if bias is None:
+            return mask
+        b, _, q, _ = query.shape
+        kv = key.shape[2]
+        if bias.shape[1] > kv or bias.shape[0] not in (1, b):
+            raise RuntimeError(f"vtprune: layer {layer} attends to {kv} keys of {b} rows; the size bias covers "
+                               f"{bias.shape[1]} of {bias.shape[0]}")
+        columns = query.new_zeros(b, kv)
+        columns[:, :bias.shape[1]] = bias.to(query.dtype)
+        allowed = allowed_keys(mask, q, kv, query.device)
+        return additive_mask(mask, query, key) + columns[:, None, None, :] * allowed

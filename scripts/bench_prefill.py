@@ -36,6 +36,7 @@ import time
 import torch
 
 import vtprune
+from vtprune.spec import parse_spec, split_specs
 
 SHAPES = {
     "llava-1.5-7b": "llava",
@@ -243,11 +244,12 @@ def method_options(method, keep, n_layers):
     layer the cut model has) and whether it works inside the LLM."""
     if method == "none":
         return "random", {"keep": 1.0}, False
-    options = {} if method == "exit" else {"keep": keep}
-    in_llm = vtprune.methods.get(method).stage == "llm"
+    names, extra = parse_spec(method)  # a spec: fastervlm:summary=4;size_bias=true
+    options = {**extra} if names == ["exit"] else {"keep": keep, **extra}
+    in_llm = any(vtprune.methods.get(n).stage == "llm" for n in names)
     if in_llm:
-        options["layer"] = min(2, max(1, n_layers // 2))
-    return method, options, in_llm
+        options.setdefault("layer", min(2, max(1, n_layers // 2)))
+    return names, options, in_llm
 
 
 def run(args):
@@ -395,7 +397,7 @@ def main(argv=None):
         args.models, args.keep, args.repeats, args.llm_layers = "llava-1.5-7b", "1.0,0.1", 2, 1
         args.methods, args.vision_layers, args.decode_tokens = "fastervlm", 1, 0
     args.models = args.models.split(",")
-    args.methods = args.methods.split(",")
+    args.methods = split_specs(args.methods)
     args.keep = [float(k) for k in args.keep.split(",")]
     rows = run(args)
     md = table(rows)

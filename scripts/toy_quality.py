@@ -21,7 +21,7 @@ import torch
 
 import vtprune
 from vtprune import toy
-from vtprune.spec import parse_spec
+from vtprune.spec import parse_spec, split_specs
 
 
 def run(methods, keeps, n, seeds, batch_size):
@@ -158,7 +158,7 @@ def main():
         print(spec_table(rows))
     else:
         keeps = [float(k) if "." in k else int(k) for k in args.keep.split(",")]
-        rows = run(args.methods.split(","), keeps, args.n, args.seeds, args.batch_size)
+        rows = run(split_specs(args.methods), keeps, args.n, args.seeds, args.batch_size)
         print(table(rows))
     if args.json:
         with open(args.json, "w") as f:

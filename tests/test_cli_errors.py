@@ -161,3 +161,17 @@ def test_per_method_options_in_one_spec(capsys, no_model):
                                                  ("uniform+fastv:layer=1", 0.5), ("uniform+fastv:layer=1", 0.1)]
     assert main(["eval", "--methods", "uniform:keep=0.25+fastv:layr=1"]) == 2
     assert "option 'layr' is not accepted by fastv (did you mean 'layer'?)" in capsys.readouterr().err
+
+
+def test_list_values_in_specs(capsys, no_model):
+    """``bias_layers=[0,1]``: a list value; the commas inside brackets do not split the method list."""
+    from vtprune.spec import parse_spec, split_specs
+
+    assert split_specs("random, fastervlm:summary=4;bias_layers=[0,1],pool") == \
+        ["random", "fastervlm:summary=4;bias_layers=[0,1]", "pool"]
+    assert parse_spec("fastervlm:bias_layers=[0,1];summary=2") == (["fastervlm"], {"bias_layers": [0, 1], "summary": 2})
+    assert parse_spec("fastervlm:bias_layers=[]") == (["fastervlm"], {"bias_layers": []})
+    assert main(["eval", "--methods", "random,fastervlm:summary=4;summary_group=kmeans"]) == 2
+    assert "summary_group must be one of" in capsys.readouterr().err
+    assert main(["eval", "--methods", "pool:summary=1"]) == 2
+    assert "use size_bias=True" in capsys.readouterr().err

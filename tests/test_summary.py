@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from reference import BiasedReference, drop_mask, image_runs
+from reference import BiasedReference, LayerMasked, drop_mask, image_runs
 
 import vtprune
 from vtprune.errors import NotApplicable
@@ -15,14 +15,14 @@ from vtprune.testing import FAMILIES, tiny_inputs, tiny_model
 ATOL = 1e-5
 
 
-def _model(family, seed=0):
-    model = tiny_model(family, seed=seed)
+def _model(family, seed=0, attn="sdpa"):
+    model = tiny_model(family, seed=seed, attn_implementation=attn)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
 
 
-def _expected(inputs, record, ref, feature="mean"):
+def _expected(inputs, record, ref, feature="mean", joins=False):
     """(drop, sizes, features) of the reference from the wrapped model's record: which tokens it kept,
     the groups its summary tokens stand for, the sizes it gave; the features are computed here."""
     drop = drop_mask(inputs["input_ids"], record.kept)
@@ -35,7 +35,8 @@ def _expected(inputs, record, ref, feature="mean"):
                         sizes[(b, int(run[idx]))] = size
             for pos, members in record.summaries[b][i]:
                 assert pos in members.tolist() and pos in record.kept[b][i].tolist()
-                assert sizes.get((b, int(run[pos])), members.numel()) == members.numel()
+                if not joins:  # with size_bias, dropped tokens join the nearest kept or summary token instead
+                    assert sizes.get((b, int(run[pos])), members.numel()) == members.numel()
                 if feature == "mean":
                     features[(b, int(run[pos]))] = ref.embeds[b, run[members]].mean(0)
             if feature == "pool":  # LLaVA's 4 x 4 grid pooled to 2 x 2 windows at their top-left cells
@@ -76,10 +77,11 @@ def _check(model, inputs, method, feature="mean", **options):
     if method == "visionzip":
         ref.embeds = _merged_embeds(model, inputs, method, options)
     logits, record, stats, tokens, generated = _run(model, inputs, method, **options)
-    drop, sizes, features = _expected(inputs, record, ref, feature)
+    joins = bool(options.get("summary")) and options.get("size_bias", False)
+    drop, sizes, features = _expected(inputs, record, ref, feature, joins)
     assert sizes, "the run weighed no token"
     torch.testing.assert_close(logits[:, -1], ref.logits(drop, sizes, features)[:, -1], atol=ATOL, rtol=0)
-    drop, sizes, features = _expected(inputs, generated, ref, feature)
+    drop, sizes, features = _expected(inputs, generated, ref, feature, joins)
     assert torch.equal(tokens, ref.greedy(drop, sizes, features))
     return record, stats
 
@@ -98,11 +100,20 @@ def test_summary_equals_biased_reference(family, rows, with_mask):
             assert kept.numel() == img["tokens_out"]
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen3_vl"])
+def test_summary_on_eager_attention(family):
+    model = _model(family, attn="eager")
+    inputs = tiny_inputs(model, family, images_per_row=(1, 2))
+    _, stats = _check(model, inputs, "divprune", keep=0.5, summary=2, size_bias=True)
+    assert stats["summary_tokens_out"] == 6
+
+
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_5_vl"])
 @pytest.mark.parametrize("options", [
     {"summary": 2, "summary_group": "space", "summary_feature": "medoid"},
     {"summary": 3, "summary_feature": "first"},
     {"summary": 2, "scope": "tile"},
+    {"summary": 2, "size_bias": True},
 ])
 def test_summary_variants_equal_biased_reference(family, options):
     model = _model(family, seed=1)
@@ -140,6 +151,12 @@ def test_summary_without_bias_and_summary_zero():
     drop, sizes, features = _expected(inputs, record, ref)
     assert record.sizes is None and sizes == {} and len(features) == 6 and "size_bias" not in stats
     torch.testing.assert_close(logits[:, -1], ref.logits(drop, {}, features)[:, -1], atol=ATOL, rtol=0)
+    with torch.no_grad():
+        stock = model(**inputs).logits
+    with vtprune.wrapped(model, "fastervlm", keep=1.0, summary=2, size_bias=True):  # nothing dropped: drop-in
+        assert model.config.get_text_config()._attn_implementation == "sdpa"
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, stock)
     plain = _run(model, inputs, "fastervlm", keep=0.5)
     with vtprune.wrapped(model, "fastervlm", keep=0.5, summary=0, size_bias=False):
         assert model.config.get_text_config()._attn_implementation == "sdpa"
@@ -176,6 +193,34 @@ def test_summary_composes_with_zerotuning_and_sizes_the_budget():
         assert vtprune.stats(model)["summary_tokens_out"] == 0
 
 
+def _exit_drop(record, shape):
+    """The tokens the in-LLM exit took out, over the original sequence."""
+    drop = torch.zeros(shape, dtype=torch.bool)
+    index, real = record.cut
+    for b in range(shape[0]):
+        drop[b, index[b][real[b] & record.exit.drop[b].cpu()]] = True
+    return drop
+
+
+@pytest.mark.parametrize("family", ["llava", "internvl", "qwen2_vl", "qwen3_vl"])
+def test_size_bias_follows_an_in_llm_exit(family):
+    """``fastervlm`` with summary tokens, then ``fastv`` at layer 1: layers >= 1 hold fewer keys; their biases
+    follow that cut (reference: the biased stock model with the exit's tokens masked from layer 1 on)."""
+    model = _model(family)
+    inputs = tiny_inputs(model, family, images_per_row=(1, 2))
+    ref = BiasedReference(model, inputs)
+    options = {"keep": 0.5, "summary": 2, "size_bias": True, "fastv.layer": 1, "fastv.keep": 0.5}
+    logits, record, stats, tokens, generated = _run(model, inputs, ["fastervlm", "fastv"], **options)
+    assert stats["exit"]["layer"] == 1 and min(stats["exit"]["visual_tokens_dropped"]) > 0
+    drop, sizes, features = _expected(inputs, record, ref, joins=True)
+    with LayerMasked(model, 1, _exit_drop(record, drop.shape)):
+        expected = ref.logits(drop, sizes, features)
+    torch.testing.assert_close(logits[:, -1], expected[:, -1], atol=ATOL, rtol=0)
+    drop, sizes, features = _expected(inputs, generated, ref, joins=True)
+    with LayerMasked(model, 1, _exit_drop(generated, drop.shape)):
+        assert torch.equal(tokens, ref.greedy(drop, sizes, features))
+
+
 def test_summary_errors_leave_the_model_as_it_was():
     model = _model("llava")
     cases = [
@@ -186,7 +231,6 @@ def test_summary_errors_leave_the_model_as_it_was():
         (("random",), {"summary": 1, "summary_group": "kmeans"}, ValueError, "summary_group"),
         (("random",), {"summary": 1, "summary_feature": "max"}, ValueError, "summary_feature"),
         (("random",), {"size_bias": "yes"}, TypeError, "size_bias"),
-        ((["fastervlm", "fastv"],), {"summary": 1}, ValueError, "does not compose with fastv"),
         ((["random", "vhr"],), {"size_bias": True}, ValueError, "does not compose with vhr"),
         (("random",), {"summary": 1, "bias_layers": [7]}, NotApplicable, "layers"),
     ]

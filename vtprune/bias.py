@@ -6,22 +6,26 @@ the KV cache, so decode steps see it too).  This runtime adds that column bias t
 logits of every query in the chosen decoder layers (``bias_layers``; default all) through the
 wrap's attention route: the routed mask becomes an additive float mask (SDPA and eager take it;
 flash attention takes no float mask, so ``wrap`` raises there).  A call whose cache holds no
-biased key runs untouched.
+biased key runs untouched.  Past an in-LLM exit (``vtprune.exit``) a layer's keys are the kept
+tokens only: the biases follow that cut.
 """
 
 from __future__ import annotations
 
 import functools
 
+import torch
+
 from .attention import additive_mask, allowed_keys, pick_layers
 from .errors import NotApplicable
 
 
 class SizeBias:
-    def __init__(self, selector, n_layers: int, route, current):
+    def __init__(self, selector, n_layers: int, route, current, exit_plan=lambda layer: None):
         self.selector = selector
         self.route = route
         self.current = current  # () -> the Call running now (None outside a language-model call)
+        self.exit_plan = exit_plan  # layer -> the in-LLM exit's cut where it applies to that layer's keys
         self.layer_ids = pick_layers(f"{selector.name} bias", selector.bias_layers, lambda n: list(range(n)), n_layers)
         if "flash" in route.original:
             raise NotApplicable(f"{selector.name} summary/size_bias adds a bias to the attention mask, which flash "
@@ -51,6 +55,12 @@ class SizeBias:
         bias = call.state.bias if call is not None else None
         if bias is None:
             return mask
+        plan = self.exit_plan(layer)
+        if plan is not None:  # past an in-LLM exit the layer's cache holds the kept prefill tokens only
+            length, index, real = plan["length"], plan["index"], plan["real"]
+            bias = bias.to(index.device)
+            bias = torch.cat([bias[:, :length].expand(index.shape[0], -1).gather(1, index) * real, bias[:, length:]
+                              .expand(index.shape[0], -1)], 1)
         b, _, q, _ = query.shape
         kv = key.shape[2]
         if bias.shape[1] > kv or bias.shape[0] not in (1, b):

@@ -260,10 +260,11 @@ def _needs(module: str, extra: str, why: str):
 
 def _check_eval(args):
     from vtprune.eval.sweep import TOY_TASK
+    from vtprune.spec import split_specs
 
     _positive(args, "limit", "seeds", "batch_size", "num_processes")
     args.keeps = _check_keeps(args.keep)
-    args.specs = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.specs = split_specs(args.methods)
     if not args.specs:
         raise UsageError("--methods is empty; e.g. --methods random,fastervlm")
     for spec in args.specs:

@@ -149,6 +149,11 @@ class LayerExit:
         if bool((self.exit_at <= j).all()):
             self.compact_from = j + 1
 
+    def plan_for(self, layer: int):
+        """The current sequence's cut where it applies to ``layer``'s keys (None before the exit layer)."""
+        plan = self.plan
+        return plan if plan is not None and layer >= plan["k"] else None
+
     def _pre_layer(self, i, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         if self.visual is not None and self.plan is None and self.method.compact_here(self, i):

@@ -137,6 +137,15 @@ class Selection:
         for pos, members, _ in groups:
             sizes[pos] = float(members.numel())
         placed = torch.tensor([pos for pos, _, _ in groups], dtype=torch.long)
+        if sel.size_bias and groups:  # every dropped token joins the kept or summary token closest to it
+            feats = img.features.float().clone()
+            for pos, _, feat in groups:
+                if feat is not None:
+                    feats[pos] = feat
+            stand = torch.cat([keep[content[keep]], placed])
+            rest = dropped.clone()
+            rest[placed] = False
+            sizes = summaries.nearest_sizes(feats, stand, rest.nonzero().squeeze(1), layout.n)
         keep = torch.sort(torch.cat([keep, placed])).values
         means = [(pos, feat) for pos, _, feat in groups if feat is not None]
         rep = (torch.tensor([p for p, _ in means]), torch.stack([f for _, f in means])) if means else None

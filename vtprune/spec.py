@@ -4,7 +4,7 @@ A spec is ``name[+name...][:option=value;...]`` — ``fastervlm``, ``fastervlm:s
 ``fastervlm+vhr:alpha=2`` (options after the last name go to every method that takes them) — or,
 with options after other names too, per method: ``fastervlm:keep=0.25+fastv:layer=2;keep=0.5``
 (each segment's options are that method's: ``fastv.keep`` in ``wrap``'s terms).  Values are ints,
-floats, ``true``/``false``/``none`` or strings.
+floats, ``true``/``false``/``none``, lists in brackets (``bias_layers=[0,1]``) or strings.
 ``check`` validates names, options and values (every budget included) the way ``wrap`` will, so a
 command line can fail in one line before it loads a model.
 """
@@ -16,7 +16,23 @@ import difflib
 import inspect
 
 
+def split_specs(text: str) -> list:
+    """A comma-separated list of specs, commas inside ``[...]`` (list values) kept:
+    ``"random,fastervlm:bias_layers=[0,1]"`` -> ``["random", "fastervlm:bias_layers=[0,1]"]``."""
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            out.append(text[start:i])
+            start = i + 1
+    out.append(text[start:])
+    return [s.strip() for s in out if s.strip()]
+
+
 def parse_value(text: str):
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):  # a list: [0,1], []
+        return [parse_value(t) for t in text[1:-1].split(",") if t.strip()]
     for cast in (int, float):
         try:
             return cast(text)

@@ -5,7 +5,9 @@ dropped are split into k groups, and each group enters the LLM as one token at t
 position of one of its members.  ``size`` is how many of the image's tokens a kept token stands
 for (a summary token: its group; a ``pool`` window: its cells; a VisionZip contextual token: its
 target and the tokens merged into it; with ``size_bias=True`` on other selectors: itself and the
-dropped tokens whose features are closest to it).  The attention runtime (``vtprune.bias``) adds
+dropped tokens whose features are closest to it; with both ``summary`` and ``size_bias``, every
+dropped token joins the kept or summary token whose feature is closest to it, so kept tokens
+also stand for the dropped parts of their objects).  The attention runtime (``vtprune.bias``) adds
 ``log(size)`` to that key's logit for every query, so that the softmax weighs the token as
 ``size`` copies of itself (proportional attention, Bolya et al. 2023, ToMe).
 

@@ -128,7 +128,8 @@ class Selector(Method):
         "summary_group": "'similarity' (k-means on features) or 'space' (a lattice of cells): how dropped tokens "
                          "are grouped",
         "summary_feature": "'mean' (at the medoid's place), 'medoid' or 'first': a summary token's feature",
-        "size_bias": "bool: weigh each kept token in attention by the tokens it stands for",
+        "size_bias": "bool: weigh each kept token in attention by the tokens it stands for (pool windows, VisionZip "
+                     "contextual tokens; otherwise the dropped tokens closest in feature join it)",
         "bias_layers": "list of decoder layers that add the size bias; None: all ([]: none, an ablation)"}
     needs_cls: ClassVar[bool] = False  # reads ctx.cls_attention (the tower layers of ``tower_layers``)
     merges: ClassVar[bool] = False  # rewrites tower features before the projector (``merge``)
@@ -286,10 +287,10 @@ def resolve(method, options: dict) -> list:
         if len(chosen) > 1:
             raise ValueError(f"only one {what} method can run at a time, got {chosen}")
     weighing = [c.name for c in configs if c.stage == "select" and c.weighs]
-    others = [c.name for c in configs if c.stage == "llm" or (c.stage == "attention" and c.name != "zerotuning")]
+    others = [c.name for c in configs if c.stage == "attention" and c.name != "zerotuning"]
     if weighing and others:
         raise ValueError(f"{weighing[0]} with summary tokens or size_bias does not compose with {others[0]} yet "
-                         "(the size bias follows the pre-LLM cut only; zerotuning composes)")
+                         "(in-LLM exits and zerotuning compose)")
     exiting = [c for c in configs if c.stage == "llm"]
     blocked = [c.name for c in configs if c.stage == "attention" and not getattr(c, "composes_with_exit", False)]
     if exiting and blocked:

@@ -44,6 +44,8 @@ OPTIONS = {
     "fastervlm": {"keep": 0.5},
     "vtc_cls": {"keep": 0.5, "start_layer": 0},
     "visionzip": {"keep": 0.5},
+    "vispruner": {"keep": 0.5},
+    "cdpruner": {"keep": 0.5, "theta": 0.5},
     "exit": {"layer": 1},
     "fastv": {"layer": 1, "keep": 0.5},
     "dart": {"layer": 1, "keep": 0.5, "pivot_image": 2, "pivot_text": 2},

@@ -51,7 +51,7 @@ class PreCut:
             prefix, chunk = self._split_mask(mask, state, q)
         cut = None
         if call.image_mask is not None:
-            cut, self.forward = self.selection.plan(call.image_mask, call.capture, chunk, embeds.device)
+            cut, self.forward = self.selection.plan(call.image_mask, call.capture, chunk, embeds)
         if cut is None and state.mask is None:  # nothing cut in this sequence: the call as it came
             state.extend(batch, q, embeds.device)
             return

@@ -21,7 +21,7 @@ class Selection:
         self.generator = torch.Generator().manual_seed(int(getattr(selector, "seed", 0)))
         self.replacements = []  # (row, positions, features): merged tokens (pool) replace their anchors
 
-    def plan(self, image_mask, capture, chunk_mask, device):
+    def plan(self, image_mask, capture, chunk_mask, embeds):
         """``(cut or None, Forward)``: the cut ``(index, real)`` of this call (None when all is kept).
 
         When image tokens are dropped, left padding (mask 0 before a row's first real token) is dropped
@@ -29,6 +29,8 @@ class Selection:
         read (right padding, the last position) keeps its place.
         """
         start = time.perf_counter()
+        device = embeds.device
+        raw_mask = image_mask
         image_mask = image_mask.detach().cpu()
         batch, length = image_mask.shape
         images = self.adapter.images(image_mask, capture or {"counts": [], "features": []})
@@ -36,7 +38,8 @@ class Selection:
             kept = [torch.arange(img.layout.n) for img in images]
             record, _ = self._record(images, kept, batch, length, start, None)
             return None, record
-        scores, replacements, kept, sizes, groups = self._select(images, capture)
+        text = (lambda: self._instructions(images, embeds, raw_mask, chunk_mask)) if self.selector.needs_text else None
+        scores, replacements, kept, sizes, groups = self._select(images, capture, text)
         self.replacements = [(img.row, img.positions[idx], feats) for img, rep in zip(images, replacements)
                              if rep is not None for idx, feats in [rep]]
         record, drop = self._record(images, kept, batch, length, start, scores)
@@ -61,7 +64,21 @@ class Selection:
         record.cut = (index, real)
         return (index, real), record
 
-    def _select(self, images, capture):
+    @staticmethod
+    def _instructions(images, embeds, image_mask, chunk_mask) -> list:
+        """Per image: the input embeddings of its sample's real text tokens after its last image (all its
+        text tokens when none follow)."""
+        out = []
+        image_mask = image_mask.to(embeds.device)
+        for img in images:
+            visual = image_mask[img.row]
+            real = chunk_mask[img.row].to(embeds.device).bool() if chunk_mask is not None else torch.ones_like(visual)
+            text = real & ~visual
+            after = text & (torch.arange(visual.numel(), device=visual.device) > visual.nonzero().max())
+            out.append(embeds[img.row, after if bool(after.any()) else text].detach())
+        return out
+
+    def _select(self, images, capture, text=None):
         """Per image: scores, merged replacements, kept indices, sizes (or None) and summary groups;
         a re-used capture re-uses its selection."""
         if capture is not None and "selection" in capture:
@@ -69,7 +86,7 @@ class Selection:
         budgets, wanted = zip(*[self._split(b) for b in self._budgets(images)]) if images else ((), ())
         ctx = ScoreContext(layouts=[img.layout for img in images], budgets=list(budgets),
                            rows=[img.row for img in images], features=[img.features for img in images],
-                           generator=self.generator)
+                           generator=self.generator, instructions=text() if text is not None else [])
         layers = self.capture.tower_layers
         if layers:
             towers = (capture or {}).get("cls", {})

@@ -15,9 +15,11 @@ scores are kept (``keep`` per image), in their original order.
 
 from .base import LayerMethod, Method, ScoreContext, Selector, available, from_dict, get, register, resolve
 from .cls import VTCCLS, FasterVLM, VisionZip
+from .cdpruner import CDPruner
 from .controls import DivPrune, Pool, Random, Uniform
 from .layer import DART, DyVTE, Exit, FastV
 from .var import VAR
+from .vispruner import VisPruner
 from .vhr import VHR
 from .zerotuning import ZeroTuning
 

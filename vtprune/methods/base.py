@@ -86,7 +86,9 @@ class ScoreContext:
     ``rows[i]`` is its sample; ``features[i]`` its visual tokens as fed to the LLM ([n, D]).
     A merging method sets ``replacements[i] = (positions, features)`` (merged features that take
     those tokens' places) and ``sizes[i]`` ([n]: how many of the image's tokens each kept token
-    stands for; ``vtprune.summary``).
+    stands for; ``vtprune.summary``).  ``instructions[i]`` ([m, D], methods with ``needs_text``) are
+    the language model's input embeddings of image i's instruction: its sample's real text tokens
+    after its last image (all of them when none follow).
     ``cls_attention[layer][i]`` is the post-softmax attention of the [CLS] query to the vision-tower
     tokens in tower layer ``layer``, averaged over heads and mapped onto image i's LLM tokens (summed
     over the tower tokens an LLM token merges; 0 for newlines) — for the layers the method asked for.
@@ -102,6 +104,7 @@ class ScoreContext:
     tower_sizes: list = dataclasses.field(default_factory=list)
     replacements: list = dataclasses.field(default_factory=list)
     sizes: list = dataclasses.field(default_factory=list)
+    instructions: list = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         self.replacements = [None] * len(self.layouts)
@@ -133,6 +136,7 @@ class Selector(Method):
         "bias_layers": "list of decoder layers that add the size bias; None: all ([]: none, an ablation)"}
     needs_cls: ClassVar[bool] = False  # reads ctx.cls_attention (the tower layers of ``tower_layers``)
     merges: ClassVar[bool] = False  # rewrites tower features before the projector (``merge``)
+    needs_text: ClassVar[bool] = False  # reads ctx.instructions (the instruction's token embeddings)
     covers_all: ClassVar[bool] = False  # every dropped token is already merged into a kept one (pool, visionzip)
     keep: float = 0.25
     scope: str = "image"

@@ -57,9 +57,8 @@ class Adapter:
     # ------------------------------------------------------------------ images
     def images(self, image_mask: torch.Tensor, capture: dict) -> list:
         """An :class:`ImageRef` for every image, in the order the model scatters them."""
-        where = image_mask.nonzero()
         counts = capture["counts"]
-        total, batch = where.shape[0], image_mask.shape[0]
+        total, batch = int(image_mask.sum()), image_mask.shape[0]
         if sum(counts) and sum(counts) != total and total % sum(counts) == 0 and batch % (total // sum(counts)) == 0:
             # generate() expanded the batch (beam search, num_return_sequences) after encoding the
             # images: rows are repeat-interleaved copies, each copy holds the same images.
@@ -67,6 +66,13 @@ class Adapter:
             base = self.images(image_mask[::r], capture)
             copies = [ref._replace(row=ref.row * r + j) for j in range(r) for ref in base]
             return sorted(copies, key=lambda ref: ref.row)
+        return self.family_images(image_mask, capture)
+
+    def family_images(self, image_mask: torch.Tensor, capture: dict) -> list:
+        """``images`` for a batch whose image tokens match the tower's features one to one."""
+        where = image_mask.nonzero()
+        counts = capture["counts"]
+        total = where.shape[0]
         if sum(counts) != total:
             raise RuntimeError(f"vtprune: {where.shape[0]} image tokens in the prompt but the vision tower "
                                f"produced {sum(counts)} features; call the model once per prompt")

@@ -50,7 +50,7 @@ class InternVLAdapter(Adapter):
             self._children = shuffled.reshape(-1, shuffled.shape[-1]).long()
         return self._children
 
-    def images(self, image_mask, capture):
+    def family_images(self, image_mask, capture):
         per_tile = self.model.config.image_seq_length
         side = math.isqrt(per_tile)
         feats = torch.cat(capture["features"], 0) if capture else None

@@ -62,9 +62,9 @@ class QwenVLAdapter(Adapter):
         layout.source = self._sources(capture)[i]
         return layout
 
-    def images(self, image_mask, capture):
+    def family_images(self, image_mask, capture):
         # the tower encodes all images as one sequence: tower "tile" 0 holds every patch
-        return [ref._replace(tiles=[0]) for ref in super().images(image_mask, capture)]
+        return [ref._replace(tiles=[0]) for ref in super().family_images(image_mask, capture)]
 
     # ------------------------------------------------------------------ tower
     def _blocks(self):

@@ -1,4 +1,4 @@
-"""VisPruner and CDPruner against independent references of their definitions (plain loops, a naive
+"""VisPruner, CDPruner and HoloV against independent references of their definitions (plain loops, a naive
 greedy log-determinant, the stock model's own embeddings and eager [CLS] attention), and the cut
 contract (the stock model with the dropped tokens masked) on six families."""
 
@@ -132,7 +132,7 @@ def test_vispruner_selects_as_defined_on_the_stock_model():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["vispruner", "cdpruner"])
+@pytest.mark.parametrize("method", ["vispruner", "cdpruner", "holov"])
 def test_pruning_equals_masked_reference(family, method):
     model = tiny_model(family)
     model.generation_config.eos_token_id = None
@@ -151,10 +151,80 @@ def test_pruning_equals_masked_reference(family, method):
     assert torch.equal(tokens, masked_greedy(model, inputs, drop_mask(inputs["input_ids"], kept_generate), steps=6))
 
 
+def _holov_brute(att, feats, budget, crops, alpha=0.09):
+    """HoloV's selection as its code computes it, with lists (chunk scores, floor allocation, the remainder
+    to the largest weights, overflow moved on), kept indices sorted."""
+    n = len(att)
+    size, extra = divmod(n, crops)
+    chunks, start = [], 0
+    for p in range(crops):
+        chunks.append(list(range(start, start + size + (p < extra))))
+        start = chunks[-1][-1] + 1 if chunks[-1] else start
+    scores = []
+    for c in chunks:
+        if len(c) <= 1:
+            scores.append(sum(att[i] for i in c) / max(len(c), 1))
+            continue
+        big = [1000 * att[i] for i in c]
+        sims = [[0.0 if i == j else _cos(feats[i], feats[j]) for j in c] for i in c]
+        mean = [sum(row) / (len(c) - 1) for row in sims]
+        var = [sum((x - m) ** 2 for x in row) / (len(c) - 1) for row, m in zip(sims, mean)]
+        scale = (sum(abs(b) for b in big) / len(c)) / (sum(abs(v) for v in var) / len(c) + 1e-6)
+        scores.append(sum(b + alpha * v * scale for b, v in zip(big, var)) / len(c))
+    total = sum(scores) + 1e-6
+    w = [s / total for s in scores]
+    alloc = [math.floor(x * budget) for x in w]
+    order = sorted(range(crops), key=lambda p: (-w[p], p))
+    for p in order[:budget - sum(alloc)]:
+        alloc[p] += 1
+    spare = sum(max(0, a - len(c)) for a, c in zip(alloc, chunks))
+    alloc = [min(a, len(c)) for a, c in zip(alloc, chunks)]
+    while spare:
+        for p in order:
+            if spare and alloc[p] < len(chunks[p]):
+                alloc[p] += 1
+                spare -= 1
+    kept = []
+    for c, k in zip(chunks, alloc):
+        kept += sorted(c, key=lambda i: (-att[i], i))[:k]
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("n,budget,crops", [(36, 8, 4), (50, 7, 5), (30, 20, 6), (24, 4, None)])
+def test_holov_equals_brute_force(n, budget, crops):
+    gen = torch.Generator().manual_seed(n * budget)
+    att = torch.rand(n, generator=gen) ** 4  # peaked, as [CLS] attention is: some chunks overflow
+    feats = torch.randn(n, 5, generator=gen)
+    ctx = ScoreContext(layouts=[ImageLayout.flat(n)], budgets=[budget], rows=[0], features=[feats], generator=gen,
+                       cls_attention={0: [att]})
+    scores = get("holov")(keep=budget, crops=crops).score(ctx)[0]
+    default = max(1, int((1024 / 576) * n / budget))
+    ours = sorted(scores.nonzero().squeeze(1).tolist())
+    assert ours == _holov_brute(att.tolist(), feats.tolist(), budget, crops or default)
+    assert len(ours) == budget
+
+
 def test_options_are_checked():
     model = tiny_model("llava")
     for method, options, words in [("vispruner", {"important_ratio": 1.5}, "important_ratio"),
-                                   ("cdpruner", {"theta": 1.0}, "theta"), ("cdpruner", {"negate": "no"}, "negate")]:
+                                   ("cdpruner", {"theta": 1.0}, "theta"), ("cdpruner", {"negate": "no"}, "negate"),
+                                   ("holov", {"crops": 0}, "crops"), ("holov", {"alpha": -1}, "alpha")]:
         with pytest.raises((ValueError, TypeError), match=words):
             vtprune.wrap(model, method, **options)
         assert not vtprune.is_wrapped(model)
+
+
+def test_holov_selects_as_defined_on_the_stock_model():
+    model = tiny_model("llava")
+    inputs = tiny_inputs(model, "llava", images_per_row=(1,))
+    embeds = _stock_embeds(model, inputs)
+    eager = tiny_model("llava", attn_implementation="eager")
+    with torch.no_grad():
+        att = eager.model.vision_tower(pixel_values=inputs["pixel_values"], output_attentions=True).attentions[-2]
+    cls = att[0, :, 0, 1:].mean(0)
+    with vtprune.wrapped(model, "holov", keep=6, crops=4):
+        with torch.no_grad():
+            model(**inputs)
+        kept = vtprune.last_kept(model)[0][0].tolist()
+    (run,) = image_runs(inputs["input_ids"])[0]
+    assert kept == _holov_brute(cls.tolist(), embeds[0, run].tolist(), 6, 4)

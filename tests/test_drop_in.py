@@ -442,3 +442,20 @@ def test_generate_continues_from_a_pruned_cache(family):
             second = model.generate(**more, **kw, past_key_values=first.past_key_values, max_new_tokens=3,
                                     min_new_tokens=3)
     assert torch.equal(second, full)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_beams_with_tower_scores_and_summary_tokens(family):
+    """Beam search expands the batch after the tower ran: every beam of a prompt keeps what the prompt's
+    greedy run keeps ([CLS]/received scores and summary tokens mapped onto the copies); found by
+    transformers' InternVL beam tests under a pruning wrap."""
+    model = _model(family)
+    inputs = tiny_inputs(model, family, images_per_row=(1, 1))
+    with vtprune.wrapped(model, "fastervlm", keep=0.5, summary=1, size_bias=True):
+        _generate(model, inputs, do_sample=False)
+        greedy = vtprune.last_kept(model)
+        out = _generate(model, inputs, do_sample=False, num_beams=2)
+        beams = vtprune.last_kept(model)
+    assert out.shape[0] == 2 and len(beams) == 4
+    for b, row in enumerate(beams):
+        assert [k.tolist() for k in row] == [k.tolist() for k in greedy[b // 2]]

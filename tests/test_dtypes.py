@@ -14,6 +14,8 @@ def _options(name, model):
     n = len(model.model.language_model.layers)
     if name in ("exit",):
         return {"layer": 1}
+    if name == "pdrop":
+        return {"layer_list": [1]}
     if name in ("fastv", "dart"):
         return {"layer": 1, "keep": 0.5}
     if name == "dyvte":

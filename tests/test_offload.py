@@ -46,6 +46,8 @@ OPTIONS = {
     "visionzip": {"keep": 0.5},
     "vispruner": {"keep": 0.5},
     "cdpruner": {"keep": 0.5, "theta": 0.5},
+    "holov": {"keep": 0.5, "crops": 3},
+    "pdrop": {"layer_list": [1]},
     "exit": {"layer": 1},
     "fastv": {"layer": 1, "keep": 0.5},
     "dart": {"layer": 1, "keep": 0.5, "pivot_image": 2, "pivot_text": 2},

@@ -243,3 +243,52 @@ def test_summary_errors_leave_the_model_as_it_was():
     with pytest.raises(NotApplicable, match="flash"):
         vtprune.wrap(model, "random", summary=1)
     assert not vtprune.is_wrapped(model)
+
+
+def test_size_bias_follows_every_pdrop_stage():
+    """Three stages on a 4-layer model: each stage's layers see the biases of the keys that reached it."""
+    import contextlib
+
+    model = tiny_model("llava", llm_layers=4)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    inputs = tiny_inputs(model, "llava", images_per_row=(1, 2))
+    ref = BiasedReference(model, inputs)
+    logits, record, stats, tokens, generated = _run(model, inputs, ["fastervlm", "pdrop"], keep=0.75, summary=2,
+                                                    size_bias=True)
+    assert [k for k, _, _ in record.exit.stages] == [1, 2, 3]
+
+    def staged(rec):
+        stack = contextlib.ExitStack()
+        for k, _, drop in rec.exit.stages:
+            orig = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+            index, real = rec.cut
+            for b in range(orig.shape[0]):
+                orig[b, index[b][real[b] & drop[b].cpu()]] = True
+            stack.enter_context(LayerMasked(model, k, orig))
+        return stack
+
+    drop, sizes, features = _expected(inputs, record, ref, joins=True)
+    with staged(record):
+        expected = ref.logits(drop, sizes, features)
+    torch.testing.assert_close(logits[:, -1], expected[:, -1], atol=ATOL, rtol=0)
+    drop, sizes, features = _expected(inputs, generated, ref, joins=True)
+    with staged(generated):
+        assert torch.equal(tokens, ref.greedy(drop, sizes, features))
+
+
+def test_size_bias_under_gradient_checkpointing():
+    """The backward pass recomputes the layers after the forward ended: the biases still apply (the
+    gradients equal those of a run without checkpointing)."""
+    grads = []
+    for checkpoint in (False, True):
+        model = tiny_model("llava")
+        inputs = tiny_inputs(model, "llava", images_per_row=(1, 2))
+        labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+        model.train()
+        if checkpoint:
+            model.gradient_checkpointing_enable()
+        with vtprune.wrapped(model, "fastervlm", keep=0.5, summary=2, size_bias=True):
+            model(**inputs, labels=labels).loss.backward()
+        grads.append(model.lm_head.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)

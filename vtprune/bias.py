@@ -21,10 +21,11 @@ from .errors import NotApplicable
 
 
 class SizeBias:
-    def __init__(self, selector, n_layers: int, route, current, exit_plan=lambda layer: None):
+    def __init__(self, selector, n_layers: int, route, exit_plan=lambda layer: None):
         self.selector = selector
         self.route = route
-        self.current = current  # () -> the Call running now (None outside a language-model call)
+        self.active = None  # [B, cache entries] the biases of the last call's sequence (kept for a backward
+        # pass that recomputes the layers: gradient checkpointing)
         self.exit_plan = exit_plan  # layer -> the in-LLM exit's cut where it applies to that layer's keys
         self.layer_ids = pick_layers(f"{selector.name} bias", selector.bias_layers, lambda n: list(range(n)), n_layers)
         if "flash" in route.original:
@@ -41,7 +42,8 @@ class SizeBias:
         pass
 
     def begin_call(self, call):
-        if call.state.bias is not None:
+        self.active = call.state.bias
+        if self.active is not None:
             self.biased_calls += 1
 
     def end_call(self, call, output):
@@ -51,8 +53,7 @@ class SizeBias:
         return {"layers": list(self.layer_ids), "biased_calls": self.biased_calls}
 
     def _bias(self, layer, module, query, key, mask):
-        call = self.current()
-        bias = call.state.bias if call is not None else None
+        bias = self.active
         if bias is None:
             return mask
         plan = self.exit_plan(layer)

@@ -62,9 +62,10 @@ class Counts:
             for b, first in enumerate(exit_.exit_layers[:len(rows)]):  # gone from layer `first` on
                 if first is not None:
                     rows[b] = [v if i < first else 0 for i, v in enumerate(rows[b])]
-        elif exit_.dropped is not None:
-            for b, gone in enumerate(exit_.dropped[:len(rows)]):
-                rows[b] = [v if i < exit_.layer else v - gone for i, v in enumerate(rows[b])]
+        else:
+            for k, dropped, _ in exit_.stages:
+                for b, gone in enumerate(dropped[:len(rows)]):
+                    rows[b] = [v if i < k else v - gone for i, v in enumerate(rows[b])]
         return rows
 
     def stats(self, record, methods, sections) -> dict:
@@ -91,9 +92,9 @@ class Counts:
             })
             out["kv_bytes_saved"] = self.kv_token_bytes() * len(record.kept) * (record.length - record.llm_length)
             exit_ = record.exit
-            if exit_ is not None and exit_.dropped is not None and exit_.layer is not None:
+            if exit_ is not None:
                 per_layer = self.kv_token_bytes() / self.n_layers
-                out["kv_bytes_saved"] += int(per_layer * sum(exit_.dropped) * (self.n_layers - exit_.layer))
+                out["kv_bytes_saved"] += int(per_layer * sum(sum(d) * (self.n_layers - k) for k, d, _ in exit_.stages))
             if record.visual_llm is not None:
                 layers = self.per_layer(record)
                 for sample, counts in zip(samples, layers):

@@ -96,6 +96,11 @@ def _runs(cls, options, budgets, n_layers):
             return [("stock", None), (name, options)], (
                 f"{name} (in-LLM): the stock model, then {name} deciding after each decoder layer, per question, "
                 f"when all its visual tokens leave")
+        if cls.stage_layers is not methods.LayerMethod.stage_layers:  # staged (pdrop)
+            stages = cls(**options).stage_layers(n_layers)
+            return [("stock", None), (name, options)], (
+                f"{name} (in-LLM): the stock model, then visual tokens leaving in stages, before decoder layers "
+                f"{', '.join(map(str, stages))} (of {n_layers})")
         if "layer" not in options:
             layers = list(range(1, n_layers))
             return [("stock", None)] + [(f"layer={j}", {**options, "layer": j}) for j in layers], (

@@ -11,6 +11,11 @@ stock model in which, from layer K on, the dropped tokens are masked out of atte
 
 Batches: rows that keep fewer tokens are padded at the front with masked slots (as the pre-LLM
 cut does), so every row exits at the same layer and the cache stays rectangular.
+
+Stages (``pdrop``): a method may name several layers (``stage_layers``); before each, it decides on
+the visual tokens still in the sequence, and that stage's cut composes with the earlier ones — each
+plan addresses the prefill as it entered the language model, so a layer's KV cache holds exactly
+the tokens that reached its stage.
 """
 
 from __future__ import annotations
@@ -49,15 +54,19 @@ class LayerExit:
         if self.first < low:
             raise NotApplicable(f"{method.name} layer={self.first} is too early for {adapter.family}: visual "
                                 f"features are still added to the hidden states up to layer {low - 1}")
+        self.stage_layers = [] if self.dynamic else method.stage_layers(len(layers))
         self.record = None  # Exit: what left in the last prefill (None: nothing yet)
         self.prefill_visual = None  # [B] visual tokens per row of the current prefill
-        self.plan = None  # the cut of the current sequence: index, real, full length, layer k
+        self.plans = []  # the cuts of the current sequence, one per stage: index/real (into the prefill), layer k
+        self.decided = set()  # the stage layers the current prefill has decided
+        self.stage = None  # the stage layer being decided (staged methods read it in ``drop``)
+        self.calls = 0  # language-model calls so far (a plan knows the call that made it: its prefill)
         self.visual = None  # [B, L] visual tokens of the current prefill (None in other calls)
         self.seq_visual = None  # the same, kept for the decode steps of the sequence
         self.text = None
         self.exit_at = None  # [B] per-row exit layer (dynamic methods), large = not exited
         self.compact_from = None  # dynamic methods: the layer from which the whole batch has exited
-        self.cache = None  # per call: the cut kwargs for the layers >= k
+        self.cache = {}  # per call: the cut kwargs of each stage's layers
         self.scores = None  # fastv: [B, L] attention paid to each token at layer k-1
         self.keys = self.hidden = None  # dart: layer k-1's keys and output
         self.past = self.q = 0
@@ -68,7 +77,8 @@ class LayerExit:
         for j in self.method.decision_layers(len(self.layers)):
             handles.append(self.layers[j].register_forward_hook(functools.partial(self._post_layer, j)))
         if self.method.needs_attention:
-            self.route.observe(self.method.layer - 1, self.observe)
+            for k in self.stage_layers:
+                self.route.observe(k - 1, functools.partial(self.observe, k))
         return handles
 
     def remove(self):
@@ -83,11 +93,13 @@ class LayerExit:
         """The call's visual and text tokens (after the pre-LLM cut), whether it starts a new
         sequence, the cache length before it and its length."""
         visual, q = call.visual, call.embeds.shape[1]
-        self.cache = None
+        self.cache = {}
+        self.calls += 1
         self.past, self.q = call.past, q
         self.prefill_visual = None
         if call.fresh:
-            self.plan = self.scores = self.exit_at = self.compact_from = None
+            self.scores = self.exit_at = self.compact_from = None
+            self.plans, self.decided = [], set()
             self.record = None
             self.visual = visual if visual is not None and bool(visual.any()) else None
             self.seq_visual, self.text = self.visual, call.text()
@@ -120,20 +132,26 @@ class LayerExit:
         return {"exit": out}
 
     def _note(self, drop, k):
-        """What left the LLM in this prefill before layer ``k``."""
+        """What left the LLM in this prefill before layer ``k`` (``drop`` [B, L] over the prefill)."""
         n = len(self.layers)
         dropped = drop.sum(1).tolist()
         record = self.record
-        record.drop, record.layer, record.dropped = drop, k, dropped
+        if record.drop is None:
+            record.drop, record.layer, record.dropped = drop, k, dropped
+        else:  # a later stage
+            record.drop = record.drop | drop
+            record.dropped = [a + b for a, b in zip(record.dropped, dropped)]
+        record.stages.append((k, dropped, drop))
         record.scores = self.scores
-        record.share = sum(dropped) * (n - k) / (len(dropped) * drop.shape[1] * n)
+        record.share += sum(dropped) * (n - k) / (len(dropped) * drop.shape[1] * n)
         self.counts.totals["exits"] += 1
         if not self.dynamic:  # dynamic exits are counted in end_call
             self.counts.left(sum(dropped) * (n - k))
 
-    def observe(self, module, query, key, mask, scaling):
-        """Layer k-1's attention (routed): the attention paid to each token by the query rows."""
-        if self.visual is None or self.plan is not None or key.shape[2] < query.shape[2]:
+    def observe(self, k, module, query, key, mask, scaling):
+        """Layer k-1's attention (routed) before stage ``k`` is cut: the attention paid to each token."""
+        if self.visual is None or k in self.decided or key.shape[2] < query.shape[2] \
+                or query.shape[2] != self._width():
             return
         key = key[:, :, :query.shape[2]]  # the prefill's keys (a static cache returns its unfilled slots too)
         self.keys = key.detach()
@@ -141,7 +159,7 @@ class LayerExit:
 
     def _post_layer(self, j, module, args, output):
         """Dynamic methods decide after layer ``j`` which rows' visual tokens may leave."""
-        if self.visual is None or self.plan is not None or self.compact_from is not None:
+        if self.visual is None or self.plans or self.compact_from is not None:
             return
         hidden = output[0] if isinstance(output, tuple) else output
         leave = self.method.decide(self, j, hidden).to(self.exit_at.device)
@@ -150,21 +168,39 @@ class LayerExit:
             self.compact_from = j + 1
 
     def plan_for(self, layer: int):
-        """The current sequence's cut where it applies to ``layer``'s keys (None before the exit layer)."""
-        plan = self.plan
-        return plan if plan is not None and layer >= plan["k"] else None
+        """The current sequence's cut that applies to ``layer``'s keys (None before the first stage)."""
+        chosen = None
+        for plan in self.plans:
+            if plan["k"] <= layer:
+                chosen = plan
+        return chosen
+
+    def _width(self) -> int:
+        """The prefill's length as the layers now see it (after the stages cut so far)."""
+        return self.plans[-1]["index"].shape[1] if self.plans else self.q
+
+    def _wants_stage(self, i) -> bool:
+        if self.visual is None or i in self.decided:
+            return False
+        if self.dynamic:
+            return not self.plans and self.method.compact_here(self, i)
+        return i in self.stage_layers
 
     def _pre_layer(self, i, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
-        if self.visual is not None and self.plan is None and self.method.compact_here(self, i):
-            self.plan = self._make_plan(hidden, i)
-        plan = self.plan
-        if plan is not None and i >= plan["k"]:
-            if self.cache is None:
-                self.cache = self._cut_kwargs(kwargs, hidden.shape[1] == plan["length"], plan)
-            kwargs.update(self.cache)
-            if hidden.shape[1] == plan["length"]:  # layer k of the prefill: cut the hidden states
-                hidden = gather_seq(hidden, plan["index"].to(hidden.device))
+        if self._wants_stage(i):
+            self.decided.add(i)
+            plan = self._make_plan(hidden, i)
+            if plan is not None:
+                self.plans.append(plan)
+        plan = self.plan_for(i)
+        if plan is not None:
+            prefill = plan["call"] == self.calls
+            if plan["k"] not in self.cache:
+                self.cache[plan["k"]] = self._cut_kwargs(kwargs, prefill, plan)
+            kwargs.update(self.cache[plan["k"]])
+            if prefill and i == plan["k"]:  # the stage's first layer in the prefill: cut the hidden states
+                hidden = gather_seq(hidden, plan["step"].to(hidden.device))
                 args = (hidden, *args[1:]) if args else args
                 if not args:
                     kwargs["hidden_states"] = hidden
@@ -189,16 +225,28 @@ class LayerExit:
         return mask & ~bad if mask.dtype == torch.bool else mask.masked_fill(bad, torch.finfo(mask.dtype).min)
 
     def _make_plan(self, hidden, k):
+        """Stage ``k``'s cut: the method decides on the visual tokens still in the sequence; ``step`` gathers
+        the sequence as it enters layer k, ``index``/``real`` address the prefill (every stage so far)."""
         self.hidden = hidden  # the output of layer k-1 (what DART compares tokens by)
-        visual = self.visual.to(hidden.device)
+        length = self.visual.shape[1]
+        before = self.plans[-1] if self.plans else None
+        if before is None:
+            index = torch.arange(length, device=hidden.device).expand(hidden.shape[0], -1)
+            real = torch.ones_like(index, dtype=torch.bool)
+        else:
+            index, real = before["index"].to(hidden.device), before["real"].to(hidden.device)
+        visual = self.visual.to(hidden.device).gather(1, index) & real
+        self.stage = k
         drop = visual & self.method.drop(self, visual)
         if not bool(drop.any()):
-            self.visual = None
             return None
         keep_rows = [(~drop[b]).nonzero().squeeze(1) for b in range(drop.shape[0])]
-        index, real = plan_cut(keep_rows, drop.shape[1], hidden.device)
-        self._note(drop, k)
-        return {"index": index, "real": real, "length": drop.shape[1], "k": k}
+        step, step_real = plan_cut(keep_rows, drop.shape[1], hidden.device)
+        original = torch.zeros(drop.shape[0], length, dtype=torch.bool, device=hidden.device)
+        original.scatter_(1, index, drop & real)
+        self._note(original, k)
+        return {"index": index.gather(1, step), "real": real.gather(1, step) & step_real, "step": step,
+                "length": length, "k": k, "call": self.calls}
 
     def _cut_kwargs(self, kwargs, prefill: bool, plan) -> dict:
         """The attention mask, position embeddings and ids for layers >= K in this call."""
@@ -233,19 +281,19 @@ class LayerExit:
                 m = torch.cat([m, pad if m.dtype == torch.bool else pad.fill_(torch.finfo(m.dtype).min)], -1)
             out["attention_mask"] = m
         elif mask is None and not bool(real.all()):
-            out["attention_mask"] = self._fresh_mask(real, prefill)
+            out["attention_mask"] = self._fresh_mask(real, prefill, plan)
         elif mask is not None:
             raise ValueError("vtprune's in-LLM exit needs a 4-D attention mask or none (SDPA/eager); "
                              f"got a {mask.dim()}-D mask")
         return out
 
-    def _fresh_mask(self, real, prefill):
+    def _fresh_mask(self, real, prefill, plan):
         """A boolean mask for a call where the model passed none (causal, unpadded) but rows have padding slots."""
         n = real.shape[1]
         if prefill:
             causal = torch.ones(n, n, dtype=torch.bool, device=real.device).tril()
             return _mask_columns(causal[None, None].expand(real.shape[0], 1, n, n), real)
-        cols = torch.cat([real, torch.ones(real.shape[0], self.past - self.plan["length"] + self.q, dtype=torch.bool,
+        cols = torch.cat([real, torch.ones(real.shape[0], self.past - plan["length"] + self.q, dtype=torch.bool,
                                            device=real.device)], 1)
         return cols[:, None, None, :].expand(-1, 1, self.q, -1)
 

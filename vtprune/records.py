@@ -74,6 +74,7 @@ class Exit:
     scores: torch.Tensor | None = None  # [B, q'] the attention scores the method ranked by (fastv)
     exit_layers: list | None = None  # per sample: first layer without its visual tokens (dynamic exits)
     share: float = 0.0  # the exit's own share of the prefill's token-layer work
+    stages: list = field(default_factory=list)  # [(layer, per-sample counts, [B, q'] mask)]: what left where
 
 
 @dataclass

@@ -55,7 +55,7 @@ class Session:
         self.counts = Counts(model, adapter.language_model)
         self.capture = Capture(adapter, self.selector, lambda: self.inert)
         self.precut = PreCut(adapter, self.selector, self.capture)
-        self.bias = SizeBias(self.selector, len(layers), self.route, lambda: self.call,
+        self.bias = SizeBias(self.selector, len(layers), self.route,
                              lambda layer: self.layer_exit.plan_for(layer) if self.layer_exit else None) \
             if self.selector is not None and self.selector.weighs and not self.selector.inert else None
         self.layer_exit = LayerExit(model, adapter, self.layer_method, self.counts, self.route) \

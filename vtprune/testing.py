@@ -89,11 +89,17 @@ _CLASSES = {
 }
 
 
-def tiny_model(family: str, seed: int = 0, attn_implementation: str = "sdpa"):
-    """A tiny random ``*ForConditionalGeneration`` of ``family`` in fp32 eval mode."""
+def tiny_model(family: str, seed: int = 0, attn_implementation: str = "sdpa", llm_layers: int | None = None):
+    """A tiny random ``*ForConditionalGeneration`` of ``family`` in fp32 eval mode (``llm_layers``: decoder
+    layers of its language model, default 2)."""
     import transformers as tf
 
     config = tiny_config(family)
+    if llm_layers is not None:
+        text = config.get_text_config()
+        text.num_hidden_layers = llm_layers
+        if getattr(text, "layer_types", None) is not None:
+            text.layer_types = [text.layer_types[0]] * llm_layers
     torch.manual_seed(seed)
     model = getattr(tf, _CLASSES[family])._from_config(config, attn_implementation=attn_implementation)
     return model.eval()

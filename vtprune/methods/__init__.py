@@ -17,7 +17,9 @@ from .base import LayerMethod, Method, ScoreContext, Selector, available, from_d
 from .cls import VTCCLS, FasterVLM, VisionZip
 from .cdpruner import CDPruner
 from .controls import DivPrune, Pool, Random, Uniform
+from .holov import HoloV
 from .layer import DART, DyVTE, Exit, FastV
+from .pdrop import PDrop
 from .var import VAR
 from .vispruner import VisPruner
 from .vhr import VHR

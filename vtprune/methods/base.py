@@ -217,6 +217,10 @@ class LayerMethod(Method):
                              f"(the language model has {n_layers} decoder layers)")
         return self.layer
 
+    def stage_layers(self, n_layers: int) -> list:
+        """Layers before which visual tokens leave (fixed methods; several for staged methods like ``pdrop``)."""
+        return [self.first_layer(n_layers)]
+
     def decision_layers(self, n_layers: int) -> list:
         """Layers after which ``decide`` runs (dynamic methods only)."""
         return []

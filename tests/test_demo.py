@@ -67,6 +67,9 @@ def test_every_method_runs_and_explains_itself(name, tmp_path, capsys, monkeypat
             assert _per_layer(text, "layer=2") == [256, 256, 0]
         elif name == "pdrop":  # stages before layers 1 and 2 of 3: half of what entered, then a quarter
             assert _per_layer(text, "pdrop") == [256, 128, 64]
+        elif name == "sparsevlm":  # stages after layers 0 and 1 of 3 (2, 6, 15 of 32 scaled), fewer each time
+            first, second, third = _per_layer(text, "sparsevlm")
+            assert first == 256 > second > third > 0
         else:  # dynamic (dyvte): per question, the first layer without visual tokens
             assert "first layer without visual tokens, per question:" in text
     if stage == "attention":

@@ -114,15 +114,20 @@ def test_cdpruner_selects_as_defined_on_the_stock_embeddings(family):
         assert kept[b][0].tolist() == expected
 
 
-def test_vispruner_selects_as_defined_on_the_stock_model():
-    """LLaVA: the eager tower's [CLS] attention (feature layer) and the stock LLM-input features."""
+def _llava_reference_inputs():
+    """A tiny LLaVA, one image, its stock LLM-input embeddings and the eager tower's [CLS] row (feature layer)."""
     model = tiny_model("llava")
     inputs = tiny_inputs(model, "llava", images_per_row=(1,))
     embeds = _stock_embeds(model, inputs)
     eager = tiny_model("llava", attn_implementation="eager")
     with torch.no_grad():
         att = eager.model.vision_tower(pixel_values=inputs["pixel_values"], output_attentions=True).attentions[-2]
-    cls = att[0, :, 0, 1:].mean(0)
+    return model, inputs, embeds, att[0, :, 0, 1:].mean(0)
+
+
+def test_vispruner_selects_as_defined_on_the_stock_model():
+    """LLaVA: the eager tower's [CLS] attention (feature layer) and the stock LLM-input features."""
+    model, inputs, embeds, cls = _llava_reference_inputs()
     with vtprune.wrapped(model, "vispruner", keep=7):
         with torch.no_grad():
             model(**inputs)
@@ -215,13 +220,7 @@ def test_options_are_checked():
 
 
 def test_holov_selects_as_defined_on_the_stock_model():
-    model = tiny_model("llava")
-    inputs = tiny_inputs(model, "llava", images_per_row=(1,))
-    embeds = _stock_embeds(model, inputs)
-    eager = tiny_model("llava", attn_implementation="eager")
-    with torch.no_grad():
-        att = eager.model.vision_tower(pixel_values=inputs["pixel_values"], output_attentions=True).attentions[-2]
-    cls = att[0, :, 0, 1:].mean(0)
+    model, inputs, embeds, cls = _llava_reference_inputs()
     with vtprune.wrapped(model, "holov", keep=6, crops=4):
         with torch.no_grad():
             model(**inputs)

@@ -16,6 +16,8 @@ def _options(name, model):
         return {"layer": 1}
     if name == "pdrop":
         return {"layer_list": [1]}
+    if name == "sparsevlm":
+        return {"pruning_loc": [0]}
     if name in ("fastv", "dart"):
         return {"layer": 1, "keep": 0.5}
     if name == "dyvte":

@@ -48,6 +48,7 @@ OPTIONS = {
     "cdpruner": {"keep": 0.5, "theta": 0.5},
     "holov": {"keep": 0.5, "crops": 3},
     "pdrop": {"layer_list": [1]},
+    "sparsevlm": {"pruning_loc": [0]},
     "exit": {"layer": 1},
     "fastv": {"layer": 1, "keep": 0.5},
     "dart": {"layer": 1, "keep": 0.5, "pivot_image": 2, "pivot_text": 2},

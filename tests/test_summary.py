@@ -287,7 +287,7 @@ def test_size_bias_under_gradient_checkpointing():
         labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
         model.train()
         if checkpoint:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         with vtprune.wrapped(model, "fastervlm", keep=0.5, summary=2, size_bias=True):
             model(**inputs, labels=labels).loss.backward()
         grads.append(model.lm_head.weight.grad.clone())

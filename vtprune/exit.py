@@ -69,6 +69,8 @@ class LayerExit:
         self.cache = {}  # per call: the cut kwargs of each stage's layers
         self.scores = None  # fastv: [B, L] attention paid to each token at layer k-1
         self.keys = self.hidden = None  # dart: layer k-1's keys and output
+        self.embeds = None  # the prefill's input embeddings
+        self.merges = None  # set by a method's drop: [(row, position, feature, member positions)] merged tokens
         self.past = self.q = 0
 
     def install(self) -> list:
@@ -103,6 +105,7 @@ class LayerExit:
             self.record = None
             self.visual = visual if visual is not None and bool(visual.any()) else None
             self.seq_visual, self.text = self.visual, call.text()
+            self.embeds = call.embeds if self.visual is not None else None  # the prefill's input (sparsevlm)
             if self.visual is not None:
                 self.exit_at = torch.full((visual.shape[0],), len(self.layers), device=visual.device)
                 self.prefill_visual = visual.sum(1)
@@ -201,6 +204,10 @@ class LayerExit:
             kwargs.update(self.cache[plan["k"]])
             if prefill and i == plan["k"]:  # the stage's first layer in the prefill: cut the hidden states
                 hidden = gather_seq(hidden, plan["step"].to(hidden.device))
+                if plan["merged"]:
+                    hidden = hidden.clone()
+                    for b, slot, feature in plan["merged"]:
+                        hidden[b, slot] = feature.to(hidden.dtype)
                 args = (hidden, *args[1:]) if args else args
                 if not args:
                     kwargs["hidden_states"] = hidden
@@ -236,7 +243,7 @@ class LayerExit:
         else:
             index, real = before["index"].to(hidden.device), before["real"].to(hidden.device)
         visual = self.visual.to(hidden.device).gather(1, index) & real
-        self.stage = k
+        self.stage, self.merges = k, []
         drop = visual & self.method.drop(self, visual)
         if not bool(drop.any()):
             return None
@@ -245,8 +252,13 @@ class LayerExit:
         original = torch.zeros(drop.shape[0], length, dtype=torch.bool, device=hidden.device)
         original.scatter_(1, index, drop & real)
         self._note(original, k)
+        merged = []  # (row, slot in the cut sequence, feature): merged tokens replace kept ones' hidden states
+        for b, pos, feature, members in self.merges:
+            slot = int((step[b] == pos).nonzero()[0, 0])
+            merged.append((b, slot, feature))
+            self.record.merged.append((k, b, int(index[b, pos]), index[b, members.to(index.device)].tolist()))
         return {"index": index.gather(1, step), "real": real.gather(1, step) & step_real, "step": step,
-                "length": length, "k": k, "call": self.calls}
+                "length": length, "k": k, "call": self.calls, "merged": merged}
 
     def _cut_kwargs(self, kwargs, prefill: bool, plan) -> dict:
         """The attention mask, position embeddings and ids for layers >= K in this call."""

@@ -75,6 +75,8 @@ class Exit:
     exit_layers: list | None = None  # per sample: first layer without its visual tokens (dynamic exits)
     share: float = 0.0  # the exit's own share of the prefill's token-layer work
     stages: list = field(default_factory=list)  # [(layer, per-sample counts, [B, q'] mask)]: what left where
+    merged: list = field(default_factory=list)  # [(layer, row, position, member positions)] over q': slots whose
+    # hidden state became the mean of tokens that left there (sparsevlm's recycling)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from .controls import DivPrune, Pool, Random, Uniform
 from .holov import HoloV
 from .layer import DART, DyVTE, Exit, FastV
 from .pdrop import PDrop
+from .sparsevlm import SparseVLM
 from .var import VAR
 from .vispruner import VisPruner
 from .vhr import VHR

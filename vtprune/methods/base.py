@@ -20,6 +20,15 @@ def indices(values) -> list:
     return sorted({int(v) for v in values})
 
 
+def budget_groups(layout, budget) -> list:
+    """``[(content token indices, budget)]`` of one image: all its content tokens with an image budget, or
+    each tile's with a ``{tile: budget}`` dict (``scope="tile"``)."""
+    content = (~layout.newline).nonzero().squeeze(1)
+    if not isinstance(budget, dict):
+        return [(content, budget)]
+    return [(content[layout.tiles[content] == t], k) for t, k in budget.items()]
+
+
 def register(name: str):
     """Class decorator: register a method config dataclass under ``name``."""
 

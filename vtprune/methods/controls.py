@@ -9,7 +9,7 @@ import torch
 
 from ..budget import check_keep
 from ..scoring import divprune_order, pool_windows, total_budget, uniform_scores
-from .base import Method, Selector, register
+from .base import Method, Selector, budget_groups, register
 
 @register("random")
 @dataclass
@@ -89,11 +89,8 @@ class DivPrune(Selector):
     def score(self, ctx):
         scores = []
         for i, (layout, k) in enumerate(zip(ctx.layouts, ctx.budgets)):
-            content = (~layout.newline).nonzero().squeeze(1)
-            groups = [(content, k)] if not isinstance(k, dict) else \
-                [(content[layout.tiles[content] == t], kt) for t, kt in k.items()]
             s = torch.full((layout.n,), float("-inf"))
-            for members, budget in groups:
+            for members, budget in budget_groups(layout, k):
                 order = divprune_order(ctx.features[i][members], min(budget, members.numel()))
                 s[members[order]] = torch.arange(order.numel(), 0, -1, dtype=torch.float32)
             scores.append(s)

@@ -37,7 +37,7 @@ class PDrop(LayerMethod):
     """
 
     paper: ClassVar[str] = "PyramidDrop: Xing et al., CVPR 2025, arXiv 2410.17247"
-    ranges: ClassVar[dict] = {"layer_list": "list of decoder layers (1 .. layers-1) starting each stage; None: "
+    ranges: ClassVar[dict] = {"layer": "not an option of pdrop: the stages start at layer_list", "layer_list": "list of decoder layers (1 .. layers-1) starting each stage; None: "
                                             "the quarter points", "ratio": "float in (0, 1): λ, the share kept per stage"}
     needs_attention: ClassVar[bool] = True
     layer: int | None = None  # not an option of pdrop: its stages start at ``layer_list``

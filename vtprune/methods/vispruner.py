@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Selector, register
+from .base import Selector, budget_groups, register
 from .cls import SOURCE, _check_source
 
 STEP = 8  # tokens removed per round, as in the VisPruner code
@@ -83,11 +83,8 @@ class VisPruner(Selector):
         (layer,) = ctx.cls_attention
         scores = []
         for i, (layout, k) in enumerate(zip(ctx.layouts, ctx.budgets)):
-            content = (~layout.newline).nonzero().squeeze(1)
-            groups = [(content, k)] if not isinstance(k, dict) else \
-                [(content[layout.tiles[content] == t], kt) for t, kt in k.items()]
             s = torch.zeros(layout.n)
-            for members, budget in groups:
+            for members, budget in budget_groups(layout, k):
                 s[self.choose(ctx.cls_attention[layer][i].float().cpu(), ctx.features[i], members, budget)] = 1.0
             scores.append(s)
         return scores

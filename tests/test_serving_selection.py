@@ -1,0 +1,65 @@
+"""The serving plugin's selection (``vtprune.serving.llava``) equals the HF wrap's on the toy model, and the
+toy folder vLLM loads: tested without vLLM (the plugin itself runs in the serving venv: tests/serving)."""
+
+import pytest
+import torch
+
+import vtprune
+from vtprune import toy
+from vtprune.methods import get
+from vtprune.serving import check, model_dir
+from vtprune.serving.llava import kept_count, select
+
+
+@pytest.fixture(scope="module")
+def toy_batch():
+    model, processor = toy.load()
+    samples = toy.eval_split(n=4)
+    batch = processor(images=[s["image"] for s in samples], text=[toy.prompt(s["question"]) for s in samples],
+                      return_tensors="pt", padding=True)
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+    return model, batch, features
+
+
+@pytest.mark.parametrize("method,keep", [("uniform", 0.25), ("divprune", 0.1), ("random", 0.25), ("pool", 0.25)])
+def test_serving_keeps_what_the_hf_wrap_keeps(toy_batch, method, keep):
+    model, batch, features = toy_batch
+    config = check(method, keep, {})
+    with vtprune.wrapped(model, method, keep=keep):
+        seen = {}
+        handle = model.model.language_model.register_forward_pre_hook(  # after the cut: what the LLM reads
+            lambda m, a, k: seen.update(embeds=k["inputs_embeds"]), with_kwargs=True)
+        with torch.no_grad():
+            model(**batch)
+        handle.remove()
+        kept = vtprune.last_kept(model)
+        cut, _ = vtprune.record(model).cut
+    generator = torch.Generator().manual_seed(0)
+    image = batch["input_ids"] == model.config.image_token_id
+    for i, f in enumerate(features):
+        indices, rows = select(config, f, generator)
+        assert indices.tolist() == kept[i][0].tolist()
+        assert rows.shape[0] == kept_count(config, f.shape[0])
+        fed = seen["embeds"][i][image[i][cut[i]].to(seen["embeds"].device)]  # the image rows the HF LLM reads
+        torch.testing.assert_close(rows, fed, atol=1e-6, rtol=0)
+
+
+def test_serving_errors_and_the_toy_folder(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="not 'fastervlm'"):
+        check("fastervlm", 0.25, {})
+    with pytest.raises(ValueError, match="summary"):
+        check("uniform", 0.25, {"summary": 1})
+    with pytest.raises(ValueError, match="keep"):
+        check("uniform", 1.5, {})
+    monkeypatch.setenv("VTPRUNE_CACHE", str(tmp_path))
+    folder = model_dir("toy")
+    from safetensors import safe_open
+
+    import os
+
+    assert sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) == ["model.safetensors"]
+    with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("vision_tower.vision_model.") for k in keys if k.startswith("vision_tower."))
+    assert get("uniform") is not None and model_dir("/some/dir") == "/some/dir"

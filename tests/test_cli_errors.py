@@ -186,7 +186,8 @@ def test_serve_errors_are_one_line_before_anything_loads(capsys, no_model, monke
     cases = [(["serve", "toy", "--method", "fastervlm"], "not 'fastervlm'"),
              (["serve", "toy", "--method", "uniform", "--keep", "2.5"], "must lie in (0, 1]"),
              (["serve", "toy", "--method", "uniform", "--keep", "0.25"], "needs vLLM: build the serving venv"),
-             (["serve", "toy", "--keep", "lots"], "--keep must be a number")]
+             (["serve", "toy", "--keep", "lots"], "--keep 'lots' is not a number"),
+             (["serve", "toy", "--keep", "0.5,0.25"], "takes one budget")]
     for argv, words in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err

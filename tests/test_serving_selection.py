@@ -7,7 +7,7 @@ import torch
 import vtprune
 from vtprune import toy
 from vtprune.methods import get
-from vtprune.serving import check, model_dir
+from vtprune.serving import check, check_architecture, model_dir
 from vtprune.serving.llava import kept_count, select
 
 
@@ -63,3 +63,9 @@ def test_serving_errors_and_the_toy_folder(tmp_path, monkeypatch):
         keys = list(f.keys())
     assert keys and all(k.startswith("vision_tower.vision_model.") for k in keys if k.startswith("vision_tower."))
     assert get("uniform") is not None and model_dir("/some/dir") == "/some/dir"
+    check_architecture(folder)  # the toy is a LLaVA-1.5
+    other = tmp_path / "qwen"
+    other.mkdir()
+    (other / "config.json").write_text('{"architectures": ["Qwen2VLForConditionalGeneration"]}')
+    with pytest.raises(ValueError, match="prunes LlavaForConditionalGeneration"):
+        check_architecture(str(other))

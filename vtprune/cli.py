@@ -328,26 +328,24 @@ def _check_toy_task(args):
 def _check_serve(args):
     import importlib.util
 
-    from vtprune.serving import check
+    from vtprune.serving import SERVED_TYPES, check
 
+    keeps = _check_keeps(args.keep)
+    if len(keeps) != 1:
+        raise UsageError(f"--keep {args.keep}: vtprune serve takes one budget")
     try:
-        args.config = check(args.method, _parse_keep(args.keep), {})
+        args.config = check(args.method, keeps[0], {})
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from None
     if importlib.util.find_spec("vllm") is None:
         raise UsageError("vtprune serve needs vLLM: build the serving venv (bash scripts/vllm_cpu_env.sh DIR) and run "
                          "DIR/bin/vtprune serve there")
-    if args.model != "toy" and not os.path.isdir(args.model) and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.model):
-        raise UsageError(f"--model {args.model!r} is neither 'toy', a folder, nor a hub id (org/name)")
+    model_type = _check_model(args.model)
+    if model_type not in SERVED_TYPES:
+        raise UsageError(f"--model {args.model} is a {model_type!r} model; vtprune serving runs "
+                         f"{', '.join(SERVED_TYPES)} models in this version")
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must lie in 1..65535, got {args.port}")
-
-
-def _parse_keep(text):
-    try:
-        return int(text) if re.fullmatch(r"\d+", text) else float(text)
-    except ValueError:
-        raise UsageError(f"--keep must be a number, got {text!r}") from None
 
 
 def _serve(args) -> int:

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 ENV = "VTPRUNE_SERVE"
-SERVED = {"LlavaForConditionalGeneration": "llava"}
+SERVED = {"LlavaForConditionalGeneration": "llava"}  # architecture -> its config's model_type
+SERVED_TYPES = tuple(sorted(set(SERVED.values())))
 METHODS = ("random", "uniform", "pool", "divprune")
 
 
@@ -78,13 +80,28 @@ def model_dir(model: str) -> str:
     return out
 
 
+def check_architecture(folder: str):
+    """``ValueError`` unless the model in ``folder`` (its config.json) is one the plugin prunes: vLLM would
+    otherwise serve it unpruned without a word."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return  # a hub id: vLLM resolves it; the CLI checks its model_type before
+    with open(path) as f:
+        architectures = json.load(f).get("architectures") or []
+    if not set(architectures) & set(SERVED):
+        raise ValueError(f"{folder} is {architectures or 'an unknown architecture'}; vtprune serving prunes "
+                         f"{', '.join(SERVED)} in this version")
+
+
 def LLM(model, method: str = "random", keep=1.0, **kwargs):
     """A ``vllm.LLM`` serving ``model`` ("toy" for the shipped toy model) with ``method`` at ``keep``;
     ``kwargs`` go to ``vllm.LLM`` (method options go in ``options=``)."""
     options = kwargs.pop("options", {}) or {}
     config = check(method, keep, options)
+    folder = os.path.expanduser(model_dir(model))
+    check_architecture(folder)
     text = json.dumps(config.to_dict())
-    if os.environ.get(ENV, text) != text and "vllm" in __import__("sys").modules:
+    if os.environ.get(ENV, text) != text and "vllm" in sys.modules:
         raise ValueError(f"this process already served {os.environ[ENV]}: vLLM keeps a model's input processor per "
                          "process, so serve one vtprune method and budget per process (start another for another)")
     os.environ[ENV] = text
@@ -98,4 +115,4 @@ def LLM(model, method: str = "random", keep=1.0, **kwargs):
         kwargs.setdefault("dtype", "float32")
         kwargs.setdefault("max_model_len", 512)
         kwargs.setdefault("limit_mm_per_prompt", {"image": 1})
-    return vllm.LLM(model=model_dir(model), **kwargs)
+    return vllm.LLM(model=folder, **kwargs)

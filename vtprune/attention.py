@@ -49,6 +49,20 @@ def allowed_keys(mask, q, kv, device):
     return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
 
+def attention_probs(query, key, mask, scaling, last_only: bool = False):
+    """[B, rows, kv] post-softmax attention of a routed call's query rows (only the last with ``last_only``),
+    averaged over heads, in fp32 (grouped key heads repeated; rows with no allowed key give 0)."""
+    heads, kv_heads = query.shape[1], key.shape[1]
+    key = key.float().repeat_interleave(heads // kv_heads, dim=1)
+    n = key.shape[2]
+    q = query.float()[:, :, -1:] if last_only else query.float()
+    logits = (q @ key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    allowed = allowed_keys(mask, n, n, query.device)
+    if last_only:
+        allowed = allowed[..., -1:, :]
+    return logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0).mean(1)
+
+
 def additive_mask(mask, query, key):
     """The routed mask as an additive float mask [B, 1|H, q, kv] in the query's dtype (0 = may attend,
     the dtype's minimum = blocked); causal where SDPA passed none."""

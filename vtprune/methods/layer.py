@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from ..attention import allowed_keys
+from ..attention import attention_probs
 from ..budget import check_keep, tokens_to_keep
 from ..errors import NotApplicable
 from .base import LayerMethod, register
@@ -48,17 +48,8 @@ class FastV(LayerMethod):
 
     def observe(self, runtime, query, key, mask, scaling):
         """[B, L]: the attention paid to each token by the last prompt token (or the text rows), mean over heads."""
-        heads, kv_heads = query.shape[1], key.shape[1]
-        key = key.float().repeat_interleave(heads // kv_heads, dim=1)
-        n = key.shape[2]
-        last_only = self.query == "last"
-        q = query.float()[:, :, -1:] if last_only else query.float()
-        logits = (q @ key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
-        allowed = allowed_keys(mask, n, n, query.device)
-        if last_only:
-            allowed = allowed[..., -1:, :]
-        probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0).mean(1)  # [B, rows, n]
-        if last_only:
+        probs = attention_probs(query, key, mask, scaling, last_only=self.query == "last")  # [B, rows, n]
+        if self.query == "last":
             return probs[:, 0]
         weights = runtime.text.to(probs.device).float()
         return (probs * weights[:, :, None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)

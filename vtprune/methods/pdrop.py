@@ -15,10 +15,10 @@ from typing import ClassVar
 
 import torch
 
+from ..attention import attention_probs
 from ..budget import tokens_to_keep
 from ..errors import NotApplicable
 from .base import LayerMethod, indices, register
-from .layer import FastV
 
 
 @register("pdrop")
@@ -67,11 +67,8 @@ class PDrop(LayerMethod):
         return self.stage_layers(n_layers)[0]
 
     def observe(self, runtime, query, key, mask, scaling):
-        return FastV.observe(self, runtime, query, key, mask, scaling)
-
-    @property
-    def query(self) -> str:  # FastV.observe reads the last prompt token
-        return "last"
+        """[B, L]: the attention the prompt's last token pays each token, mean over heads (FastV's score)."""
+        return attention_probs(query, key, mask, scaling, last_only=True)[:, 0]
 
     def drop(self, runtime, visual):
         stage = runtime.stage_layers.index(runtime.stage) + 1

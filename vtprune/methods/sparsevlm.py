@@ -23,9 +23,9 @@ from typing import ClassVar
 
 import torch
 
+from ..attention import attention_probs
 from ..errors import NotApplicable
 from .base import LayerMethod, indices, register
-from .layer import FastV
 
 TABLE = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}  # kept per stage of 576
 DEFAULT_LOC = (2, 6, 15)  # of 32 layers
@@ -104,20 +104,9 @@ class SparseVLM(LayerMethod):
     def first_layer(self, n_layers):
         return self.stage_layers(n_layers)[0]
 
-    @property
-    def query(self) -> str:  # the attention of the text rows; raters weigh them (``drop``)
-        return "all"
-
     def observe(self, runtime, query, key, mask, scaling):
         """[B, rows, L]: the layer's attention probabilities (mean over heads) of every row."""
-        heads, kv_heads = query.shape[1], key.shape[1]
-        key = key.float().repeat_interleave(heads // kv_heads, dim=1)
-        n = key.shape[2]
-        logits = (query.float() @ key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
-        from ..attention import allowed_keys
-
-        allowed = allowed_keys(mask, n, n, query.device)
-        return logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0).mean(1)
+        return attention_probs(query, key, mask, scaling)
 
     def raters(self, runtime, b) -> torch.Tensor:
         """Bool [L] over the prefill: sample ``b``'s raters (text after its last visual token, relevance > mean)."""

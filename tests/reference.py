@@ -271,3 +271,21 @@ class BiasedReference:
                 vis = extra["visual_pos_masks"]
                 extra["visual_pos_masks"] = torch.cat([vis, torch.zeros_like(vis[:, :1])], 1)
         return torch.cat(tokens, 1)
+
+
+def staged_masks(model, stages, cut=None):
+    """Context manager: each in-LLM stage's tokens ``(layer, _, drop)`` masked from its layer on (``LayerMasked``);
+    with ``cut`` ((index, real) of a pre-LLM cut) the masks over the cut sequence go back to the full one."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    for k, _, drop in stages:
+        drop = drop.cpu()
+        if cut is not None:
+            index, real = cut
+            full = torch.zeros(drop.shape[0], int(index.max()) + 1, dtype=torch.bool)
+            for b in range(drop.shape[0]):
+                full[b, index[b][real[b] & drop[b]]] = True
+            drop = full
+        stack.enter_context(LayerMasked(model, k, drop))
+    return stack

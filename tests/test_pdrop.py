@@ -1,10 +1,8 @@
 """PyramidDrop: staged exits against the stock model with each stage's tokens masked from its layer on."""
 
-import contextlib
-
 import pytest
 import torch
-from reference import LayerMasked, masked_forward, masked_greedy
+from reference import masked_forward, masked_greedy, staged_masks
 
 import vtprune
 from vtprune.testing import FAMILIES, IMAGE_TOKEN, tiny_inputs, tiny_model
@@ -15,13 +13,6 @@ def _model(family, layers=4):
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
-
-
-def _staged(model, stages):
-    stack = contextlib.ExitStack()
-    for k, _, drop in stages:
-        stack.enter_context(LayerMasked(model, k, drop.cpu()))
-    return stack
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -47,10 +38,10 @@ def test_pdrop_equals_stage_masked_reference(family, rows, with_mask):
     per_layer = stats["samples"][0]["visual_tokens_per_layer"]
     assert per_layer[0] == int(visual[0]) and per_layer[1:] == sorted(per_layer[1:], reverse=True)
     none = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
-    with _staged(model, stages):
+    with staged_masks(model, stages):
         ref = masked_forward(model, inputs, none)
     torch.testing.assert_close(logits[:, -1], ref[:, -1], atol=1e-5, rtol=0)
-    with _staged(model, gen_stages):
+    with staged_masks(model, gen_stages):
         assert torch.equal(tokens, masked_greedy(model, inputs, none, steps=6))
 
 

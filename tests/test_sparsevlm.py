@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from reference import LayerMasked, masked_forward, masked_greedy
+from reference import masked_forward, masked_greedy, staged_masks
 
 import vtprune
 from vtprune.methods.sparsevlm import TABLE, dpc_knn
@@ -47,8 +47,7 @@ def _reference(model, record, length):
     stack = contextlib.ExitStack()
     for k, row, slot, members in record.exit.merged:  # merges first: they act on layer k's input
         stack.enter_context(Merge(model, k, row, slot, members, length))
-    for k, _, drop in record.exit.stages:
-        stack.enter_context(LayerMasked(model, k, drop.cpu()))
+    stack.enter_context(staged_masks(model, record.exit.stages))
     return stack
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from reference import BiasedReference, LayerMasked, drop_mask, image_runs
+from reference import BiasedReference, drop_mask, image_runs, staged_masks
 
 import vtprune
 from vtprune.errors import NotApplicable
@@ -193,15 +193,6 @@ def test_summary_composes_with_zerotuning_and_sizes_the_budget():
         assert vtprune.stats(model)["summary_tokens_out"] == 0
 
 
-def _exit_drop(record, shape):
-    """The tokens the in-LLM exit took out, over the original sequence."""
-    drop = torch.zeros(shape, dtype=torch.bool)
-    index, real = record.cut
-    for b in range(shape[0]):
-        drop[b, index[b][real[b] & record.exit.drop[b].cpu()]] = True
-    return drop
-
-
 @pytest.mark.parametrize("family", ["llava", "internvl", "qwen2_vl", "qwen3_vl"])
 def test_size_bias_follows_an_in_llm_exit(family):
     """``fastervlm`` with summary tokens, then ``fastv`` at layer 1: layers >= 1 hold fewer keys; their biases
@@ -213,11 +204,11 @@ def test_size_bias_follows_an_in_llm_exit(family):
     logits, record, stats, tokens, generated = _run(model, inputs, ["fastervlm", "fastv"], **options)
     assert stats["exit"]["layer"] == 1 and min(stats["exit"]["visual_tokens_dropped"]) > 0
     drop, sizes, features = _expected(inputs, record, ref, joins=True)
-    with LayerMasked(model, 1, _exit_drop(record, drop.shape)):
+    with staged_masks(model, record.exit.stages, record.cut):
         expected = ref.logits(drop, sizes, features)
     torch.testing.assert_close(logits[:, -1], expected[:, -1], atol=ATOL, rtol=0)
     drop, sizes, features = _expected(inputs, generated, ref, joins=True)
-    with LayerMasked(model, 1, _exit_drop(generated, drop.shape)):
+    with staged_masks(model, generated.exit.stages, generated.cut):
         assert torch.equal(tokens, ref.greedy(drop, sizes, features))
 
 
@@ -247,8 +238,6 @@ def test_summary_errors_leave_the_model_as_it_was():
 
 def test_size_bias_follows_every_pdrop_stage():
     """Three stages on a 4-layer model: each stage's layers see the biases of the keys that reached it."""
-    import contextlib
-
     model = tiny_model("llava", llm_layers=4)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -258,22 +247,12 @@ def test_size_bias_follows_every_pdrop_stage():
                                                     size_bias=True)
     assert [k for k, _, _ in record.exit.stages] == [1, 2, 3]
 
-    def staged(rec):
-        stack = contextlib.ExitStack()
-        for k, _, drop in rec.exit.stages:
-            orig = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
-            index, real = rec.cut
-            for b in range(orig.shape[0]):
-                orig[b, index[b][real[b] & drop[b].cpu()]] = True
-            stack.enter_context(LayerMasked(model, k, orig))
-        return stack
-
     drop, sizes, features = _expected(inputs, record, ref, joins=True)
-    with staged(record):
+    with staged_masks(model, record.exit.stages, record.cut):
         expected = ref.logits(drop, sizes, features)
     torch.testing.assert_close(logits[:, -1], expected[:, -1], atol=ATOL, rtol=0)
     drop, sizes, features = _expected(inputs, generated, ref, joins=True)
-    with staged(generated):
+    with staged_masks(model, generated.exit.stages, generated.cut):
         assert torch.equal(tokens, ref.greedy(drop, sizes, features))
 
 

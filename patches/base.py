@@ -35,6 +35,7 @@ class Adapter:
     family: ClassVar[str] = ""
     classes: ClassVar[tuple] = ()
     default_score: ClassVar[str] = "cls"  # what [CLS]-attention methods read unless told (``source``)
+    flat_positions: ClassVar[bool] = True  # 1-D position ids (False: Qwen's (t, h, w) mrope rows)
 
     def __init__(self, model):
         self.model = model
@@ -124,18 +125,12 @@ class Adapter:
         keeps its SDPA/flash attention.  Returns the hook handles.
         """
         q_mod, k_mod, heads, scale = self.cls_sites()[layer]
-        score = tower_scores.SCORES[kind]
         box = {}
 
         def on_keys(module, args, k):
             q = box.pop("q", None)
-            if q is None:
-                return
-            tiles, n, d = k.shape
-            segments = [(t * n, (t + 1) * n) for t in range(tiles)]
-            flat = score(q.reshape(tiles * n, heads, d // heads), k.reshape(tiles * n, heads, d // heads),
-                         segments, scale)
-            sink(flat.view(tiles, n))
+            if q is not None:
+                sink(tower_scores.per_tile(q, k, heads, scale, kind))
 
         return [q_mod.register_forward_hook(lambda module, args, out: box.update(q=out)),
                 k_mod.register_forward_hook(on_keys)]

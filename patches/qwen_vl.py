@@ -40,6 +40,7 @@ class QwenVLAdapter(Adapter):
     family = "qwen2_vl"
     classes = ("Qwen2VLForConditionalGeneration",)
     default_score = "received"  # no [CLS]
+    flat_positions = False
 
     def __init__(self, model):
         super().__init__(model)

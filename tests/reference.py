@@ -55,32 +55,38 @@ def positions(model, inputs, for_generate: bool):
     return text if for_generate else None
 
 
-def _masked_kwargs(model, inputs, drop):
+def _masked_kwargs(model, inputs, drop, renumber=False):
     kw = dict(inputs)
     kw["attention_mask"] = _pad_mask(inputs) * (~drop).long()
     pos = positions(model, inputs, for_generate=False)
+    if renumber:  # 1-D positions: those of the shortened sequence
+        pos = torch.arange(drop.shape[1]).expand(drop.shape[0], -1) - drop.long().cumsum(-1)
     if pos is not None:
         kw["position_ids"] = pos
     return kw
 
 
-def masked_forward(model, inputs, drop):
-    """Logits of the stock model on the full prompt with ``drop`` tokens masked out."""
+def masked_forward(model, inputs, drop, renumber=False):
+    """Logits of the stock model on the full prompt with ``drop`` tokens masked out (``renumber``: each
+    position less the dropped tokens before it, i.e. the stock model on the shortened prompt)."""
     with torch.no_grad():
-        return model(**_masked_kwargs(model, inputs, drop)).logits
+        return model(**_masked_kwargs(model, inputs, drop, renumber)).logits
 
 
-def masked_greedy(model, inputs, drop, steps: int = 8, plain: bool = False) -> torch.Tensor:
+def masked_greedy(model, inputs, drop, steps: int = 8, plain: bool = False, renumber: bool = False) -> torch.Tensor:
     """Greedy tokens with a KV cache from the stock model, ``drop`` tokens masked, positions kept.
 
     Positions follow ``generate`` (cumulative over the padding mask), or with ``plain`` those of a
-    plain forward call (``arange`` over the whole row for Llama-style models).
+    plain forward call (``arange`` over the whole row for Llama-style models); with ``renumber`` each
+    less the dropped tokens before it (1-D positions).
     """
     kw = {k: v for k, v in inputs.items() if k != "attention_mask"}
     mask = _pad_mask(inputs) * (~drop).long()
     pos = positions(model, inputs, for_generate=not plain)
     if pos is None:
         pos = torch.arange(mask.shape[1]).expand(mask.shape[0], -1)
+    if renumber:
+        pos = pos - drop.long().cumsum(-1)
     tokens = []
     with torch.no_grad():
         out = model(**kw, attention_mask=mask, position_ids=pos, use_cache=True)

@@ -183,10 +183,13 @@ def test_serve_errors_are_one_line_before_anything_loads(capsys, no_model, monke
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
-    cases = [(["serve", "toy", "--method", "fastervlm"], "not 'fastervlm'"),
+    cases = [(["serve", "toy", "--method", "fastv"], "not 'fastv'"),
              (["serve", "toy", "--method", "uniform", "--keep", "2.5"], "must lie in (0, 1]"),
              (["serve", "toy", "--method", "uniform", "--keep", "0.25"], "needs vLLM: build the serving venv"),
              (["serve", "toy", "--keep", "lots"], "--keep 'lots' is not a number"),
+             (["serve", "toy", "--method", "fastervlm+vhr", "--keep", "0.25"], "runs one method"),
+             (["serve", "toy", "--method", "visionzip:contextual_share=2", "--keep", "0.25"], "contextual_share"),
+             (["serve", "toy", "--method", "fastervlm:positions=original", "--keep", "0.25"], "positions='renumber'"),
              (["serve", "toy", "--keep", "0.5,0.25"], "takes one budget")]
     for argv, words in cases:
         assert main(argv) == 2, argv

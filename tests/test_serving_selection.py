@@ -9,6 +9,7 @@ from vtprune import toy
 from vtprune.methods import get
 from vtprune.serving import check, check_architecture, model_dir
 from vtprune.serving.llava import kept_count, select
+from vtprune.serving.tower import TowerTap
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +23,38 @@ def toy_batch():
     return model, batch, features
 
 
-@pytest.mark.parametrize("method,keep", [("uniform", 0.25), ("divprune", 0.1), ("random", 0.25), ("pool", 0.25)])
+def _tapped_features(model, batch, config):
+    """The toy's projected image features with a ``TowerTap`` fed as the vLLM binding feeds it: each hooked
+    CLIP layer's q and k (vLLM fuses them in one projection; HF has two), the projector's input merged."""
+    tower = model.model.vision_tower
+    vision = model.config.vision_config
+    tap = TowerTap(config, vision.num_hidden_layers, vision.num_hidden_layers + model.config.vision_feature_layer)
+    handles, box = [], {}
+    for layer in tap.layers:
+        attn = tower.encoder.layers[layer].self_attn
+        handles.append(attn.q_proj.register_forward_hook(lambda m, a, q: box.update(q=q)))
+        handles.append(attn.k_proj.register_forward_hook(
+            lambda m, a, k, layer=layer, attn=attn: tap.on_qkv(layer, box.pop("q"), k, attn.num_heads, attn.scale)))
+    handles.append(model.model.multi_modal_projector.register_forward_pre_hook(
+        lambda m, args: (tap.on_projector(args[0]), *args[1:])))
+    try:
+        with torch.no_grad():
+            features = model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+    finally:
+        for h in handles:
+            h.remove()
+    return features, tap
+
+
+@pytest.mark.parametrize("method,keep", [("uniform", 0.25), ("divprune", 0.1), ("random", 0.25), ("pool", 0.25),
+                                         ("fastervlm", 0.1), ("vtc_cls", 0.25), ("visionzip", 0.1)])
 def test_serving_keeps_what_the_hf_wrap_keeps(toy_batch, method, keep):
     model, batch, features = toy_batch
     config = check(method, keep, {})
+    assert config.positions == "renumber"
+    tap = None
+    if config.needs_cls:
+        features, tap = _tapped_features(model, batch, config)
     with vtprune.wrapped(model, method, keep=keep):
         seen = {}
         handle = model.model.language_model.register_forward_pre_hook(  # after the cut: what the LLM reads
@@ -38,16 +67,28 @@ def test_serving_keeps_what_the_hf_wrap_keeps(toy_batch, method, keep):
     generator = torch.Generator().manual_seed(0)
     image = batch["input_ids"] == model.config.image_token_id
     for i, f in enumerate(features):
-        indices, rows = select(config, f, generator)
+        indices, rows = select(config, f, generator, tap.image(i, f.shape[0]) if tap else None)
         assert indices.tolist() == kept[i][0].tolist()
         assert rows.shape[0] == kept_count(config, f.shape[0])
         fed = seen["embeds"][i][image[i][cut[i]].to(seen["embeds"].device)]  # the image rows the HF LLM reads
         torch.testing.assert_close(rows, fed, atol=1e-6, rtol=0)
 
 
+def test_tower_tap_reads_the_layers_a_method_asks_for():
+    config = check("vtc_cls", 0.25, {"start_layer": 1})
+    tap = TowerTap(config, 4, 2)
+    assert tap.layers == [1, 2]
+    with pytest.raises(ValueError, match="did not run"):
+        tap.image(0, 256)  # precomputed embeddings: no tower ran
+    with pytest.raises(ValueError, match="out of range"):
+        TowerTap(check("fastervlm", 0.25, {"vision_layer": 7}), 4, 2)
+
+
 def test_serving_errors_and_the_toy_folder(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="not 'fastervlm'"):
-        check("fastervlm", 0.25, {})
+    with pytest.raises(ValueError, match="not 'fastv'"):
+        check("fastv", 0.25, {})
+    with pytest.raises(ValueError, match="positions='renumber'"):
+        check("uniform", 0.25, {"positions": "original"})
     with pytest.raises(ValueError, match="summary"):
         check("uniform", 0.25, {"summary": 1})
     with pytest.raises(ValueError, match="keep"):

@@ -18,6 +18,25 @@ from .errors import NotApplicable
 from .hooks import Installed
 
 
+def merge_tiles(selector, cls, keys, features, sources):
+    """A merging method's rewrite of a batch of tiles' per-patch features [tiles, n, C] before the projector.
+
+    ``cls`` [tiles, T] and ``keys`` [tiles, T, d]: the tower layer's scores and head-mean keys; ``sources``
+    [n, w]: the tower tokens each projector token holds.  Returns the merged features, and per tower token
+    [tiles, T] whether it is kept and how many tower tokens it stands for (divided among its projector
+    token's ``w`` sources)."""
+    k = tokens_to_keep(selector.keep, features.shape[1])
+    # per projector token: the summed [CLS] attention and the mean key of the tower tokens it holds
+    merged, kept, sizes = selector.merge(cls[:, sources].sum(-1), keys[:, sources].mean(-2), features, k)
+    selected = torch.zeros_like(cls)
+    tower_sizes = torch.zeros_like(cls, dtype=torch.float32)
+    width = sources.shape[1]  # tower tokens per projector token: an LLM token sums them (tower_to_llm)
+    for t, idx in enumerate(kept):
+        selected[t, sources[idx].flatten()] = 1.0
+        tower_sizes[t, sources[idx].flatten()] = (sizes[t, idx].float() / width).repeat_interleave(width)
+    return merged, selected, tower_sizes
+
+
 class Capture:
     def __init__(self, adapter, selector, inert):
         self.adapter = adapter
@@ -68,17 +87,7 @@ class Capture:
         sources = self.adapter.projector_sources(cls.shape[1], features.shape[1]).to(cls.device)  # [T, k]
         if cls.shape[0] != features.shape[0]:
             raise RuntimeError("vtprune: the projector input does not line up with the tower's tokens")
-        # per projector token: the summed [CLS] attention and the mean key of the tower tokens it holds
-        k = tokens_to_keep(self.selector.keep, features.shape[1])
-        merged, kept, sizes = self.selector.merge(cls[:, sources].sum(-1), keys[:, sources].mean(-2), features, k)
-        selected = torch.zeros_like(cls)
-        tower_sizes = torch.zeros_like(cls, dtype=torch.float32)
-        width = sources.shape[1]  # tower tokens per projector token: an LLM token sums them (tower_to_llm)
-        for t, idx in enumerate(kept):
-            selected[t, sources[idx].flatten()] = 1.0
-            tower_sizes[t, sources[idx].flatten()] = (sizes[t, idx].float() / width).repeat_interleave(width)
-        self.tower_selected = selected
-        self.tower_sizes = tower_sizes
+        merged, self.tower_selected, self.tower_sizes = merge_tiles(self.selector, cls, keys, features, sources)
         return (merged, *args[1:])
 
     def _reset(self, args=None, kwargs=None):

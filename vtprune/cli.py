@@ -329,12 +329,16 @@ def _check_serve(args):
     import importlib.util
 
     from vtprune.serving import SERVED_TYPES, check
+    from vtprune.spec import parse_spec
 
     keeps = _check_keeps(args.keep)
     if len(keeps) != 1:
         raise UsageError(f"--keep {args.keep}: vtprune serve takes one budget")
     try:
-        args.config = check(args.method, keeps[0], {})
+        names, options = parse_spec(args.method)
+        if len(names) != 1:
+            raise ValueError(f"--method {args.method}: vtprune serve runs one method, got {'+'.join(names)}")
+        args.config = check(names[0], keeps[0], options)
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from None
     if importlib.util.find_spec("vllm") is None:
@@ -433,7 +437,9 @@ def main(argv=None) -> int:
                            description="Serve MODEL with vLLM, pruned by --method at --keep; options vtprune does not "
                            "know go to vLLM's server (e.g. --max-num-seqs 8).")
     serve.add_argument("model", help="'toy' (the shipped toy LLaVA) or a model folder / hub id")
-    serve.add_argument("--method", default="random", help="random, uniform, pool or divprune (default: random)")
+    serve.add_argument("--method", default="random",
+                       help="random, uniform, pool, divprune, fastervlm, vtc_cls or visionzip, with options as in eval "
+                            "(fastervlm:vision_layer=-3) (default: random)")
     serve.add_argument("--keep", default="1.0", help="budget: a fraction in (0, 1] or a token count (default: 1.0)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")

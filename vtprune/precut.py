@@ -4,7 +4,8 @@ A forward pre-hook on the language model (the session's) hands every call here. 
 and a selector, the kept tokens are gathered (``vtprune.kernels.gather_cut``): ``inputs_embeds``,
 the attention mask (2-D; 4-D and per-layer-type dicts through ``vtprune.masks``) and the position
 ids, which keep their original values, so the result equals the full sequence with the dropped
-tokens masked out.  Rows that keep fewer tokens are padded at the front with masked slots, like
+tokens masked out (with the selector's ``positions="renumber"``: each position less the real tokens
+cut before it, the shortened sequence numbered afresh).  Rows that keep fewer tokens are padded at the front with masked slots, like
 left padding.  Later calls on the same cache get a compacted mask and, without ``position_ids``,
 original positions (``vtprune.sequences``).
 """
@@ -28,8 +29,12 @@ class PreCut:
         self.selection = Selection(adapter, selector, capture)
         self.forward = None  # the Forward record of the last call with images
         self.made_masks = ()  # 4-D masks generate built on the pruned cache (vtprune.generation)
+        self.renumber = getattr(selector, "positions", "original") == "renumber"
 
     def install(self) -> list:
+        if self.renumber and not self.adapter.flat_positions:
+            raise ValueError(f"positions='renumber' numbers 1-D positions afresh; {self.adapter.family} uses (t, h, w) "
+                             "mrope positions, which vtprune keeps as they are (use positions='original')")
         return []
 
     def remove(self):
@@ -61,6 +66,8 @@ class PreCut:
             positions = (torch.arange(q, device=embeds.device) + state.orig_len).expand(batch, q)
         elif positions.shape[-2] == 1 and batch > 1:
             positions = positions.expand(*positions.shape[:-2], batch, q)
+        if self.renumber:
+            positions = self._renumber(positions, cut, chunk, state)
         index = real = None
         if cut is not None:
             index, real = cut
@@ -88,6 +95,22 @@ class PreCut:
         if cut is not None:
             self.adapter.after_cut(state)
             self.forward.time_gather_s = time.perf_counter() - start
+
+    @staticmethod
+    def _renumber(positions, cut, chunk, state):
+        """Positions less the real tokens cut before them (this call's cut and earlier ones)."""
+        batch, q = positions.shape[-2:]
+        before = torch.zeros(batch, q, dtype=torch.long, device=positions.device)
+        if state.shift is not None:
+            before += state.shift.to(positions.device)[:, None]
+        if cut is not None:
+            index, real = cut
+            kept = torch.zeros(batch, q, dtype=torch.long, device=positions.device)
+            kept = kept.scatter_add(1, index.to(positions.device), real.to(positions.device).long()) > 0
+            gone = ~kept if chunk is None else ~kept & chunk.to(positions.device).bool()
+            before += gone.long().cumsum(1)
+            state.shift = before[:, -1].clone()
+        return positions - before
 
     def _original_columns(self, mask, state, q) -> bool:
         """Whether a 4-D mask of this call indexes the original sequence rather than the pruned cache

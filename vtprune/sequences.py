@@ -26,6 +26,7 @@ class CacheState:
     live: torch.Tensor | None = None  # [B, cache_len]: False on the padding slots of a cut
     tail: int = 0  # entries since the last cut (one per token): what a crop may take back
     bias: torch.Tensor | None = None  # [B, cache_len]: log(size) of each entry's key (vtprune.bias), 0 for most
+    shift: torch.Tensor | None = None  # [B]: real tokens cut so far, what positions="renumber" takes off
 
     def crop(self, length: int):
         """The cache was cut back to ``length`` entries, dropping only uncut tokens (its tail)."""

@@ -61,3 +61,13 @@ def received(q, k, segments, scale, max_queries: int = 512, chunk: int = 512):
 
 
 SCORES = {"cls": cls, "received": received}
+
+
+def per_tile(q, k, heads: int, scale: float, kind: str = "cls"):
+    """[tiles, n] fp32: the score ``kind`` of each tile of a tower layer's ``q``/``k`` [tiles, n, heads x d]
+    (a batch of CLIP images or crops), each tile attending within itself."""
+    tiles, n, width = k.shape
+    segments = [(t * n, (t + 1) * n) for t in range(tiles)]
+    flat = SCORES[kind](q.reshape(tiles * n, heads, width // heads), k.reshape(tiles * n, heads, width // heads),
+                        segments, scale)
+    return flat.view(tiles, n)

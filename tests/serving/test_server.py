@@ -14,7 +14,8 @@ import urllib.request
 
 import pytest
 
-pytest.importorskip("vllm")
+if os.environ.get("VTPRUNE_REQUIRE_VLLM") != "1":  # CI sets it: there a missing vLLM fails the run
+    pytest.importorskip("vllm")
 
 
 def _free_port():
@@ -34,7 +35,7 @@ def test_openai_server_answers_a_chat_request_with_an_image():
 
     port = _free_port()
     vtprune_bin = shutil.which("vtprune", path=os.path.dirname(sys.executable))
-    server = subprocess.Popen([vtprune_bin, "serve", "toy", "--method", "uniform", "--keep", "0.25", "--port",
+    server = subprocess.Popen([vtprune_bin, "serve", "toy", "--method", "visionzip", "--keep", "0.25", "--port",
                                str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300

@@ -127,7 +127,9 @@ class Selector(Method):
     ``scope="image"`` (default) ranks all of an image's tokens together — LLaVA-NeXT's base image
     and crops, InternVL's tiles — so a budget flows to the tiles that score best.  ``scope="tile"``
     gives every tile its own share, as FasterVLM and VisionZip do on LLaVA-NeXT: a float ``keep``
-    of each tile's tokens, an int ``keep`` tokens per tile.
+    of each tile's tokens, an int ``keep`` tokens per tile.  ``positions="renumber"`` numbers the
+    shortened sequence afresh (a token's position drops by the tokens cut before it), as serving
+    engines number a pruned prompt, instead of keeping original positions.
     """
 
     stage: ClassVar[str] = "select"
@@ -142,7 +144,10 @@ class Selector(Method):
         "summary_feature": "'mean' (at the medoid's place), 'medoid' or 'first': a summary token's feature",
         "size_bias": "bool: weigh each kept token in attention by the tokens it stands for (pool windows, VisionZip "
                      "contextual tokens; otherwise the dropped tokens closest in feature join it)",
-        "bias_layers": "list of decoder layers that add the size bias; None: all ([]: none, an ablation)"}
+        "bias_layers": "list of decoder layers that add the size bias; None: all ([]: none, an ablation)",
+        "positions": "'original' (kept tokens and the text after them keep their positions: the full sequence with "
+                     "the dropped tokens masked) or 'renumber' (the shortened sequence numbered afresh, as vLLM "
+                     "numbers a pruned prompt; 1-D positions only)"}
     needs_cls: ClassVar[bool] = False  # reads ctx.cls_attention (the tower layers of ``tower_layers``)
     merges: ClassVar[bool] = False  # rewrites tower features before the projector (``merge``)
     needs_text: ClassVar[bool] = False  # reads ctx.instructions (the instruction's token embeddings)
@@ -154,6 +159,7 @@ class Selector(Method):
     summary_feature: str = "mean"
     size_bias: bool = False
     bias_layers: list | None = None
+    positions: str = "original"
 
     @property
     def inert(self) -> bool:  # every token kept as it is (merging methods rewrite features even then)
@@ -187,6 +193,8 @@ class Selector(Method):
             raise TypeError(f"size_bias must be True or False, got {self.size_bias!r}")
         if self.bias_layers is not None:
             self.bias_layers = indices(self.bias_layers)
+        if self.positions not in ("original", "renumber"):
+            raise ValueError(f"positions must be 'original' or 'renumber', got {self.positions!r}")
 
     def score(self, ctx: ScoreContext) -> list:
         """One 1-D score tensor per image (higher = keep)."""

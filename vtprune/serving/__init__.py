@@ -1,4 +1,4 @@
-"""vtprune inside vLLM (issue 25, first slice): ``vtprune.serving.LLM`` and a vLLM general plugin.
+"""vtprune inside vLLM (issue 25): ``vtprune.serving.LLM`` and a vLLM general plugin.
 
     from vtprune.serving import LLM
     llm = LLM("toy", method="uniform", keep=0.25, max_model_len=512)   # a vllm.LLM
@@ -6,13 +6,14 @@
 Runs in the serving venv (``bash scripts/vllm_cpu_env.sh DIR``).  The choice travels to vLLM's
 worker processes in the environment (``VTPRUNE_SERVE``: the method config as JSON); the plugin
 (``vtprune.serving.plugin``, entry point ``vllm.general_plugins``) then registers pruned variants of
-vLLM's own model classes.  This slice: LLaVA-1.5 (``LlavaForConditionalGeneration``) with the
-selectors that need no tower internals — ``random``, ``uniform``, ``pool``, ``divprune``.  The
-processor emits the kept number of image placeholders (``tokens_to_keep(keep, n)``; ``pool``: its
-realized window count), and the model's multimodal embedding returns the kept rows chosen by the
-same vtprune method on the features vLLM computes.  Positions: vLLM numbers the shortened prompt
-contiguously (the kept tokens are renumbered), unlike vtprune's HF path, which keeps original
-positions.
+vLLM's own model classes.  This version: LLaVA-1.5 (``LlavaForConditionalGeneration``) with
+``random``, ``uniform``, ``pool``, ``divprune`` and the [CLS] methods ``fastervlm``, ``vtc_cls``,
+``visionzip`` (their scores read off vLLM's CLIP layers through forward hooks on the fused q/k/v
+projection: ``vtprune.serving.tower``).  The processor emits the kept number of image placeholders
+(``tokens_to_keep(keep, n)``; ``pool``: its realized window count), and the model's multimodal
+embedding returns the kept rows chosen by the same vtprune method on the features vLLM computes.
+Positions: vLLM numbers the shortened prompt contiguously; the HF wrap matches it with
+``positions="renumber"`` (served configs carry it; the HF default, ``"original"``, keeps positions).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sys
 ENV = "VTPRUNE_SERVE"
 SERVED = {"LlavaForConditionalGeneration": "llava"}  # architecture -> its config's model_type
 SERVED_TYPES = tuple(sorted(set(SERVED.values())))
-METHODS = ("random", "uniform", "pool", "divprune")
+METHODS = ("random", "uniform", "pool", "divprune", "fastervlm", "vtc_cls", "visionzip")
 
 
 def config_from_env():
@@ -42,8 +43,11 @@ def check(method: str, keep, options: dict):
     from .. import methods
 
     if method not in METHODS:
-        raise ValueError(f"vtprune serving runs {', '.join(METHODS)} in this version, not {method!r} "
-                         "(the [CLS] methods need vLLM's vision tower hooked; summary tokens a biased attention)")
+        raise ValueError(f"vtprune serving runs {', '.join(METHODS)} in this version, not {method!r}")
+    options = dict(options)
+    if options.setdefault("positions", "renumber") != "renumber":
+        raise ValueError("vLLM numbers a pruned prompt afresh: serving runs positions='renumber' (the HF wrap's "
+                         "option that matches it), not positions='original'")
     config = methods.get(method)(keep=keep, **options)
     config.validate()
     if getattr(config, "summary", 0) or getattr(config, "size_bias", False):
@@ -116,3 +120,16 @@ def LLM(model, method: str = "random", keep=1.0, **kwargs):
         kwargs.setdefault("max_model_len", 512)
         kwargs.setdefault("limit_mm_per_prompt", {"image": 1})
     return vllm.LLM(model=folder, **kwargs)
+
+
+def _kept_of(model):
+    return list(getattr(model, "vtprune_kept", []))
+
+
+def last_kept(llm, n: int | None = None) -> list:
+    """The kept indices of the last ``n`` images (all it remembers, up to 4096, when None) that the served
+    model of ``llm`` (a ``vllm.LLM`` from ``LLM``) embedded, oldest first: as ``vtprune.last_kept`` for one
+    image.  With vLLM's engine in a separate process (its default) this needs
+    ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` set before the engine starts."""
+    kept = llm.apply_model(_kept_of)[0]
+    return kept if n is None else kept[-n:]

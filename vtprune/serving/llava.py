@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import torch
 
 from ..budget import tokens_to_keep
@@ -21,15 +23,21 @@ def kept_count(config, n: int) -> int:
     return k
 
 
-def select(config, features: torch.Tensor, generator) -> tuple:
+def select(config, features: torch.Tensor, generator, tower: dict | None = None) -> tuple:
     """``(kept indices, rows)``: which of one image's features [n, D] enter the LLM, and the rows that do
-    (merged rows for ``pool``)."""
+    (merged rows for ``pool``).  ``tower``: the image's tower scores for [CLS] methods
+    (``vtprune.serving.tower.TowerTap.image``)."""
     n = features.shape[0]
     side = int(round(n ** 0.5))
     layout = ImageLayout.from_grids([(side, n // side)]) if side * (n // side) == n else ImageLayout.flat(n)
     k = tokens_to_keep(config.keep, n)
     ctx = ScoreContext(layouts=[layout], budgets=[k], rows=[0], features=[features.float().cpu()],
                        generator=generator)
+    if tower is not None:
+        ctx.cls_attention = {layer: [scores] for layer, scores in tower["cls"].items()}
+        if tower.get("selected") is not None:
+            ctx.tower_selected = [(tower["selected"] > 0).float()]
+            ctx.tower_sizes = [tower["sizes"]]
     (scores,) = config.score(ctx)
     kept = top_tokens(scores, layout, ctx.budgets[0])
     out = features[kept.to(features.device)]
@@ -40,6 +48,38 @@ def select(config, features: torch.Tensor, generator) -> tuple:
         for a, row in zip(anchors.tolist(), merged):
             out[position[a]] = row.to(out.dtype)
     return kept, out
+
+
+def tap_clip(model, config):
+    """Hook the CLIP tower of vLLM's LLaVA ``model`` for a [CLS] method: a ``TowerTap`` fed by the
+    fused q/k/v projection of every layer the method reads (and the projector, for merging)."""
+    from .tower import TowerTap
+
+    hf = model.config
+    n = hf.vision_config.num_hidden_layers
+    feature = hf.vision_feature_layer[-1] if isinstance(hf.vision_feature_layer, (list, tuple)) \
+        else hf.vision_feature_layer
+    tap = TowerTap(config, n, n + feature if feature < 0 else feature - 1)
+    layers = model.vision_tower.vision_model.encoder.layers
+    for layer in tap.layers:
+        if layer >= len(layers):
+            raise ValueError(f"{config.name} reads vision-tower layer {layer}, past the {len(layers)} layers vLLM "
+                             "builds for the layer the projector reads")
+        attn = layers[layer].self_attn
+        if attn.num_heads_per_partition != attn.num_heads:
+            raise ValueError(f"{config.name} averages the tower's attention over all heads; vLLM splits them over "
+                             "tensor-parallel ranks here: serve it with tensor_parallel_size=1 or "
+                             "mm_encoder_tp_mode='data'")
+
+        def on_qkv(module, args, out, layer=layer, heads=attn.num_heads, scale=attn.scale):
+            q, k, _ = out[0].chunk(3, dim=-1)
+            tap.on_qkv(layer, q, k, heads, scale)
+
+        attn.qkv_proj.register_forward_hook(on_qkv)
+    if config.merges:
+        model.multi_modal_projector.register_forward_pre_hook(
+            lambda module, args: (tap.on_projector(args[0]), *args[1:]))
+    return tap
 
 
 def pruned_llava(config):
@@ -57,10 +97,22 @@ def pruned_llava(config):
     class PrunedLlava(LlavaForConditionalGeneration):
         vtprune_config = config
 
+        def __init__(self, *, vllm_config, prefix: str = ""):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+            self.vtprune_tap = tap_clip(self, config) if config.needs_cls else None
+            self.vtprune_kept = collections.deque(maxlen=4096)  # the last images' kept indices
+            self.vtprune_generator = torch.Generator().manual_seed(int(getattr(config, "seed", 0)))
+
         def embed_multimodal(self, **kwargs):
+            tap = self.vtprune_tap
+            if tap is not None:
+                tap.clear()
             features = super().embed_multimodal(**kwargs)
-            if not hasattr(self, "_vtprune_generator"):
-                self._vtprune_generator = torch.Generator().manual_seed(int(getattr(config, "seed", 0)))
-            return [select(config, f, self._vtprune_generator)[1] for f in features]
+            out = []
+            for i, f in enumerate(features):
+                kept, rows = select(config, f, self.vtprune_generator, tap.image(i, f.shape[0]) if tap else None)
+                self.vtprune_kept.append(kept.tolist())
+                out.append(rows)
+            return out
 
     return PrunedLlava

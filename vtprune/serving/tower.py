@@ -1,0 +1,60 @@
+"""The vision-tower side of a served [CLS] method (FasterVLM, VTC-CLS, VisionZip), free of vLLM.
+
+An engine binding feeds ``on_qkv`` with each hooked tower layer's queries and keys (a batch of
+images, ``[images, T, heads x d]``), and, for merging methods, lets ``on_projector`` rewrite the
+per-patch features before the projector.  ``image(i, n)`` then hands image ``i``'s scores, mapped
+onto its ``n`` LLM tokens, to ``vtprune.serving.llava.select`` — the same scores, merge and
+selection as the HF wrap (``vtprune.tower_scores``, ``vtprune.capture.merge_tiles``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..capture import merge_tiles
+from ..tower_scores import per_tile
+
+
+class TowerTap:
+    def __init__(self, config, n_layers: int, feature_layer: int, default_score: str = "cls"):
+        self.config = config
+        self.kind = config.tower_score or default_score
+        layers = config.tower_layers(n_layers, feature_layer)
+        for layer in layers:
+            if not -n_layers <= layer < n_layers:
+                raise ValueError(f"vision-tower layer {layer} is out of range: the tower has {n_layers} layers")
+        self.layers = sorted({layer % n_layers for layer in layers})
+        self.clear()
+
+    def clear(self):
+        self.scores, self.keys, self.selected, self.sizes = {}, None, None, None
+
+    def on_qkv(self, layer: int, q, k, heads: int, scale: float):
+        """Tower layer ``layer`` ran on a batch of images: its queries and keys [images, T, heads x d]."""
+        self.scores[layer] = per_tile(q, k, heads, scale, self.kind)
+        if self.config.merges and layer == self.layers[-1]:
+            images, n, width = k.shape
+            self.keys = k.detach().reshape(images, n, heads, width // heads).mean(2)
+
+    def on_projector(self, features):
+        """Merged per-patch features [images, n, C] (merging methods), each patch after ``T - n`` leading tower
+        tokens ([CLS]); the features as they are for the others."""
+        if not self.config.merges:
+            return features
+        cls = self.scores.get(self.layers[-1])
+        if cls is None or self.keys is None or cls.shape[0] != features.shape[0]:
+            raise RuntimeError("vtprune: the projector input does not line up with the tower run it follows")
+        skip = cls.shape[1] - features.shape[1]
+        sources = (torch.arange(features.shape[1], device=cls.device) + skip)[:, None]
+        merged, self.selected, self.sizes = merge_tiles(self.config, cls, self.keys, features, sources)
+        return merged
+
+    def image(self, i: int, n: int) -> dict:
+        """Image ``i``'s tower scores on its ``n`` LLM tokens (its last ``n`` tower tokens)."""
+        if set(self.scores) != set(self.layers):
+            raise ValueError(f"vtprune {self.config.name} reads the vision tower's attention, which did not run for "
+                             "these images (precomputed image embeddings cannot be pruned by [CLS] methods)")
+        out = {"cls": {layer: s[i, -n:].float().cpu() for layer, s in self.scores.items()}}
+        if self.selected is not None:
+            out["selected"], out["sizes"] = self.selected[i, -n:].cpu(), self.sizes[i, -n:].cpu()
+        return out

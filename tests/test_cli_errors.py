@@ -189,7 +189,6 @@ def test_serve_errors_are_one_line_before_anything_loads(capsys, no_model, monke
              (["serve", "toy", "--keep", "lots"], "--keep 'lots' is not a number"),
              (["serve", "toy", "--method", "fastervlm+vhr", "--keep", "0.25"], "runs one method"),
              (["serve", "toy", "--method", "visionzip:contextual_share=2", "--keep", "0.25"], "contextual_share"),
-             (["serve", "toy", "--method", "fastervlm:positions=original", "--keep", "0.25"], "positions='renumber'"),
              (["serve", "toy", "--keep", "0.5,0.25"], "takes one budget")]
     for argv, words in cases:
         assert main(argv) == 2, argv

@@ -8,7 +8,7 @@ import vtprune
 from vtprune import toy
 from vtprune.methods import get
 from vtprune.serving import check, check_architecture, model_dir
-from vtprune.serving.llava import kept_count, select
+from vtprune.serving.select import kept_count, select
 from vtprune.serving.tower import TowerTap
 
 
@@ -89,6 +89,11 @@ def test_serving_errors_and_the_toy_folder(tmp_path, monkeypatch):
         check("fastv", 0.25, {})
     with pytest.raises(ValueError, match="positions='renumber'"):
         check("uniform", 0.25, {"positions": "original"})
+    assert check("uniform", 0.25, {}, "qwen2_5_vl").positions == "original"  # as EVS keeps mrope positions
+    with pytest.raises(ValueError, match="positions='original'"):
+        check("uniform", 0.25, {"positions": "renumber"}, "qwen2_5_vl")
+    with pytest.raises(ValueError, match="CLIP tower so far"):
+        check("fastervlm", 0.25, {}, "qwen2_5_vl")
     with pytest.raises(ValueError, match="summary"):
         check("uniform", 0.25, {"summary": 1})
     with pytest.raises(ValueError, match="keep"):
@@ -104,9 +109,11 @@ def test_serving_errors_and_the_toy_folder(tmp_path, monkeypatch):
         keys = list(f.keys())
     assert keys and all(k.startswith("vision_tower.vision_model.") for k in keys if k.startswith("vision_tower."))
     assert get("uniform") is not None and model_dir("/some/dir") == "/some/dir"
-    check_architecture(folder)  # the toy is a LLaVA-1.5
+    assert check_architecture(folder) == "llava"  # the toy is a LLaVA-1.5
     other = tmp_path / "qwen"
     other.mkdir()
     (other / "config.json").write_text('{"architectures": ["Qwen2VLForConditionalGeneration"]}')
     with pytest.raises(ValueError, match="prunes LlavaForConditionalGeneration"):
         check_architecture(str(other))
+    (other / "config.json").write_text('{"architectures": ["Qwen2_5_VLForConditionalGeneration"]}')
+    assert check_architecture(str(other)) == "qwen2_5_vl"

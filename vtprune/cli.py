@@ -338,7 +338,7 @@ def _check_serve(args):
         names, options = parse_spec(args.method)
         if len(names) != 1:
             raise ValueError(f"--method {args.method}: vtprune serve runs one method, got {'+'.join(names)}")
-        args.config = check(names[0], keeps[0], options)
+        check(names[0], keeps[0], options, None)
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from None
     if importlib.util.find_spec("vllm") is None:
@@ -348,6 +348,11 @@ def _check_serve(args):
     if model_type not in SERVED_TYPES:
         raise UsageError(f"--model {args.model} is a {model_type!r} model; vtprune serving runs "
                          f"{', '.join(SERVED_TYPES)} models in this version")
+    try:
+        args.config = check(names[0], keeps[0], options, model_type)
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err)) from None
+    args.model_type = model_type
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must lie in 1..65535, got {args.port}")
 
@@ -366,6 +371,8 @@ def _serve(args) -> int:
     if args.model == "toy":
         command += ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
                     "--limit-mm-per-prompt", '{"image": 1}', "--served-model-name", "toy"]
+    elif args.model_type in ("qwen2_vl", "qwen2_5_vl"):  # images only: vLLM refuses video requests up front
+        command += ["--limit-mm-per-prompt", '{"video": 0}']
     command += args.vllm_args
     print("vtprune serve: " + " ".join(command), flush=True)
     os.execvpe(command[0], command, env)

@@ -3,38 +3,16 @@
 in its own process (vLLM keeps a model's input processor per process).  References: the HF model, and
 the HF wrap of the same method with ``positions="renumber"`` (vLLM numbers a pruned prompt afresh)."""
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers import first_word, serve, until_eos
 
 if os.environ.get("VTPRUNE_REQUIRE_VLLM") != "1":  # CI sets it: there a missing vLLM fails the run
     pytest.importorskip("vllm")
 
 N = 40
 STEPS = 4
-EOS = 3  # the toy's end-of-sequence token
-
-
-def serve(method, keep, n=N):
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ALLOW_INSECURE_SERIALIZATION="1")
-    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "worker.py"), method, str(keep),
-                          str(n)], capture_output=True, text=True, env=env, timeout=600)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, out.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
-
-
-def _first(text):
-    words = text.split()
-    return words[0] if words else ""
-
-
-def _until_eos(tokens):
-    tokens = list(tokens)
-    return tokens[:tokens.index(EOS) + 1] if EOS in tokens else tokens
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +42,15 @@ def hf_run(toy_batch, method=None, keep=1.0):
     finally:
         if method is not None:
             vtprune.unwrap(model)
-    return [_until_eos(row.tolist()) for row in out[:, batch["input_ids"].shape[1]:]], kept
+    return [until_eos(row.tolist()) for row in out[:, batch["input_ids"].shape[1]:]], kept
 
 
 def test_keep_all_answers_as_the_hf_model(toy_batch):
     _, processor, samples, _ = toy_batch
     tokens, _ = hf_run(toy_batch)
-    served = serve("random", 1.0)
-    assert [_until_eos(t) for t in served["tokens"]] == tokens
-    hf = [_first(processor.decode(t, skip_special_tokens=True)) for t in tokens]
+    served = serve("random", 1.0, N)
+    assert [until_eos(t) for t in served["tokens"]] == tokens
+    hf = [first_word(processor.decode(t, skip_special_tokens=True)) for t in tokens]
     assert sum(a == s["answer"] for a, s in zip(hf, samples)) >= 0.9 * N
     assert len(served["prompt_tokens"]) == N and all(len(k) == 256 for k in served["kept"])
 
@@ -83,10 +61,10 @@ def test_a_served_method_keeps_and_answers_as_the_hf_wrap(toy_batch, method, kee
     """The same kept tokens per image as the HF wrap, the same greedy tokens as the HF wrap with positions
     renumbered, and the prompt shorter by the dropped count."""
     from vtprune.serving import check
-    from vtprune.serving.llava import kept_count
+    from vtprune.serving.select import kept_count
 
     tokens, kept = hf_run(toy_batch, method, keep)
-    served = serve(method, keep)
+    served = serve(method, keep, N)
     # vLLM's tower (fused q/k/v, its own attention kernel) differs from HF's in the last float bits, so a
     # near-tie between two tokens may go the other way (measured: divprune at 0.1, whose greedy picks then
     # diverge, 37/40 images alike, the others 84.6% alike; the other methods 40/40): nearly every image keeps
@@ -95,7 +73,7 @@ def test_a_served_method_keeps_and_answers_as_the_hf_wrap(toy_batch, method, kee
     served_sets = [set(k) for k in served["kept"]]
     same = sum(set(k) in served_sets for k in kept)
     overlap = min(max(len(set(k) & s) for s in served_sets) / len(k) for k in kept)
-    answers = sum(_until_eos(a) == b for a, b in zip(served["tokens"], tokens))
+    answers = sum(until_eos(a) == b for a, b in zip(served["tokens"], tokens))
     print(f"{method} {keep}: images kept alike {same}/{N}, min overlap {overlap:.3f}, answers alike {answers}/{N}")
     assert same >= 0.9 * N and overlap >= 0.75, (same, overlap)
     assert answers >= 0.9 * N, answers
@@ -106,6 +84,6 @@ def test_a_served_method_keeps_and_answers_as_the_hf_wrap(toy_batch, method, kee
 
 def test_a_method_beats_random_at_keep_0_1(toy_batch):
     samples = toy_batch[2]
-    right = {m: sum(_first(a) == s["answer"] for a, s in zip(serve(m, 0.1)["answers"], samples))
+    right = {m: sum(first_word(a) == s["answer"] for a, s in zip(serve(m, 0.1, N)["answers"], samples))
              for m in ("random", "divprune")}
     assert right["divprune"] > right["random"], right

@@ -1,20 +1,28 @@
-"""Serve the toy model with one vtprune config in this process; print one JSON line: the answers, prompt
-lengths and each image's kept indices (read off the served model)."""
+"""Serve a model ("toy", or a tiny Qwen2.5-VL folder from ``tiny_qwen``) with one vtprune config in this
+process; print one JSON line: the answers, their tokens, prompt lengths and each image's kept indices (read
+off the served model)."""
 
 import json
+import os
 import sys
 
 
 def main():
     method, keep, n = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+    model = sys.argv[4] if len(sys.argv) > 4 else "toy"
     from vllm import SamplingParams
 
     from vtprune import toy
     from vtprune.serving import LLM, last_kept
 
+    sys.path.insert(0, os.path.dirname(__file__))
+    import tiny_qwen
+
+    prompt = toy.prompt if model == "toy" else tiny_qwen.prompt
+    options = {} if model == "toy" else {"dtype": "float32", "max_model_len": 512}
     samples = toy.eval_split(n=n)
-    llm = LLM("toy", method=method, keep=keep, enforce_eager=True)
-    requests = [{"prompt": toy.prompt(s["question"]), "multi_modal_data": {"image": s["image"]}} for s in samples]
+    llm = LLM(model, method=method, keep=keep, enforce_eager=True, **options)
+    requests = [{"prompt": prompt(s["question"]), "multi_modal_data": {"image": s["image"]}} for s in samples]
     outs = llm.generate(requests, SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
     print("RESULT " + json.dumps({"answers": [o.outputs[0].text for o in outs],
                                   "tokens": [list(o.outputs[0].token_ids) for o in outs],

@@ -6,14 +6,17 @@
 Runs in the serving venv (``bash scripts/vllm_cpu_env.sh DIR``).  The choice travels to vLLM's
 worker processes in the environment (``VTPRUNE_SERVE``: the method config as JSON); the plugin
 (``vtprune.serving.plugin``, entry point ``vllm.general_plugins``) then registers pruned variants of
-vLLM's own model classes.  This version: LLaVA-1.5 (``LlavaForConditionalGeneration``) with
+vLLM's own model classes.  This version: LLaVA-1.5 (``LlavaForConditionalGeneration``), Qwen2-VL and
+Qwen2.5-VL (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``: images;
+``vtprune.serving.qwen``), with
 ``random``, ``uniform``, ``pool``, ``divprune`` and the [CLS] methods ``fastervlm``, ``vtc_cls``,
 ``visionzip`` (their scores read off vLLM's CLIP layers through forward hooks on the fused q/k/v
 projection: ``vtprune.serving.tower``).  The processor emits the kept number of image placeholders
 (``tokens_to_keep(keep, n)``; ``pool``: its realized window count), and the model's multimodal
 embedding returns the kept rows chosen by the same vtprune method on the features vLLM computes.
-Positions: vLLM numbers the shortened prompt contiguously; the HF wrap matches it with
-``positions="renumber"`` (served configs carry it; the HF default, ``"original"``, keeps positions).
+Positions: vLLM numbers LLaVA's shortened prompt contiguously (the HF wrap's ``positions="renumber"``)
+and keeps Qwen's mrope positions as EVS does (``positions="original"``, the HF default); a served config
+carries the one that matches (``POSITIONS``).
 """
 
 from __future__ import annotations
@@ -23,8 +26,12 @@ import os
 import sys
 
 ENV = "VTPRUNE_SERVE"
-SERVED = {"LlavaForConditionalGeneration": "llava"}  # architecture -> its config's model_type
+SERVED = {"LlavaForConditionalGeneration": "llava",  # architecture -> its config's model_type
+          "Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl"}
 SERVED_TYPES = tuple(sorted(set(SERVED.values())))
+# how vLLM positions a pruned prompt, per model type, as the HF wrap's ``positions`` option names it: LLaVA's
+# 1-D positions are numbered afresh; Qwen's mrope positions are rewritten as EVS does (original ones)
+POSITIONS = {"llava": "renumber", "qwen2_vl": "original", "qwen2_5_vl": "original"}
 METHODS = ("random", "uniform", "pool", "divprune", "fastervlm", "vtc_cls", "visionzip")
 
 
@@ -38,18 +45,23 @@ def config_from_env():
     return from_dict(json.loads(text))
 
 
-def check(method: str, keep, options: dict):
-    """The validated method config; ``ValueError`` for methods the serving plugin does not run."""
+def check(method: str, keep, options: dict, model_type: str | None = "llava"):
+    """The validated method config for a ``model_type`` model (its ``positions`` set to what vLLM does there;
+    None: not yet known); ``ValueError`` for methods the serving plugin does not run."""
     from .. import methods
 
     if method not in METHODS:
         raise ValueError(f"vtprune serving runs {', '.join(METHODS)} in this version, not {method!r}")
     options = dict(options)
-    if options.setdefault("positions", "renumber") != "renumber":
-        raise ValueError("vLLM numbers a pruned prompt afresh: serving runs positions='renumber' (the HF wrap's "
-                         "option that matches it), not positions='original'")
+    want = POSITIONS.get(model_type)
+    if want is not None and options.setdefault("positions", want) != want:
+        raise ValueError(f"vLLM positions a pruned {model_type} prompt as the HF wrap's positions={want!r} does; "
+                         f"serving cannot run positions={options['positions']!r}")
     config = methods.get(method)(keep=keep, **options)
     config.validate()
+    if config.needs_cls and model_type not in (None, "llava"):
+        raise ValueError(f"vtprune serving runs {method} on LLaVA's CLIP tower so far, not on {model_type} (its "
+                         "tower has no [CLS]; the HF wrap's 'received' score is not hooked in vLLM yet)")
     if getattr(config, "summary", 0) or getattr(config, "size_bias", False):
         raise ValueError("vtprune serving does not run summary tokens or size_bias yet")
     return config
@@ -84,26 +96,29 @@ def model_dir(model: str) -> str:
     return out
 
 
-def check_architecture(folder: str):
-    """``ValueError`` unless the model in ``folder`` (its config.json) is one the plugin prunes: vLLM would
-    otherwise serve it unpruned without a word."""
+def check_architecture(folder: str) -> str | None:
+    """The model type of the model in ``folder`` (its config.json; None for a hub id, which vLLM resolves);
+    ``ValueError`` unless it is one the plugin prunes: vLLM would otherwise serve it unpruned without a word."""
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
-        return  # a hub id: vLLM resolves it; the CLI checks its model_type before
+        return None
     with open(path) as f:
         architectures = json.load(f).get("architectures") or []
-    if not set(architectures) & set(SERVED):
+    served = [SERVED[a] for a in architectures if a in SERVED]
+    if not served:
         raise ValueError(f"{folder} is {architectures or 'an unknown architecture'}; vtprune serving prunes "
                          f"{', '.join(SERVED)} in this version")
+    return served[0]
 
 
 def LLM(model, method: str = "random", keep=1.0, **kwargs):
     """A ``vllm.LLM`` serving ``model`` ("toy" for the shipped toy model) with ``method`` at ``keep``;
     ``kwargs`` go to ``vllm.LLM`` (method options go in ``options=``)."""
     options = kwargs.pop("options", {}) or {}
-    config = check(method, keep, options)
+    check(method, keep, options, None)  # a bad method or budget says so before the toy folder is written
     folder = os.path.expanduser(model_dir(model))
-    check_architecture(folder)
+    model_type = check_architecture(folder)
+    config = check(method, keep, options, model_type)
     text = json.dumps(config.to_dict())
     if os.environ.get(ENV, text) != text and "vllm" in sys.modules:
         raise ValueError(f"this process already served {os.environ[ENV]}: vLLM keeps a model's input processor per "
@@ -119,6 +134,8 @@ def LLM(model, method: str = "random", keep=1.0, **kwargs):
         kwargs.setdefault("dtype", "float32")
         kwargs.setdefault("max_model_len", 512)
         kwargs.setdefault("limit_mm_per_prompt", {"image": 1})
+    if model_type in ("qwen2_vl", "qwen2_5_vl"):  # images only: vLLM refuses video requests up front
+        kwargs["limit_mm_per_prompt"] = {**kwargs.get("limit_mm_per_prompt", {}), "video": 0}
     return vllm.LLM(model=folder, **kwargs)
 
 

@@ -1,4 +1,5 @@
-"""LLaVA-1.5 in vLLM with vtprune's pre-LLM selection: fewer image placeholders, the kept feature rows."""
+"""LLaVA-1.5 in vLLM with vtprune's pre-LLM selection: fewer image placeholders, the kept feature rows
+(positions: vLLM numbers the shortened prompt afresh, the HF wrap's ``positions="renumber"``)."""
 
 from __future__ import annotations
 
@@ -6,48 +7,7 @@ import collections
 
 import torch
 
-from ..budget import tokens_to_keep
-from ..layout import ImageLayout
-from ..methods import ScoreContext
-from ..scoring import pool_windows, total_budget
-from ..select import top_tokens
-
-
-def kept_count(config, n: int) -> int:
-    """How many of an image's ``n`` tokens the served method keeps (a function of ``n`` and ``keep`` only)."""
-    k = tokens_to_keep(config.keep, n)
-    if config.name == "pool":
-        side = int(round(n ** 0.5))
-        anchors, _ = pool_windows(ImageLayout.from_grids([(side, n // side)]), total_budget(k))
-        return int(anchors.numel())
-    return k
-
-
-def select(config, features: torch.Tensor, generator, tower: dict | None = None) -> tuple:
-    """``(kept indices, rows)``: which of one image's features [n, D] enter the LLM, and the rows that do
-    (merged rows for ``pool``).  ``tower``: the image's tower scores for [CLS] methods
-    (``vtprune.serving.tower.TowerTap.image``)."""
-    n = features.shape[0]
-    side = int(round(n ** 0.5))
-    layout = ImageLayout.from_grids([(side, n // side)]) if side * (n // side) == n else ImageLayout.flat(n)
-    k = tokens_to_keep(config.keep, n)
-    ctx = ScoreContext(layouts=[layout], budgets=[k], rows=[0], features=[features.float().cpu()],
-                       generator=generator)
-    if tower is not None:
-        ctx.cls_attention = {layer: [scores] for layer, scores in tower["cls"].items()}
-        if tower.get("selected") is not None:
-            ctx.tower_selected = [(tower["selected"] > 0).float()]
-            ctx.tower_sizes = [tower["sizes"]]
-    (scores,) = config.score(ctx)
-    kept = top_tokens(scores, layout, ctx.budgets[0])
-    out = features[kept.to(features.device)]
-    if ctx.replacements[0] is not None:  # pool: the windows' means at their anchors
-        anchors, merged = ctx.replacements[0]
-        position = {int(a): i for i, a in enumerate(kept.tolist())}
-        out = out.clone()
-        for a, row in zip(anchors.tolist(), merged):
-            out[position[a]] = row.to(out.dtype)
-    return kept, out
+from .select import kept_count, select
 
 
 def tap_clip(model, config):

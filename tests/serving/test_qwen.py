@@ -1,0 +1,81 @@
+"""vtprune inside vLLM on tiny random Qwen2-VL and Qwen2.5-VL models (serving venv): the processor's kept placeholder count,
+the kept rows and their mrope positions as EVS rewrites them.  Reference: the HF model wrapped with the same
+method and its default ``positions="original"`` (kept tokens at their (t, h, w) positions, the text after the
+image at its unpruned positions) — token for token, which a wrong position would break."""
+
+import os
+
+import pytest
+from helpers import serve, until_eos
+
+if os.environ.get("VTPRUNE_REQUIRE_VLLM") != "1":  # CI sets it: there a missing vLLM fails the run
+    pytest.importorskip("vllm")
+
+N = 16
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return {}
+
+
+@pytest.fixture
+def tiny(request, built, tmp_path_factory):
+    """(folder, HF model, batch, torch, model type) of the tiny model the test names (built once per module)."""
+    model_type = request.param
+    if model_type not in built:
+        built[model_type] = _build(model_type, str(tmp_path_factory.mktemp(model_type)))
+    return built[model_type]
+
+
+def _build(model_type, folder):
+    import torch
+    import transformers as tf
+    from tiny_qwen import build, prompt
+
+    from vtprune import toy
+
+    folder = build(folder, model_type)
+    model = tf.AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = tf.AutoProcessor.from_pretrained(folder)
+    samples = toy.eval_split(n=N)
+    batch = processor(images=[s["image"] for s in samples], text=[prompt(s["question"]) for s in samples],
+                      return_tensors="pt", padding=True)
+    return folder, model, batch, torch, model_type
+
+
+def hf_run(tiny, method=None, keep=1.0):
+    import vtprune
+
+    _, model, batch, torch, _ = tiny
+    if method is not None:
+        vtprune.wrap(model, method, keep=keep)
+    try:
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=STEPS, do_sample=False)
+        kept = [images[0].tolist() for images in vtprune.last_kept(model)] if method else None
+    finally:
+        if method is not None:
+            vtprune.unwrap(model)
+    return [until_eos(row.tolist()) for row in out[:, batch["input_ids"].shape[1]:]], kept
+
+
+@pytest.mark.parametrize("tiny,method,keep", [("qwen2_vl", None, 1.0), ("qwen2_vl", "pool", 0.25),
+                                              ("qwen2_5_vl", None, 1.0), ("qwen2_5_vl", "divprune", 0.25),
+                                              ("qwen2_5_vl", "pool", 0.25)], indirect=["tiny"])
+def test_served_qwen_keeps_and_answers_as_the_hf_wrap(tiny, method, keep):
+    from vtprune.serving import check
+    from vtprune.serving.select import kept_count
+
+    folder, _, batch, _, model_type = tiny
+    tokens, kept = hf_run(tiny, method, keep)
+    served = serve(method or "random", keep, N, folder)
+    assert [until_eos(t) for t in served["tokens"]] == tokens
+    n = 36  # a 6 x 6 grid of merged tokens per image
+    if kept is not None:
+        assert sorted(map(tuple, served["kept"])) == sorted(map(tuple, kept))
+    dropped = n - kept_count(check(method or "random", keep, {}, model_type), n, (6, 6))
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert served["prompt_tokens"] == [length - dropped for length in lengths]
+    assert dropped > 0 or method is None

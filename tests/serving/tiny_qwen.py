@@ -1,0 +1,57 @@
+"""A tiny random Qwen2-VL or Qwen2.5-VL folder that both vLLM and transformers load offline (serving venv: it needs
+torchvision for Qwen's image processor): the toy's word-level tokenizer with Qwen's vision tokens added,
+a language model whose heads are 32 wide (vLLM's CPU attention takes no narrower), 6 x 6 image tokens."""
+
+from __future__ import annotations
+
+import os
+
+PIXELS = 168 * 168  # 12 x 12 patches of 14, merged 2 x 2: 36 LLM tokens per image
+SPECIAL = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def prompt(question: str) -> str:
+    return f"<|vision_start|><|image_pad|><|vision_end|>{question}"
+
+
+def build(folder: str, model_type: str = "qwen2_5_vl", seed: int = 0) -> str:
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        return folder
+    import torch
+    import transformers as tf
+
+    from vtprune.toy import DEFAULT_PATH
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(DEFAULT_PATH)
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL})
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
+           zip(("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"), SPECIAL)}
+    vocab = (len(tokenizer) + 7) // 8 * 8
+    text = dict(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 4, 4]})
+    if model_type == "qwen2_5_vl":
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=128, intermediate_size=64, num_heads=4, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+        config = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids, tie_word_embeddings=False)
+        model_class, processor_class = tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2_5_VLProcessor
+    else:
+        vision = dict(depth=2, embed_dim=32, hidden_size=128, num_heads=4, mlp_ratio=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        config = tf.Qwen2VLConfig(text_config=text, vision_config=vision, **ids, tie_word_embeddings=False)
+        model_class, processor_class = tf.Qwen2VLForConditionalGeneration, tf.Qwen2VLProcessor
+    torch.manual_seed(seed)
+    model = model_class._from_config(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    image = tf.Qwen2VLImageProcessor(min_pixels=PIXELS, max_pixels=PIXELS, patch_size=14, merge_size=2,
+                                     temporal_patch_size=2)
+    video = tf.Qwen2VLVideoProcessor(min_pixels=PIXELS, max_pixels=PIXELS, patch_size=14, merge_size=2,
+                                     temporal_patch_size=2)
+    processor = processor_class(image_processor=image, tokenizer=tokenizer, video_processor=video,
+                                       chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    os.makedirs(folder, exist_ok=True)
+    processor.save_pretrained(folder)
+    model.save_pretrained(folder)
+    return folder

@@ -79,7 +79,8 @@ def main(argv=None):
         print("RESULT " + json.dumps(worker(method, keep, n, concurrency)), flush=True)
         return None
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--method", default="divprune", help="random, uniform, pool or divprune (default divprune)")
+    parser.add_argument("--method", default="divprune",
+                        help="a served method: random, uniform, pool, divprune, fastervlm, vtc_cls, visionzip (default divprune)")
     parser.add_argument("--keeps", default="1,0.25,0.1,0.05")
     parser.add_argument("--concurrency", default="1,8")
     parser.add_argument("--n", type=int, default=32, help="questions per batch (default 32)")

@@ -14,6 +14,35 @@ import torch
 from vtprune.testing import IMAGE_TOKEN
 
 
+def greedy_model(family: str):
+    """A tiny random model of ``family`` that always generates the full number of tokens."""
+    from vtprune.testing import tiny_model
+
+    model = tiny_model(family)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def generated(model, inputs, steps: int = 8) -> torch.Tensor:
+    """The new tokens of greedy ``generate``."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False)
+    return out[:, inputs["input_ids"].shape[1]:]
+
+
+def manual_greedy(model, inputs, steps: int = 6) -> torch.Tensor:
+    """Greedy tokens from a user's loop that passes no positions and no mask after the prompt."""
+    tokens = []
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        for _ in range(steps):
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(tok)
+            out = model(input_ids=tok, past_key_values=out.past_key_values, use_cache=True)
+    return torch.cat(tokens, 1)
+
+
 def image_runs(input_ids: torch.Tensor) -> list:
     """Per row, the positions of each image (runs of image tokens separated by other tokens)."""
     rows = []

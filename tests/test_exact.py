@@ -6,28 +6,15 @@ kept): last-position logits within fp32 tolerance and identical greedy tokens wi
 
 import pytest
 import torch
-from reference import drop_mask, masked_forward, masked_greedy, masked_loss
+from reference import drop_mask, generated, greedy_model, manual_greedy, masked_forward, masked_greedy, masked_loss
 
 import vtprune
-from vtprune.testing import FAMILIES, tiny_inputs, tiny_model
+from vtprune.testing import FAMILIES, tiny_inputs
 
 ATOL = 1e-5
 # (images per row, pass an attention mask): batch 1 without a mask (what generate passes for an
 # unpadded prompt), batch 2 left padded with different image counts, and a text-only row.
 LAYOUTS = [((1,), False), ((1, 2), True), ((0, 1), True)]
-
-
-def _model(family):
-    model = tiny_model(family)
-    model.generation_config.eos_token_id = None  # always generate the full number of tokens
-    model.generation_config.pad_token_id = 0
-    return model
-
-
-def _generate(model, inputs, steps=8):
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False)
-    return out[:, inputs["input_ids"].shape[1]:]
 
 
 def _logits(model, inputs):
@@ -38,11 +25,11 @@ def _logits(model, inputs):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("rows,with_mask", LAYOUTS)
 def test_keep_all_is_stock(family, rows, with_mask):
-    model = _model(family)
+    model = greedy_model(family)
     inputs = tiny_inputs(model, family, images_per_row=rows, with_mask=with_mask)
-    stock_logits, stock_tokens = _logits(model, inputs), _generate(model, inputs)
+    stock_logits, stock_tokens = _logits(model, inputs), generated(model, inputs)
     with vtprune.wrapped(model, "random", keep=1.0):
-        logits, tokens = _logits(model, inputs), _generate(model, inputs)
+        logits, tokens = _logits(model, inputs), generated(model, inputs)
         stats = vtprune.stats(model)
     torch.testing.assert_close(logits, stock_logits, atol=ATOL, rtol=0)
     assert torch.equal(tokens, stock_tokens)
@@ -53,13 +40,13 @@ def test_keep_all_is_stock(family, rows, with_mask):
 @pytest.mark.parametrize("rows,with_mask", LAYOUTS)
 @pytest.mark.parametrize("method,keep", [("random", 0.5), ("uniform", 0.25), ("random", 3)])
 def test_pruning_equals_masked_reference(family, rows, with_mask, method, keep):
-    model = _model(family)
+    model = greedy_model(family)
     inputs = tiny_inputs(model, family, images_per_row=rows, with_mask=with_mask)
     vtprune.wrap(model, method, keep=keep)
     logits = _logits(model, inputs)
     kept_forward = vtprune.last_kept(model)
     stats = vtprune.stats(model)
-    tokens = _generate(model, inputs)
+    tokens = generated(model, inputs)
     kept_generate = vtprune.last_kept(model)
     vtprune.unwrap(model)
 
@@ -74,26 +61,20 @@ def test_pruning_equals_masked_reference(family, rows, with_mask, method, keep):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_manual_decode_without_positions(family):
     """A user loop that passes no position_ids: original positions continue after the cut."""
-    model = _model(family)
+    model = greedy_model(family)
     inputs = tiny_inputs(model, family, images_per_row=(1,), with_mask=False)
     vtprune.wrap(model, "uniform", keep=0.5)
-    tokens = []
-    with torch.no_grad():
-        out = model(**inputs, use_cache=True)
-        for _ in range(6):
-            tok = out.logits[:, -1].argmax(-1, keepdim=True)
-            tokens.append(tok)
-            out = model(input_ids=tok, past_key_values=out.past_key_values, use_cache=True)
+    tokens = manual_greedy(model, inputs, steps=6)
     kept = vtprune.last_kept(model)
     vtprune.unwrap(model)
     ref = masked_greedy(model, inputs, drop_mask(inputs["input_ids"], kept), steps=6, plain=True)
-    assert torch.equal(torch.cat(tokens, 1), ref)
+    assert torch.equal(tokens, ref)
 
 
 @pytest.mark.parametrize("family", ["llava", "internvl", "qwen2_vl"])
 def test_manual_decode_with_padding_mask(family):
     """Manual loop on a left-padded batch passing the original-length mask and explicit positions."""
-    model = _model(family)
+    model = greedy_model(family)
     inputs = tiny_inputs(model, family, images_per_row=(1, 2))
     vtprune.wrap(model, "random", keep=0.5, seed=3)
     from reference import positions
@@ -118,7 +99,7 @@ def test_manual_decode_with_padding_mask(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_labels_loss_matches_reference(family):
-    model = _model(family)
+    model = greedy_model(family)
     inputs = tiny_inputs(model, family, images_per_row=(1, 2))
     labels = torch.full_like(inputs["input_ids"], -100)
     labels[:, -3:] = inputs["input_ids"][:, -3:]
@@ -137,7 +118,7 @@ def test_labels_loss_matches_reference(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_unwrap_restores_exactly(family):
-    model = _model(family)
+    model = greedy_model(family)
     inputs = tiny_inputs(model, family, images_per_row=(1, 2))
     before = _logits(model, inputs)
     hooks_before = _hook_count(model)
@@ -150,7 +131,7 @@ def test_unwrap_restores_exactly(family):
     assert _hook_count(model) == hooks_before
     assert _instance_attrs(model) == attrs_before
     assert torch.equal(_logits(model, inputs), before)
-    assert torch.equal(_generate(model, inputs), _generate(_model(family), inputs))
+    assert torch.equal(generated(model, inputs), generated(greedy_model(family), inputs))
 
 
 def _hook_count(model):

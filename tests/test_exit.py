@@ -2,19 +2,12 @@
 
 import pytest
 import torch
-from reference import LayerMasked, always_exit_routers, drop_mask, masked_forward, masked_greedy
+from reference import LayerMasked, always_exit_routers, drop_mask, greedy_model, masked_forward, masked_greedy
 
 import vtprune
 from vtprune.testing import FAMILIES, IMAGE_TOKEN, tiny_inputs, tiny_model
 
 LAYOUTS = [((1,), False), ((1, 2), True), ((0, 1), True)]
-
-
-def _model(family):
-    model = tiny_model(family)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
 
 
 def _assert_layer_masked(model, inputs, logits, tokens, drop, drop_gen, layer=1):
@@ -43,7 +36,7 @@ def _run(model, inputs, method, **options):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("rows,with_mask", LAYOUTS)
 def test_exit_equals_layer_masked_reference(family, rows, with_mask):
-    model = _model(family)
+    model = greedy_model(family)
     inputs = tiny_inputs(model, family, images_per_row=rows, with_mask=with_mask)
     logits, drop, tokens, _, stats = _run(model, inputs, "exit", layer=1)
     visual = inputs["input_ids"] == IMAGE_TOKEN
@@ -57,7 +50,7 @@ def test_exit_equals_layer_masked_reference(family, rows, with_mask):
 @pytest.mark.parametrize("rows,with_mask", LAYOUTS[:2])
 @pytest.mark.parametrize("query", ["last", "text"])
 def test_fastv_equals_layer_masked_reference(family, rows, with_mask, query):
-    model = _model(family)
+    model = greedy_model(family)
     inputs = tiny_inputs(model, family, images_per_row=rows, with_mask=with_mask)
     logits, drop, tokens, drop_gen, _ = _run(model, inputs, "fastv", layer=1, keep=0.25, query=query)
     visual = inputs["input_ids"] == IMAGE_TOKEN
@@ -104,7 +97,7 @@ def test_kv_cache_is_short_from_layer_k(family):
 
 
 def test_compose_pre_llm_cut_and_exit():
-    model = _model("llava")
+    model = greedy_model("llava")
     inputs = tiny_inputs(model, "llava", images_per_row=(1, 2))
     vtprune.wrap(model, [vtprune.methods.get("uniform")(keep=0.5), vtprune.methods.get("fastv")(layer=1, keep=0.5)])
     with torch.no_grad():
@@ -156,7 +149,7 @@ def test_layer_errors_and_unwrap_restores_attention():
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "internvl"])
 def test_dyvte_that_always_exits_equals_exit(family, tmp_path):
-    model = _model(family)
+    model = greedy_model(family)
     inputs = tiny_inputs(model, family, images_per_row=(1, 2))
     path = str(tmp_path / "routers.safetensors")
     always_exit_routers([0]).save(path)
@@ -175,7 +168,7 @@ def test_dyvte_rows_exit_at_different_layers():
         def decide(self, runtime, j, hidden):
             return torch.tensor([True, False])
 
-    model = _model("llava")
+    model = greedy_model("llava")
     inputs = tiny_inputs(model, "llava", images_per_row=(1, 2))
     config = RowZeroOnly(weights=always_exit_routers([0]))
     vtprune.wrap(model, config)
@@ -204,7 +197,7 @@ def test_dyvte_errors(tmp_path):
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "internvl"])
 def test_dart_equals_layer_masked_reference_and_keep_all_is_stock(family):
-    model = _model(family)
+    model = greedy_model(family)
     inputs = tiny_inputs(model, family, images_per_row=(1, 2))
     with torch.no_grad():
         stock = model(**inputs).logits
@@ -291,7 +284,7 @@ def _dart_reference(model, inputs, layer, keep, pivot_image, pivot_text):
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "internvl"])
 @pytest.mark.parametrize("keep,pivots", [(0.5, (2, 2)), (0.25, (4, 4))])
 def test_dart_selection_equals_an_independent_reimplementation(family, keep, pivots):
-    model = _model(family)
+    model = greedy_model(family)
     inputs = tiny_inputs(model, family, images_per_row=(1, 2))
     expected = _dart_reference(model, inputs, 1, keep, *pivots)
     logits, drop, tokens, drop_gen, stats = _run(model, inputs, "dart", layer=1, keep=keep, pivot_image=pivots[0],

@@ -4,40 +4,27 @@ position less the dropped tokens before it — the stock model on the shortened 
 
 import pytest
 import torch
-from reference import drop_mask, masked_forward, masked_greedy, staged_masks
+from reference import drop_mask, generated, greedy_model, manual_greedy, masked_forward, masked_greedy, staged_masks
 
 import vtprune
-from vtprune.testing import tiny_inputs, tiny_model
+from vtprune.testing import tiny_inputs
 
 ATOL = 1e-5
 FLAT = ["llava", "llava_next", "internvl"]  # 1-D positions
 LAYOUTS = [((1,), False), ((1, 2), True), ((0, 1), True)]
 
 
-def _model(family):
-    model = tiny_model(family)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
-
-
-def _generate(model, inputs, steps=8):
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False)
-    return out[:, inputs["input_ids"].shape[1]:]
-
-
 @pytest.mark.parametrize("family", FLAT)
 @pytest.mark.parametrize("rows,with_mask", LAYOUTS)
 @pytest.mark.parametrize("method,keep", [("random", 0.5), ("uniform", 0.25)])
 def test_renumbered_pruning_equals_the_shortened_prompt(family, rows, with_mask, method, keep):
-    model = _model(family)
+    model = greedy_model(family)
     inputs = tiny_inputs(model, family, images_per_row=rows, with_mask=with_mask)
     vtprune.wrap(model, method, keep=keep, positions="renumber")
     with torch.no_grad():
         logits = model(**inputs).logits
     kept_forward = vtprune.last_kept(model)
-    tokens = _generate(model, inputs)
+    tokens = generated(model, inputs)
     kept_generate = vtprune.last_kept(model)
     vtprune.unwrap(model)
     drop = drop_mask(inputs["input_ids"], kept_forward)
@@ -51,25 +38,19 @@ def test_renumbered_pruning_equals_the_shortened_prompt(family, rows, with_mask,
 
 @pytest.mark.parametrize("family", FLAT)
 def test_renumbered_manual_decode_without_positions(family):
-    model = _model(family)
+    model = greedy_model(family)
     inputs = tiny_inputs(model, family, images_per_row=(1,), with_mask=False)
     vtprune.wrap(model, "uniform", keep=0.5, positions="renumber")
-    tokens = []
-    with torch.no_grad():
-        out = model(**inputs, use_cache=True)
-        for _ in range(6):
-            tok = out.logits[:, -1].argmax(-1, keepdim=True)
-            tokens.append(tok)
-            out = model(input_ids=tok, past_key_values=out.past_key_values, use_cache=True)
+    tokens = manual_greedy(model, inputs, steps=6)
     kept = vtprune.last_kept(model)
     vtprune.unwrap(model)
     ref = masked_greedy(model, inputs, drop_mask(inputs["input_ids"], kept), steps=6, plain=True, renumber=True)
-    assert torch.equal(torch.cat(tokens, 1), ref)
+    assert torch.equal(tokens, ref)
 
 
 def test_renumber_composes_with_an_in_llm_exit():
     """FastV after a renumbered cut ≡ the shortened prompt with FastV's tokens masked from its layer on."""
-    model = _model("llava")
+    model = greedy_model("llava")
     inputs = tiny_inputs(model, "llava", images_per_row=(1, 2))
     vtprune.wrap(model, ["uniform", "fastv"], keep=0.5, positions="renumber", layer=1)
     with torch.no_grad():
@@ -84,7 +65,7 @@ def test_renumber_composes_with_an_in_llm_exit():
 
 
 def test_renumber_keeps_all_as_stock_and_refuses_mrope():
-    model = _model("llava")
+    model = greedy_model("llava")
     inputs = tiny_inputs(model, "llava", images_per_row=(1, 2))
     with torch.no_grad():
         stock = model(**inputs).logits
@@ -93,7 +74,7 @@ def test_renumber_keeps_all_as_stock_and_refuses_mrope():
     with pytest.raises(ValueError, match="'original' or 'renumber'"):
         vtprune.wrap(model, "random", keep=0.5, positions="shift")
     assert not vtprune.is_wrapped(model)
-    qwen = _model("qwen2_vl")
+    qwen = greedy_model("qwen2_vl")
     with pytest.raises(ValueError, match="mrope"):
         vtprune.wrap(qwen, "random", keep=0.5, positions="renumber")
     assert not vtprune.is_wrapped(qwen)

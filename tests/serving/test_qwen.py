@@ -6,7 +6,7 @@ image at its unpruned positions) — token for token, which a wrong position wou
 import os
 
 import pytest
-from helpers import serve, until_eos
+from served import hf_run, serve, until_eos
 
 if os.environ.get("VTPRUNE_REQUIRE_VLLM") != "1":  # CI sets it: there a missing vLLM fails the run
     pytest.importorskip("vllm")
@@ -22,7 +22,7 @@ def built(tmp_path_factory):
 
 @pytest.fixture
 def tiny(request, built, tmp_path_factory):
-    """(folder, HF model, batch, torch, model type) of the tiny model the test names (built once per module)."""
+    """(folder, HF model, batch, model type) of the tiny model the test names (built once per module)."""
     model_type = request.param
     if model_type not in built:
         built[model_type] = _build(model_type, str(tmp_path_factory.mktemp(model_type)))
@@ -30,7 +30,6 @@ def tiny(request, built, tmp_path_factory):
 
 
 def _build(model_type, folder):
-    import torch
     import transformers as tf
     from tiny_qwen import build, prompt
 
@@ -42,23 +41,7 @@ def _build(model_type, folder):
     samples = toy.eval_split(n=N)
     batch = processor(images=[s["image"] for s in samples], text=[prompt(s["question"]) for s in samples],
                       return_tensors="pt", padding=True)
-    return folder, model, batch, torch, model_type
-
-
-def hf_run(tiny, method=None, keep=1.0):
-    import vtprune
-
-    _, model, batch, torch, _ = tiny
-    if method is not None:
-        vtprune.wrap(model, method, keep=keep)
-    try:
-        with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=STEPS, do_sample=False)
-        kept = [images[0].tolist() for images in vtprune.last_kept(model)] if method else None
-    finally:
-        if method is not None:
-            vtprune.unwrap(model)
-    return [until_eos(row.tolist()) for row in out[:, batch["input_ids"].shape[1]:]], kept
+    return folder, model, batch, model_type
 
 
 @pytest.mark.parametrize("tiny,method,keep", [("qwen2_vl", None, 1.0), ("qwen2_vl", "pool", 0.25),
@@ -68,8 +51,8 @@ def test_served_qwen_keeps_and_answers_as_the_hf_wrap(tiny, method, keep):
     from vtprune.serving import check
     from vtprune.serving.select import kept_count
 
-    folder, _, batch, _, model_type = tiny
-    tokens, kept = hf_run(tiny, method, keep)
+    folder, model, batch, model_type = tiny
+    tokens, kept = hf_run(model, batch, method, keep, steps=STEPS)
     served = serve(method or "random", keep, N, folder)
     assert [until_eos(t) for t in served["tokens"]] == tokens
     n = 36  # a 6 x 6 grid of merged tokens per image

@@ -6,7 +6,7 @@ the HF wrap of the same method with ``positions="renumber"`` (vLLM numbers a pru
 import os
 
 import pytest
-from helpers import first_word, serve, until_eos
+from served import first_word, hf_run, serve, until_eos
 
 if os.environ.get("VTPRUNE_REQUIRE_VLLM") != "1":  # CI sets it: there a missing vLLM fails the run
     pytest.importorskip("vllm")
@@ -26,28 +26,9 @@ def toy_batch():
     return model, processor, samples, batch
 
 
-def hf_run(toy_batch, method=None, keep=1.0):
-    """Per sample: the HF model's greedy tokens (up to the toy's EOS), and per image its kept indices."""
-    import torch
-
-    import vtprune
-
-    model, _, _, batch = toy_batch
-    if method is not None:
-        vtprune.wrap(model, method, keep=keep, positions="renumber")
-    try:
-        with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=STEPS, do_sample=False)
-        kept = [images[0].tolist() for images in vtprune.last_kept(model)] if method else None
-    finally:
-        if method is not None:
-            vtprune.unwrap(model)
-    return [until_eos(row.tolist()) for row in out[:, batch["input_ids"].shape[1]:]], kept
-
-
 def test_keep_all_answers_as_the_hf_model(toy_batch):
     _, processor, samples, _ = toy_batch
-    tokens, _ = hf_run(toy_batch)
+    tokens, _ = hf_run(toy_batch[0], toy_batch[3], steps=STEPS)
     served = serve("random", 1.0, N)
     assert [until_eos(t) for t in served["tokens"]] == tokens
     hf = [first_word(processor.decode(t, skip_special_tokens=True)) for t in tokens]
@@ -63,7 +44,7 @@ def test_a_served_method_keeps_and_answers_as_the_hf_wrap(toy_batch, method, kee
     from vtprune.serving import check
     from vtprune.serving.select import kept_count
 
-    tokens, kept = hf_run(toy_batch, method, keep)
+    tokens, kept = hf_run(toy_batch[0], toy_batch[3], method, keep, steps=STEPS, positions="renumber")
     served = serve(method, keep, N)
     # vLLM's tower (fused q/k/v, its own attention kernel) differs from HF's in the last float bits, so a
     # near-tie between two tokens may go the other way (measured: divprune at 0.1, whose greedy picks then

@@ -1,4 +1,5 @@
-"""Shared by the serving tests: serve one config in a fresh process (``worker.py``) and read its answers."""
+"""Shared by the serving tests: serve one config in a fresh process (``worker.py``) and read its answers; the
+HF reference run."""
 
 import json
 import os
@@ -26,3 +27,22 @@ def first_word(text):
 def until_eos(tokens):
     tokens = list(tokens)
     return tokens[:tokens.index(EOS) + 1] if EOS in tokens else tokens
+
+
+def hf_run(model, batch, method=None, keep=1.0, steps=4, **options):
+    """The HF reference: per sample, greedy tokens (up to EOS) of ``model`` wrapped with ``method`` (unwrapped
+    when None), and per image its kept indices (None unwrapped)."""
+    import torch
+
+    import vtprune
+
+    if method is not None:
+        vtprune.wrap(model, method, keep=keep, **options)
+    try:
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=steps, do_sample=False)
+        kept = [images[0].tolist() for images in vtprune.last_kept(model)] if method else None
+    finally:
+        if method is not None:
+            vtprune.unwrap(model)
+    return [until_eos(row.tolist()) for row in out[:, batch["input_ids"].shape[1]:]], kept

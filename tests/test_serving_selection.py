@@ -112,7 +112,7 @@ def test_serving_errors_and_the_toy_folder(tmp_path, monkeypatch):
     assert check_architecture(folder) == "llava"  # the toy is a LLaVA-1.5
     other = tmp_path / "qwen"
     other.mkdir()
-    (other / "config.json").write_text('{"architectures": ["Qwen3VLForConditionalGeneration"]}')
+    (other / "config.json").write_text('{"architectures": ["Glm4vForConditionalGeneration"]}')
     with pytest.raises(ValueError, match="prunes LlavaForConditionalGeneration"):
         check_architecture(str(other))
     (other / "config.json").write_text('{"architectures": ["Qwen2_5_VLForConditionalGeneration"]}')

@@ -1,7 +1,8 @@
-"""vtprune inside vLLM on tiny random Qwen2-VL and Qwen2.5-VL models (serving venv): the processor's kept placeholder count,
-the kept rows and their mrope positions as EVS rewrites them.  Reference: the HF model wrapped with the same
-method and its default ``positions="original"`` (kept tokens at their (t, h, w) positions, the text after the
-image at its unpruned positions) — token for token, which a wrong position would break."""
+"""vtprune inside vLLM on tiny random Qwen2-VL, Qwen2.5-VL and Qwen3-VL models (serving venv): the
+processor's kept placeholder count, the kept rows and their mrope positions as EVS rewrites them.
+Reference: the HF model wrapped with the same method and its default ``positions="original"`` (kept
+tokens at their (t, h, w) positions, the text after the image at its unpruned positions) — token for
+token, which a wrong position would break (Qwen3-VL: with its deepstack features cut alike)."""
 
 import os
 
@@ -46,7 +47,7 @@ def _build(model_type, folder):
 
 @pytest.mark.parametrize("tiny,method,keep", [("qwen2_vl", None, 1.0), ("qwen2_vl", "pool", 0.25),
                                               ("qwen2_5_vl", None, 1.0), ("qwen2_5_vl", "divprune", 0.25),
-                                              ("qwen2_5_vl", "pool", 0.25)], indirect=["tiny"])
+                                              ("qwen3_vl", None, 1.0), ("qwen3_vl", "pool", 0.25)], indirect=["tiny"])
 def test_served_qwen_keeps_and_answers_as_the_hf_wrap(tiny, method, keep):
     from vtprune.serving import check
     from vtprune.serving.select import kept_count

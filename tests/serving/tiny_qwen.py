@@ -1,4 +1,4 @@
-"""A tiny random Qwen2-VL or Qwen2.5-VL folder that both vLLM and transformers load offline (serving venv: it needs
+"""A tiny random Qwen2-VL, Qwen2.5-VL or Qwen3-VL folder that both vLLM and transformers load offline (serving venv: it needs
 torchvision for Qwen's image processor): the toy's word-level tokenizer with Qwen's vision tokens added,
 a language model whose heads are 32 wide (vLLM's CPU attention takes no narrower), 6 x 6 image tokens."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-PIXELS = 168 * 168  # 12 x 12 patches of 14, merged 2 x 2: 36 LLM tokens per image
+PATCH = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16}  # 12 x 12 patches, merged 2 x 2: 6 x 6 LLM tokens
 SPECIAL = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
@@ -31,7 +31,16 @@ def build(folder: str, model_type: str = "qwen2_5_vl", seed: int = 0) -> str:
                 num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 4, 4]})
-    if model_type == "qwen2_5_vl":
+    patch = PATCH[model_type]
+    if model_type == "qwen3_vl":
+        text["rope_parameters"] = dict(text["rope_parameters"], mrope_interleaved=True)
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=128, intermediate_size=64, num_heads=4, patch_size=16,
+                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                      deepstack_visual_indexes=[0])
+        config = tf.Qwen3VLConfig(text_config=dict(text, head_dim=32), vision_config=vision, **ids,
+                                  tie_word_embeddings=False)
+        model_class, processor_class = tf.Qwen3VLForConditionalGeneration, tf.Qwen3VLProcessor
+    elif model_type == "qwen2_5_vl":
         vision = dict(depth=2, hidden_size=32, out_hidden_size=128, intermediate_size=64, num_heads=4, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
         config = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids, tie_word_embeddings=False)
@@ -45,10 +54,11 @@ def build(folder: str, model_type: str = "qwen2_5_vl", seed: int = 0) -> str:
     model = model_class._from_config(config).eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    image = tf.Qwen2VLImageProcessor(min_pixels=PIXELS, max_pixels=PIXELS, patch_size=14, merge_size=2,
+    pixels = (12 * patch) ** 2
+    image = tf.Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=patch, merge_size=2,
                                      temporal_patch_size=2)
-    video = tf.Qwen2VLVideoProcessor(min_pixels=PIXELS, max_pixels=PIXELS, patch_size=14, merge_size=2,
-                                     temporal_patch_size=2)
+    video_class = tf.Qwen3VLVideoProcessor if model_type == "qwen3_vl" else tf.Qwen2VLVideoProcessor
+    video = video_class(min_pixels=pixels, max_pixels=pixels, patch_size=patch, merge_size=2, temporal_patch_size=2)
     processor = processor_class(image_processor=image, tokenizer=tokenizer, video_processor=video,
                                        chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
     os.makedirs(folder, exist_ok=True)

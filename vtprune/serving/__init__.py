@@ -6,17 +6,16 @@
 Runs in the serving venv (``bash scripts/vllm_cpu_env.sh DIR``).  The choice travels to vLLM's
 worker processes in the environment (``VTPRUNE_SERVE``: the method config as JSON); the plugin
 (``vtprune.serving.plugin``, entry point ``vllm.general_plugins``) then registers pruned variants of
-vLLM's own model classes.  This version: LLaVA-1.5 (``LlavaForConditionalGeneration``), Qwen2-VL and
-Qwen2.5-VL (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``: images;
-``vtprune.serving.qwen``), with
+vLLM's own model classes.  This version: LLaVA-1.5 (``LlavaForConditionalGeneration``) with
 ``random``, ``uniform``, ``pool``, ``divprune`` and the [CLS] methods ``fastervlm``, ``vtc_cls``,
 ``visionzip`` (their scores read off vLLM's CLIP layers through forward hooks on the fused q/k/v
-projection: ``vtprune.serving.tower``).  The processor emits the kept number of image placeholders
-(``tokens_to_keep(keep, n)``; ``pool``: its realized window count), and the model's multimodal
-embedding returns the kept rows chosen by the same vtprune method on the features vLLM computes.
-Positions: vLLM numbers LLaVA's shortened prompt contiguously (the HF wrap's ``positions="renumber"``)
-and keeps Qwen's mrope positions as EVS does (``positions="original"``, the HF default); a served config
-carries the one that matches (``POSITIONS``).
+projection: ``vtprune.serving.tower``); Qwen2-VL, Qwen2.5-VL and Qwen3-VL (images) with the first four
+(``vtprune.serving.qwen``).  The processor emits the kept number of image placeholders
+(``vtprune.serving.select.kept_count``), and the model's multimodal embedding returns the kept rows
+chosen by the same vtprune method on the features vLLM computes.  Positions: vLLM numbers LLaVA's
+shortened prompt contiguously (the HF wrap's ``positions="renumber"``) and keeps Qwen's mrope positions
+as EVS does (``positions="original"``, the HF default); a served config carries the one that matches
+(``POSITIONS``).
 """
 
 from __future__ import annotations
@@ -27,11 +26,13 @@ import sys
 
 ENV = "VTPRUNE_SERVE"
 SERVED = {"LlavaForConditionalGeneration": "llava",  # architecture -> its config's model_type
-          "Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl"}
+          "Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+          "Qwen3VLForConditionalGeneration": "qwen3_vl"}
 SERVED_TYPES = tuple(sorted(set(SERVED.values())))
 # how vLLM positions a pruned prompt, per model type, as the HF wrap's ``positions`` option names it: LLaVA's
 # 1-D positions are numbered afresh; Qwen's mrope positions are rewritten as EVS does (original ones)
-POSITIONS = {"llava": "renumber", "qwen2_vl": "original", "qwen2_5_vl": "original"}
+POSITIONS = {"llava": "renumber", "qwen2_vl": "original", "qwen2_5_vl": "original", "qwen3_vl": "original"}
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 METHODS = ("random", "uniform", "pool", "divprune", "fastervlm", "vtc_cls", "visionzip")
 
 
@@ -134,7 +135,7 @@ def LLM(model, method: str = "random", keep=1.0, **kwargs):
         kwargs.setdefault("dtype", "float32")
         kwargs.setdefault("max_model_len", 512)
         kwargs.setdefault("limit_mm_per_prompt", {"image": 1})
-    if model_type in ("qwen2_vl", "qwen2_5_vl"):  # images only: vLLM refuses video requests up front
+    if model_type in QWEN:  # images only: vLLM refuses video requests up front
         kwargs["limit_mm_per_prompt"] = {**kwargs.get("limit_mm_per_prompt", {}), "video": 0}
     return vllm.LLM(model=folder, **kwargs)
 

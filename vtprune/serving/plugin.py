@@ -19,6 +19,7 @@ def register():
     ModelRegistry.register_model("LlavaForConditionalGeneration", pruned_llava(config))
     ModelRegistry.register_model("Qwen2VLForConditionalGeneration", pruned_qwen(config, "qwen2_vl"))
     ModelRegistry.register_model("Qwen2_5_VLForConditionalGeneration", pruned_qwen(config, "qwen2_5_vl"))
+    ModelRegistry.register_model("Qwen3VLForConditionalGeneration", pruned_qwen(config, "qwen3_vl"))
     # vLLM's model runner rewrites the mrope positions of pruned media (recompute_mrope_positions) only when
     # multimodal pruning is on, which it ties to EVS's video_pruning_rate: vtprune prunes images, so it is on
     # (for models that support it, the Qwen classes here; LLaVA's 1-D positions do not use it)

@@ -1,4 +1,4 @@
-"""Qwen2-VL and Qwen2.5-VL in vLLM with vtprune's pre-LLM selection, positions as EVS (vLLM's video pruning)
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL in vLLM with vtprune's pre-LLM selection, positions as EVS (vLLM's video pruning)
 keeps them.
 
 The processor emits the kept number of image placeholders (``kept_count`` on the image's merged-token
@@ -6,8 +6,11 @@ grid); the multimodal embedding returns the kept rows with four extra channels, 
 mrope (t, h, w) offsets within the image and the image's position extent, which vLLM's model runner
 turns into positions (``recompute_mrope_positions``, enabled by the plugin): kept tokens keep their
 original (t, h, w) positions and the text after the image keeps its unpruned positions — the HF
-wrap's default, ``positions="original"``.  (vLLM's Qwen2-VL has no EVS: the pruned class borrows
-Qwen2.5-VL's ``recompute_mrope_positions``, whose arithmetic is the same for images.)  Images only: vLLM refuses video requests for a served
+wrap's default, ``positions="original"``.  Every pruned class uses Qwen2.5-VL's
+``recompute_mrope_positions`` (four channels): vLLM's Qwen2-VL has no EVS, and Qwen3-VL's five-channel
+variant continues the text after the largest *kept* position, not the image's extent as HF does.
+Qwen3-VL's deepstack features ride in the same rows and are cut with them; the method scores the main
+features, as on the HF path.  Images only: vLLM refuses video requests for a served
 Qwen model (``limit_mm_per_prompt`` video 0).
 """
 
@@ -32,6 +35,7 @@ def image_positions(t: int, h: int, w: int, kept: torch.Tensor) -> torch.Tensor:
 CLASSES = {  # model type -> vLLM module and the prefix of its classes
     "qwen2_vl": ("vllm.model_executor.models.qwen2_vl", "Qwen2VL"),
     "qwen2_5_vl": ("vllm.model_executor.models.qwen2_5_vl", "Qwen2_5_VL"),
+    "qwen3_vl": ("vllm.model_executor.models.qwen3_vl", "Qwen3VL"),
 }
 
 
@@ -91,11 +95,14 @@ def pruned_qwen(config, model_type: str):
                 return []
             image_input = inputs.get("image", inputs.get("images"))
             merge = self.visual.spatial_merge_size
+            width = getattr(self, "visual_dim", None)  # Qwen3-VL: the deepstack features follow in each row
             out = []
             for rows, (t, h, w) in zip(self._process_image_input(image_input), image_input["image_grid_thw"].tolist()):
                 grid = (int(h) // merge, int(w) // merge)
-                kept, rows = select(config, rows, self.vtprune_generator, None, grid if t == 1 else None)
+                kept, main = select(config, rows[:, :width], self.vtprune_generator, None, grid if t == 1 else None)
                 self.vtprune_kept.append(kept.tolist())
+                rows = rows[kept.to(rows.device)]
+                rows[:, :main.shape[1]] = main
                 positions = image_positions(int(t), *grid, kept.cpu()).to(rows.device, rows.dtype)
                 out.append(torch.cat([rows, positions], 1))
             return out

@@ -117,3 +117,26 @@ def test_serving_errors_and_the_toy_folder(tmp_path, monkeypatch):
         check_architecture(str(other))
     (other / "config.json").write_text('{"architectures": ["Qwen2_5_VLForConditionalGeneration"]}')
     assert check_architecture(str(other)) == "qwen2_5_vl"
+
+
+@pytest.mark.parametrize("method,keep", [("uniform", 0.25), ("pool", 0.25), ("divprune", 0.25)])
+def test_serving_keeps_what_the_hf_wrap_keeps_on_internvl_tiles(method, keep):
+    """An InternVL image of several tiles: the serving selection on its tile grids equals the HF wrap's."""
+    from vtprune.serving.internvl import tile_grids
+    from vtprune.testing import tiny_inputs, tiny_model
+
+    model = tiny_model("internvl")
+    inputs = tiny_inputs(model, "internvl", images_per_row=(1,), image_specs=[3])
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    rows = features.reshape(-1, features.shape[-1])  # the image's tiles, in order
+    with vtprune.wrapped(model, method, keep=keep):
+        with torch.no_grad():
+            model(**inputs)
+        kept = vtprune.last_kept(model)[0][0]
+    config = check(method, keep, {}, "internvl")
+    grids = tile_grids(rows.shape[0], model.config.image_seq_length)
+    assert len(grids) == 3
+    indices, out = select(config, rows, torch.Generator().manual_seed(0), None, grids)
+    assert indices.tolist() == kept.tolist()
+    assert out.shape[0] == kept_count(config, rows.shape[0], grids) < rows.shape[0]

@@ -360,7 +360,7 @@ def _check_serve(args):
 def _serve(args) -> int:
     import json
 
-    from vtprune.serving import ENV, QWEN, model_dir
+    from vtprune.serving import ENV, IMAGES_ONLY, model_dir
 
     env = dict(os.environ, **{ENV: json.dumps(args.config.to_dict())})
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -371,7 +371,7 @@ def _serve(args) -> int:
     if args.model == "toy":
         command += ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
                     "--limit-mm-per-prompt", '{"image": 1}', "--served-model-name", "toy"]
-    elif args.model_type in QWEN:  # images only: vLLM refuses video requests up front
+    elif args.model_type in IMAGES_ONLY:  # vLLM refuses video requests up front
         command += ["--limit-mm-per-prompt", '{"video": 0}']
     command += args.vllm_args
     print("vtprune serve: " + " ".join(command), flush=True)

@@ -5,8 +5,8 @@ and a selector, the kept tokens are gathered (``vtprune.kernels.gather_cut``): `
 the attention mask (2-D; 4-D and per-layer-type dicts through ``vtprune.masks``) and the position
 ids, which keep their original values, so the result equals the full sequence with the dropped
 tokens masked out (with the selector's ``positions="renumber"``: each position less the real tokens
-cut before it, the shortened sequence numbered afresh).  Rows that keep fewer tokens are padded at the front with masked slots, like
-left padding.  Later calls on the same cache get a compacted mask and, without ``position_ids``,
+cut before it, the shortened sequence numbered afresh).  Rows that keep fewer tokens are padded at
+the front with masked slots, like left padding.  Later calls on the same cache get a compacted mask and, without ``position_ids``,
 original positions (``vtprune.sequences``).
 """
 

@@ -1,6 +1,7 @@
-"""A tiny random Qwen2-VL, Qwen2.5-VL or Qwen3-VL folder that both vLLM and transformers load offline (serving venv: it needs
-torchvision for Qwen's image processor): the toy's word-level tokenizer with Qwen's vision tokens added,
-a language model whose heads are 32 wide (vLLM's CPU attention takes no narrower), 6 x 6 image tokens."""
+"""A tiny random Qwen2-VL, Qwen2.5-VL or Qwen3-VL folder that both vLLM and transformers load offline
+(serving venv: it needs torchvision for Qwen's image processor): the toy's word-level tokenizer with Qwen's
+vision tokens added, a language model whose heads are 32 wide (vLLM's CPU attention takes no narrower),
+6 x 6 image tokens."""
 
 from __future__ import annotations
 

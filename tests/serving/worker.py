@@ -1,4 +1,4 @@
-"""Serve a model ("toy", or a tiny Qwen2.5-VL folder from ``tiny_qwen``) with one vtprune config in this
+"""Serve a model ("toy", or a tiny folder from ``tiny_qwen`` or ``tiny_internvl``: "internvl" in its path) with one vtprune config in this
 process; print one JSON line: the answers, their tokens, prompt lengths and each image's kept indices (read
 off the served model)."""
 
@@ -16,9 +16,10 @@ def main():
     from vtprune.serving import LLM, last_kept
 
     sys.path.insert(0, os.path.dirname(__file__))
+    import tiny_internvl
     import tiny_qwen
 
-    prompt = toy.prompt if model == "toy" else tiny_qwen.prompt
+    prompt = toy.prompt if model == "toy" else tiny_internvl.prompt if "internvl" in model else tiny_qwen.prompt
     options = {} if model == "toy" else {"dtype": "float32", "max_model_len": 512}
     samples = toy.eval_split(n=n)
     llm = LLM(model, method=method, keep=keep, enforce_eager=True, **options)

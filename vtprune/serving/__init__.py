@@ -9,13 +9,13 @@ worker processes in the environment (``VTPRUNE_SERVE``: the method config as JSO
 vLLM's own model classes.  This version: LLaVA-1.5 (``LlavaForConditionalGeneration``) with
 ``random``, ``uniform``, ``pool``, ``divprune`` and the [CLS] methods ``fastervlm``, ``vtc_cls``,
 ``visionzip`` (their scores read off vLLM's CLIP layers through forward hooks on the fused q/k/v
-projection: ``vtprune.serving.tower``); Qwen2-VL, Qwen2.5-VL and Qwen3-VL (images) with the first four
-(``vtprune.serving.qwen``).  The processor emits the kept number of image placeholders
-(``vtprune.serving.select.kept_count``), and the model's multimodal embedding returns the kept rows
-chosen by the same vtprune method on the features vLLM computes.  Positions: vLLM numbers LLaVA's
-shortened prompt contiguously (the HF wrap's ``positions="renumber"``) and keeps Qwen's mrope positions
-as EVS does (``positions="original"``, the HF default); a served config carries the one that matches
-(``POSITIONS``).
+projection: ``vtprune.serving.tower``); InternVL in HF format (``vtprune.serving.internvl``), Qwen2-VL,
+Qwen2.5-VL and Qwen3-VL (``vtprune.serving.qwen``) with the first four, images only.  The processor
+emits the kept number of image placeholders (``vtprune.serving.select.kept_count``), and the model's
+multimodal embedding returns the kept rows chosen by the same vtprune method on the features vLLM
+computes.  Positions: vLLM numbers LLaVA's and InternVL's shortened prompt contiguously (the HF wrap's
+``positions="renumber"``) and keeps Qwen's mrope positions as EVS does (``positions="original"``, the
+HF default); a served config carries the one that matches (``POSITIONS``).
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ import sys
 
 ENV = "VTPRUNE_SERVE"
 SERVED = {"LlavaForConditionalGeneration": "llava",  # architecture -> its config's model_type
-          "Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
-          "Qwen3VLForConditionalGeneration": "qwen3_vl"}
+          "InternVLForConditionalGeneration": "internvl", "Qwen2VLForConditionalGeneration": "qwen2_vl",
+          "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl", "Qwen3VLForConditionalGeneration": "qwen3_vl"}
 SERVED_TYPES = tuple(sorted(set(SERVED.values())))
-# how vLLM positions a pruned prompt, per model type, as the HF wrap's ``positions`` option names it: LLaVA's
-# 1-D positions are numbered afresh; Qwen's mrope positions are rewritten as EVS does (original ones)
-POSITIONS = {"llava": "renumber", "qwen2_vl": "original", "qwen2_5_vl": "original", "qwen3_vl": "original"}
-QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# how vLLM positions a pruned prompt, per model type, as the HF wrap's ``positions`` option names it: 1-D
+# positions (LLaVA, InternVL) are numbered afresh; Qwen's mrope positions are rewritten as EVS does (original)
+POSITIONS = {"llava": "renumber", "internvl": "renumber",
+             "qwen2_vl": "original", "qwen2_5_vl": "original", "qwen3_vl": "original"}
+IMAGES_ONLY = ("internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # served with video requests refused
 METHODS = ("random", "uniform", "pool", "divprune", "fastervlm", "vtc_cls", "visionzip")
 
 
@@ -135,7 +136,7 @@ def LLM(model, method: str = "random", keep=1.0, **kwargs):
         kwargs.setdefault("dtype", "float32")
         kwargs.setdefault("max_model_len", 512)
         kwargs.setdefault("limit_mm_per_prompt", {"image": 1})
-    if model_type in QWEN:  # images only: vLLM refuses video requests up front
+    if model_type in IMAGES_ONLY:  # vLLM refuses video requests up front
         kwargs["limit_mm_per_prompt"] = {**kwargs.get("limit_mm_per_prompt", {}), "video": 0}
     return vllm.LLM(model=folder, **kwargs)
 

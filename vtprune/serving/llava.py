@@ -20,7 +20,11 @@ def tap_clip(model, config):
     feature = hf.vision_feature_layer[-1] if isinstance(hf.vision_feature_layer, (list, tuple)) \
         else hf.vision_feature_layer
     tap = TowerTap(config, n, n + feature if feature < 0 else feature - 1)
-    layers = model.vision_tower.vision_model.encoder.layers
+    tower = getattr(model.vision_tower, "vision_model", None)
+    if tower is None or not hasattr(tower, "pre_layrnorm"):
+        raise ValueError(f"{config.name} reads a CLIP tower's [CLS] attention; this LLaVA's tower is "
+                         f"{type(model.vision_tower).__name__}")
+    layers = tower.encoder.layers
     for layer in tap.layers:
         if layer >= len(layers):
             raise ValueError(f"{config.name} reads vision-tower layer {layer}, past the {len(layers)} layers vLLM "

@@ -13,10 +13,12 @@ def register():
     from vllm import ModelRegistry
     from vllm.config.multimodal import MultiModalConfig
 
+    from .internvl import pruned_internvl
     from .llava import pruned_llava
     from .qwen import pruned_qwen
 
     ModelRegistry.register_model("LlavaForConditionalGeneration", pruned_llava(config))
+    ModelRegistry.register_model("InternVLForConditionalGeneration", pruned_internvl(config))
     ModelRegistry.register_model("Qwen2VLForConditionalGeneration", pruned_qwen(config, "qwen2_vl"))
     ModelRegistry.register_model("Qwen2_5_VLForConditionalGeneration", pruned_qwen(config, "qwen2_5_vl"))
     ModelRegistry.register_model("Qwen3VLForConditionalGeneration", pruned_qwen(config, "qwen3_vl"))

@@ -13,15 +13,17 @@ from ..select import top_tokens
 
 
 def layout_of(n: int, grid=None) -> ImageLayout:
-    """An image's ``n`` LLM tokens: a ``grid`` (rows, columns), by default the square one where ``n`` is square."""
+    """An image's ``n`` LLM tokens: a ``grid`` (rows, columns) or a list of them (tiles, in order), by default
+    the square one where ``n`` is square."""
     if grid is None:
         side = int(round(n ** 0.5))
         grid = (side, n // side) if side * (n // side) == n else None
     if grid is None:
         return ImageLayout.flat(n)
-    if grid[0] * grid[1] != n:
-        raise ValueError(f"an image of {n} tokens cannot lie on a {grid[0]} x {grid[1]} grid")
-    return ImageLayout.from_grids([tuple(grid)])
+    grids = [tuple(g) for g in grid] if isinstance(grid[0], (list, tuple)) else [tuple(grid)]
+    if sum(h * w for h, w in grids) != n:
+        raise ValueError(f"an image of {n} tokens cannot lie on the grids {grids}")
+    return ImageLayout.from_grids(grids)
 
 
 def kept_count(config, n: int, grid=None) -> int:

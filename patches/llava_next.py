@@ -16,6 +16,40 @@ from .base import Adapter
 from .llava import clip_sites
 
 
+def packed_layout(prov: torch.Tensor, per_tile: int, side: int, skip: int, tiles: int) -> ImageLayout:
+    """The layout of a packed LLaVA-NeXT image of ``tiles`` tiles from its provenance ``prov`` [n]: for each LLM
+    token the index (tile x ``per_tile`` + patch) of the projector token it is, -1 for a newline; ``side`` x
+    ``side`` patches per tile, ``skip`` leading tower tokens ([CLS]) per tile."""
+    # tower token of packed index p: tile p // per_tile, position p % per_tile (+1 past [CLS])
+    source = torch.where(prov >= 0, (prov // per_tile) * (side * side + 1) + prov % per_tile + skip, -1)[:, None]
+    if tiles == 1 or per_tile != side * side:
+        # single tile (base + one newline) or [CLS] kept: no crop grid to describe
+        layout = ImageLayout.flat(prov.numel())
+        layout.grid[prov < 0] = -1
+        layout.source = source
+        layout.tile = torch.where(prov >= 0, prov // per_tile, -1)
+        return layout
+    base = ImageLayout.from_grids([(side, side)])
+    crop = prov[per_tile:]
+    newline = crop < 0
+    row = torch.cumsum(newline.long(), 0) - newline.long()
+    idx = torch.arange(crop.numel())
+    last_nl = torch.where(newline, idx, torch.full_like(idx, -1)).cummax(0).values
+    row_start = torch.cat([torch.zeros(1, dtype=torch.long), last_nl[:-1] + 1])
+    col = torch.where(newline, torch.full_like(idx, -1), idx - row_start)
+    rows, cols = int(newline.sum()), int(newline.nonzero()[0, 0]) if newline.any() else crop.numel()
+    layout = ImageLayout(
+        grid=torch.cat([base.grid, torch.ones_like(crop)]),
+        row=torch.cat([base.row, row]),
+        col=torch.cat([base.col, col]),
+        newline=torch.cat([base.newline, newline]),
+        shapes=[(side, side), (rows, cols)],
+        source=source,
+        tile=torch.where(prov >= 0, prov // per_tile, -1),
+    )
+    return layout
+
+
 class LlavaNextAdapter(Adapter):
     family = "llava_next"
     classes = ("LlavaNextForConditionalGeneration",)
@@ -63,32 +97,4 @@ class LlavaNextAdapter(Adapter):
         prov = packed[0].squeeze(-1).long()
         if prov.numel() != n:
             raise RuntimeError(f"vtprune: LLaVA-NeXT packed {prov.numel()} tokens for an image of {n}")
-        # tower token of packed index p: tile p // per_tile, position p % per_tile (+1 past [CLS])
-        skip = int(strategy == "default")
-        source = torch.where(prov >= 0, (prov // per_tile) * (side * side + 1) + prov % per_tile + skip, -1)[:, None]
-        if tiles == 1 or per_tile != side * side:
-            # single tile (base + one newline) or [CLS] kept: no crop grid to describe
-            layout = ImageLayout.flat(n)
-            layout.grid[prov < 0] = -1
-            layout.source = source
-            layout.tile = torch.where(prov >= 0, prov // per_tile, -1)
-            return layout, tiles
-        base = ImageLayout.from_grids([(side, side)])
-        crop = prov[per_tile:]
-        newline = crop < 0
-        row = torch.cumsum(newline.long(), 0) - newline.long()
-        idx = torch.arange(crop.numel())
-        last_nl = torch.where(newline, idx, torch.full_like(idx, -1)).cummax(0).values
-        row_start = torch.cat([torch.zeros(1, dtype=torch.long), last_nl[:-1] + 1])
-        col = torch.where(newline, torch.full_like(idx, -1), idx - row_start)
-        rows, cols = int(newline.sum()), int(newline.nonzero()[0, 0]) if newline.any() else crop.numel()
-        layout = ImageLayout(
-            grid=torch.cat([base.grid, torch.ones_like(crop)]),
-            row=torch.cat([base.row, row]),
-            col=torch.cat([base.col, col]),
-            newline=torch.cat([base.newline, newline]),
-            shapes=[(side, side), (rows, cols)],
-            source=source,
-            tile=torch.where(prov >= 0, prov // per_tile, -1),
-        )
-        return layout, tiles
+        return packed_layout(prov, per_tile, side, int(strategy == "default"), tiles), tiles

@@ -78,3 +78,29 @@ def test_renumber_keeps_all_as_stock_and_refuses_mrope():
     with pytest.raises(ValueError, match="mrope"):
         vtprune.wrap(qwen, "random", keep=0.5, positions="renumber")
     assert not vtprune.is_wrapped(qwen)
+
+
+@pytest.mark.parametrize("positions", ["original", "renumber"])
+def test_every_newline_stays_with_newlines_all(positions):
+    """LLaVA-NeXT with ``newlines="all"``: the kept count is the budget plus every newline, whatever is
+    chosen (what serving needs), and the cut still equals the reference."""
+    model = greedy_model("llava_next")
+    inputs = tiny_inputs(model, "llava_next", images_per_row=(1, 2))
+    counts = []
+    for seed in (0, 1):
+        vtprune.wrap(model, "random", keep=0.25, seed=seed, newlines="all", positions=positions)
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        record = vtprune.record(model)
+        kept = vtprune.last_kept(model)
+        vtprune.unwrap(model)
+        for row, layouts in zip(kept, record.layouts):
+            for keep, layout in zip(row, layouts):
+                newline = layout.newline.nonzero().squeeze(1)
+                assert newline.numel() > 0 and bool(torch.isin(newline, keep).all())
+                counts.append(keep.numel() - newline.numel())
+        ref = masked_forward(model, inputs, drop_mask(inputs["input_ids"], kept), renumber=positions == "renumber")
+        torch.testing.assert_close(logits[:, -1], ref[:, -1], atol=ATOL, rtol=0)
+    assert counts[:len(counts) // 2] == counts[len(counts) // 2:]  # content tokens: the budget, whatever the seed
+    with pytest.raises(ValueError, match="newlines must be"):
+        vtprune.wrap(model, "random", newlines="some")

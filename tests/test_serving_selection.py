@@ -140,3 +140,32 @@ def test_serving_keeps_what_the_hf_wrap_keeps_on_internvl_tiles(method, keep):
     indices, out = select(config, rows, torch.Generator().manual_seed(0), None, grids)
     assert indices.tolist() == kept.tolist()
     assert out.shape[0] == kept_count(config, rows.shape[0], grids) < rows.shape[0]
+
+
+@pytest.mark.parametrize("method", ["uniform", "divprune", "random"])
+def test_serving_keeps_what_the_hf_wrap_keeps_on_llava_next(method):
+    """LLaVA-NeXT (base + crops + newlines): the serving selection on the packed layout keeps the HF wrap's
+    tokens with ``newlines="all"``, and as many as ``kept_count`` says before any image is encoded."""
+    from vtprune.testing import tiny_inputs, tiny_model
+
+    model = tiny_model("llava_next")
+    inputs = tiny_inputs(model, "llava_next", images_per_row=(1,))
+    with torch.no_grad():
+        (rows,) = model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                 image_sizes=inputs["image_sizes"]).pooler_output
+    config = check(method, 0.25, {}, "llava_next")
+    assert config.newlines == "all" and config.positions == "renumber"
+    with vtprune.wrapped(model, method, keep=0.25, newlines="all"):
+        with torch.no_grad():
+            model(**inputs)
+        kept = vtprune.last_kept(model)[0][0]
+        layout = vtprune.record(model).layouts[0][0]
+    newlines = int(layout.newline.sum())
+    assert newlines > 0
+    indices, out = select(config, rows, torch.Generator().manual_seed(0), None, layout=layout)
+    assert indices.tolist() == kept.tolist()
+    assert out.shape[0] == kept_count(config, rows.shape[0], newlines=newlines)
+    with pytest.raises(ValueError, match="newlines='all'"):
+        check(method, 0.25, {"newlines": "rows"}, "llava_next")
+    with pytest.raises(ValueError, match="random, uniform and divprune on LLaVA-NeXT"):
+        check("pool", 0.25, {}, "llava_next")

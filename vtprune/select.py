@@ -7,12 +7,13 @@ import torch
 from .layout import ImageLayout
 
 
-def top_tokens(scores: torch.Tensor, layout: ImageLayout, k) -> torch.Tensor:
+def top_tokens(scores: torch.Tensor, layout: ImageLayout, k, newlines: str = "rows") -> torch.Tensor:
     """Indices (ascending) of the best content tokens of one image, plus the newlines of kept rows.
 
     ``k`` is the image's budget, or a dict ``{tile: budget}`` to choose within each tile.  Ties are
     broken by position (earlier first).  A LLaVA-NeXT newline token is kept exactly when its row
-    keeps at least one token, so that every kept row still ends with its separator.
+    keeps at least one token, so that every kept row still ends with its separator; with
+    ``newlines="all"`` every newline is kept (a count that does not depend on the selection).
     """
     scores = scores.detach().float().cpu()
     if scores.shape != (layout.n,):
@@ -24,7 +25,9 @@ def top_tokens(scores: torch.Tensor, layout: ImageLayout, k) -> torch.Tensor:
         budget = min(k if group is None else k[group], int(members.sum()))
         order = torch.sort(scores.masked_fill(~members, float("-inf")), descending=True, stable=True).indices
         keep[order[:budget]] = True
-    if layout.newline.any():
+    if newlines == "all":
+        keep |= layout.newline
+    elif layout.newline.any():
         row_key = layout.grid * (int(layout.row.max()) + 1) + layout.row
         kept_rows = row_key[keep]
         keep |= layout.newline & torch.isin(row_key, kept_rows)

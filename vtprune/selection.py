@@ -108,7 +108,7 @@ class Selection:
             if img.features is not None:
                 scores[i] = scores[first.setdefault(id(img.features), i)]
         # a method may set its own budgets (pool, visionzip)
-        kept = [top_tokens(s, img.layout, k) for s, img, k in zip(scores, images, ctx.budgets)]
+        kept = [top_tokens(s, img.layout, k, self.selector.newlines) for s, img, k in zip(scores, images, ctx.budgets)]
         groups = [[] for _ in images]
         for i, img in enumerate(images):
             kept[i], groups[i], ctx.sizes[i], rep = self._summarise(img, kept[i], wanted[i], ctx.sizes[i])

@@ -1,10 +1,11 @@
-"""vtprune inside vLLM on tiny random InternVL, Qwen2-VL, Qwen2.5-VL and Qwen3-VL models (serving venv): the
-processor's kept placeholder count, the kept rows and their positions.  Reference: the HF model wrapped
-with the same method and the ``positions`` vLLM matches — Qwen: ``"original"`` (kept tokens at their
-(t, h, w) mrope positions as EVS rewrites them, the text after the image at its unpruned positions;
-Qwen3-VL with its deepstack features cut alike); InternVL: ``"renumber"`` (1-D positions numbered afresh;
-its tiny model's rope is short-waved so that the two numberings answer differently) — token for token,
-which a wrong position breaks."""
+"""vtprune inside vLLM on tiny random LLaVA-NeXT, InternVL, Qwen2-VL, Qwen2.5-VL and Qwen3-VL models
+(serving venv): the processor's kept placeholder count, the kept rows and their positions.  Reference:
+the HF model wrapped with the same method and the ``positions`` vLLM matches — Qwen: ``"original"``
+(kept tokens at their (t, h, w) mrope positions as EVS rewrites them, the text after the image at its
+unpruned positions; Qwen3-VL with its deepstack features cut alike); LLaVA-NeXT and InternVL:
+``"renumber"`` (1-D positions numbered afresh; their tiny models are built so that the two numberings
+answer differently; LLaVA-NeXT with ``newlines="all"``) — token for token, which a wrong position
+breaks."""
 
 import os
 
@@ -34,14 +35,15 @@ def tiny(request, built, tmp_path_factory):
 
 def _build(model_type, folder):
     import tiny_internvl
+    import tiny_llava_next
     import tiny_qwen
     import transformers as tf
 
     from vtprune import toy
 
-    tiny = tiny_internvl if model_type == "internvl" else tiny_qwen
+    tiny = {"internvl": tiny_internvl, "llava_next": tiny_llava_next}.get(model_type, tiny_qwen)
     prompt = tiny.prompt
-    folder = tiny.build(folder) if model_type == "internvl" else tiny.build(folder, model_type)
+    folder = tiny.build(folder, model_type) if tiny is tiny_qwen else tiny.build(folder)
     model = tf.AutoModelForImageTextToText.from_pretrained(folder).eval()
     processor = tf.AutoProcessor.from_pretrained(folder)
     samples = toy.eval_split(n=N)
@@ -50,7 +52,8 @@ def _build(model_type, folder):
     return folder, model, batch, model_type
 
 
-@pytest.mark.parametrize("tiny,method,keep", [("internvl", None, 1.0), ("internvl", "divprune", 0.25),
+@pytest.mark.parametrize("tiny,method,keep", [("llava_next", None, 1.0), ("llava_next", "divprune", 0.25),
+                                              ("internvl", None, 1.0), ("internvl", "divprune", 0.25),
                                               ("qwen2_vl", None, 1.0), ("qwen2_vl", "pool", 0.25),
                                               ("qwen2_5_vl", None, 1.0), ("qwen2_5_vl", "divprune", 0.25),
                                               ("qwen3_vl", None, 1.0), ("qwen3_vl", "pool", 0.25)], indirect=["tiny"])
@@ -59,14 +62,16 @@ def test_a_served_tiny_model_keeps_and_answers_as_the_hf_wrap(tiny, method, keep
     from vtprune.serving.select import kept_count
 
     folder, model, batch, model_type = tiny
-    tokens, kept = hf_run(model, batch, method, keep, steps=STEPS, positions=POSITIONS[model_type])
+    options = {"positions": POSITIONS[model_type], **({"newlines": "all"} if model_type == "llava_next" else {})}
+    tokens, kept = hf_run(model, batch, method, keep, steps=STEPS, **options)
     served = serve(method or "random", keep, N, folder)
     assert [until_eos(t) for t in served["tokens"]] == tokens
     if kept is not None:
         assert sorted(map(tuple, served["kept"])) == sorted(map(tuple, kept))
-    # tokens per image: InternVL 4 crops and a thumbnail of 4 x 4 each; Qwen a 6 x 6 grid of merged tokens
-    n, grid = (80, [(4, 4)] * 5) if model_type == "internvl" else (36, (6, 6))
-    dropped = n - kept_count(check(method or "random", keep, {}, model_type), n, grid)
+    # tokens per image: LLaVA-NeXT a 4 x 4 base and 2 x 2 crops packed into 8 rows of 8 and a newline each;
+    # InternVL 4 crops and a thumbnail of 4 x 4 each; Qwen a 6 x 6 grid of merged tokens
+    n, grid, newlines = {"llava_next": (88, None, 8), "internvl": (80, [(4, 4)] * 5, 0)}.get(model_type, (36, (6, 6), 0))
+    dropped = n - kept_count(check(method or "random", keep, {}, model_type), n, grid, newlines)
     lengths = batch["attention_mask"].sum(1).tolist()
     assert served["prompt_tokens"] == [length - dropped for length in lengths]
     assert dropped > 0 or method is None

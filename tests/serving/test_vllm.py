@@ -37,7 +37,7 @@ def test_keep_all_answers_as_the_hf_model(toy_batch):
 
 
 @pytest.mark.parametrize("method,keep", [("uniform", 0.25), ("pool", 0.25), ("divprune", 0.1), ("fastervlm", 0.1),
-                                         ("vtc_cls", 0.25), ("visionzip", 0.1)])
+                                         ("visionzip", 0.1)])  # vtc_cls: its tap equals the HF wrap in the main suite
 def test_a_served_method_keeps_and_answers_as_the_hf_wrap(toy_batch, method, keep):
     """The same kept tokens per image as the HF wrap, the same greedy tokens as the HF wrap with positions
     renumbered, and the prompt shorter by the dropped count."""

@@ -1,4 +1,5 @@
-"""Serve a model ("toy", or a tiny folder from ``tiny_qwen`` or ``tiny_internvl``: "internvl" in its path) with one vtprune config in this
+"""Serve a model ("toy", or a tiny folder from ``tiny_qwen``, ``tiny_internvl`` ("internvl" in its path) or
+``tiny_llava_next`` ("llava_next" in its path)) with one vtprune config in this
 process; print one JSON line: the answers, their tokens, prompt lengths and each image's kept indices (read
 off the served model)."""
 
@@ -17,9 +18,11 @@ def main():
 
     sys.path.insert(0, os.path.dirname(__file__))
     import tiny_internvl
+    import tiny_llava_next
     import tiny_qwen
 
-    prompt = toy.prompt if model == "toy" else tiny_internvl.prompt if "internvl" in model else tiny_qwen.prompt
+    tiny = tiny_internvl if "internvl" in model else tiny_llava_next if "llava_next" in model else tiny_qwen
+    prompt = toy.prompt if model == "toy" else tiny.prompt
     options = {} if model == "toy" else {"dtype": "float32", "max_model_len": 512}
     samples = toy.eval_split(n=n)
     llm = LLM(model, method=method, keep=keep, enforce_eager=True, **options)

@@ -145,6 +145,8 @@ class Selector(Method):
         "size_bias": "bool: weigh each kept token in attention by the tokens it stands for (pool windows, VisionZip "
                      "contextual tokens; otherwise the dropped tokens closest in feature join it)",
         "bias_layers": "list of decoder layers that add the size bias; None: all ([]: none, an ablation)",
+        "newlines": "'rows' (a LLaVA-NeXT newline token stays exactly when its row keeps a token) or 'all' (every "
+                    "newline stays: the kept count no longer depends on the selection, as serving needs)",
         "positions": "'original' (kept tokens and the text after them keep their positions: the full sequence with "
                      "the dropped tokens masked) or 'renumber' (the shortened sequence numbered afresh, as vLLM "
                      "numbers a pruned prompt; 1-D positions only)"}
@@ -160,6 +162,7 @@ class Selector(Method):
     size_bias: bool = False
     bias_layers: list | None = None
     positions: str = "original"
+    newlines: str = "rows"
 
     @property
     def inert(self) -> bool:  # every token kept as it is (merging methods rewrite features even then)
@@ -195,6 +198,8 @@ class Selector(Method):
             self.bias_layers = indices(self.bias_layers)
         if self.positions not in ("original", "renumber"):
             raise ValueError(f"positions must be 'original' or 'renumber', got {self.positions!r}")
+        if self.newlines not in ("rows", "all"):
+            raise ValueError(f"newlines must be 'rows' or 'all', got {self.newlines!r}")
 
     def score(self, ctx: ScoreContext) -> list:
         """One 1-D score tensor per image (higher = keep)."""

@@ -9,11 +9,12 @@ worker processes in the environment (``VTPRUNE_SERVE``: the method config as JSO
 vLLM's own model classes.  This version: LLaVA-1.5 (``LlavaForConditionalGeneration``) with
 ``random``, ``uniform``, ``pool``, ``divprune`` and the [CLS] methods ``fastervlm``, ``vtc_cls``,
 ``visionzip`` (their scores read off vLLM's CLIP layers through forward hooks on the fused q/k/v
-projection: ``vtprune.serving.tower``); InternVL in HF format (``vtprune.serving.internvl``), Qwen2-VL,
-Qwen2.5-VL and Qwen3-VL (``vtprune.serving.qwen``) with the first four, images only.  The processor
+projection: ``vtprune.serving.tower``); LLaVA-NeXT (``vtprune.serving.llava_next``: random, uniform,
+divprune, every newline kept), InternVL in HF format (``vtprune.serving.internvl``), Qwen2-VL, Qwen2.5-VL
+and Qwen3-VL (``vtprune.serving.qwen``) with the first four, images only.  The processor
 emits the kept number of image placeholders (``vtprune.serving.select.kept_count``), and the model's
 multimodal embedding returns the kept rows chosen by the same vtprune method on the features vLLM
-computes.  Positions: vLLM numbers LLaVA's and InternVL's shortened prompt contiguously (the HF wrap's
+computes.  Positions: vLLM numbers a 1-D family's shortened prompt contiguously (the HF wrap's
 ``positions="renumber"``) and keeps Qwen's mrope positions as EVS does (``positions="original"``, the
 HF default); a served config carries the one that matches (``POSITIONS``).
 """
@@ -25,13 +26,14 @@ import os
 import sys
 
 ENV = "VTPRUNE_SERVE"
-SERVED = {"LlavaForConditionalGeneration": "llava",  # architecture -> its config's model_type
+# the architectures served (in config.json) -> their model_type
+SERVED = {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGeneration": "llava_next",
           "InternVLForConditionalGeneration": "internvl", "Qwen2VLForConditionalGeneration": "qwen2_vl",
           "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl", "Qwen3VLForConditionalGeneration": "qwen3_vl"}
 SERVED_TYPES = tuple(sorted(set(SERVED.values())))
 # how vLLM positions a pruned prompt, per model type, as the HF wrap's ``positions`` option names it: 1-D
-# positions (LLaVA, InternVL) are numbered afresh; Qwen's mrope positions are rewritten as EVS does (original)
-POSITIONS = {"llava": "renumber", "internvl": "renumber",
+# positions (LLaVA, LLaVA-NeXT, InternVL) are numbered afresh; Qwen's mrope positions are rewritten as EVS does (original)
+POSITIONS = {"llava": "renumber", "llava_next": "renumber", "internvl": "renumber",
              "qwen2_vl": "original", "qwen2_5_vl": "original", "qwen3_vl": "original"}
 IMAGES_ONLY = ("internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # served with video requests refused
 METHODS = ("random", "uniform", "pool", "divprune", "fastervlm", "vtc_cls", "visionzip")
@@ -59,6 +61,12 @@ def check(method: str, keep, options: dict, model_type: str | None = "llava"):
     if want is not None and options.setdefault("positions", want) != want:
         raise ValueError(f"vLLM positions a pruned {model_type} prompt as the HF wrap's positions={want!r} does; "
                          f"serving cannot run positions={options['positions']!r}")
+    if model_type == "llava_next":
+        if method not in ("random", "uniform", "divprune"):
+            raise ValueError(f"vtprune serving runs random, uniform and divprune on LLaVA-NeXT so far, not {method}")
+        if options.setdefault("newlines", "all") != "all":
+            raise ValueError("vLLM sizes a LLaVA-NeXT prompt before the image is encoded: serving keeps every newline "
+                             "(newlines='all'), not newlines='rows'")
     config = methods.get(method)(keep=keep, **options)
     config.validate()
     if config.needs_cls and model_type not in (None, "llava"):
@@ -89,12 +97,18 @@ def model_dir(model: str) -> str:
     for name in os.listdir(DEFAULT_PATH):
         if not name.endswith(".safetensors"):
             shutil.copy(os.path.join(DEFAULT_PATH, name), out)
-    weights = {}
-    for key, value in load_file(source).items():
+    save_file(clip_keys_for_vllm(load_file(source)), marker)
+    return out
+
+
+def clip_keys_for_vllm(weights: dict) -> dict:
+    """A LLaVA / LLaVA-NeXT state dict as transformers 5 saves it (the CLIP tower's keys ``vision_tower.*``)
+    with the keys vLLM's CLIP loads (``vision_tower.vision_model.*``, as older transformers saved them)."""
+    out = {}
+    for key, value in weights.items():
         if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
             key = "vision_tower.vision_model." + key[len("vision_tower."):]
-        weights[key] = value
-    save_file(weights, marker)
+        out[key] = value
     return out
 
 

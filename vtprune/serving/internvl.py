@@ -6,12 +6,9 @@ cut between ``<img>`` and ``</img>``; positions are numbered afresh (1-D, the HF
 
 from __future__ import annotations
 
-import collections
 import math
 
-import torch
-
-from .select import kept_count, select
+from .select import attach, keep_rows, kept_count
 
 
 def tile_grids(n: int, per_tile: int) -> list:
@@ -59,8 +56,7 @@ def pruned_internvl(config):
 
         def __init__(self, *, vllm_config, prefix: str = ""):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
-            self.vtprune_kept = collections.deque(maxlen=4096)  # the last images' kept indices
-            self.vtprune_generator = torch.Generator().manual_seed(int(getattr(config, "seed", 0)))
+            attach(self, config)
 
         def embed_multimodal(self, **kwargs):
             if kwargs.get("pixel_values_videos") is not None:
@@ -68,9 +64,7 @@ def pruned_internvl(config):
             out = []
             for rows in super().embed_multimodal(**kwargs):
                 grids = tile_grids(rows.shape[0], self.config.image_seq_length)
-                kept, rows = select(config, rows, self.vtprune_generator, None, grids)
-                self.vtprune_kept.append(kept.tolist())
-                out.append(rows)
+                out.append(keep_rows(self, config, rows, grid=grids)[1])
             return out
 
     return PrunedInternVL

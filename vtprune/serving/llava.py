@@ -3,11 +3,7 @@
 
 from __future__ import annotations
 
-import collections
-
-import torch
-
-from .select import kept_count, select
+from .select import attach, keep_rows, kept_count
 
 
 def tap_clip(model, config):
@@ -64,8 +60,7 @@ def pruned_llava(config):
         def __init__(self, *, vllm_config, prefix: str = ""):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             self.vtprune_tap = tap_clip(self, config) if config.needs_cls else None
-            self.vtprune_kept = collections.deque(maxlen=4096)  # the last images' kept indices
-            self.vtprune_generator = torch.Generator().manual_seed(int(getattr(config, "seed", 0)))
+            attach(self, config)
 
         def embed_multimodal(self, **kwargs):
             tap = self.vtprune_tap
@@ -74,9 +69,7 @@ def pruned_llava(config):
             features = super().embed_multimodal(**kwargs)
             out = []
             for i, f in enumerate(features):
-                kept, rows = select(config, f, self.vtprune_generator, tap.image(i, f.shape[0]) if tap else None)
-                self.vtprune_kept.append(kept.tolist())
-                out.append(rows)
+                out.append(keep_rows(self, config, f, tap.image(i, f.shape[0]) if tap else None)[1])
             return out
 
     return PrunedLlava

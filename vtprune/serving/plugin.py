@@ -15,9 +15,11 @@ def register():
 
     from .internvl import pruned_internvl
     from .llava import pruned_llava
+    from .llava_next import pruned_llava_next
     from .qwen import pruned_qwen
 
     ModelRegistry.register_model("LlavaForConditionalGeneration", pruned_llava(config))
+    ModelRegistry.register_model("LlavaNextForConditionalGeneration", pruned_llava_next(config))
     ModelRegistry.register_model("InternVLForConditionalGeneration", pruned_internvl(config))
     ModelRegistry.register_model("Qwen2VLForConditionalGeneration", pruned_qwen(config, "qwen2_vl"))
     ModelRegistry.register_model("Qwen2_5_VLForConditionalGeneration", pruned_qwen(config, "qwen2_5_vl"))

@@ -16,11 +16,9 @@ Qwen model (``limit_mm_per_prompt`` video 0).
 
 from __future__ import annotations
 
-import collections
-
 import torch
 
-from .select import kept_count, select
+from .select import attach, keep_rows, kept_count
 
 
 def image_positions(t: int, h: int, w: int, kept: torch.Tensor) -> torch.Tensor:
@@ -84,8 +82,7 @@ def pruned_qwen(config, model_type: str):
 
         def __init__(self, *, vllm_config, prefix: str = ""):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
-            self.vtprune_kept = collections.deque(maxlen=4096)  # the last images' kept indices
-            self.vtprune_generator = torch.Generator().manual_seed(int(getattr(config, "seed", 0)))
+            attach(self, config)
 
         def embed_multimodal(self, **kwargs):
             inputs = self._parse_and_validate_multimodal_inputs(**kwargs)  # Qwen2-VL's keys are plural
@@ -99,8 +96,7 @@ def pruned_qwen(config, model_type: str):
             out = []
             for rows, (t, h, w) in zip(self._process_image_input(image_input), image_input["image_grid_thw"].tolist()):
                 grid = (int(h) // merge, int(w) // merge)
-                kept, main = select(config, rows[:, :width], self.vtprune_generator, None, grid if t == 1 else None)
-                self.vtprune_kept.append(kept.tolist())
+                kept, main = keep_rows(self, config, rows[:, :width], grid=grid if t == 1 else None)
                 rows = rows[kept.to(rows.device)]
                 rows[:, :main.shape[1]] = main
                 positions = image_positions(int(t), *grid, kept.cpu()).to(rows.device, rows.dtype)

@@ -3,6 +3,8 @@ rows (which the model's multimodal embedding returns), by the same vtprune metho
 
 from __future__ import annotations
 
+import collections
+
 import torch
 
 from ..budget import tokens_to_keep
@@ -26,9 +28,12 @@ def layout_of(n: int, grid=None) -> ImageLayout:
     return ImageLayout.from_grids(grids)
 
 
-def kept_count(config, n: int, grid=None) -> int:
-    """How many of an image's ``n`` tokens (on ``grid``) the served method keeps: a function of the image's
-    token grid and ``keep`` only, as vLLM sizes a prompt before the image is encoded."""
+def kept_count(config, n: int, grid=None, newlines: int = 0) -> int:
+    """How many of an image's ``n`` tokens (on ``grid``; ``newlines`` of them LLaVA-NeXT row separators, all
+    kept: ``newlines="all"``) the served method keeps: a function of the image's token grid and ``keep``
+    only, as vLLM sizes a prompt before the image is encoded."""
+    if newlines:
+        return tokens_to_keep(config.keep, n - newlines) + newlines
     k = tokens_to_keep(config.keep, n)
     if config.name == "pool":
         anchors, _ = pool_windows(layout_of(n, grid), total_budget(k))
@@ -36,13 +41,13 @@ def kept_count(config, n: int, grid=None) -> int:
     return k
 
 
-def select(config, features: torch.Tensor, generator, tower: dict | None = None, grid=None) -> tuple:
-    """``(kept indices, rows)``: which of one image's features [n, D] (on ``grid``) enter the LLM, and the rows
-    that do (merged rows for ``pool``).  ``tower``: the image's tower scores for [CLS] methods
-    (``vtprune.serving.tower.TowerTap.image``)."""
+def select(config, features: torch.Tensor, generator, tower: dict | None = None, grid=None, layout=None) -> tuple:
+    """``(kept indices, rows)``: which of one image's features [n, D] (on ``grid``, or a full ``layout``) enter
+    the LLM, and the rows that do (merged rows for ``pool``).  ``tower``: the image's tower scores for [CLS]
+    methods (``vtprune.serving.tower.TowerTap.image``)."""
     n = features.shape[0]
-    layout = layout_of(n, grid)
-    k = tokens_to_keep(config.keep, n)
+    layout = layout if layout is not None else layout_of(n, grid)
+    k = tokens_to_keep(config.keep, layout.n_content)
     ctx = ScoreContext(layouts=[layout], budgets=[k], rows=[0], features=[features.float().cpu()],
                        generator=generator)
     if tower is not None:
@@ -51,7 +56,7 @@ def select(config, features: torch.Tensor, generator, tower: dict | None = None,
             ctx.tower_selected = [(tower["selected"] > 0).float()]
             ctx.tower_sizes = [tower["sizes"]]
     (scores,) = config.score(ctx)
-    kept = top_tokens(scores, layout, ctx.budgets[0])
+    kept = top_tokens(scores, layout, ctx.budgets[0], config.newlines)
     out = features[kept.to(features.device)]
     if ctx.replacements[0] is not None:  # pool: the windows' means at their anchors
         anchors, merged = ctx.replacements[0]
@@ -60,3 +65,17 @@ def select(config, features: torch.Tensor, generator, tower: dict | None = None,
         for a, row in zip(anchors.tolist(), merged):
             out[position[a]] = row.to(out.dtype)
     return kept, out
+
+
+def attach(model, config):
+    """What every pruned vLLM class carries: the last images' kept indices (``vtprune.serving.last_kept``)
+    and the seeded generator of the method's random draws."""
+    model.vtprune_kept = collections.deque(maxlen=4096)
+    model.vtprune_generator = torch.Generator().manual_seed(int(getattr(config, "seed", 0)))
+
+
+def keep_rows(model, config, rows: torch.Tensor, tower=None, grid=None, layout=None) -> tuple:
+    """``select`` for a served ``model`` (``attach``-ed): its generator, its log of kept indices."""
+    kept, rows = select(config, rows, model.vtprune_generator, tower, grid, layout)
+    model.vtprune_kept.append(kept.tolist())
+    return kept, rows

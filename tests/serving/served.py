@@ -1,6 +1,7 @@
 """Shared by the serving tests: serve one config in a fresh process (``worker.py``) and read its answers; the
 HF reference run."""
 
+import functools
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import sys
 EOS = 3  # the toy tokenizer's end of sequence (the tiny Qwen's too: it extends that tokenizer)
 
 
+@functools.lru_cache(maxsize=None)  # one engine start per config in a test run
 def serve(method, keep, n, model="toy"):
     """Answers, tokens, prompt lengths and kept indices of ``n`` toy questions served with one config."""
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ALLOW_INSECURE_SERIALIZATION="1")

@@ -70,7 +70,8 @@ def test_a_served_tiny_model_keeps_and_answers_as_the_hf_wrap(tiny, method, keep
         assert sorted(map(tuple, served["kept"])) == sorted(map(tuple, kept))
     # tokens per image: LLaVA-NeXT a 4 x 4 base and 2 x 2 crops packed into 8 rows of 8 and a newline each;
     # InternVL 4 crops and a thumbnail of 4 x 4 each; Qwen a 6 x 6 grid of merged tokens
-    n, grid, newlines = {"llava_next": (88, None, 8), "internvl": (80, [(4, 4)] * 5, 0)}.get(model_type, (36, (6, 6), 0))
+    shapes = {"llava_next": (88, None, 8), "internvl": (80, [(4, 4)] * 5, 0)}
+    n, grid, newlines = shapes.get(model_type, (36, (6, 6), 0))
     dropped = n - kept_count(check(method or "random", keep, {}, model_type), n, grid, newlines)
     lengths = batch["attention_mask"].sum(1).tolist()
     assert served["prompt_tokens"] == [length - dropped for length in lengths]

@@ -32,7 +32,8 @@ SERVED = {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGene
           "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl", "Qwen3VLForConditionalGeneration": "qwen3_vl"}
 SERVED_TYPES = tuple(sorted(set(SERVED.values())))
 # how vLLM positions a pruned prompt, per model type, as the HF wrap's ``positions`` option names it: 1-D
-# positions (LLaVA, LLaVA-NeXT, InternVL) are numbered afresh; Qwen's mrope positions are rewritten as EVS does (original)
+# positions (LLaVA, LLaVA-NeXT, InternVL) are numbered afresh; Qwen's mrope positions are rewritten as EVS
+# does (the original ones)
 POSITIONS = {"llava": "renumber", "llava_next": "renumber", "internvl": "renumber",
              "qwen2_vl": "original", "qwen2_5_vl": "original", "qwen3_vl": "original"}
 IMAGES_ONLY = ("internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # served with video requests refused

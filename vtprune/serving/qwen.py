@@ -1,5 +1,5 @@
-"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL in vLLM with vtprune's pre-LLM selection, positions as EVS (vLLM's video pruning)
-keeps them.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL in vLLM with vtprune's pre-LLM selection, positions as EVS (vLLM's
+video pruning) keeps them.
 
 The processor emits the kept number of image placeholders (``kept_count`` on the image's merged-token
 grid); the multimodal embedding returns the kept rows with four extra channels, the kept tokens'
@@ -10,8 +10,9 @@ wrap's default, ``positions="original"``.  Every pruned class uses Qwen2.5-VL's
 ``recompute_mrope_positions`` (four channels): vLLM's Qwen2-VL has no EVS, and Qwen3-VL's five-channel
 variant continues the text after the largest *kept* position, not the image's extent as HF does.
 Qwen3-VL's deepstack features ride in the same rows and are cut with them; the method scores the main
-features, as on the HF path.  Images only: vLLM refuses video requests for a served
-Qwen model (``limit_mm_per_prompt`` video 0).
+features, as on the HF path.  Images only: vLLM refuses video requests for a served Qwen model
+(``limit_mm_per_prompt`` video 0).  The position channels travel in the rows' dtype, as EVS's do (exact
+in bf16 up to 256 merged tokens a side).
 """
 
 from __future__ import annotations

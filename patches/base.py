@@ -22,6 +22,15 @@ class ImageRef(NamedTuple):
     tiles: list
 
 
+def scores_on_tokens(tower_scores: torch.Tensor, layout) -> torch.Tensor:
+    """An image's per-tower-token scores ``[tiles, N]`` on its LLM tokens ``[n]``: each token the sum of the
+    scores of the tower tokens it was made from (``layout.source``, indices into the flattened tiles); 0
+    for tokens with no source (newlines)."""
+    flat = tower_scores.reshape(-1)
+    src = layout.source.to(flat.device)
+    return (flat[src.clamp(min=0)] * (src >= 0)).sum(-1)
+
+
 class Adapter:
     """Where a family's visual tokens are and how they map onto space.
 
@@ -166,13 +175,9 @@ class Adapter:
         Each LLM token gets the sum of the scores of the tower tokens it was made from
         (``layout.source``); tokens with no source (newlines) get 0.
         """
-        source = ref.layout.source
-        if source is None:
+        if ref.layout.source is None:
             raise NotApplicable(f"{self.family} cannot map vision-tower scores to LLM tokens")
-        flat = tower_scores[ref.tiles].reshape(-1)
-        src = source.to(flat.device)
-        values = flat[src.clamp(min=0)] * (src >= 0)
-        return values.sum(-1)
+        return scores_on_tokens(tower_scores[ref.tiles], ref.layout)
 
     # ------------------------------------------------------------------ cut
     def cut_extra(self, kwargs: dict, index: torch.Tensor, real: torch.Tensor):

@@ -39,7 +39,9 @@ def _tapped_features(model, batch, config):
         lambda m, args: (tap.on_projector(args[0]), *args[1:])))
     try:
         with torch.no_grad():
-            features = model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+            features = model.model.get_image_features(
+                pixel_values=batch["pixel_values"],
+                **({"image_sizes": batch["image_sizes"]} if "image_sizes" in batch else {})).pooler_output
     finally:
         for h in handles:
             h.remove()
@@ -142,19 +144,23 @@ def test_serving_keeps_what_the_hf_wrap_keeps_on_internvl_tiles(method, keep):
     assert out.shape[0] == kept_count(config, rows.shape[0], grids) < rows.shape[0]
 
 
-@pytest.mark.parametrize("method", ["uniform", "divprune", "random"])
+@pytest.mark.parametrize("method", ["uniform", "divprune", "random", "fastervlm", "vtc_cls"])
 def test_serving_keeps_what_the_hf_wrap_keeps_on_llava_next(method):
     """LLaVA-NeXT (base + crops + newlines): the serving selection on the packed layout keeps the HF wrap's
-    tokens with ``newlines="all"``, and as many as ``kept_count`` says before any image is encoded."""
+    tokens with ``newlines="all"``, and as many as ``kept_count`` says before any image is encoded; [CLS]
+    methods read each tile's scores (``TowerTap.tiles``)."""
     from vtprune.testing import tiny_inputs, tiny_model
 
     model = tiny_model("llava_next")
     inputs = tiny_inputs(model, "llava_next", images_per_row=(1,))
-    with torch.no_grad():
-        (rows,) = model.model.get_image_features(pixel_values=inputs["pixel_values"],
-                                                 image_sizes=inputs["image_sizes"]).pooler_output
     config = check(method, 0.25, {}, "llava_next")
     assert config.newlines == "all" and config.positions == "renumber"
+    if config.needs_cls:
+        (rows,), tap = _tapped_features(model, inputs, config)
+    else:
+        with torch.no_grad():
+            (rows,) = model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                     image_sizes=inputs["image_sizes"]).pooler_output
     with vtprune.wrapped(model, method, keep=0.25, newlines="all"):
         with torch.no_grad():
             model(**inputs)
@@ -162,10 +168,11 @@ def test_serving_keeps_what_the_hf_wrap_keeps_on_llava_next(method):
         layout = vtprune.record(model).layouts[0][0]
     newlines = int(layout.newline.sum())
     assert newlines > 0
-    indices, out = select(config, rows, torch.Generator().manual_seed(0), None, layout=layout)
+    tower = tap.tiles(0, inputs["pixel_values"].shape[1], layout) if config.needs_cls else None
+    indices, out = select(config, rows, torch.Generator().manual_seed(0), tower, layout=layout)
     assert indices.tolist() == kept.tolist()
     assert out.shape[0] == kept_count(config, rows.shape[0], newlines=newlines)
     with pytest.raises(ValueError, match="newlines='all'"):
         check(method, 0.25, {"newlines": "rows"}, "llava_next")
-    with pytest.raises(ValueError, match="random, uniform and divprune on LLaVA-NeXT"):
+    with pytest.raises(ValueError, match="on LLaVA-NeXT so far"):
         check("pool", 0.25, {}, "llava_next")

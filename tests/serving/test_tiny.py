@@ -52,7 +52,7 @@ def _build(model_type, folder):
     return folder, model, batch, model_type
 
 
-@pytest.mark.parametrize("tiny,method,keep", [("llava_next", None, 1.0), ("llava_next", "divprune", 0.25),
+@pytest.mark.parametrize("tiny,method,keep", [("llava_next", None, 1.0), ("llava_next", "fastervlm", 0.25),
                                               ("internvl", None, 1.0), ("internvl", "divprune", 0.25),
                                               ("qwen2_vl", "pool", 0.25),
                                               ("qwen2_5_vl", None, 1.0), ("qwen2_5_vl", "divprune", 0.25),

@@ -10,7 +10,7 @@ vLLM's own model classes.  This version: LLaVA-1.5 (``LlavaForConditionalGenerat
 ``random``, ``uniform``, ``pool``, ``divprune`` and the [CLS] methods ``fastervlm``, ``vtc_cls``,
 ``visionzip`` (their scores read off vLLM's CLIP layers through forward hooks on the fused q/k/v
 projection: ``vtprune.serving.tower``); LLaVA-NeXT (``vtprune.serving.llava_next``: random, uniform,
-divprune, every newline kept), InternVL in HF format (``vtprune.serving.internvl``), Qwen2-VL, Qwen2.5-VL
+divprune, fastervlm, vtc_cls; every newline kept), InternVL in HF format (``vtprune.serving.internvl``), Qwen2-VL, Qwen2.5-VL
 and Qwen3-VL (``vtprune.serving.qwen``) with the first four, images only.  The processor
 emits the kept number of image placeholders (``vtprune.serving.select.kept_count``), and the model's
 multimodal embedding returns the kept rows chosen by the same vtprune method on the features vLLM
@@ -63,14 +63,15 @@ def check(method: str, keep, options: dict, model_type: str | None = "llava"):
         raise ValueError(f"vLLM positions a pruned {model_type} prompt as the HF wrap's positions={want!r} does; "
                          f"serving cannot run positions={options['positions']!r}")
     if model_type == "llava_next":
-        if method not in ("random", "uniform", "divprune"):
-            raise ValueError(f"vtprune serving runs random, uniform and divprune on LLaVA-NeXT so far, not {method}")
+        if method not in ("random", "uniform", "divprune", "fastervlm", "vtc_cls"):
+            raise ValueError(f"vtprune serving runs random, uniform, divprune, fastervlm and vtc_cls on LLaVA-NeXT "
+                             f"so far, not {method}")
         if options.setdefault("newlines", "all") != "all":
             raise ValueError("vLLM sizes a LLaVA-NeXT prompt before the image is encoded: serving keeps every newline "
                              "(newlines='all'), not newlines='rows'")
     config = methods.get(method)(keep=keep, **options)
     config.validate()
-    if config.needs_cls and model_type not in (None, "llava"):
+    if config.needs_cls and model_type not in (None, "llava", "llava_next"):
         raise ValueError(f"vtprune serving runs {method} on LLaVA's CLIP tower so far, not on {model_type} (its "
                          "tower has no [CLS]; the HF wrap's 'received' score is not hooked in vLLM yet)")
     if getattr(config, "summary", 0) or getattr(config, "size_bias", False):

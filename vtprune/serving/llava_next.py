@@ -4,7 +4,8 @@ An image is its base tile's grid, then its crops packed into one unpadded grid w
 after every row (vLLM packs as transformers does).  The HF wrap keeps a row's newline when the row
 keeps a token, which makes the count depend on the selection; vLLM sizes the prompt before the image
 is encoded, so served configs keep every newline (the selector's ``newlines="all"``: the budget of
-content tokens plus all newlines).  The layout is read off vLLM's own packing of patch indices (as the
+content tokens plus all newlines).  [CLS] methods read each tile's scores off vLLM's CLIP layers
+(``TowerTap.tiles``) and sum them onto the packed tokens as the HF adapter does.  The layout is read off vLLM's own packing of patch indices (as the
 HF adapter reads transformers'), positions are numbered afresh (``positions="renumber"``).
 """
 
@@ -16,6 +17,7 @@ import torch
 
 from vtprune.patches.llava_next import packed_layout
 
+from .llava import tap_clip
 from .select import attach, keep_rows, kept_count
 
 
@@ -46,6 +48,7 @@ def pruned_llava_next(config):
         def __init__(self, *, vllm_config, prefix: str = ""):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             attach(self, config)
+            self.vtprune_tap = tap_clip(self, config) if config.needs_cls else None
             self.vtprune_layouts = {}
 
         def layout(self, image_size) -> object:
@@ -68,13 +71,20 @@ def pruned_llava_next(config):
             image_input = self._parse_and_validate_image_input(**kwargs)
             if image_input is None:
                 return []
+            tap = self.vtprune_tap
+            if tap is not None:
+                tap.clear()
             sizes = image_input.get("image_sizes")
-            out = []
+            pixels = image_input.get("pixel_values")
+            tiles = [int(p.shape[0]) for p in pixels] if pixels is not None else None  # the tower batch, in order
+            out, start = [], 0
             for i, rows in enumerate(self._process_image_input(image_input)):
                 layout = self.layout(sizes[i]) if sizes is not None else None
                 if layout is None or layout.n != rows.shape[0]:
                     raise ValueError("vtprune serving needs each LLaVA-NeXT image's size to read its packing")
-                out.append(keep_rows(self, config, rows, layout=layout)[1])
+                tower = tap.tiles(start, tiles[i], layout) if tap is not None else None
+                out.append(keep_rows(self, config, rows, tower, layout=layout)[1])
+                start += tiles[i] if tiles is not None else 0
             return out
 
     return PrunedLlavaNext

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from vtprune.patches.base import scores_on_tokens
+
 from ..capture import merge_tiles
 from ..tower_scores import per_tile
 
@@ -49,12 +51,22 @@ class TowerTap:
         merged, self.selected, self.sizes = merge_tiles(self.config, cls, self.keys, features, sources)
         return merged
 
-    def image(self, i: int, n: int) -> dict:
-        """Image ``i``'s tower scores on its ``n`` LLM tokens (its last ``n`` tower tokens)."""
+    def _ran(self):
         if set(self.scores) != set(self.layers):
             raise ValueError(f"vtprune {self.config.name} reads the vision tower's attention, which did not run for "
                              "these images (precomputed image embeddings cannot be pruned by [CLS] methods)")
+
+    def image(self, i: int, n: int) -> dict:
+        """Image ``i``'s tower scores on its ``n`` LLM tokens (its last ``n`` tower tokens)."""
+        self._ran()
         out = {"cls": {layer: s[i, -n:].float().cpu() for layer, s in self.scores.items()}}
         if self.selected is not None:
             out["selected"], out["sizes"] = self.selected[i, -n:].cpu(), self.sizes[i, -n:].cpu()
         return out
+
+    def tiles(self, start: int, count: int, layout) -> dict:
+        """The tower scores of an image encoded as tiles ``start .. start + count - 1`` of the tower batch,
+        on its LLM tokens by ``layout.source`` (LLaVA-NeXT: base and crops packed, newlines 0)."""
+        self._ran()
+        return {"cls": {layer: scores_on_tokens(s[start:start + count].float().cpu(), layout)
+                        for layer, s in self.scores.items()}}

@@ -94,7 +94,7 @@ def test_serving_errors_and_the_toy_folder(tmp_path, monkeypatch):
     assert check("uniform", 0.25, {}, "qwen2_5_vl").positions == "original"  # as EVS keeps mrope positions
     with pytest.raises(ValueError, match="positions='original'"):
         check("uniform", 0.25, {"positions": "renumber"}, "qwen2_5_vl")
-    with pytest.raises(ValueError, match="CLIP tower so far"):
+    with pytest.raises(ValueError, match="CLIP towers of LLaVA and LLaVA-NeXT so far"):
         check("fastervlm", 0.25, {}, "qwen2_5_vl")
     with pytest.raises(ValueError, match="summary"):
         check("uniform", 0.25, {"summary": 1})

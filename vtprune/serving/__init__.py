@@ -72,8 +72,8 @@ def check(method: str, keep, options: dict, model_type: str | None = "llava"):
     config = methods.get(method)(keep=keep, **options)
     config.validate()
     if config.needs_cls and model_type not in (None, "llava", "llava_next"):
-        raise ValueError(f"vtprune serving runs {method} on LLaVA's CLIP tower so far, not on {model_type} (its "
-                         "tower has no [CLS]; the HF wrap's 'received' score is not hooked in vLLM yet)")
+        raise ValueError(f"vtprune serving runs {method} on the CLIP towers of LLaVA and LLaVA-NeXT so far, not on "
+                         f"{model_type} (its tower's attention is not hooked in vLLM yet)")
     if getattr(config, "summary", 0) or getattr(config, "size_bias", False):
         raise ValueError("vtprune serving does not run summary tokens or size_bias yet")
     return config

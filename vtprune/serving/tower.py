@@ -2,9 +2,10 @@
 
 An engine binding feeds ``on_qkv`` with each hooked tower layer's queries and keys (a batch of
 images, ``[images, T, heads x d]``), and, for merging methods, lets ``on_projector`` rewrite the
-per-patch features before the projector.  ``image(i, n)`` then hands image ``i``'s scores, mapped
-onto its ``n`` LLM tokens, to ``vtprune.serving.llava.select`` — the same scores, merge and
-selection as the HF wrap (``vtprune.tower_scores``, ``vtprune.capture.merge_tiles``).
+per-patch features before the projector.  ``image(i, n)`` (one tile per image: LLaVA) or
+``tiles(start, count, layout)`` (LLaVA-NeXT's base and crops) then hands an image's scores, mapped onto
+its LLM tokens, to ``vtprune.serving.select.select`` — the same scores, merge and selection as the HF
+wrap (``vtprune.tower_scores``, ``vtprune.capture.merge_tiles``, ``vtprune.patches.base.scores_on_tokens``).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from vtprune.methods import get
 from vtprune.serving import check, check_architecture, model_dir
 from vtprune.serving.select import kept_count, select
 from vtprune.serving.tower import TowerTap
+from vtprune.spec import parse_spec
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +50,21 @@ def _tapped_features(model, batch, config):
 
 
 @pytest.mark.parametrize("method,keep", [("uniform", 0.25), ("divprune", 0.1), ("random", 0.25), ("pool", 0.25),
-                                         ("fastervlm", 0.1), ("vtc_cls", 0.25), ("visionzip", 0.1)])
+                                         ("fastervlm", 0.1), ("vtc_cls", 0.25), ("visionzip", 0.1),
+                                         ("fastervlm:summary=4", 0.1), ("divprune:size_bias=true", 0.1),
+                                         ("uniform:summary=4;size_bias=true", 0.05), ("visionzip:size_bias=true", 0.1),
+                                         ("pool:size_bias=true", 0.25), ("random:summary=3;summary_feature=first", 0.1)])
 def test_serving_keeps_what_the_hf_wrap_keeps(toy_batch, method, keep):
+    """Kept indices, rows (summary tokens' means included) and, for a config that weighs, each kept row's bias:
+    the log of the size the HF wrap records."""
     model, batch, features = toy_batch
-    config = check(method, keep, {})
+    (method,), options = parse_spec(method)
+    config = check(method, keep, options)
     assert config.positions == "renumber"
     tap = None
     if config.needs_cls:
         features, tap = _tapped_features(model, batch, config)
-    with vtprune.wrapped(model, method, keep=keep):
+    with vtprune.wrapped(model, method, keep=keep, **options):
         seen = {}
         handle = model.model.language_model.register_forward_pre_hook(  # after the cut: what the LLM reads
             lambda m, a, k: seen.update(embeds=k["inputs_embeds"]), with_kwargs=True)
@@ -65,13 +72,18 @@ def test_serving_keeps_what_the_hf_wrap_keeps(toy_batch, method, keep):
             model(**batch)
         handle.remove()
         kept = vtprune.last_kept(model)
-        cut, _ = vtprune.record(model).cut
+        record = vtprune.record(model)
+        cut, _ = record.cut
     generator = torch.Generator().manual_seed(0)
     image = batch["input_ids"] == model.config.image_token_id
     for i, f in enumerate(features):
-        indices, rows = select(config, f, generator, tap.image(i, f.shape[0]) if tap else None)
+        indices, rows, bias = select(config, f, generator, tap.image(i, f.shape[0]) if tap else None)
         assert indices.tolist() == kept[i][0].tolist()
         assert rows.shape[0] == kept_count(config, f.shape[0])
+        if config.weighs:
+            assert bias.tolist() == record.sizes[i][0].float().log().tolist() and float(bias.max()) > 0
+        else:
+            assert bias is None
         fed = seen["embeds"][i][image[i][cut[i]].to(seen["embeds"].device)]  # the image rows the HF LLM reads
         torch.testing.assert_close(rows, fed, atol=1e-6, rtol=0)
 
@@ -96,8 +108,11 @@ def test_serving_errors_and_the_toy_folder(tmp_path, monkeypatch):
         check("uniform", 0.25, {"positions": "renumber"}, "qwen2_5_vl")
     with pytest.raises(ValueError, match="CLIP towers of LLaVA and LLaVA-NeXT so far"):
         check("fastervlm", 0.25, {}, "qwen2_5_vl")
-    with pytest.raises(ValueError, match="summary"):
-        check("uniform", 0.25, {"summary": 1})
+    with pytest.raises(ValueError, match="summary_group='similarity'"):
+        check("uniform", 0.25, {"summary": 1, "summary_group": "space"})  # empty cells: a count not fixed
+    with pytest.raises(ValueError, match="scope='image'"):
+        check("uniform", 0.25, {"scope": "tile"}, "internvl")
+    assert check("uniform", 0.25, {"summary": 2, "size_bias": True}).weighs
     with pytest.raises(ValueError, match="keep"):
         check("uniform", 1.5, {})
     monkeypatch.setenv("VTPRUNE_CACHE", str(tmp_path))
@@ -139,12 +154,13 @@ def test_serving_keeps_what_the_hf_wrap_keeps_on_internvl_tiles(method, keep):
     config = check(method, keep, {}, "internvl")
     grids = tile_grids(rows.shape[0], model.config.image_seq_length)
     assert len(grids) == 3
-    indices, out = select(config, rows, torch.Generator().manual_seed(0), None, grids)
+    indices, out, _ = select(config, rows, torch.Generator().manual_seed(0), None, grids)
     assert indices.tolist() == kept.tolist()
     assert out.shape[0] == kept_count(config, rows.shape[0], grids) < rows.shape[0]
 
 
-@pytest.mark.parametrize("method", ["uniform", "divprune", "random", "fastervlm", "vtc_cls"])
+@pytest.mark.parametrize("method", ["uniform", "divprune", "random", "fastervlm", "vtc_cls", "pool",
+                                    "uniform:summary=2;size_bias=true"])
 def test_serving_keeps_what_the_hf_wrap_keeps_on_llava_next(method):
     """LLaVA-NeXT (base + crops + newlines): the serving selection on the packed layout keeps the HF wrap's
     tokens with ``newlines="all"``, and as many as ``kept_count`` says before any image is encoded; [CLS]
@@ -153,7 +169,8 @@ def test_serving_keeps_what_the_hf_wrap_keeps_on_llava_next(method):
 
     model = tiny_model("llava_next")
     inputs = tiny_inputs(model, "llava_next", images_per_row=(1,))
-    config = check(method, 0.25, {}, "llava_next")
+    (method,), options = parse_spec(method)
+    config = check(method, 0.25, options, "llava_next")
     assert config.newlines == "all" and config.positions == "renumber"
     if config.needs_cls:
         (rows,), tap = _tapped_features(model, inputs, config)
@@ -161,7 +178,7 @@ def test_serving_keeps_what_the_hf_wrap_keeps_on_llava_next(method):
         with torch.no_grad():
             (rows,) = model.model.get_image_features(pixel_values=inputs["pixel_values"],
                                                      image_sizes=inputs["image_sizes"]).pooler_output
-    with vtprune.wrapped(model, method, keep=0.25, newlines="all"):
+    with vtprune.wrapped(model, method, keep=0.25, newlines="all", **options):
         with torch.no_grad():
             model(**inputs)
         kept = vtprune.last_kept(model)[0][0]
@@ -169,10 +186,11 @@ def test_serving_keeps_what_the_hf_wrap_keeps_on_llava_next(method):
     newlines = int(layout.newline.sum())
     assert newlines > 0
     tower = tap.tiles(0, inputs["pixel_values"].shape[1], layout) if config.needs_cls else None
-    indices, out = select(config, rows, torch.Generator().manual_seed(0), tower, layout=layout)
+    indices, out, bias = select(config, rows, torch.Generator().manual_seed(0), tower, layout=layout)
     assert indices.tolist() == kept.tolist()
-    assert out.shape[0] == kept_count(config, rows.shape[0], newlines=newlines)
+    assert out.shape[0] == kept_count(config, rows.shape[0], newlines=newlines, layout=layout) < rows.shape[0]
+    assert (bias is not None) == config.weighs
     with pytest.raises(ValueError, match="newlines='all'"):
         check(method, 0.25, {"newlines": "rows"}, "llava_next")
-    with pytest.raises(ValueError, match="on LLaVA-NeXT so far"):
-        check("pool", 0.25, {}, "llava_next")
+    with pytest.raises(ValueError, match="depends on which ones it kept"):
+        check("visionzip", 0.25, {}, "llava_next")

@@ -271,3 +271,22 @@ def test_size_bias_under_gradient_checkpointing():
             model(**inputs, labels=labels).loss.backward()
         grads.append(model.lm_head.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_similarity_groups_are_never_empty():
+    """k-means over tokens with repeated features (flat image regions) still gives k groups of m >= k tokens —
+    an empty group takes the member that fits its own group worst — so that a served prompt's summary count
+    is fixed before the image is encoded; a lattice (``"space"``) may leave cells empty."""
+    from vtprune.layout import ImageLayout
+    from vtprune.summary import by_space, by_similarity, summarise
+
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 8, generator=generator)
+    features = base[torch.tensor([0] * 30 + [1] * 5 + [2] * 2)]  # three distinct features among 37 tokens
+    for k in (2, 4, 6, 37):
+        groups = by_similarity(features, k)
+        assert torch.bincount(groups, minlength=k).min() >= 1 and int(groups.max()) == k - 1
+    layout = ImageLayout.from_grids([(6, 6)])
+    dropped = torch.arange(6)  # the first row only: most lattice cells get no token
+    assert len(summarise(torch.randn(36, 8), layout, dropped, 4, "similarity", "mean")) == 4
+    assert by_space(layout, dropped, 4).unique().numel() < 4

@@ -120,53 +120,10 @@ class Selection:
         return selection
 
     def _split(self, budget):
-        """(the selector's budget, summary tokens) of an image's (or each tile's) budget: at most budget - 1
-        summary tokens."""
-        s = self.selector.summary
-        if isinstance(budget, dict):
-            parts = {t: self._split(k) for t, k in budget.items()}
-            return {t: p[0] for t, p in parts.items()}, {t: p[1] for t, p in parts.items()}
-        n = min(s, max(budget - 1, 0))
-        return budget - n, n
+        return split_budget(self.selector.summary, budget)
 
     def _summarise(self, img, keep, wanted, sizes):
-        """Add an image's summary tokens to its kept indices: ``(kept, groups, sizes, replacement or None)``;
-        with ``size_bias`` alone, the sizes of nearest-feature assignment."""
-        layout, sel = img.layout, self.selector
-        if not (sel.summary or (sel.size_bias and sizes is None)):
-            return keep, [], sizes, None
-        if img.features is None:
-            raise RuntimeError("vtprune: summary tokens need the image's features; the vision tower's run was not seen")
-        content = ~layout.newline
-        dropped = content.clone()
-        dropped[keep] = False
-        if not sel.summary:
-            kept_content = keep[content[keep]]
-            return keep, [], summaries.nearest_sizes(img.features, kept_content, dropped.nonzero().squeeze(1),
-                                                     layout.n), None
-        parts = [(dropped, wanted)] if not isinstance(wanted, dict) else \
-            [(dropped & (layout.tiles == t), k) for t, k in wanted.items()]
-        groups = []
-        for members, k in parts:
-            groups += summaries.summarise(img.features, layout, members.nonzero().squeeze(1), k,
-                                          sel.summary_group, sel.summary_feature)
-        sizes = torch.ones(layout.n)
-        for pos, members, _ in groups:
-            sizes[pos] = float(members.numel())
-        placed = torch.tensor([pos for pos, _, _ in groups], dtype=torch.long)
-        if sel.size_bias and groups:  # every dropped token joins the kept or summary token closest to it
-            feats = img.features.float().clone()
-            for pos, _, feat in groups:
-                if feat is not None:
-                    feats[pos] = feat
-            stand = torch.cat([keep[content[keep]], placed])
-            rest = dropped.clone()
-            rest[placed] = False
-            sizes = summaries.nearest_sizes(feats, stand, rest.nonzero().squeeze(1), layout.n)
-        keep = torch.sort(torch.cat([keep, placed])).values
-        means = [(pos, feat) for pos, _, feat in groups if feat is not None]
-        rep = (torch.tensor([p for p, _ in means]), torch.stack([f for _, f in means])) if means else None
-        return keep, groups, sizes, rep
+        return summarise_image(self.selector, img.layout, img.features, keep, wanted, sizes)
 
     def _budgets(self, images) -> list:
         if self.selector.scope == "tile":
@@ -194,3 +151,52 @@ class Selection:
                          images=[(img.row, img.layout.n, k.numel()) for img, k in zip(images, kept)],
                          time_score_s=time.perf_counter() - start)
         return record, drop
+
+
+def split_budget(summary: int, budget):
+    """(the selector's budget, summary tokens) of an image's (or each tile's: a dict) budget: at most
+    budget - 1 summary tokens."""
+    if isinstance(budget, dict):
+        parts = {t: split_budget(summary, k) for t, k in budget.items()}
+        return {t: p[0] for t, p in parts.items()}, {t: p[1] for t, p in parts.items()}
+    n = min(summary, max(budget - 1, 0))
+    return budget - n, n
+
+
+def summarise_image(sel, layout, features, keep, wanted, sizes):
+    """Add an image's summary tokens (selector ``sel``, ``wanted`` of them) to its kept indices ``keep``:
+    ``(kept, groups, sizes, replacement or None)``; with ``size_bias`` alone, the sizes of nearest-feature
+    assignment.  ``features``: the image's LLM-input features [n, D]; ``sizes``: the method's own or None."""
+    if not (sel.summary or (sel.size_bias and sizes is None)):
+        return keep, [], sizes, None
+    if features is None:
+        raise RuntimeError("vtprune: summary tokens need the image's features; the vision tower's run was not seen")
+    content = ~layout.newline
+    dropped = content.clone()
+    dropped[keep] = False
+    if not sel.summary:
+        kept_content = keep[content[keep]]
+        return keep, [], summaries.nearest_sizes(features, kept_content, dropped.nonzero().squeeze(1), layout.n), None
+    parts = [(dropped, wanted)] if not isinstance(wanted, dict) else \
+        [(dropped & (layout.tiles == t), k) for t, k in wanted.items()]
+    groups = []
+    for members, k in parts:
+        groups += summaries.summarise(features, layout, members.nonzero().squeeze(1), k,
+                                      sel.summary_group, sel.summary_feature)
+    sizes = torch.ones(layout.n)
+    for pos, members, _ in groups:
+        sizes[pos] = float(members.numel())
+    placed = torch.tensor([pos for pos, _, _ in groups], dtype=torch.long)
+    if sel.size_bias and groups:  # every dropped token joins the kept or summary token closest to it
+        feats = features.float().clone()
+        for pos, _, feat in groups:
+            if feat is not None:
+                feats[pos] = feat
+        stand = torch.cat([keep[content[keep]], placed])
+        rest = dropped.clone()
+        rest[placed] = False
+        sizes = summaries.nearest_sizes(feats, stand, rest.nonzero().squeeze(1), layout.n)
+    keep = torch.sort(torch.cat([keep, placed])).values
+    means = [(pos, feat) for pos, _, feat in groups if feat is not None]
+    rep = (torch.tensor([p for p, _ in means]), torch.stack([f for _, f in means])) if means else None
+    return keep, groups, sizes, rep

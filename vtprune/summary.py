@@ -15,8 +15,10 @@ Groups (``summary_group``): ``"similarity"`` — cosine k-means on the LLM-input
 by the max-min order, 10 rounds); ``"space"`` — cells of an r x c lattice laid over each grid's
 normalised coordinates (the grids of one image overlaid).  A group's token (``summary_feature``):
 ``"mean"`` — the group's mean feature at its medoid's position; ``"medoid"`` — the member closest
-to the mean (cosine), as it is; ``"first"`` — the group's first token, as it is.  Empty groups
-are skipped, so an image may get fewer summary tokens than asked.
+to the mean (cosine), as it is; ``"first"`` — the group's first token, as it is.  Similarity groups
+are never empty (an empty one takes the member that fits its group worst), so an image gets
+exactly k summary tokens when k tokens are dropped; empty lattice cells (``"space"``) are skipped,
+so there an image may get fewer.
 """
 
 from __future__ import annotations
@@ -44,13 +46,35 @@ def by_similarity(features: torch.Tensor, k: int, rounds: int = 10) -> torch.Ten
     centres = x[divprune_order(features, min(k, m))]
     assign = torch.zeros(m, dtype=torch.long)
     for step in range(rounds):
-        new = (x @ centres.T).argmax(1)
+        new = _fill_empty((x @ centres.T).argmax(1), x, centres)
         if step and torch.equal(new, assign):
             break
         assign = new
         sums = torch.zeros_like(centres).index_add_(0, assign, x)
         filled = torch.bincount(assign, minlength=centres.shape[0]) > 0
         centres = torch.where(filled[:, None], _normalise(sums), centres)
+    return assign
+
+
+def _fill_empty(assign, x, centres):
+    """``assign`` with no empty group: an empty group takes the member least similar to its own centre among
+    groups of two or more (so that k groups come out of m >= k tokens: a served prompt's length is fixed
+    before the image is encoded)."""
+    k = centres.shape[0]
+    counts = torch.bincount(assign, minlength=k)
+    if bool((counts > 0).all()):
+        return assign
+    assign = assign.clone()
+    fit = (x * centres[assign]).sum(1)
+    for g in (counts == 0).nonzero().squeeze(1).tolist():
+        movable = counts[assign] > 1
+        if not bool(movable.any()):
+            break
+        i = int(torch.where(movable, fit, torch.full_like(fit, float("inf"))).argmin())
+        counts[assign[i]] -= 1
+        counts[g] += 1
+        assign[i] = g
+        fit[i] = float("inf")  # it sits alone now
     return assign
 
 

@@ -56,14 +56,23 @@ def _build(model_type, folder):
                                               ("internvl", None, 1.0), ("internvl", "divprune", 0.25),
                                               ("qwen2_vl", "pool", 0.25),
                                               ("qwen2_5_vl", None, 1.0), ("qwen2_5_vl", "divprune", 0.25),
-                                              ("qwen3_vl", None, 1.0), ("qwen3_vl", "pool", 0.25)], indirect=["tiny"])
+                                              ("qwen3_vl", None, 1.0), ("qwen3_vl", "pool", 0.25),
+                                              # summary tokens and the size bias: the bias column travels
+                                              # with the rows (before Qwen's position channels), the bias
+                                              # inside vLLM's attention (vtprune.serving.bias)
+                                              ("llava_next", "uniform:summary=2;size_bias=true", 0.25),
+                                              ("llava_next", "pool", 0.25),  # windows on the packed grids
+                                              ("qwen3_vl", "divprune:summary=2", 0.25)], indirect=["tiny"])
 def test_a_served_tiny_model_keeps_and_answers_as_the_hf_wrap(tiny, method, keep):
     from vtprune.serving import POSITIONS, check
+    from vtprune.serving.llava_next import image_layout
     from vtprune.serving.select import kept_count
+    from vtprune.spec import parse_spec
 
     folder, model, batch, model_type = tiny
+    name, spec_options = (None, {}) if method is None else (parse_spec(method)[0][0], parse_spec(method)[1])
     options = {"positions": POSITIONS[model_type], **({"newlines": "all"} if model_type == "llava_next" else {})}
-    tokens, kept = hf_run(model, batch, method, keep, steps=STEPS, **options)
+    tokens, kept = hf_run(model, batch, name, keep, steps=STEPS, **options, **spec_options)
     served = serve(method or "random", keep, N, folder)
     assert [until_eos(t) for t in served["tokens"]] == tokens
     if kept is not None:
@@ -72,7 +81,10 @@ def test_a_served_tiny_model_keeps_and_answers_as_the_hf_wrap(tiny, method, keep
     # InternVL 4 crops and a thumbnail of 4 x 4 each; Qwen a 6 x 6 grid of merged tokens
     shapes = {"llava_next": (88, None, 8), "internvl": (80, [(4, 4)] * 5, 0)}
     n, grid, newlines = shapes.get(model_type, (36, (6, 6), 0))
-    dropped = n - kept_count(check(method or "random", keep, {}, model_type), n, grid, newlines)
+    counted = kept_count(check(name or "random", keep, spec_options, model_type), n, grid, newlines,
+                         image_layout(model.config, batch["image_sizes"][0].tolist()) if name == "pool" and
+                         model_type == "llava_next" else None)
+    assert kept is None or {len(k) for k in kept} == {counted}  # what the HF wrap kept
     lengths = batch["attention_mask"].sum(1).tolist()
-    assert served["prompt_tokens"] == [length - dropped for length in lengths]
-    assert dropped > 0 or method is None
+    assert served["prompt_tokens"] == [length - (n - counted) for length in lengths]
+    assert counted < n or method is None

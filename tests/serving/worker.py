@@ -15,6 +15,7 @@ def main():
 
     from vtprune import toy
     from vtprune.serving import LLM, last_kept
+    from vtprune.spec import parse_spec
 
     sys.path.insert(0, os.path.dirname(__file__))
     import tiny_internvl
@@ -25,7 +26,8 @@ def main():
     prompt = toy.prompt if model == "toy" else tiny.prompt
     options = {} if model == "toy" else {"dtype": "float32", "max_model_len": 512}
     samples = toy.eval_split(n=n)
-    llm = LLM(model, method=method, keep=keep, enforce_eager=True, **options)
+    names, spec_options = parse_spec(method)  # a method spec: "fastervlm:summary=4;size_bias=true"
+    llm = LLM(model, method=names[0], keep=keep, enforce_eager=True, options=spec_options, **options)
     requests = [{"prompt": prompt(s["question"]), "multi_modal_data": {"image": s["image"]}} for s in samples]
     outs = llm.generate(requests, SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
     print("RESULT " + json.dumps({"answers": [o.outputs[0].text for o in outs],

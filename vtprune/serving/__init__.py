@@ -63,9 +63,10 @@ def check(method: str, keep, options: dict, model_type: str | None = "llava"):
         raise ValueError(f"vLLM positions a pruned {model_type} prompt as the HF wrap's positions={want!r} does; "
                          f"serving cannot run positions={options['positions']!r}")
     if model_type == "llava_next":
-        if method not in ("random", "uniform", "divprune", "fastervlm", "vtc_cls"):
-            raise ValueError(f"vtprune serving runs random, uniform, divprune, fastervlm and vtc_cls on LLaVA-NeXT "
-                             f"so far, not {method}")
+        if method == "visionzip":
+            raise ValueError("vtprune serving cannot run visionzip on LLaVA-NeXT: it keeps a share of every tower "
+                             "tile, and unpadding drops some tiles' tower tokens, so how many tokens an image keeps "
+                             "depends on which ones it kept, while vLLM sizes the prompt before the image is encoded")
         if options.setdefault("newlines", "all") != "all":
             raise ValueError("vLLM sizes a LLaVA-NeXT prompt before the image is encoded: serving keeps every newline "
                              "(newlines='all'), not newlines='rows'")
@@ -74,8 +75,13 @@ def check(method: str, keep, options: dict, model_type: str | None = "llava"):
     if config.needs_cls and model_type not in (None, "llava", "llava_next"):
         raise ValueError(f"vtprune serving runs {method} on the CLIP towers of LLaVA and LLaVA-NeXT so far, not on "
                          f"{model_type} (its tower's attention is not hooked in vLLM yet)")
-    if getattr(config, "summary", 0) or getattr(config, "size_bias", False):
-        raise ValueError("vtprune serving does not run summary tokens or size_bias yet")
+    if config.summary and config.summary_group != "similarity":
+        raise ValueError("vLLM sizes a prompt before the image is encoded, and lattice cells may come out empty: "
+                         "served summary tokens use summary_group='similarity' (never empty), not "
+                         f"{config.summary_group!r}")
+    if config.scope != "image":
+        raise ValueError(f"vtprune serving ranks all of an image's tiles together (scope='image'), not "
+                         f"scope={config.scope!r}")
     return config
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 
-from .select import attach, keep_rows, kept_count
+from .bias import Weighing
+from .select import attach, keep_rows, kept_count, with_bias
 
 
 def tile_grids(n: int, per_tile: int) -> list:
@@ -51,7 +52,7 @@ def pruned_internvl(config):
 
     @MULTIMODAL_REGISTRY.register_processor(PrunedInternVLProcessor, info=PrunedInternVLInfo,
                                             dummy_inputs=InternS1DummyInputsBuilder)
-    class PrunedInternVL(InternS1ForConditionalGeneration):
+    class PrunedInternVL(Weighing, InternS1ForConditionalGeneration):
         vtprune_config = config
 
         def __init__(self, *, vllm_config, prefix: str = ""):
@@ -64,7 +65,7 @@ def pruned_internvl(config):
             out = []
             for rows in super().embed_multimodal(**kwargs):
                 grids = tile_grids(rows.shape[0], self.config.image_seq_length)
-                out.append(keep_rows(self, config, rows, grid=grids)[1])
+                out.append(with_bias(*keep_rows(self, config, rows, grid=grids)[1:]))
             return out
 
     return PrunedInternVL

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from .select import attach, keep_rows, kept_count
+from .bias import Weighing
+from .select import attach, keep_rows, kept_count, with_bias
 
 
 def tap_clip(model, config):
@@ -54,7 +55,7 @@ def pruned_llava(config):
 
     @MULTIMODAL_REGISTRY.register_processor(LlavaMultiModalProcessor, info=PrunedLlavaInfo,
                                             dummy_inputs=LlavaDummyInputsBuilder)
-    class PrunedLlava(LlavaForConditionalGeneration):
+    class PrunedLlava(Weighing, LlavaForConditionalGeneration):
         vtprune_config = config
 
         def __init__(self, *, vllm_config, prefix: str = ""):
@@ -69,7 +70,7 @@ def pruned_llava(config):
             features = super().embed_multimodal(**kwargs)
             out = []
             for i, f in enumerate(features):
-                out.append(keep_rows(self, config, f, tap.image(i, f.shape[0]) if tap else None)[1])
+                out.append(with_bias(*keep_rows(self, config, f, tap.image(i, f.shape[0]) if tap else None)[1:]))
             return out
 
     return PrunedLlava

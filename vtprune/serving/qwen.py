@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from .select import attach, keep_rows, kept_count
+from .bias import Weighing
+from .select import attach, keep_rows, kept_count, with_bias
 
 
 def image_positions(t: int, h: int, w: int, kept: torch.Tensor) -> torch.Tensor:
@@ -77,7 +78,7 @@ def pruned_qwen(config, model_type: str):
             return updates
 
     @MULTIMODAL_REGISTRY.register_processor(PrunedQwenProcessor, info=PrunedQwenInfo, dummy_inputs=Dummy)
-    class PrunedQwen(Model, SupportsMultiModalPruning):
+    class PrunedQwen(Weighing, Model, SupportsMultiModalPruning):
         vtprune_config = config
         recompute_mrope_positions = Qwen2_5_VLForConditionalGeneration.recompute_mrope_positions
 
@@ -97,11 +98,11 @@ def pruned_qwen(config, model_type: str):
             out = []
             for rows, (t, h, w) in zip(self._process_image_input(image_input), image_input["image_grid_thw"].tolist()):
                 grid = (int(h) // merge, int(w) // merge)
-                kept, main = keep_rows(self, config, rows[:, :width], grid=grid if t == 1 else None)
+                kept, main, bias = keep_rows(self, config, rows[:, :width], grid=grid if t == 1 else None)
                 rows = rows[kept.to(rows.device)]
                 rows[:, :main.shape[1]] = main
                 positions = image_positions(int(t), *grid, kept.cpu()).to(rows.device, rows.dtype)
-                out.append(torch.cat([rows, positions], 1))
+                out.append(torch.cat([with_bias(rows, bias), positions], 1))  # the bias column before the positions
             return out
 
     PrunedQwen.__name__ = PrunedQwen.__qualname__ = f"Pruned{prefix}"

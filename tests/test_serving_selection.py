@@ -136,27 +136,73 @@ def test_serving_errors_and_the_toy_folder(tmp_path, monkeypatch):
     assert check_architecture(str(other)) == "qwen2_5_vl"
 
 
-@pytest.mark.parametrize("method,keep", [("uniform", 0.25), ("pool", 0.25), ("divprune", 0.25)])
+def _tapped_internvl(model, inputs, config):
+    """The tiny InternVL's image features with a ``TowerTap`` fed as ``serving.internvl.tap_intern`` feeds it in
+    vLLM: each hooked layer's normed queries and keys, the projector's input (after pixel shuffle) merged."""
+    import types
+
+    from vtprune.patches.internvl import InternVLAdapter
+    from vtprune.serving.internvl import children
+
+    layers = model.model.vision_tower.encoder.layer
+    tap = TowerTap(config, len(layers), len(layers) - 1)
+    shuffle = types.SimpleNamespace(config=model.config, pixel_shuffle=model.model.pixel_shuffle,
+                                    downsample_ratio=model.config.downsample_ratio)
+    merged = children(shuffle)
+    assert torch.equal(merged, InternVLAdapter(model).children())  # the HF adapter's reading of pixel shuffle
+    tap.sources = merged + 1
+    handles, box = [], {}
+    for layer in tap.layers:
+        attn = layers[layer].attention
+        handles.append(attn.q_norm.register_forward_hook(lambda m, a, q: box.update(q=q)))
+        handles.append(attn.k_norm.register_forward_hook(
+            lambda m, a, k, layer=layer, attn=attn: tap.on_qkv(layer, box.pop("q"), k, attn.num_heads, attn.scale)))
+    handles.append(model.model.multi_modal_projector.register_forward_pre_hook(
+        lambda m, args: (tap.on_projector(args[0]), *args[1:])))
+    try:
+        with torch.no_grad():
+            features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    finally:
+        for h in handles:
+            h.remove()
+    return features, tap, merged
+
+
+@pytest.mark.parametrize("method,keep", [("uniform", 0.25), ("pool", 0.25), ("divprune", 0.25), ("fastervlm", 0.25),
+                                         ("vtc_cls", 0.25), ("visionzip", 0.1), ("visionzip:size_bias=true", 0.25),
+                                         ("fastervlm:summary=2", 0.25)])
 def test_serving_keeps_what_the_hf_wrap_keeps_on_internvl_tiles(method, keep):
-    """An InternVL image of several tiles: the serving selection on its tile grids equals the HF wrap's."""
-    from vtprune.serving.internvl import tile_grids
+    """An InternVL image of several tiles: the serving selection on its tile grids equals the HF wrap's; [CLS]
+    methods read each tile's tower scores summed over the patches pixel shuffle merged (``tile_layout``)."""
+    from vtprune.serving.internvl import tile_grids, tile_layout
     from vtprune.testing import tiny_inputs, tiny_model
 
     model = tiny_model("internvl")
     inputs = tiny_inputs(model, "internvl", images_per_row=(1,), image_specs=[3])
-    with torch.no_grad():
-        features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    (method,), options = parse_spec(method)
+    config = check(method, keep, options, "internvl")
+    tap, merged = None, None
+    if config.needs_cls:
+        features, tap, merged = _tapped_internvl(model, inputs, config)
+    else:
+        with torch.no_grad():
+            features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
     rows = features.reshape(-1, features.shape[-1])  # the image's tiles, in order
-    with vtprune.wrapped(model, method, keep=keep):
+    with vtprune.wrapped(model, method, keep=keep, **options):
         with torch.no_grad():
             model(**inputs)
         kept = vtprune.last_kept(model)[0][0]
-    config = check(method, keep, {}, "internvl")
-    grids = tile_grids(rows.shape[0], model.config.image_seq_length)
+        sizes = vtprune.record(model).sizes
+    per_tile = model.config.image_seq_length
+    grids = tile_grids(rows.shape[0], per_tile)
     assert len(grids) == 3
-    indices, out, _ = select(config, rows, torch.Generator().manual_seed(0), None, grids)
+    layout = tile_layout(rows.shape[0], per_tile, merged)
+    tower = tap.tiles(0, len(grids), layout) if tap is not None else None
+    indices, out, bias = select(config, rows, torch.Generator().manual_seed(0), tower, layout=layout)
     assert indices.tolist() == kept.tolist()
     assert out.shape[0] == kept_count(config, rows.shape[0], grids) < rows.shape[0]
+    if config.weighs:
+        assert bias.tolist() == sizes[0][0].float().log().tolist()
 
 
 @pytest.mark.parametrize("method", ["uniform", "divprune", "random", "fastervlm", "vtc_cls", "pool",

@@ -62,6 +62,8 @@ def _build(model_type, folder):
                                               # inside vLLM's attention (vtprune.serving.bias)
                                               ("llava_next", "uniform:summary=2;size_bias=true", 0.25),
                                               ("llava_next", "pool", 0.25),  # windows on the packed grids
+                                              ("internvl", "fastervlm", 0.25),  # InternViT's q/k, 4 patches a token
+                                              ("internvl", "visionzip", 0.1),  # merged after pixel shuffle
                                               ("qwen3_vl", "divprune:summary=2", 0.25)], indirect=["tiny"])
 def test_a_served_tiny_model_keeps_and_answers_as_the_hf_wrap(tiny, method, keep):
     from vtprune.serving import POSITIONS, check

@@ -31,7 +31,7 @@ def build(folder: str, seed: int = 0) -> str:
                           eos_token_id=tokenizer.eos_token_id,
                           rope_parameters={"rope_type": "default", "rope_theta": 20.0})  # positions weigh much
     vision = tf.InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     image_size=112, patch_size=14)
+                                     image_size=112, patch_size=14, use_qk_norm=True)  # the tap reads the normed q/k
     config = tf.InternVLConfig(vision_config=vision, text_config=text, downsample_ratio=0.5, image_seq_length=16,
                                image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
                                tie_word_embeddings=False)

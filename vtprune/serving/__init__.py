@@ -72,9 +72,9 @@ def check(method: str, keep, options: dict, model_type: str | None = "llava"):
                              "(newlines='all'), not newlines='rows'")
     config = methods.get(method)(keep=keep, **options)
     config.validate()
-    if config.needs_cls and model_type not in (None, "llava", "llava_next"):
-        raise ValueError(f"vtprune serving runs {method} on the CLIP towers of LLaVA and LLaVA-NeXT so far, not on "
-                         f"{model_type} (its tower's attention is not hooked in vLLM yet)")
+    if config.needs_cls and model_type not in (None, "llava", "llava_next", "internvl"):
+        raise ValueError(f"vtprune serving runs {method} on the towers of LLaVA, LLaVA-NeXT and InternVL so far, not "
+                         f"on {model_type} (its tower's attention is not hooked in vLLM yet)")
     if config.summary and config.summary_group != "similarity":
         raise ValueError("vLLM sizes a prompt before the image is encoded, and lattice cells may come out empty: "
                          "served summary tokens use summary_group='similarity' (never empty), not "

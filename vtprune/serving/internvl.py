@@ -2,11 +2,16 @@
 pre-LLM selection: each image is a run of tiles of ``image_seq_length`` tokens (a square grid each, after
 pixel shuffle), chosen among as one image (the HF wrap's ``scope="image"``).  The placeholder count is
 cut between ``<img>`` and ``</img>``; positions are numbered afresh (1-D, the HF wrap's
-``positions="renumber"``).  Images only."""
+``positions="renumber"``).  Images only.  [CLS] methods read InternViT's queries and keys (``tap_intern``);
+each LLM token sums the scores of the four tower patches its pixel shuffle merged, as on the HF path."""
 
 from __future__ import annotations
 
 import math
+
+import torch
+
+from vtprune.layout import ImageLayout
 
 from .bias import Weighing
 from .select import attach, keep_rows, kept_count, with_bias
@@ -18,6 +23,54 @@ def tile_grids(n: int, per_tile: int) -> list:
     if n % per_tile:
         raise ValueError(f"an InternVL image of {n} tokens is not a whole number of {per_tile}-token tiles")
     return [(side, side) if side * side == per_tile else (1, per_tile)] * (n // per_tile)
+
+
+def tile_layout(n: int, per_tile: int, children=None):
+    """An image of ``n`` tokens in ``per_tile``-token tiles; with ``children`` ([per_tile, w]: the tower patches
+    each LLM token of a tile merges, ``pixel_shuffle`` on patch indices) each token's tower sources, [CLS]
+    first in each tile (as the HF adapter numbers them)."""
+    layout = ImageLayout.from_grids(tile_grids(n, per_tile))
+    if children is not None and children.shape[0] == per_tile:
+        stride = children.numel() + 1
+        layout.source = torch.cat([t * stride + 1 + children for t in range(n // per_tile)])
+    return layout
+
+
+def tap_intern(model, config):
+    """Hook the InternViT tower of vLLM's InternVL ``model`` for a [CLS] method: each hooked layer's queries and
+    keys as its attention reads them (after the q/k norms where the tower has them), and the projector's input
+    (after pixel shuffle) for merging.  vLLM builds every tower layer and feeds the projector the last."""
+    from .tower import TowerTap
+
+    layers = model.vision_tower.encoder.layer
+    tap = TowerTap(config, len(layers), len(layers) - 1)
+    for layer in tap.layers:
+        attn = layers[layer].attention
+        if getattr(attn, "dummy_dim", attn.num_heads * attn.head_dim) != attn.num_heads * attn.head_dim:
+            raise ValueError(f"{config.name} reads the tower's attention heads; this InternVL tower pads dummy heads "
+                             "for tensor parallelism: serve it with tensor_parallel_size=1")
+        q_mod, k_mod = (attn.q_norm, attn.k_norm) if attn.qk_normalization else (attn.q_proj, attn.k_proj)
+        box = {}
+        q_mod.register_forward_hook(lambda module, args, q, box=box: box.update(q=q))
+        k_mod.register_forward_hook(lambda module, args, k, box=box, layer=layer, attn=attn:
+                                    tap.on_qkv(layer, box.pop("q"), k, attn.num_heads, attn.scale))
+    if config.merges:
+        tap.sources = children(model) + 1  # after the [CLS]
+        model.multi_modal_projector.register_forward_pre_hook(
+            lambda module, args: (tap.on_projector(args[0]), *args[1:]))
+    return tap
+
+
+def children(model) -> torch.Tensor:
+    """[tokens per tile, 4]: the tower patches each LLM token merges, read off the model's own ``pixel_shuffle``
+    applied to patch indices."""
+    vision = model.config.vision_config
+    size = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
+    patch = vision.patch_size[0] if isinstance(vision.patch_size, (list, tuple)) else vision.patch_size
+    side = size // patch
+    grid = torch.arange(side * side, dtype=torch.float32).view(1, side, side, 1)
+    shuffled = model.pixel_shuffle(grid, scale_factor=model.downsample_ratio)
+    return shuffled.reshape(-1, shuffled.shape[-1]).long()
 
 
 def pruned_internvl(config):
@@ -58,14 +111,22 @@ def pruned_internvl(config):
         def __init__(self, *, vllm_config, prefix: str = ""):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             attach(self, config)
+            self.vtprune_tap = tap_intern(self, config) if config.needs_cls else None
+            self.vtprune_children = children(self) if config.needs_cls else None
 
         def embed_multimodal(self, **kwargs):
             if kwargs.get("pixel_values_videos") is not None:
                 raise ValueError("vtprune serving prunes images; this InternVL model was given a video")
-            out = []
-            for rows in super().embed_multimodal(**kwargs):
-                grids = tile_grids(rows.shape[0], self.config.image_seq_length)
-                out.append(with_bias(*keep_rows(self, config, rows, grid=grids)[1:]))
+            tap = self.vtprune_tap
+            if tap is not None:
+                tap.clear()
+            out, start, per_tile = [], 0, self.config.image_seq_length
+            for rows in super().embed_multimodal(**kwargs):  # the tower ran once on every image's tiles, in order
+                layout = tile_layout(rows.shape[0], per_tile, self.vtprune_children)
+                tiles = rows.shape[0] // per_tile
+                tower = tap.tiles(start, tiles, layout) if tap is not None else None
+                out.append(with_bias(*keep_rows(self, config, rows, tower, layout=layout)[1:]))
+                start += tiles
             return out
 
     return PrunedInternVL

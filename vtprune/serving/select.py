@@ -34,6 +34,9 @@ def kept_count(config, n: int, grid=None, newlines: int = 0, layout=None) -> int
     row separators, all kept: ``newlines="all"``) the served method keeps: a function of the image's token
     grid and ``keep`` only, as vLLM sizes a prompt before the image is encoded."""
     k = tokens_to_keep(config.keep, n - newlines)
+    if config.merges:  # VisionZip keeps a share of every tower tile (one per grid)
+        grids = layout.shapes if layout is not None else layout_of(n, grid).shapes
+        k = sum(tokens_to_keep(config.keep, h * w) for h, w in grids) if grids else k
     if config.name == "pool":
         anchors, _ = pool_windows(layout if layout is not None else layout_of(n, grid), total_budget(k))
         k = int(anchors.numel())

@@ -3,7 +3,7 @@
 An engine binding feeds ``on_qkv`` with each hooked tower layer's queries and keys (a batch of
 images, ``[images, T, heads x d]``), and, for merging methods, lets ``on_projector`` rewrite the
 per-patch features before the projector.  ``image(i, n)`` (one tile per image: LLaVA) or
-``tiles(start, count, layout)`` (LLaVA-NeXT's base and crops) then hands an image's scores, mapped onto
+``tiles(start, count, layout)`` (LLaVA-NeXT's base and crops, InternVL's tiles) then hands an image's scores, mapped onto
 its LLM tokens, to ``vtprune.serving.select.select`` — the same scores, merge and selection as the HF
 wrap (``vtprune.tower_scores``, ``vtprune.capture.merge_tiles``, ``vtprune.patches.base.scores_on_tokens``).
 """
@@ -27,6 +27,7 @@ class TowerTap:
             if not -n_layers <= layer < n_layers:
                 raise ValueError(f"vision-tower layer {layer} is out of range: the tower has {n_layers} layers")
         self.layers = sorted({layer % n_layers for layer in layers})
+        self.sources = None  # [n, w]: the tower tokens each projector token holds (None: one each, after [CLS])
         self.clear()
 
     def clear(self):
@@ -40,16 +41,19 @@ class TowerTap:
             self.keys = k.detach().reshape(images, n, heads, width // heads).mean(2)
 
     def on_projector(self, features):
-        """Merged per-patch features [images, n, C] (merging methods), each patch after ``T - n`` leading tower
-        tokens ([CLS]); the features as they are for the others."""
+        """Merged per-patch features [images, n, C] (merging methods): each projector token holds the tower
+        tokens ``sources`` names (by default one each, after ``T - n`` leading tower tokens, [CLS]); the
+        features as they are for the others."""
         if not self.config.merges:
             return features
         cls = self.scores.get(self.layers[-1])
         if cls is None or self.keys is None or cls.shape[0] != features.shape[0]:
             raise RuntimeError("vtprune: the projector input does not line up with the tower run it follows")
-        skip = cls.shape[1] - features.shape[1]
-        sources = (torch.arange(features.shape[1], device=cls.device) + skip)[:, None]
-        merged, self.selected, self.sizes = merge_tiles(self.config, cls, self.keys, features, sources)
+        sources = self.sources
+        if sources is None:
+            skip = cls.shape[1] - features.shape[1]
+            sources = (torch.arange(features.shape[1]) + skip)[:, None]
+        merged, self.selected, self.sizes = merge_tiles(self.config, cls, self.keys, features, sources.to(cls.device))
         return merged
 
     def _ran(self):
@@ -69,5 +73,9 @@ class TowerTap:
         """The tower scores of an image encoded as tiles ``start .. start + count - 1`` of the tower batch,
         on its LLM tokens by ``layout.source`` (LLaVA-NeXT: base and crops packed, newlines 0)."""
         self._ran()
-        return {"cls": {layer: scores_on_tokens(s[start:start + count].float().cpu(), layout)
-                        for layer, s in self.scores.items()}}
+        out = {"cls": {layer: scores_on_tokens(s[start:start + count].float().cpu(), layout)
+                       for layer, s in self.scores.items()}}
+        if self.selected is not None:
+            out["selected"] = scores_on_tokens(self.selected[start:start + count].float().cpu(), layout)
+            out["sizes"] = scores_on_tokens(self.sizes[start:start + count].float().cpu(), layout)
+        return out

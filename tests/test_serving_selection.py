@@ -106,8 +106,11 @@ def test_serving_errors_and_the_toy_folder(tmp_path, monkeypatch):
     assert check("uniform", 0.25, {}, "qwen2_5_vl").positions == "original"  # as EVS keeps mrope positions
     with pytest.raises(ValueError, match="positions='original'"):
         check("uniform", 0.25, {"positions": "renumber"}, "qwen2_5_vl")
-    with pytest.raises(ValueError, match="CLIP towers of LLaVA and LLaVA-NeXT so far"):
-        check("fastervlm", 0.25, {}, "qwen2_5_vl")
+    assert check("fastervlm", 0.25, {}, "qwen2_5_vl").needs_cls  # the attention each patch receives
+    with pytest.raises(ValueError, match="no \\[CLS\\] token"):
+        check("fastervlm", 0.25, {"source": "cls"}, "qwen2_5_vl")
+    with pytest.raises(ValueError, match="patch merger"):
+        check("visionzip", 0.25, {}, "qwen3_vl")
     with pytest.raises(ValueError, match="summary_group='similarity'"):
         check("uniform", 0.25, {"summary": 1, "summary_group": "space"})  # empty cells: a count not fixed
     with pytest.raises(ValueError, match="scope='image'"):

@@ -64,6 +64,8 @@ def _build(model_type, folder):
                                               ("llava_next", "pool", 0.25),  # windows on the packed grids
                                               ("internvl", "fastervlm", 0.25),  # InternViT's q/k, 4 patches a token
                                               ("internvl", "visionzip", 0.1),  # merged after pixel shuffle
+                                              # no [CLS]: the attention each patch receives, over windows too
+                                              ("qwen2_5_vl", "fastervlm", 0.25), ("qwen3_vl", "vtc_cls", 0.25),
                                               ("qwen3_vl", "divprune:summary=2", 0.25)], indirect=["tiny"])
 def test_a_served_tiny_model_keeps_and_answers_as_the_hf_wrap(tiny, method, keep):
     from vtprune.serving import POSITIONS, check

@@ -72,9 +72,12 @@ def check(method: str, keep, options: dict, model_type: str | None = "llava"):
                              "(newlines='all'), not newlines='rows'")
     config = methods.get(method)(keep=keep, **options)
     config.validate()
-    if config.needs_cls and model_type not in (None, "llava", "llava_next", "internvl"):
-        raise ValueError(f"vtprune serving runs {method} on the towers of LLaVA, LLaVA-NeXT and InternVL so far, not "
-                         f"on {model_type} (its tower's attention is not hooked in vLLM yet)")
+    if config.needs_cls and config.tower_score == "cls" and model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        raise ValueError(f"{method}: the Qwen vision towers have no [CLS] token; they read the attention each patch "
+                         "receives instead (source='received', the default there)")
+    if config.merges and model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        raise ValueError(f"{method} merges tower tokens before the projector, which the Qwen towers' patch merger "
+                         "does not take (as on the HF path)")
     if config.summary and config.summary_group != "similarity":
         raise ValueError("vLLM sizes a prompt before the image is encoded, and lattice cells may come out empty: "
                          "served summary tokens use summary_group='similarity' (never empty), not "

@@ -10,7 +10,8 @@ wrap's default, ``positions="original"``.  Every pruned class uses Qwen2.5-VL's
 ``recompute_mrope_positions`` (four channels): vLLM's Qwen2-VL has no EVS, and Qwen3-VL's five-channel
 variant continues the text after the largest *kept* position, not the image's extent as HF does.
 Qwen3-VL's deepstack features ride in the same rows and are cut with them; the method scores the main
-features, as on the HF path.  Images only: vLLM refuses video requests for a served Qwen model
+features, as on the HF path.  [CLS] methods read the attention each patch receives (``tap_qwen``: no
+[CLS] in these towers; ``source="received"``, the HF path's default here).  Images only: vLLM refuses video requests for a served Qwen model
 (``limit_mm_per_prompt`` video 0).  The position channels travel in the rows' dtype, as EVS's do (exact
 in bf16 up to 256 merged tokens a side).
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .bias import Weighing
-from .select import attach, keep_rows, kept_count, with_bias
+from .select import attach, keep_rows, kept_count, layout_of, with_bias
 
 
 def image_positions(t: int, h: int, w: int, kept: torch.Tensor) -> torch.Tensor:
@@ -30,6 +31,52 @@ def image_positions(t: int, h: int, w: int, kept: torch.Tensor) -> torch.Tensor:
     thw = torch.stack([index // (h * w), index // w % h, index % w], 1)[kept]
     extent = torch.full((thw.shape[0], 1), max(t, h, w))
     return torch.cat([thw, extent], 1)
+
+
+def tap_qwen(model, config):
+    """Hook the vision blocks of vLLM's Qwen ``model`` for a [CLS] method: no [CLS] there, so the score is the
+    attention each patch receives (``source="received"``, as on the HF path), from the queries and keys the
+    block's attention reads (rotary applied) and its ``cu_seqlens`` segments (images or windows)."""
+    from .tower import TowerTap
+
+    blocks = model.visual.blocks
+    tap = TowerTap(config, len(blocks), len(blocks) - 1, default_score="received")
+    if tap.kind != "received":
+        raise ValueError(f"{config.name}: the Qwen vision tower has no [CLS] token; it reads the attention each patch "
+                         "receives instead (source='received', the default here)")
+    if getattr(model, "use_data_parallel", False):
+        raise ValueError(f"{config.name} reads the vision tower's attention over each image; vLLM shards the tower's "
+                         "images over ranks here (mm_encoder_tp_mode='data'): serve it without")
+    for layer in tap.layers:
+        attn = blocks[layer].attn
+        if getattr(attn, "tp_size", 1) != 1:
+            raise ValueError(f"{config.name} averages the tower's attention over all heads; vLLM splits them over "
+                             "tensor-parallel ranks here: serve it with tensor_parallel_size=1")
+
+        def on_attention(module, args, kwargs, layer=layer):
+            q, k = kwargs["query"], kwargs["key"]
+            tap.on_segments(layer, q.reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:]),
+                            kwargs["cu_seqlens"].tolist(), module.scale)
+
+        attn.attn.register_forward_pre_hook(on_attention, with_kwargs=True)
+    return tap
+
+
+def token_sources(model, grids) -> list:
+    """Per image of ``grids`` ([(t, h, w)] in patches, one tower call), [merged tokens, m^2]: the tower tokens
+    each LLM token merges — Qwen2.5-VL's windowed tower orders a window's groups together
+    (``get_window_index_thw``: tower group -> raster token), the others keep the raster order."""
+    visual = model.visual
+    m2 = visual.spatial_merge_size ** 2
+    out, offset = [], 0
+    for t, h, w in grids:
+        if hasattr(visual, "get_window_index_thw"):
+            order = torch.argsort(visual.get_window_index_thw(t, h, w)[0])
+        else:
+            order = torch.arange(t * h * w // m2)
+        out.append((offset + order)[:, None] * m2 + torch.arange(m2))
+        offset += order.numel()
+    return out
 
 
 CLASSES = {  # model type -> vLLM module and the prefix of its classes
@@ -85,6 +132,7 @@ def pruned_qwen(config, model_type: str):
         def __init__(self, *, vllm_config, prefix: str = ""):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             attach(self, config)
+            self.vtprune_tap = tap_qwen(self, config) if config.needs_cls else None
 
         def embed_multimodal(self, **kwargs):
             inputs = self._parse_and_validate_multimodal_inputs(**kwargs)  # Qwen2-VL's keys are plural
@@ -95,10 +143,19 @@ def pruned_qwen(config, model_type: str):
             image_input = inputs.get("image", inputs.get("images"))
             merge = self.visual.spatial_merge_size
             width = getattr(self, "visual_dim", None)  # Qwen3-VL: the deepstack features follow in each row
+            tap = self.vtprune_tap
+            if tap is not None:
+                tap.clear()
+            grids = [tuple(int(v) for v in g) for g in image_input["image_grid_thw"].tolist()]
             out = []
-            for rows, (t, h, w) in zip(self._process_image_input(image_input), image_input["image_grid_thw"].tolist()):
-                grid = (int(h) // merge, int(w) // merge)
-                kept, main, bias = keep_rows(self, config, rows[:, :width], grid=grid if t == 1 else None)
+            for i, (rows, (t, h, w)) in enumerate(zip(self._process_image_input(image_input), grids)):
+                grid = (h // merge, w // merge)
+                layout = layout_of(rows.shape[0], grid if t == 1 else None)
+                tower = None
+                if tap is not None:  # the tower ran once on all images, packed in one sequence
+                    layout.source = token_sources(self, grids)[i]
+                    tower = tap.tiles(0, 1, layout)
+                kept, main, bias = keep_rows(self, config, rows[:, :width], tower, layout=layout)
                 rows = rows[kept.to(rows.device)]
                 rows[:, :main.shape[1]] = main
                 positions = image_positions(int(t), *grid, kept.cpu()).to(rows.device, rows.dtype)

@@ -15,7 +15,7 @@ import torch
 from vtprune.patches.base import scores_on_tokens
 
 from ..capture import merge_tiles
-from ..tower_scores import per_tile
+from ..tower_scores import SCORES, per_tile
 
 
 class TowerTap:
@@ -39,6 +39,14 @@ class TowerTap:
         if self.config.merges and layer == self.layers[-1]:
             images, n, width = k.shape
             self.keys = k.detach().reshape(images, n, heads, width // heads).mean(2)
+
+    def on_segments(self, layer: int, q, k, bounds, scale: float):
+        """Tower layer ``layer`` ran on images packed in one sequence (Qwen): its queries and keys [S, heads, d]
+        as its attention reads them (rotary applied), each segment ``bounds[i] .. bounds[i + 1]`` (an image, or
+        a window) attending within itself.  A second call before ``clear`` continues the sequence."""
+        scores = SCORES[self.kind](q, k, list(zip(bounds[:-1], bounds[1:])), scale)[None]
+        old = self.scores.get(layer)
+        self.scores[layer] = scores if old is None else torch.cat([old, scores], 1)
 
     def on_projector(self, features):
         """Merged per-patch features [images, n, C] (merging methods): each projector token holds the tower

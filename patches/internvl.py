@@ -16,6 +16,18 @@ from vtprune.layout import ImageLayout
 from .base import Adapter, ImageRef
 
 
+def shuffle_children(config, pixel_shuffle) -> torch.Tensor:
+    """``[tokens per tile, 4]``: the tower patches each LLM token of an InternVL tile merges — a model's own
+    ``pixel_shuffle`` (transformers' or vLLM's) applied to patch indices."""
+    vision = config.vision_config
+    size = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
+    patch = vision.patch_size[0] if isinstance(vision.patch_size, (list, tuple)) else vision.patch_size
+    side = size // patch
+    grid = torch.arange(side * side, dtype=torch.float32).view(1, side, side, 1)
+    shuffled = pixel_shuffle(grid, scale_factor=config.downsample_ratio)
+    return shuffled.reshape(-1, shuffled.shape[-1]).long()
+
+
 class InternVLAdapter(Adapter):
     family = "internvl"
     classes = ("InternVLForConditionalGeneration",)
@@ -41,13 +53,7 @@ class InternVLAdapter(Adapter):
         """``[tokens per tile, 4]``: the tower patches each LLM token merges, read off the model's own
         ``pixel_shuffle`` applied to patch indices."""
         if self._children is None:
-            vision = self.model.config.vision_config
-            size = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
-            patch = vision.patch_size[0] if isinstance(vision.patch_size, (list, tuple)) else vision.patch_size
-            side = size // patch
-            grid = torch.arange(side * side, dtype=torch.float32).view(1, side, side, 1)
-            shuffled = self.inner.pixel_shuffle(grid, scale_factor=self.model.config.downsample_ratio)
-            self._children = shuffled.reshape(-1, shuffled.shape[-1]).long()
+            self._children = shuffle_children(self.model.config, self.inner.pixel_shuffle)
         return self._children
 
     def family_images(self, image_mask, capture):

@@ -78,3 +78,34 @@ def test_bench_prefill_without_decode_and_keep_1_timed_once(tmp_path):
     assert rows[0]["oracle_ms"] == rows[0]["prefill_ms"] and rows[0]["wrapped_vs_oracle"] == 1.0
     assert rows[1]["oracle_ms"] != rows[1]["prefill_ms"] and rows[1]["visual_out"] < rows[1]["visual_in"]
     assert "| – | – |" in open(out + ".md").read()
+
+
+def test_real_width_model_folder_loads_and_has_576_tokens_per_image(tmp_path):
+    """``scripts/real_width_model.py`` (its language model shrunk here; the vision tower at ViT-L/14-336
+    widths, 2 layers): the folder loads in transformers, an image becomes LLaVA-1.5's 576 tokens, a forward
+    pass runs, and the CLIP keys are named as vLLM loads them."""
+    import transformers as tf
+    from safetensors import safe_open
+
+    from vtprune import toy
+
+    script = _load("real_width_model")
+    with pytest.raises(SystemExit):
+        script.main([str(tmp_path / "x"), "--llm-layers", "0"])
+    folder = script.build(str(tmp_path / "m"), llm_layers=1, tower_layers=2, dtype="float32",
+                          widths={"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
+                                  "num_key_value_heads": 2, "vocab_size": 64})
+    with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("vision_tower.vision_model.") for k in keys)
+    assert not any(k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") for k in keys)
+    processor = tf.AutoProcessor.from_pretrained(folder)
+    sample = toy.eval_split(n=1)[0]
+    batch = processor(images=[sample["image"]], text=[toy.prompt(sample["question"])], return_tensors="pt")
+    config = tf.AutoConfig.from_pretrained(folder)
+    assert int((batch["input_ids"] == config.image_token_index).sum()) == 576
+    assert config.vision_config.hidden_size == 1024 and config.vision_config.image_size == 336
+    model = tf.AutoModelForImageTextToText.from_pretrained(folder).eval()
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape[-1] == 64 and torch.isfinite(logits).all()

@@ -189,7 +189,9 @@ def test_serve_errors_are_one_line_before_anything_loads(capsys, no_model, monke
              (["serve", "toy", "--keep", "lots"], "--keep 'lots' is not a number"),
              (["serve", "toy", "--method", "fastervlm+vhr", "--keep", "0.25"], "runs one method"),
              (["serve", "toy", "--method", "visionzip:contextual_share=2", "--keep", "0.25"], "contextual_share"),
-             (["serve", "toy", "--keep", "0.5,0.25"], "takes one budget")]
+             (["serve", "toy", "--keep", "0.5,0.25"], "takes one budget"),
+             (["serve", "toy", "--method", "uniform:summary=2;summary_group=space", "--keep", "0.25"],
+              "summary_group='similarity'")]
     for argv, words in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err

@@ -149,8 +149,7 @@ def _tapped_internvl(model, inputs, config):
 
     layers = model.model.vision_tower.encoder.layer
     tap = TowerTap(config, len(layers), len(layers) - 1)
-    shuffle = types.SimpleNamespace(config=model.config, pixel_shuffle=model.model.pixel_shuffle,
-                                    downsample_ratio=model.config.downsample_ratio)
+    shuffle = types.SimpleNamespace(config=model.config, pixel_shuffle=model.model.pixel_shuffle)
     merged = children(shuffle)
     assert torch.equal(merged, InternVLAdapter(model).children())  # the HF adapter's reading of pixel shuffle
     tap.sources = merged + 1

@@ -6,17 +6,17 @@
 Runs in the serving venv (``bash scripts/vllm_cpu_env.sh DIR``).  The choice travels to vLLM's
 worker processes in the environment (``VTPRUNE_SERVE``: the method config as JSON); the plugin
 (``vtprune.serving.plugin``, entry point ``vllm.general_plugins``) then registers pruned variants of
-vLLM's own model classes.  This version: LLaVA-1.5 (``LlavaForConditionalGeneration``) with
-``random``, ``uniform``, ``pool``, ``divprune`` and the [CLS] methods ``fastervlm``, ``vtc_cls``,
-``visionzip`` (their scores read off vLLM's CLIP layers through forward hooks on the fused q/k/v
-projection: ``vtprune.serving.tower``); LLaVA-NeXT (``vtprune.serving.llava_next``: random, uniform,
-divprune, fastervlm, vtc_cls; every newline kept), InternVL in HF format (``vtprune.serving.internvl``), Qwen2-VL, Qwen2.5-VL
-and Qwen3-VL (``vtprune.serving.qwen``) with the first four, images only.  The processor
-emits the kept number of image placeholders (``vtprune.serving.select.kept_count``), and the model's
-multimodal embedding returns the kept rows chosen by the same vtprune method on the features vLLM
-computes.  Positions: vLLM numbers a 1-D family's shortened prompt contiguously (the HF wrap's
-``positions="renumber"``) and keeps Qwen's mrope positions as EVS does (``positions="original"``, the
-HF default); a served config carries the one that matches (``POSITIONS``).
+vLLM's own model classes: LLaVA-1.5 (``vtprune.serving.llava``), LLaVA-NeXT (``llava_next``: every newline
+kept), InternVL in HF format (``internvl``) and Qwen2-VL, Qwen2.5-VL, Qwen3-VL (``qwen``: images only), with
+``random``, ``uniform``, ``pool``, ``divprune``, the [CLS] methods ``fastervlm``, ``vtc_cls`` (Qwen: the
+attention each patch receives) and ``visionzip`` (not on LLaVA-NeXT or Qwen), each also with summary
+tokens and ``size_bias`` (``vtprune.serving.bias``).  Tower scores come from forward hooks on vLLM's
+tower layers (``vtprune.serving.tower``).  The processor emits the kept number of image placeholders
+(``vtprune.serving.select.kept_count``), and the model's multimodal embedding returns the kept rows chosen
+by the same vtprune method on the features vLLM computes.  Positions: vLLM numbers a 1-D family's
+shortened prompt contiguously (the HF wrap's ``positions="renumber"``) and keeps Qwen's mrope positions as
+EVS does (``positions="original"``, the HF default); a served config carries the one that matches
+(``POSITIONS``).
 """
 
 from __future__ import annotations

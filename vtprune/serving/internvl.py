@@ -12,6 +12,7 @@ import math
 import torch
 
 from vtprune.layout import ImageLayout
+from vtprune.patches.internvl import shuffle_children
 
 from .bias import Weighing
 from .select import attach, keep_rows, kept_count, with_bias
@@ -62,15 +63,8 @@ def tap_intern(model, config):
 
 
 def children(model) -> torch.Tensor:
-    """[tokens per tile, 4]: the tower patches each LLM token merges, read off the model's own ``pixel_shuffle``
-    applied to patch indices."""
-    vision = model.config.vision_config
-    size = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
-    patch = vision.patch_size[0] if isinstance(vision.patch_size, (list, tuple)) else vision.patch_size
-    side = size // patch
-    grid = torch.arange(side * side, dtype=torch.float32).view(1, side, side, 1)
-    shuffled = model.pixel_shuffle(grid, scale_factor=model.downsample_ratio)
-    return shuffled.reshape(-1, shuffled.shape[-1]).long()
+    """[tokens per tile, 4]: the tower patches each LLM token merges, read off vLLM's own ``pixel_shuffle``."""
+    return shuffle_children(model.config, model.pixel_shuffle)
 
 
 def pruned_internvl(config):

@@ -28,6 +28,24 @@ def shuffle_children(config, pixel_shuffle) -> torch.Tensor:
     return shuffled.reshape(-1, shuffled.shape[-1]).long()
 
 
+def tile_grids(n: int, per_tile: int) -> list:
+    """The tiles of an image of ``n`` tokens, ``per_tile`` each: square grids where ``per_tile`` is square."""
+    side = math.isqrt(per_tile)
+    if n % per_tile:
+        raise ValueError(f"an InternVL image of {n} tokens is not a whole number of {per_tile}-token tiles")
+    return [(side, side) if side * side == per_tile else (1, per_tile)] * (n // per_tile)
+
+
+def tile_layout(n: int, per_tile: int, children=None) -> ImageLayout:
+    """An image of ``n`` tokens in ``per_tile``-token tiles; with ``children`` (``shuffle_children``) each token's
+    tower sources, [CLS] first in each tile."""
+    layout = ImageLayout.from_grids(tile_grids(n, per_tile))
+    if children is not None and children.shape[0] == per_tile:  # tower tokens per tile: [CLS] + patches
+        stride = children.numel() + 1
+        layout.source = torch.cat([t * stride + 1 + children for t in range(n // per_tile)])
+    return layout
+
+
 class InternVLAdapter(Adapter):
     family = "internvl"
     classes = ("InternVLForConditionalGeneration",)
@@ -58,7 +76,6 @@ class InternVLAdapter(Adapter):
 
     def family_images(self, image_mask, capture):
         per_tile = self.model.config.image_seq_length
-        side = math.isqrt(per_tile)
         feats = torch.cat(capture["features"], 0) if capture else None
         out, used = [], 0
         for row in range(image_mask.shape[0]):
@@ -72,12 +89,7 @@ class InternVLAdapter(Adapter):
                     raise RuntimeError(f"vtprune: an InternVL image run of {n} tokens is not a whole number of "
                                        f"{per_tile}-token tiles")
                 tiles = n // per_tile
-                grids = [(side, side)] * tiles if side * side == per_tile else [(1, per_tile)] * tiles
-                layout = ImageLayout.from_grids(grids)
-                children = self.children()
-                if children.shape[0] == per_tile:  # tower tokens per tile: [CLS] + patches
-                    stride = children.numel() + 1
-                    layout.source = torch.cat([t * stride + 1 + children for t in range(tiles)])
+                layout = tile_layout(n, per_tile, self.children())
                 flat = feats[used:used + n] if feats is not None else None
                 out.append(ImageRef(row, run, layout, flat, list(range(used // per_tile, used // per_tile + tiles))))
                 used += n

@@ -60,6 +60,7 @@ class SlotBias:
         self.step = None  # float [tokens]: the bias of this step's tokens, in the runner's order
         self.slots = None  # float [cache blocks x block size]: the bias of the key in each KV-cache slot
         self.memo = (None, [])
+        self.recorded = None  # (step biases, slot mapping) last recorded: every layer of a step writes the same slots
         self.checked = False
         self.biased_calls = 0
 
@@ -121,7 +122,11 @@ class SlotBias:
         return rows
 
     def record(self, kv_cache, slot_mapping, key, value):
-        """A layer wrote this step's keys and values at ``slot_mapping``: store their biases there."""
+        """A layer wrote this step's keys and values at ``slot_mapping``: store their biases there (once a step:
+        the step's layers share its slot mapping)."""
+        if self.recorded is not None and self.recorded[0] is self.step and self.recorded[1] is slot_mapping:
+            return
+        self.recorded = (self.step, slot_mapping)
         total = kv_cache.shape[0] * kv_cache.shape[2]
         if self.slots is None or self.slots.numel() != total:
             self.slots = torch.zeros(total)

@@ -7,40 +7,19 @@ each LLM token sums the scores of the four tower patches its pixel shuffle merge
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from vtprune.layout import ImageLayout
-from vtprune.patches.internvl import shuffle_children
+from vtprune.patches.internvl import shuffle_children, tile_grids, tile_layout
 
 from .bias import Weighing
 from .select import attach, keep_rows, kept_count, with_bias
 
 
-def tile_grids(n: int, per_tile: int) -> list:
-    """The tiles of an image of ``n`` tokens, ``per_tile`` each: square grids where ``per_tile`` is square."""
-    side = math.isqrt(per_tile)
-    if n % per_tile:
-        raise ValueError(f"an InternVL image of {n} tokens is not a whole number of {per_tile}-token tiles")
-    return [(side, side) if side * side == per_tile else (1, per_tile)] * (n // per_tile)
-
-
-def tile_layout(n: int, per_tile: int, children=None):
-    """An image of ``n`` tokens in ``per_tile``-token tiles; with ``children`` ([per_tile, w]: the tower patches
-    each LLM token of a tile merges, ``pixel_shuffle`` on patch indices) each token's tower sources, [CLS]
-    first in each tile (as the HF adapter numbers them)."""
-    layout = ImageLayout.from_grids(tile_grids(n, per_tile))
-    if children is not None and children.shape[0] == per_tile:
-        stride = children.numel() + 1
-        layout.source = torch.cat([t * stride + 1 + children for t in range(n // per_tile)])
-    return layout
-
-
-def tap_intern(model, config):
+def tap_intern(model, config, children):
     """Hook the InternViT tower of vLLM's InternVL ``model`` for a [CLS] method: each hooked layer's queries and
     keys as its attention reads them (after the q/k norms where the tower has them), and the projector's input
-    (after pixel shuffle) for merging.  vLLM builds every tower layer and feeds the projector the last."""
+    (after pixel shuffle) for merging, each token holding the tower patches ``children`` names.  vLLM builds
+    every tower layer and feeds the projector the last."""
     from .tower import TowerTap
 
     layers = model.vision_tower.encoder.layer
@@ -56,7 +35,7 @@ def tap_intern(model, config):
         k_mod.register_forward_hook(lambda module, args, k, box=box, layer=layer, attn=attn:
                                     tap.on_qkv(layer, box.pop("q"), k, attn.num_heads, attn.scale))
     if config.merges:
-        tap.sources = children(model) + 1  # after the [CLS]
+        tap.sources = children + 1  # after the [CLS]
         model.multi_modal_projector.register_forward_pre_hook(
             lambda module, args: (tap.on_projector(args[0]), *args[1:]))
     return tap
@@ -105,8 +84,8 @@ def pruned_internvl(config):
         def __init__(self, *, vllm_config, prefix: str = ""):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             attach(self, config)
-            self.vtprune_tap = tap_intern(self, config) if config.needs_cls else None
             self.vtprune_children = children(self) if config.needs_cls else None
+            self.vtprune_tap = tap_intern(self, config, self.vtprune_children) if config.needs_cls else None
 
         def embed_multimodal(self, **kwargs):
             if kwargs.get("pixel_values_videos") is not None:

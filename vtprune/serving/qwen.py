@@ -147,13 +147,15 @@ def pruned_qwen(config, model_type: str):
             if tap is not None:
                 tap.clear()
             grids = [tuple(int(v) for v in g) for g in image_input["image_grid_thw"].tolist()]
+            # the tower runs once on all images, packed in one sequence: each image's tokens' sources in it
+            sources = token_sources(self, grids) if tap is not None else None
             out = []
             for i, (rows, (t, h, w)) in enumerate(zip(self._process_image_input(image_input), grids)):
                 grid = (h // merge, w // merge)
                 layout = layout_of(rows.shape[0], grid if t == 1 else None)
                 tower = None
-                if tap is not None:  # the tower ran once on all images, packed in one sequence
-                    layout.source = token_sources(self, grids)[i]
+                if tap is not None:
+                    layout.source = sources[i]
                     tower = tap.tiles(0, 1, layout)
                 kept, main, bias = keep_rows(self, config, rows[:, :width], tower, layout=layout)
                 rows = rows[kept.to(rows.device)]

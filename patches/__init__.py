@@ -1,30 +1,10 @@
 """Family adapters (installed as ``vtprune.patches``): one per supported model class."""
 
-from __future__ import annotations
+if __name__ == "vtprune.patches":
+    from .registry import ADAPTERS, Adapter, adapter_for, supported
 
-from .base import Adapter
-from .internvl import InternVLAdapter
-from .llava import LlavaAdapter
-from .llava_next import LlavaNextAdapter
-from .qwen_vl import Qwen3VLAdapter, Qwen25VLAdapter, QwenVLAdapter
+    __all__ = ["ADAPTERS", "Adapter", "adapter_for", "supported"]
+else:  # a checkout's root on sys.path, imported as a top-level `patches`: the name is not ours
+    import runpy, pathlib  # noqa: E401
 
-ADAPTERS = (LlavaAdapter, LlavaNextAdapter, InternVLAdapter, QwenVLAdapter, Qwen25VLAdapter, Qwen3VLAdapter)
-
-
-def supported() -> dict:
-    """``{family: transformers class name}`` of every supported model."""
-    return {a.family: a.classes[0] for a in ADAPTERS}
-
-
-def adapter_for(model) -> Adapter:
-    """The adapter for ``model``, or ``TypeError`` listing the supported classes."""
-    names = {cls.__name__ for cls in type(model).__mro__}
-    for adapter in ADAPTERS:
-        if names & set(adapter.classes):
-            return adapter(model)
-    listing = ", ".join(a.classes[0] for a in ADAPTERS)
-    raise TypeError(f"vtprune does not support {type(model).__name__}; supported models: {listing} "
-                    "(the *ForConditionalGeneration classes of transformers)")
-
-
-__all__ = ["ADAPTERS", "Adapter", "adapter_for", "supported"]
+    runpy.run_path(str(pathlib.Path(__file__).resolve().parents[1] / "vtprune" / "toplevel.py"), {"NAME": __name__})

@@ -186,6 +186,10 @@ class Adapter:
     def after_cut(self, session_state):
         """Fix family state after tokens were dropped (``session_state.dropped`` so far)."""
 
+    def install(self, installed):
+        """Wrap model methods the family needs wrapped (instance attributes, through ``installed``:
+        ``unwrap`` removes them)."""
+
     def first_exit_layer(self) -> int:
         """The earliest decoder layer before which visual tokens may leave the LLM."""
         return 0

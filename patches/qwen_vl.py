@@ -6,8 +6,9 @@ size), in raster order (Qwen2.5-VL un-permutes its window order before the LLM).
 
 * ``rope_deltas``: a manual decode step without ``position_ids`` positions the new token at
   ``cache length + rope_deltas``.  The cache is shorter by the dropped tokens, so the adapter adds
-  their number to ``model.model.rope_deltas`` (``generate`` passes explicit positions and does
-  not read it).
+  their number to ``model.model.rope_deltas``.  Its other reader, ``generate`` continuing from a
+  cache (``_prepare_position_ids_for_generation``), counts positions from the attention mask,
+  which has every token: it is shown the stock value.
 * Qwen3-VL deepstack: ``visual_pos_masks`` and the per-layer ``deepstack_visual_embeds`` are cut
   with the same index.
 
@@ -25,6 +26,7 @@ the patches instead of quadratic).
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -128,6 +130,24 @@ class QwenVLAdapter(Adapter):
             self._rope_base = current
         self._rope_set = self._rope_base + state.dropped
         self.inner.rope_deltas = self._rope_set
+
+    def install(self, installed):
+        if hasattr(self.model, "_prepare_position_ids_for_generation"):
+            installed.wrap(self.model, "_prepare_position_ids_for_generation", self._stock_rope_deltas)
+
+    def _stock_rope_deltas(self, original):
+        @functools.wraps(original)
+        def prepare(*args, **kwargs):
+            shifted = self._rope_set is not None and self.inner.rope_deltas is self._rope_set
+            if shifted:
+                self.inner.rope_deltas = self._rope_base
+            try:
+                return original(*args, **kwargs)
+            finally:  # unless the call computed them afresh (a prompt with new media)
+                if shifted and self.inner.rope_deltas is self._rope_base:
+                    self.inner.rope_deltas = self._rope_set
+
+        return prepare
 
     def reset(self):
         if self._rope_set is not None and self.inner.rope_deltas is self._rope_set:

@@ -7,7 +7,7 @@
 # Each step has its own time limit and writes under $OUT (default ./gpu_results), so a slow step
 # cannot take the others' results with it.  Usage, from the repository root on the GPU machine:
 #   OUT=/some/dir bash scripts/gpu_checks.sh
-# Needs torch with CUDA, transformers >= 5.17, triton (all in the device image); vtprune is
+# Needs torch with CUDA, transformers >= 5.18, triton (all in the device image); vtprune is
 # installed here in editable mode without dependencies.
 set -u
 OUT=${OUT:-gpu_results}

@@ -421,11 +421,15 @@ def test_labels_of_another_length_are_a_clear_error():
                 model(**inputs, labels=torch.zeros(logits.shape[:2], dtype=torch.long))
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "internvl", "qwen2_vl", "qwen3_vl"])
-def test_generate_continues_from_a_pruned_cache(family):
+@pytest.mark.parametrize("family,types", [("llava", True), ("llava_next", True), ("internvl", True), ("qwen2_vl", True),
+                                          ("qwen3_vl", True), ("qwen2_vl", False), ("qwen3_vl", False)])
+def test_generate_continues_from_a_pruned_cache(family, types):
     """A second ``generate`` given the whole conversation so far and the returned cache (multi-turn
     chat; the pixels are in the cache) feeds only what the cache does not hold: the same tokens as one
-    longer generate, as for the stock model (transformers' test_generate_continue_from_past_key_values)."""
+    longer generate, as for the stock model (transformers' test_generate_continue_from_past_key_values).
+    Qwen without ``mm_token_type_ids`` (``types=False``): generate positions the continuation from the
+    attention mask plus ``rope_deltas``, which must be the stock value there, not the one shifted for the
+    shorter cache (found on transformers 5.17, which takes that path with the types too)."""
     model = _model(family)
     inputs = tiny_inputs(model, family, images_per_row=(1, 2))
     kw = dict(do_sample=False, bad_words_ids=NO_IMAGE_TOKENS)
@@ -439,6 +443,8 @@ def test_generate_continues_from_a_pruned_cache(family):
             if "mm_token_type_ids" in more:
                 more["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(
                     first.sequences[:, -3:], dtype=inputs["mm_token_type_ids"].dtype)], 1)
+            if not types:
+                del more["mm_token_type_ids"]
             second = model.generate(**more, **kw, past_key_values=first.past_key_values, max_new_tokens=3,
                                     min_new_tokens=3)
     assert torch.equal(second, full)

@@ -9,6 +9,7 @@ import torch
 from reference import BiasedReference, drop_mask, image_runs, staged_masks
 
 import vtprune
+from vtprune.compat import enable_checkpointing
 from vtprune.errors import NotApplicable
 from vtprune.testing import FAMILIES, tiny_inputs, tiny_model
 
@@ -266,7 +267,7 @@ def test_size_bias_under_gradient_checkpointing():
         labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
         model.train()
         if checkpoint:
-            model.activation_checkpointing_enable()
+            enable_checkpointing(model)
         with vtprune.wrapped(model, "fastervlm", keep=0.5, summary=2, size_bias=True):
             model(**inputs, labels=labels).loss.backward()
         grads.append(model.lm_head.weight.grad.clone())

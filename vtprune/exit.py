@@ -27,6 +27,7 @@ import torch
 from vtprune.kernels import gather_positions, gather_seq
 
 from .attention import allowed_keys
+from .compat import cache_of
 from .errors import NotApplicable
 from .records import Exit
 from .select import plan_cut
@@ -286,7 +287,7 @@ class LayerExit:
                 m = m.gather(-2, q_index.to(m.device)[:, None, :, None].expand(-1, m.shape[1], -1, m.shape[3]))
             col_real = torch.cat([real.to(mask.device), torch.ones_like(extra, dtype=torch.bool)], 1)
             m = _mask_columns(m, col_real)
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            cache = cache_of(kwargs)
             if getattr(cache, "is_compileable", False) and kv > m.shape[3]:
                 # a static cache keeps its width: the slots this layer's cache never fills are blocked
                 pad = torch.zeros(*m.shape[:3], kv - m.shape[3], dtype=m.dtype, device=m.device)

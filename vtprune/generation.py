@@ -17,6 +17,7 @@ import functools
 
 import torch
 
+from .compat import cache_of
 from .hooks import Installed
 
 
@@ -50,7 +51,7 @@ class Generation:
     def _masks(self, original):
         @functools.wraps(original)
         def create_masks(*args, **kwargs):
-            mask, past, embeds = kwargs.get("attention_mask"), kwargs.get("past_key_values"), kwargs.get("inputs_embeds")
+            mask, past, embeds = kwargs.get("attention_mask"), cache_of(kwargs), kwargs.get("inputs_embeds")
             state = self.sequences.get(past) if past is not None else None
             compacted = state is not None and state.mask is not None and embeds is not None and (
                 mask is None or isinstance(mask, torch.Tensor) and mask.dim() == 2
@@ -69,7 +70,7 @@ class Generation:
     def _continue(self, original):
         @functools.wraps(original)  # generate reads its signature
         def prepare(input_ids, next_sequence_length=None, *args, **kwargs):
-            past = kwargs.get("past_key_values")
+            past = cache_of(kwargs)
             state = self.sequences.get(past) if past is not None and next_sequence_length else None
             if state is not None and state.dropped > 0:
                 embeds = kwargs.get("inputs_embeds")

@@ -72,12 +72,6 @@ class CacheState:
         self.dropped = self.orig_len - self.cache_len
 
 
-def cache_of(kwargs):
-    """The KV cache of a language-model call (``cache`` since transformers 5.24, ``past_key_values`` before)."""
-    cache = kwargs.get("cache")
-    return cache if cache is not None else kwargs.get("past_key_values")
-
-
 class Sequences:
     """``CacheState`` per cache object (weakly held), so that calls on several caches may interleave."""
 

@@ -26,6 +26,7 @@ import torch
 from .attention import AttentionRoute
 from .bias import SizeBias
 from .capture import Capture
+from .compat import cache_of, cache_of_output
 from .counts import Counts
 from .exit import LayerExit
 from .generation import Generation
@@ -33,7 +34,7 @@ from .hooks import Installed
 from .loss import Loss
 from .precut import PreCut
 from .records import Call
-from .sequences import Sequences, cache_of
+from .sequences import Sequences
 
 
 def _first(configs, stage):
@@ -89,6 +90,7 @@ class Session:
                            self.model.register_forward_pre_hook(self._top_pre, with_kwargs=True),
                            self.model.register_forward_hook(self._top_post, with_kwargs=True))
         self.generation.install()
+        self.adapter.install(self.installed)
         self.installed.wrap(self.model, "__deepcopy__", lambda _: self._deepcopy)
 
     def remove(self):
@@ -169,9 +171,7 @@ class Session:
         changed = None
         for runtime in self.runtimes[1:]:
             changed = runtime.end_call(call, changed if changed is not None else output) or changed
-        cache = getattr(output, "past_key_values", None)
-        if cache is None:
-            cache = getattr(output, "cache", None)
+        cache = cache_of_output(output)
         if call is not None and cache is not None:
             self.sequences.set(cache, call.state)
         return changed

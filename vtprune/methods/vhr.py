@@ -22,6 +22,7 @@ import torch
 
 from .. import masks
 from ..attention import pick_layers
+from ..compat import cache_of, cache_of_output
 from .base import Method, indices, register
 
 
@@ -96,7 +97,7 @@ class HeadReinforcement:
         embeds = kwargs["inputs_embeds"]
         b, n, _ = embeds.shape
         mask = kwargs.get("attention_mask")
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = cache_of(kwargs)
         if masks.is_4d(mask) or getattr(cache, "is_compileable", False):
             raise ValueError("vhr doubles the prefill batch (each sample next to its text-only copy), which needs "
                              "a 2-D attention mask and a dynamic cache: drop the 4-D mask / the static cache "
@@ -134,9 +135,7 @@ class HeadReinforcement:
             return None
         b = self.batch
         self.probing, self.batch = False, None
-        cache = getattr(output, "past_key_values", None)
-        if cache is None:
-            cache = getattr(output, "cache", None)
+        cache = cache_of_output(output)
         if cache is not None:
             for layer in getattr(cache, "layers", []):
                 if getattr(layer, "keys", None) is not None and layer.keys.numel():

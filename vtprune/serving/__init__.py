@@ -138,6 +138,14 @@ def check_architecture(folder: str) -> str | None:
     return served[0]
 
 
+def plugin_allowed():
+    """``ValueError`` when ``VLLM_PLUGINS`` leaves the vtprune plugin out (vLLM would serve unpruned)."""
+    allowed = os.environ.get("VLLM_PLUGINS")
+    if allowed is not None and "vtprune" not in [p.strip() for p in allowed.split(",")]:
+        raise ValueError(f"VLLM_PLUGINS={allowed!r} leaves out the vtprune plugin: vLLM would serve the model "
+                         "unpruned; add vtprune to it or unset it")
+
+
 def LLM(model, method: str = "random", keep=1.0, **kwargs):
     """A ``vllm.LLM`` serving ``model`` ("toy" for the shipped toy model) with ``method`` at ``keep``;
     ``kwargs`` go to ``vllm.LLM`` (method options go in ``options=``)."""
@@ -150,6 +158,7 @@ def LLM(model, method: str = "random", keep=1.0, **kwargs):
     if os.environ.get(ENV, text) != text and "vllm" in sys.modules:
         raise ValueError(f"this process already served {os.environ[ENV]}: vLLM keeps a model's input processor per "
                          "process, so serve one vtprune method and budget per process (start another for another)")
+    plugin_allowed()
     os.environ[ENV] = text
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     import vllm

@@ -102,4 +102,5 @@ def pruned_internvl(config):
                 start += tiles
             return out
 
+    PrunedInternVL.vtprune_parts = (PrunedInternVLInfo, PrunedInternVLProcessor)  # checked by serving.needs
     return PrunedInternVL

@@ -73,4 +73,5 @@ def pruned_llava(config):
                 out.append(with_bias(*keep_rows(self, config, f, tap.image(i, f.shape[0]) if tap else None)[1:]))
             return out
 
+    PrunedLlava.vtprune_parts = (PrunedLlavaInfo,)  # what serving.needs checks against vLLM
     return PrunedLlava

@@ -101,4 +101,5 @@ def pruned_llava_next(config):
                 start += tiles[i] if tiles is not None else 0
             return out
 
+    PrunedLlavaNext.vtprune_parts = (PrunedLlavaNextInfo,)  # what serving.needs checks against vLLM
     return PrunedLlavaNext

@@ -3,27 +3,19 @@ pruned variants of vLLM's model classes replace the stock ones for the served ar
 
 from __future__ import annotations
 
-from . import config_from_env
+from . import config_from_env, needs
 
 
 def register():
     config = config_from_env()
     if config is None:
         return
+    classes = pruned_classes(config)  # checked against the installed vLLM before any is registered
     from vllm import ModelRegistry
     from vllm.config.multimodal import MultiModalConfig
 
-    from .internvl import pruned_internvl
-    from .llava import pruned_llava
-    from .llava_next import pruned_llava_next
-    from .qwen import pruned_qwen
-
-    ModelRegistry.register_model("LlavaForConditionalGeneration", pruned_llava(config))
-    ModelRegistry.register_model("LlavaNextForConditionalGeneration", pruned_llava_next(config))
-    ModelRegistry.register_model("InternVLForConditionalGeneration", pruned_internvl(config))
-    ModelRegistry.register_model("Qwen2VLForConditionalGeneration", pruned_qwen(config, "qwen2_vl"))
-    ModelRegistry.register_model("Qwen2_5_VLForConditionalGeneration", pruned_qwen(config, "qwen2_5_vl"))
-    ModelRegistry.register_model("Qwen3VLForConditionalGeneration", pruned_qwen(config, "qwen3_vl"))
+    for architecture, cls in classes.items():
+        ModelRegistry.register_model(architecture, cls)
     # vLLM's model runner rewrites the mrope positions of pruned media (recompute_mrope_positions) only when
     # multimodal pruning is on, which it ties to EVS's video_pruning_rate: vtprune prunes images, so it is on
     # (for models that support it, the Qwen classes here; LLaVA's 1-D positions do not use it)
@@ -34,6 +26,29 @@ def register():
         is_multimodal_pruning_enabled.vtprune = True
         MultiModalConfig.is_multimodal_pruning_enabled = is_multimodal_pruning_enabled
     _cpu_runner_reads_the_flag()
+
+
+def pruned_classes(config) -> dict:
+    """``{architecture: pruned class}`` for ``config``, or ``needs.VLLMMismatch`` (one line) when the installed
+    vLLM lacks what they hook."""
+    try:
+        from .internvl import pruned_internvl
+        from .llava import pruned_llava
+        from .llava_next import pruned_llava_next
+        from .qwen import pruned_qwen
+
+        classes = {"LlavaForConditionalGeneration": pruned_llava(config),
+                   "LlavaNextForConditionalGeneration": pruned_llava_next(config),
+                   "InternVLForConditionalGeneration": pruned_internvl(config),
+                   "Qwen2VLForConditionalGeneration": pruned_qwen(config, "qwen2_vl"),
+                   "Qwen2_5_VLForConditionalGeneration": pruned_qwen(config, "qwen2_5_vl"),
+                   "Qwen3VLForConditionalGeneration": pruned_qwen(config, "qwen3_vl")}
+    except (ImportError, AttributeError) as err:
+        needs.check()  # names what is missing, where it can
+        raise needs.VLLMMismatch(f"vtprune serving supports vLLM {needs.SUPPORTED} (tested: {needs.TESTED}); the "
+                                 f"installed vLLM does not fit: {err}") from err
+    needs.check(classes.values())
+    return classes
 
 
 def _cpu_runner_reads_the_flag():

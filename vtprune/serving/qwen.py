@@ -165,4 +165,5 @@ def pruned_qwen(config, model_type: str):
             return out
 
     PrunedQwen.__name__ = PrunedQwen.__qualname__ = f"Pruned{prefix}"
+    PrunedQwen.vtprune_parts = (PrunedQwenInfo, PrunedQwenProcessor)  # what serving.needs checks against vLLM
     return PrunedQwen

@@ -3,7 +3,11 @@
     python scripts/hf_tests/run.py TRANSFORMERS_DIR [--spec random:keep=1.0] [--families llava,qwen3_vl] [-n 2] [-k EXPR]
 
 ``TRANSFORMERS_DIR`` is a checkout of the transformers repository at the revision of the installed
-release (its ``tests/``, ``utils/`` and ``conftest.py``; nothing of it is copied here).  Both runs
+release (its ``tests/``, ``utils/`` and ``conftest.py``; nothing of it is copied here).  transformers'
+test tree needs ``pytest-xdist`` (its conftest uses an xdist hook) and ``parameterized``.  Where the
+exact revision cannot be had, a tree of model tests from an earlier revision with the installed
+release's common test files (its sdist has them) compares just as well: stock and wrapped run on the
+same tree, so a test that a newer library breaks fails in both (README, "Drop-in").  Both runs
 write JUnit XML under ``--out`` (default ``hf_tests_out/``); the script prints per family the
 tests passed / failed / skipped in each run and every test whose outcome differs, and exits 1 when
 a test that passes stock does not pass wrapped.  The wrapping is done by ``vtprune_hf_plugin.py``.

@@ -112,7 +112,14 @@ def check(classes=()) -> None:
     parts = [p for cls in classes for p in (cls, *getattr(cls, "vtprune_parts", ()))]
     problems = missing_names() + stale_overrides(parts)
     if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise VLLMMismatch(f"vtprune serving supports vLLM {SUPPORTED} (tested: {TESTED}); the installed vLLM "
-                           f"{getattr(vllm, '__version__', '?')} does not fit: {problems[0]}{more}. Install a "
-                           "supported vLLM (bash scripts/vllm_cpu_env.sh DIR)")
+        raise mismatch(problems)
+
+
+def mismatch(problems: list) -> VLLMMismatch:
+    """The one-line error for an installed vLLM that does not fit, naming the first of ``problems``."""
+    import vllm
+
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return VLLMMismatch(f"vtprune serving supports vLLM {SUPPORTED} (tested: {TESTED}); the installed vLLM "
+                        f"{getattr(vllm, '__version__', '?')} does not fit: {problems[0]}{more}. Install a "
+                        "supported vLLM (bash scripts/vllm_cpu_env.sh DIR)")

@@ -45,8 +45,7 @@ def pruned_classes(config) -> dict:
                    "Qwen3VLForConditionalGeneration": pruned_qwen(config, "qwen3_vl")}
     except (ImportError, AttributeError) as err:
         needs.check()  # names what is missing, where it can
-        raise needs.VLLMMismatch(f"vtprune serving supports vLLM {needs.SUPPORTED} (tested: {needs.TESTED}); the "
-                                 f"installed vLLM does not fit: {err}") from err
+        raise needs.mismatch([str(err)]) from err
     needs.check(classes.values())
     return classes
 

@@ -8,6 +8,7 @@ import torch
 
 from vtprune import tower_scores
 from vtprune.errors import NotApplicable
+from vtprune.families import Family, feature_layer
 from vtprune.layout import ImageLayout
 
 
@@ -41,10 +42,19 @@ class Adapter:
     into per-image positions and layouts and fixes family-specific inputs of the cut.
     """
 
+    facts: ClassVar[Family | None] = None  # the family's engine-neutral description (``vtprune.families``)
+    # read off ``facts`` for every subclass that sets it:
     family: ClassVar[str] = ""
     classes: ClassVar[tuple] = ()
     default_score: ClassVar[str] = "cls"  # what [CLS]-attention methods read unless told (``source``)
     flat_positions: ClassVar[bool] = True  # 1-D position ids (False: Qwen's (t, h, w) mrope rows)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        facts = cls.__dict__.get("facts")
+        if facts is not None:
+            cls.family, cls.classes = facts.name, tuple(facts.architectures)
+            cls.default_score, cls.flat_positions = facts.default_score, facts.flat_positions
 
     def __init__(self, model):
         self.model = model
@@ -121,11 +131,7 @@ class Adapter:
 
     def feature_layer(self) -> int:
         """Index (0-based) of the tower layer whose output the projector reads."""
-        layer = self.model.config.vision_feature_layer
-        if isinstance(layer, (list, tuple)):
-            layer = layer[-1]
-        n = self.tower_depth()
-        return n + layer if layer < 0 else layer - 1
+        return feature_layer(self.model.config.vision_feature_layer, self.tower_depth())
 
     def hook_tower(self, layer: int, sink, kind: str = "cls") -> list:
         """Hook tower layer ``layer`` so that each run calls ``sink(scores)`` with ``scores`` [tiles, N]:

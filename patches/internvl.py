@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from vtprune.families.internvl import INTERNVL
 from vtprune.layout import ImageLayout
 
 from .base import Adapter, ImageRef
@@ -47,8 +48,7 @@ def tile_layout(n: int, per_tile: int, children=None) -> ImageLayout:
 
 
 class InternVLAdapter(Adapter):
-    family = "internvl"
-    classes = ("InternVLForConditionalGeneration",)
+    facts = INTERNVL
 
     def __init__(self, model):
         super().__init__(model)

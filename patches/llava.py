@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from vtprune.families.llava import LLAVA
 from vtprune.layout import ImageLayout
 
 from .base import Adapter
@@ -32,8 +33,7 @@ def clip_sites(tower) -> list:
 
 
 class LlavaAdapter(Adapter):
-    family = "llava"
-    classes = ("LlavaForConditionalGeneration",)
+    facts = LLAVA
 
     def cls_sites(self):
         return clip_sites(self.inner.vision_tower)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from vtprune.families.llava import LLAVA_NEXT
 from vtprune.layout import ImageLayout
 
 from .base import Adapter
@@ -46,13 +47,13 @@ def packed_layout(prov: torch.Tensor, per_tile: int, side: int, skip: int, tiles
         shapes=[(side, side), (rows, cols)],
         source=source,
         tile=torch.where(prov >= 0, prov // per_tile, -1),
+        cropped=int((prov >= 0).sum()) < tiles * per_tile,
     )
     return layout
 
 
 class LlavaNextAdapter(Adapter):
-    family = "llava_next"
-    classes = ("LlavaNextForConditionalGeneration",)
+    facts = LLAVA_NEXT
 
     def __init__(self, model):
         super().__init__(model)

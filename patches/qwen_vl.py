@@ -33,16 +33,14 @@ import torch
 
 from vtprune import tower_scores
 from vtprune.errors import NotApplicable
+from vtprune.families.qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_VL
 from vtprune.layout import ImageLayout
 
 from .base import Adapter
 
 
 class QwenVLAdapter(Adapter):
-    family = "qwen2_vl"
-    classes = ("Qwen2VLForConditionalGeneration",)
-    default_score = "received"  # no [CLS]
-    flat_positions = False
+    facts = QWEN2_VL
 
     def __init__(self, model):
         super().__init__(model)
@@ -156,8 +154,7 @@ class QwenVLAdapter(Adapter):
 
 
 class Qwen25VLAdapter(QwenVLAdapter):
-    family = "qwen2_5_vl"
-    classes = ("Qwen2_5_VLForConditionalGeneration",)
+    facts = QWEN2_5_VL
 
     def _group_order(self, grid):
         from transformers.vision_utils import get_vision_window_index
@@ -169,8 +166,7 @@ class Qwen25VLAdapter(QwenVLAdapter):
 
 
 class Qwen3VLAdapter(QwenVLAdapter):
-    family = "qwen3_vl"
-    classes = ("Qwen3VLForConditionalGeneration",)
+    facts = QWEN3_VL
 
     def first_exit_layer(self):
         # deepstack adds visual features to the hidden states after layers 0..n-1

@@ -119,7 +119,7 @@ def test_config_objects_and_registry():
         register("random")(type("Dup", (Selector,), {}))
 
 
-def test_a_registered_method_is_usable_by_name():
+def test_a_registered_method_is_usable_by_name(registries):
     @dataclass
     class FirstTokens(Selector):
         """Keep the first tokens of each image (a test method)."""
@@ -128,8 +128,7 @@ def test_a_registered_method_is_usable_by_name():
             return [-torch.arange(layout.n, dtype=torch.float32) for layout in ctx.layouts]
 
     name = "test_first_tokens"
-    if name not in vtprune.methods.available():
-        register(name)(FirstTokens)
+    register(name)(FirstTokens)
     model = tiny_model("llava")
     with vtprune.wrapped(model, name, keep=0.25):
         with torch.no_grad():

@@ -183,7 +183,7 @@ def test_serve_errors_are_one_line_before_anything_loads(capsys, no_model, monke
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
-    cases = [(["serve", "toy", "--method", "fastv"], "not 'fastv'"),
+    cases = [(["serve", "toy", "--method", "fastv"], "fastv acts inside the language model"),
              (["serve", "toy", "--method", "uniform", "--keep", "2.5"], "must lie in (0, 1]"),
              (["serve", "toy", "--method", "uniform", "--keep", "0.25"], "needs vLLM: build the serving venv"),
              (["serve", "toy", "--keep", "lots"], "--keep 'lots' is not a number"),

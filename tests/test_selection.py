@@ -4,10 +4,11 @@ import pytest
 import torch
 
 import vtprune
+from vtprune.choose import top_tokens
+from vtprune.cut import plan_cut
 from vtprune.layout import ImageLayout
 from vtprune.patches import adapter_for
-from vtprune.scoring import lattice, split_budget, uniform_scores
-from vtprune.select import plan_cut, top_tokens
+from vtprune.scoring import lattice, share_budget, uniform_scores
 from vtprune.testing import tiny_inputs, tiny_model
 
 
@@ -21,10 +22,10 @@ def test_lattice_is_even_and_distinct(h, w, k):
         assert sorted(set((pts % w).tolist())) == list(range(1, 24, 2))
 
 
-def test_split_budget_is_proportional_and_capped():
-    assert split_budget([576, 576], 10) == [5, 5]
-    assert sum(split_budget([576, 1200, 3], 100)) == 100
-    assert split_budget([2, 100], 50)[0] <= 2
+def test_share_budget_is_proportional_and_capped():
+    assert share_budget([576, 576], 10) == [5, 5]
+    assert sum(share_budget([576, 1200, 3], 100)) == 100
+    assert share_budget([2, 100], 50)[0] <= 2
 
 
 def test_uniform_scores_cover_every_grid():
@@ -114,3 +115,38 @@ def test_tile_scope_gives_every_tile_its_share(family):
         assert got == int(0.25 * members + 0.5) or (got == 1 and members < 4)
     with pytest.raises(ValueError, match="scope"):
         vtprune.wrap(model, "random", scope="crop")
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "internvl", "qwen2_5_vl"])
+def test_kept_count_is_what_every_selector_keeps(family):
+    """``Selector.kept_count(layout)`` (what vLLM sizes a prompt by) is the number of tokens the HF wrap keeps,
+    for every registered selector where it says the count is known; where not, it says why."""
+    import vtprune
+    from vtprune.errors import NotApplicable
+    from vtprune.methods import get
+    from vtprune.testing import tiny_inputs, tiny_model
+
+    model = tiny_model(family)
+    inputs = tiny_inputs(model, family, images_per_row=(1,))
+    options = {"newlines": "all"} if family == "llava_next" else {}
+    checked = 0
+    for name in vtprune.methods.available():
+        cls = get(name)
+        if cls.stage != "select" or (cls.merges and family.startswith("qwen")):
+            continue
+        for extra in ({}, {"summary": 2}, {"scope": "tile"}):
+            if extra.get("summary") and cls.covers_all:
+                continue
+            with vtprune.wrapped(model, name, keep=0.25, **options, **extra):
+                with torch.no_grad():
+                    model(**inputs)
+                kept = vtprune.last_kept(model)[0][0]
+                layout = vtprune.record(model).layouts[0][0]
+                config = vtprune.api.methods_of(model)[0]
+            assert config.kept_count(layout) == kept.numel(), (name, extra)
+            checked += 1
+    assert checked >= 20
+    rows = get("uniform")(keep=0.25)
+    if family == "llava_next":
+        with pytest.raises(NotApplicable, match="newlines='all'"):
+            rows.kept_count(layout)

@@ -8,7 +8,7 @@ import vtprune
 from vtprune import toy
 from vtprune.methods import get
 from vtprune.serving import check, check_architecture, model_dir
-from vtprune.serving.select import kept_count, select
+from vtprune.serving.rows import kept_count, select
 from vtprune.serving.tower import TowerTap
 from vtprune.spec import parse_spec
 
@@ -53,7 +53,8 @@ def _tapped_features(model, batch, config):
                                          ("fastervlm", 0.1), ("vtc_cls", 0.25), ("visionzip", 0.1),
                                          ("fastervlm:summary=4", 0.1), ("divprune:size_bias=true", 0.1),
                                          ("uniform:summary=4;size_bias=true", 0.05), ("visionzip:size_bias=true", 0.1),
-                                         ("pool:size_bias=true", 0.25), ("random:summary=3;summary_feature=first", 0.1)])
+                                         ("pool:size_bias=true", 0.25), ("random:summary=3;summary_feature=first", 0.1),
+                                         ("vispruner", 0.1), ("holov:summary=2", 0.25)])
 def test_serving_keeps_what_the_hf_wrap_keeps(toy_batch, method, keep):
     """Kept indices, rows (summary tokens' means included) and, for a config that weighs, each kept row's bias:
     the log of the size the HF wrap records."""
@@ -99,7 +100,7 @@ def test_tower_tap_reads_the_layers_a_method_asks_for():
 
 
 def test_serving_errors_and_the_toy_folder(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="not 'fastv'"):
+    with pytest.raises(ValueError, match="fastv acts inside the language model"):
         check("fastv", 0.25, {})
     with pytest.raises(ValueError, match="positions='renumber'"):
         check("uniform", 0.25, {"positions": "original"})
@@ -113,8 +114,11 @@ def test_serving_errors_and_the_toy_folder(tmp_path, monkeypatch):
         check("visionzip", 0.25, {}, "qwen3_vl")
     with pytest.raises(ValueError, match="summary_group='similarity'"):
         check("uniform", 0.25, {"summary": 1, "summary_group": "space"})  # empty cells: a count not fixed
-    with pytest.raises(ValueError, match="scope='image'"):
-        check("uniform", 0.25, {"scope": "tile"}, "internvl")
+    assert check("uniform", 0.25, {"scope": "tile"}, "internvl").scope == "tile"  # tile budgets: a known count
+    for method in ("vispruner", "holov"):  # every pre-LLM selector that reads no text, by its needs
+        assert check(method, 0.25, {}, "qwen3_vl").needs_cls
+    with pytest.raises(ValueError, match="reads the prompt's instruction"):
+        check("cdpruner", 0.25, {}, "llava")
     assert check("uniform", 0.25, {"summary": 2, "size_bias": True}).weighs
     with pytest.raises(ValueError, match="keep"):
         check("uniform", 1.5, {})
@@ -172,7 +176,8 @@ def _tapped_internvl(model, inputs, config):
 
 @pytest.mark.parametrize("method,keep", [("uniform", 0.25), ("pool", 0.25), ("divprune", 0.25), ("fastervlm", 0.25),
                                          ("vtc_cls", 0.25), ("visionzip", 0.1), ("visionzip:size_bias=true", 0.25),
-                                         ("fastervlm:summary=2", 0.25)])
+                                         ("fastervlm:summary=2", 0.25), ("vispruner", 0.25), ("holov", 0.25),
+                                         ("uniform:scope=tile", 0.25), ("fastervlm:scope=tile;summary=1", 0.25)])
 def test_serving_keeps_what_the_hf_wrap_keeps_on_internvl_tiles(method, keep):
     """An InternVL image of several tiles: the serving selection on its tile grids equals the HF wrap's; [CLS]
     methods read each tile's tower scores summed over the patches pixel shuffle merged (``tile_layout``)."""
@@ -208,7 +213,7 @@ def test_serving_keeps_what_the_hf_wrap_keeps_on_internvl_tiles(method, keep):
 
 
 @pytest.mark.parametrize("method", ["uniform", "divprune", "random", "fastervlm", "vtc_cls", "pool",
-                                    "uniform:summary=2;size_bias=true"])
+                                    "uniform:summary=2;size_bias=true", "vispruner", "holov", "divprune:scope=tile"])
 def test_serving_keeps_what_the_hf_wrap_keeps_on_llava_next(method):
     """LLaVA-NeXT (base + crops + newlines): the serving selection on the packed layout keeps the HF wrap's
     tokens with ``newlines="all"``, and as many as ``kept_count`` says before any image is encoded; [CLS]
@@ -236,9 +241,40 @@ def test_serving_keeps_what_the_hf_wrap_keeps_on_llava_next(method):
     tower = tap.tiles(0, inputs["pixel_values"].shape[1], layout) if config.needs_cls else None
     indices, out, bias = select(config, rows, torch.Generator().manual_seed(0), tower, layout=layout)
     assert indices.tolist() == kept.tolist()
-    assert out.shape[0] == kept_count(config, rows.shape[0], newlines=newlines, layout=layout) < rows.shape[0]
+    assert out.shape[0] == kept_count(config, rows.shape[0], layout=layout) < rows.shape[0]
     assert (bias is not None) == config.weighs
     with pytest.raises(ValueError, match="newlines='all'"):
         check(method, 0.25, {"newlines": "rows"}, "llava_next")
-    with pytest.raises(ValueError, match="depends on which ones it kept"):
+    with pytest.raises(ValueError, match="depends on which tokens it kept"):
         check("visionzip", 0.25, {}, "llava_next")
+
+
+def test_the_readme_lists_what_serving_accepts_per_family():
+    """The served-model table in the README names, per family, exactly the registered methods that
+    ``check`` accepts there (by their needs); every pre-LLM selector that reads no text is served somewhere."""
+    import pathlib
+    import re
+
+    from vtprune.serving import SERVED_TYPES, servable
+
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    text = text[text.index("| served model | methods |"):]
+    rows = {"llava": "LLaVA-1.5 (", "llava_next": "LLaVA-NeXT (", "internvl": "InternVL, HF format (",
+            "qwen2_vl": "Qwen2-VL, Qwen2.5-VL", "qwen2_5_vl": "Qwen2-VL, Qwen2.5-VL", "qwen3_vl": "Qwen2-VL, Qwen2.5-VL"}
+    assert set(rows) == set(SERVED_TYPES)
+    anywhere = set()
+    for model_type, start in rows.items():
+        line = next(line for line in text.splitlines() if line.strip().startswith("| " + start))
+        listed = set(re.findall(r"`([a-z_]+)`", line.split("|")[2]))
+        accepted = set()
+        for name in servable():
+            try:
+                check(name, 0.25, {}, model_type)
+            except ValueError:
+                continue
+            accepted.add(name)
+        assert listed == accepted, model_type
+        anywhere |= accepted
+    assert anywhere == set(servable())
+    selectors = {n for n in vtprune.methods.available() if get(n).stage == "select"}
+    assert selectors - anywhere == {"cdpruner"}  # it reads the prompt's text

@@ -369,7 +369,7 @@ def _check_serve(args):
 def _serve(args) -> int:
     import json
 
-    from vtprune.serving import ENV, IMAGES_ONLY, model_dir
+    from vtprune.serving import ENV, model_dir, refused_media
 
     env = dict(os.environ, **{ENV: json.dumps(args.config.to_dict())})
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -380,8 +380,8 @@ def _serve(args) -> int:
     if args.model == "toy":
         command += ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
                     "--limit-mm-per-prompt", '{"image": 1}', "--served-model-name", "toy"]
-    elif args.model_type in IMAGES_ONLY:  # vLLM refuses video requests up front
-        command += ["--limit-mm-per-prompt", '{"video": 0}']
+    elif refused_media(args.model_type):  # vLLM refuses video requests up front
+        command += ["--limit-mm-per-prompt", json.dumps(refused_media(args.model_type))]
     command += args.vllm_args
     print("vtprune serve: " + " ".join(command), flush=True)
     os.execvpe(command[0], command, env)

@@ -30,7 +30,7 @@ from .attention import allowed_keys
 from .compat import cache_of
 from .errors import NotApplicable
 from .records import Exit
-from .select import plan_cut
+from .cut import plan_cut
 
 
 class LayerExit:

@@ -23,7 +23,8 @@ class ImageLayout:
     token; InternVL: the 4 patches its pixel shuffle merged.
 
     ``tile`` (optional) is the tower pass (LLaVA-NeXT crop, InternVL tile) each token comes from,
-    -1 for none; when unset the grid id stands for it.
+    -1 for none; when unset the grid id stands for it.  ``cropped``: some tower tokens of a tile never
+    reach the LLM (LLaVA-NeXT's unpadding).
     """
 
     grid: torch.Tensor
@@ -33,6 +34,7 @@ class ImageLayout:
     shapes: list
     source: torch.Tensor | None = None
     tile: torch.Tensor | None = None
+    cropped: bool = False
 
     @property
     def tiles(self) -> torch.Tensor:

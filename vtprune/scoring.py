@@ -25,7 +25,7 @@ def lattice(h: int, w: int, k: int) -> torch.Tensor:
     return points[pick]
 
 
-def split_budget(sizes: list, k: int) -> list:
+def share_budget(sizes: list, k: int) -> list:
     """Share ``k`` tokens among grids of ``sizes`` in proportion (largest remainder), capped by size."""
     total = sum(sizes)
     if total == 0:
@@ -51,7 +51,7 @@ def uniform_scores(layout: ImageLayout, k: int) -> torch.Tensor:
     scores = torch.zeros(layout.n)
     in_grid = (layout.grid >= 0) & ~layout.newline
     sizes = [h * w for h, w in layout.shapes]
-    for g, kg in enumerate(split_budget(sizes, k)):
+    for g, kg in enumerate(share_budget(sizes, k)):
         h, w = layout.shapes[g]
         members = (in_grid & (layout.grid == g)).nonzero().squeeze(1)
         cell = layout.row[members] * w + layout.col[members]
@@ -91,7 +91,7 @@ def pool_windows(layout: ImageLayout, k: int) -> tuple:
     anchors, members = [], []
     sizes = [h * w for h, w in layout.shapes]
     in_grid = (layout.grid >= 0) & ~layout.newline
-    for g, kg in enumerate(split_budget(sizes, k)):
+    for g, kg in enumerate(share_budget(sizes, k)):
         if kg == 0:
             continue
         h, w = layout.shapes[g]

@@ -6,11 +6,9 @@ import time
 
 import torch
 
-from . import summary as summaries
-from .budget import tokens_to_keep
-from .methods import ScoreContext
+from .choose import Seen, choose
+from .cut import plan_cut
 from .records import Forward
-from .select import plan_cut, top_tokens
 
 
 class Selection:
@@ -83,57 +81,29 @@ class Selection:
         a re-used capture re-uses its selection."""
         if capture is not None and "selection" in capture:
             return capture["selection"]
-        budgets, wanted = zip(*[self._split(b) for b in self._budgets(images)]) if images else ((), ())
-        ctx = ScoreContext(layouts=[img.layout for img in images], budgets=list(budgets),
-                           rows=[img.row for img in images], features=[img.features for img in images],
-                           generator=self.generator, instructions=text() if text is not None else [])
+        seen = [Seen(img.layout, img.features, img.row) for img in images]
+        for one, instruction in zip(seen, text() if text is not None else []):
+            one.instruction = instruction
         layers = self.capture.tower_layers
         if layers:
             towers = (capture or {}).get("cls", {})
             if set(towers) != set(layers):
                 raise RuntimeError("vtprune: the vision tower ran without the [CLS] attention hooks firing")
-            ctx.cls_attention = {layer: [self.adapter.tower_to_llm(img, towers[layer]) for img in images]
-                                 for layer in layers}
+            for one, img in zip(seen, images):
+                one.cls = {layer: self.adapter.tower_to_llm(img, towers[layer]) for layer in layers}
         if self.selector.merges:
-            selected = (capture or {}).get("selected")
+            selected, sizes = (capture or {}).get("selected"), (capture or {}).get("sizes")
             if selected is None:
                 raise RuntimeError("vtprune: the projector ran without the merging hook firing")
-            ctx.tower_selected = [(self.adapter.tower_to_llm(img, selected) > 0).float() for img in images]
-            sizes = (capture or {}).get("sizes")
-            if sizes is not None:
-                ctx.tower_sizes = [self.adapter.tower_to_llm(img, sizes) for img in images]
-        scores = list(self.selector.score(ctx))
-        first = {}
-        for i, img in enumerate(images):  # copies of one image (an expanded batch) share its selection
-            if img.features is not None:
-                scores[i] = scores[first.setdefault(id(img.features), i)]
-        # a method may set its own budgets (pool, visionzip)
-        kept = [top_tokens(s, img.layout, k, self.selector.newlines) for s, img, k in zip(scores, images, ctx.budgets)]
-        groups = [[] for _ in images]
-        for i, img in enumerate(images):
-            kept[i], groups[i], ctx.sizes[i], rep = self._summarise(img, kept[i], wanted[i], ctx.sizes[i])
-            if rep is not None:
-                ctx.replacements[i] = rep
-        selection = (scores, ctx.replacements, kept, ctx.sizes, groups)
+            for one, img in zip(seen, images):
+                one.selected = self.adapter.tower_to_llm(img, selected)
+                one.sizes = self.adapter.tower_to_llm(img, sizes) if sizes is not None else None
+        choices = choose(self.selector, seen, self.generator)
+        selection = ([c.scores for c in choices], [c.replacement for c in choices], [c.kept for c in choices],
+                     [c.sizes for c in choices], [c.groups for c in choices])
         if capture is not None:
             capture["selection"] = selection
         return selection
-
-    def _split(self, budget):
-        return split_budget(self.selector.summary, budget)
-
-    def _summarise(self, img, keep, wanted, sizes):
-        return summarise_image(self.selector, img.layout, img.features, keep, wanted, sizes)
-
-    def _budgets(self, images) -> list:
-        if self.selector.scope == "tile":
-            return [self._tile_budgets(img.layout) for img in images]
-        return [tokens_to_keep(self.selector.keep, img.layout.n_content) for img in images]
-
-    def _tile_budgets(self, layout) -> dict:
-        content = ~layout.newline
-        tiles = layout.tiles[content]
-        return {int(t): tokens_to_keep(self.selector.keep, int((tiles == t).sum())) for t in tiles.unique() if t >= 0}
 
     @staticmethod
     def _record(images, kept, batch, length, start, scores):
@@ -152,51 +122,3 @@ class Selection:
                          time_score_s=time.perf_counter() - start)
         return record, drop
 
-
-def split_budget(summary: int, budget):
-    """(the selector's budget, summary tokens) of an image's (or each tile's: a dict) budget: at most
-    budget - 1 summary tokens."""
-    if isinstance(budget, dict):
-        parts = {t: split_budget(summary, k) for t, k in budget.items()}
-        return {t: p[0] for t, p in parts.items()}, {t: p[1] for t, p in parts.items()}
-    n = min(summary, max(budget - 1, 0))
-    return budget - n, n
-
-
-def summarise_image(sel, layout, features, keep, wanted, sizes):
-    """Add an image's summary tokens (selector ``sel``, ``wanted`` of them) to its kept indices ``keep``:
-    ``(kept, groups, sizes, replacement or None)``; with ``size_bias`` alone, the sizes of nearest-feature
-    assignment.  ``features``: the image's LLM-input features [n, D]; ``sizes``: the method's own or None."""
-    if not (sel.summary or (sel.size_bias and sizes is None)):
-        return keep, [], sizes, None
-    if features is None:
-        raise RuntimeError("vtprune: summary tokens need the image's features; the vision tower's run was not seen")
-    content = ~layout.newline
-    dropped = content.clone()
-    dropped[keep] = False
-    if not sel.summary:
-        kept_content = keep[content[keep]]
-        return keep, [], summaries.nearest_sizes(features, kept_content, dropped.nonzero().squeeze(1), layout.n), None
-    parts = [(dropped, wanted)] if not isinstance(wanted, dict) else \
-        [(dropped & (layout.tiles == t), k) for t, k in wanted.items()]
-    groups = []
-    for members, k in parts:
-        groups += summaries.summarise(features, layout, members.nonzero().squeeze(1), k,
-                                      sel.summary_group, sel.summary_feature)
-    sizes = torch.ones(layout.n)
-    for pos, members, _ in groups:
-        sizes[pos] = float(members.numel())
-    placed = torch.tensor([pos for pos, _, _ in groups], dtype=torch.long)
-    if sel.size_bias and groups:  # every dropped token joins the kept or summary token closest to it
-        feats = features.float().clone()
-        for pos, _, feat in groups:
-            if feat is not None:
-                feats[pos] = feat
-        stand = torch.cat([keep[content[keep]], placed])
-        rest = dropped.clone()
-        rest[placed] = False
-        sizes = summaries.nearest_sizes(feats, stand, rest.nonzero().squeeze(1), layout.n)
-    keep = torch.sort(torch.cat([keep, placed])).values
-    means = [(pos, feat) for pos, _, feat in groups if feat is not None]
-    rep = (torch.tensor([p for p, _ in means]), torch.stack([f for _, f in means])) if means else None
-    return keep, groups, sizes, rep

@@ -66,11 +66,14 @@ def _build(model_type, folder):
                                               ("internvl", "visionzip", 0.1),  # merged after pixel shuffle
                                               # no [CLS]: the attention each patch receives, over windows too
                                               ("qwen2_5_vl", "fastervlm", 0.25), ("qwen3_vl", "vtc_cls", 0.25),
-                                              ("qwen3_vl", "divprune:summary=2", 0.25)], indirect=["tiny"])
+                                              ("qwen3_vl", "divprune:summary=2", 0.25),
+                                              # served by their needs, not by a list (vtprune.serving.check)
+                                              ("qwen2_5_vl", "vispruner", 0.25), ("internvl", "holov", 0.25),
+                                              ("llava_next", "vispruner:scope=tile", 0.25)], indirect=["tiny"])
 def test_a_served_tiny_model_keeps_and_answers_as_the_hf_wrap(tiny, method, keep):
     from vtprune.serving import POSITIONS, check
     from vtprune.serving.llava_next import image_layout
-    from vtprune.serving.select import kept_count
+    from vtprune.serving.rows import kept_count
     from vtprune.spec import parse_spec
 
     folder, model, batch, model_type = tiny
@@ -84,10 +87,10 @@ def test_a_served_tiny_model_keeps_and_answers_as_the_hf_wrap(tiny, method, keep
     # tokens per image: LLaVA-NeXT a 4 x 4 base and 2 x 2 crops packed into 8 rows of 8 and a newline each;
     # InternVL 4 crops and a thumbnail of 4 x 4 each; Qwen a 6 x 6 grid of merged tokens
     shapes = {"llava_next": (88, None, 8), "internvl": (80, [(4, 4)] * 5, 0)}
-    n, grid, newlines = shapes.get(model_type, (36, (6, 6), 0))
-    counted = kept_count(check(name or "random", keep, spec_options, model_type), n, grid, newlines,
-                         image_layout(model.config, batch["image_sizes"][0].tolist()) if name == "pool" and
-                         model_type == "llava_next" else None)
+    n, grid, _ = shapes.get(model_type, (36, (6, 6), 0))
+    counted = kept_count(check(name or "random", keep, spec_options, model_type), n, grid,
+                         image_layout(model.config, batch["image_sizes"][0].tolist()) if model_type == "llava_next"
+                         else None)
     assert kept is None or {len(k) for k in kept} == {counted}  # what the HF wrap kept
     lengths = batch["attention_mask"].sum(1).tolist()
     assert served["prompt_tokens"] == [length - (n - counted) for length in lengths]

@@ -42,7 +42,7 @@ def test_a_served_method_keeps_and_answers_as_the_hf_wrap(toy_batch, method, kee
     """The same kept tokens per image as the HF wrap, the same greedy tokens as the HF wrap with positions
     renumbered, and the prompt shorter by the dropped count."""
     from vtprune.serving import check
-    from vtprune.serving.select import kept_count
+    from vtprune.serving.rows import kept_count
 
     tokens, kept = hf_run(toy_batch[0], toy_batch[3], method, keep, steps=STEPS, positions="renumber")
     served = serve(method, keep, N)
@@ -77,7 +77,7 @@ def test_summary_tokens_and_size_bias_serve_as_the_hf_wrap(toy_batch, spec, keep
     spec (positions renumbered), whose attention bias vLLM's attention gets from ``vtprune.serving.bias`` —
     without it (the HF wrap with ``bias_layers=[]``) a third of the answers differ."""
     from vtprune.serving import check
-    from vtprune.serving.select import kept_count
+    from vtprune.serving.rows import kept_count
     from vtprune.spec import parse_spec
 
     (name,), options = parse_spec(spec)

@@ -1,5 +1,5 @@
-"""Serve a model ("toy", or a tiny folder from ``tiny_qwen``, ``tiny_internvl`` ("internvl" in its path) or
-``tiny_llava_next`` ("llava_next" in its path)) with one vtprune config in this
+"""Serve a model ("toy", or a tiny folder from ``tiny_qwen``, ``tiny_internvl`` ("internvl" in its path),
+``tiny_llava_next`` ("llava_next" in its path) or a renamed toy ("renamed" in its path)) with one vtprune config in this
 process; print one JSON line: the answers, their tokens, prompt lengths and each image's kept indices (read
 off the served model)."""
 
@@ -23,7 +23,8 @@ def main():
     import tiny_qwen
 
     tiny = tiny_internvl if "internvl" in model else tiny_llava_next if "llava_next" in model else tiny_qwen
-    prompt = toy.prompt if model == "toy" else tiny.prompt
+    like_toy = model == "toy" or "renamed" in model  # the toy under another name (tests/extension_example.py)
+    prompt = toy.prompt if like_toy else tiny.prompt
     options = {} if model == "toy" else {"dtype": "float32", "max_model_len": 512}
     samples = toy.eval_split(n=n)
     names, spec_options = parse_spec(method)  # a method spec: "fastervlm:summary=4;size_bias=true"

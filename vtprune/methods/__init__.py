@@ -16,7 +16,7 @@ scores are kept (``keep`` per image), in their original order.
 from .base import LayerMethod, Method, ScoreContext, Selector, available, from_dict, get, register, resolve
 from .cls import VTCCLS, FasterVLM, VisionZip
 from .cdpruner import CDPruner
-from .controls import DivPrune, Pool, Random, Uniform
+from .controls import DivPrune, Downsample, Pool, Random, Uniform
 from .holov import HoloV
 from .layer import DART, DyVTE, Exit, FastV
 from .pdrop import PDrop
@@ -26,6 +26,6 @@ from .vispruner import VisPruner
 from .vhr import VHR
 from .zerotuning import ZeroTuning
 
-__all__ = ["DART", "DivPrune", "DyVTE", "Exit", "FastV", "FasterVLM", "LayerMethod", "Method", "Pool", "Random",
-           "ScoreContext", "Selector", "Uniform", "VAR", "VHR", "VTCCLS", "VisionZip", "ZeroTuning", "available", "from_dict", "get", "register",
-           "resolve"]
+__all__ = ["CDPruner", "DART", "DivPrune", "Downsample", "DyVTE", "Exit", "FastV", "FasterVLM", "HoloV", "LayerMethod", "Method",
+           "PDrop", "Pool", "Random", "ScoreContext", "Selector", "SparseVLM", "Uniform", "VAR", "VHR", "VTCCLS",
+           "VisPruner", "VisionZip", "ZeroTuning", "available", "from_dict", "get", "register", "resolve"]

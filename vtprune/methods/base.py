@@ -8,8 +8,9 @@ from typing import ClassVar
 
 import torch
 
-from ..budget import check_keep
+from ..budget import check_keep, tokens_to_keep
 from ..errors import NotApplicable
+from ..scoring import total_budget
 from ..summary import FEATURES, GROUPS
 
 _REGISTRY: dict = {}
@@ -27,6 +28,18 @@ def budget_groups(layout, budget) -> list:
     if not isinstance(budget, dict):
         return [(content, budget)]
     return [(content[layout.tiles[content] == t], k) for t, k in budget.items()]
+
+
+def budget_of(selector, layout):
+    """An image's budget: its content tokens' share (an int), or each tile's (``scope="tile"``: a dict)."""
+    return tile_budgets(selector.keep, layout) if selector.scope == "tile" else tokens_to_keep(selector.keep,
+                                                                                              layout.n_content)
+
+
+def tile_budgets(keep, layout) -> dict:
+    """``{tile: budget}``: ``keep`` of each tile's content tokens."""
+    tiles = layout.tiles[~layout.newline]
+    return {int(t): tokens_to_keep(keep, int((tiles == t).sum())) for t in tiles.unique() if t >= 0}
 
 
 def register(name: str):
@@ -63,6 +76,9 @@ class Method:
     stage: ClassVar[str] = "method"
     paper: ClassVar[str] = ""  # where the method is defined ("" for controls)
     ranges: ClassVar[dict] = {}  # option -> its valid values, in words (``vtprune info --method``)
+    # attention methods: whether they compose with an in-LLM exit / with a selector's size bias in attention
+    composes_with_exit: ClassVar[bool] = False
+    composes_with_weights: ClassVar[bool] = False
 
     def validate(self):
         """Raise ``ValueError`` on an invalid option."""
@@ -205,6 +221,21 @@ class Selector(Method):
         """One 1-D score tensor per image (higher = keep)."""
         raise NotImplementedError
 
+    def kept_count(self, layout) -> int:
+        """How many of an image's tokens (on ``layout``) this selector keeps, known from the layout and the
+        budget alone: what vLLM sizes a prompt by before the image is encoded.  ``NotApplicable``, with the
+        reason, when the count depends on the selection itself."""
+        newlines = int(layout.newline.sum())
+        if newlines and self.newlines != "all":
+            raise NotApplicable(f"{self.name} keeps a newline token exactly when its row keeps a token "
+                                "(newlines='rows'), so the count depends on the rows it keeps; newlines='all' "
+                                "keeps every newline")
+        if self.summary and self.summary_group != "similarity":
+            raise NotApplicable(f"summary_group={self.summary_group!r} cells may come out empty, so the number of "
+                                "summary tokens depends on which tokens were dropped; summary_group='similarity' "
+                                "is never empty")
+        return total_budget(budget_of(self, layout)) + newlines
+
     def tower_layers(self, n_layers: int, feature_layer: int) -> list:
         """Vision-tower layers (0-based) whose [CLS] attention ``score`` reads; none by default.
 
@@ -317,12 +348,12 @@ def resolve(method, options: dict) -> list:
         if len(chosen) > 1:
             raise ValueError(f"only one {what} method can run at a time, got {chosen}")
     weighing = [c.name for c in configs if c.stage == "select" and c.weighs]
-    others = [c.name for c in configs if c.stage == "attention" and c.name != "zerotuning"]
+    others = [c.name for c in configs if c.stage == "attention" and not c.composes_with_weights]
     if weighing and others:
         raise ValueError(f"{weighing[0]} with summary tokens or size_bias does not compose with {others[0]} yet "
                          "(in-LLM exits and zerotuning compose)")
     exiting = [c for c in configs if c.stage == "llm"]
-    blocked = [c.name for c in configs if c.stage == "attention" and not getattr(c, "composes_with_exit", False)]
+    blocked = [c.name for c in configs if c.stage == "attention" and not c.composes_with_exit]
     if exiting and blocked:
         raise ValueError(f"{blocked[0]} does not compose with in-LLM exit yet (only zerotuning does); "
                          "combine it with a pre-LLM method instead")

@@ -8,7 +8,8 @@ from typing import ClassVar
 import torch
 
 from ..errors import NotApplicable
-from .base import Selector, register
+from ..scoring import total_budget
+from .base import Selector, budget_of, register, tile_budgets
 
 def _check_source(source):
     if source not in (None, "cls", "received"):
@@ -121,6 +122,14 @@ class VisionZip(Selector):
 
     def tower_layers(self, n_layers, feature_layer):
         return [feature_layer]
+
+    def kept_count(self, layout):  # a share of every tower tile
+        if layout.cropped:
+            raise NotApplicable("visionzip keeps a share of every tower tile, and some of a tile's tower tokens "
+                                "never reach the LLM here (LLaVA-NeXT's unpadding), so the count depends on "
+                                "which tokens it kept")
+        newlines = super().kept_count(layout) - total_budget(budget_of(self, layout))
+        return total_budget(tile_budgets(self.keep, layout)) + newlines
 
     def split(self, k: int) -> tuple:
         """(dominant, contextual) token counts for a budget of ``k``."""

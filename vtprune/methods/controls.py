@@ -9,7 +9,7 @@ import torch
 
 from ..budget import check_keep
 from ..scoring import divprune_order, pool_windows, total_budget, uniform_scores
-from .base import Method, Selector, budget_groups, register
+from .base import Method, Selector, budget_groups, budget_of, register
 
 @register("random")
 @dataclass
@@ -55,6 +55,12 @@ class Pool(Selector):
     @property
     def inert(self) -> bool:  # the windows' means replace the features
         return False
+
+    def kept_count(self, layout):  # its windows' anchors (a little under the budget where windows do not fit)
+        budget = total_budget(budget_of(self, layout))
+        newlines = super().kept_count(layout) - budget
+        anchors, _ = pool_windows(layout, budget)
+        return int(anchors.numel()) + newlines
 
     def score(self, ctx):
         scores = []

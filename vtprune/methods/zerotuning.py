@@ -35,6 +35,7 @@ class ZeroTuning(Method):
 
     stage: ClassVar[str] = "attention"
     composes_with_exit: ClassVar[bool] = True  # a mask bias: indifferent to tokens leaving mid-way
+    composes_with_weights: ClassVar[bool] = True  # adds to the size bias in the same mask
     paper: ClassVar[str] = "ZeroTuning: Han et al. 2025, arXiv 2505.11739"
     ranges: ClassVar[dict] = {"gamma": "float > 0 (1 = no change)", "layers": "list of decoder layers; None: all",
                               "heads": "list of heads; None: all"}

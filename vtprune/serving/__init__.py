@@ -6,14 +6,15 @@
 Runs in the serving venv (``bash scripts/vllm_cpu_env.sh DIR``).  The choice travels to vLLM's
 worker processes in the environment (``VTPRUNE_SERVE``: the method config as JSON); the plugin
 (``vtprune.serving.plugin``, entry point ``vllm.general_plugins``) then registers pruned variants of
-vLLM's own model classes: LLaVA-1.5 (``vtprune.serving.llava``), LLaVA-NeXT (``llava_next``: every newline
-kept), InternVL in HF format (``internvl``) and Qwen2-VL, Qwen2.5-VL, Qwen3-VL (``qwen``: images only), with
-``random``, ``uniform``, ``pool``, ``divprune``, the [CLS] methods ``fastervlm``, ``vtc_cls`` (Qwen: the
-attention each patch receives) and ``visionzip`` (not on LLaVA-NeXT or Qwen), each also with summary
-tokens and ``size_bias`` (``vtprune.serving.bias``).  Tower scores come from forward hooks on vLLM's
-tower layers (``vtprune.serving.tower``).  The processor emits the kept number of image placeholders
-(``vtprune.serving.select.kept_count``), and the model's multimodal embedding returns the kept rows chosen
-by the same vtprune method on the features vLLM computes.  Positions: vLLM numbers a 1-D family's
+vLLM's own model classes, one binding per family (``vtprune.serving.bindings``): LLaVA-1.5
+(``vtprune.serving.llava``), LLaVA-NeXT (``llava_next``: every newline kept), InternVL in HF format
+(``internvl``) and Qwen2-VL, Qwen2.5-VL, Qwen3-VL (``qwen``: images only).  Methods are taken by their
+needs (``check``): every pre-LLM selector whose kept count follows from the image's layout
+(``Selector.kept_count``) and that reads no prompt text, on a family that has what it reads; each also
+with summary tokens and ``size_bias`` (``vtprune.serving.bias``).  Tower scores come from forward hooks on
+vLLM's tower layers (``vtprune.serving.tower``).  The processor emits the kept number of image
+placeholders (``vtprune.serving.rows.kept_count``), and the model's multimodal embedding returns the kept
+rows chosen by ``vtprune.choose`` (as in the HF wrap) on the features vLLM computes.  Positions: vLLM numbers a 1-D family's
 shortened prompt contiguously (the HF wrap's ``positions="renumber"``) and keeps Qwen's mrope positions as
 EVS does (``positions="original"``, the HF default); a served config carries the one that matches
 (``POSITIONS``).
@@ -25,19 +26,32 @@ import json
 import os
 import sys
 
+from .. import families
+from ..layout import ImageLayout
+from .bindings import served
+
 ENV = "VTPRUNE_SERVE"
-# the architectures served (in config.json) -> their model_type
-SERVED = {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGeneration": "llava_next",
-          "InternVLForConditionalGeneration": "internvl", "Qwen2VLForConditionalGeneration": "qwen2_vl",
-          "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl", "Qwen3VLForConditionalGeneration": "qwen3_vl"}
+# how vLLM positions a pruned prompt, as the HF wrap's ``positions`` option names it: 1-D positions (LLaVA,
+# LLaVA-NeXT, InternVL) are numbered afresh; mrope positions (Qwen) are rewritten as EVS does (the original ones)
+POSITIONS_OF = {"1d": "renumber", "mrope": "original"}
+MEDIA = ("image",)  # what the bindings prune; vLLM refuses a served model's other media up front
+SERVED = {arch: family.name for arch, family in served().items()}  # the tree's: architecture -> model_type
 SERVED_TYPES = tuple(sorted(set(SERVED.values())))
-# how vLLM positions a pruned prompt, per model type, as the HF wrap's ``positions`` option names it: 1-D
-# positions (LLaVA, LLaVA-NeXT, InternVL) are numbered afresh; Qwen's mrope positions are rewritten as EVS
-# does (the original ones)
-POSITIONS = {"llava": "renumber", "llava_next": "renumber", "internvl": "renumber",
-             "qwen2_vl": "original", "qwen2_5_vl": "original", "qwen3_vl": "original"}
-IMAGES_ONLY = ("internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # served with video requests refused
-METHODS = ("random", "uniform", "pool", "divprune", "fastervlm", "vtc_cls", "visionzip")
+POSITIONS = {name: POSITIONS_OF[families.get(name).positions] for name in SERVED_TYPES}
+
+
+def refused_media(model_type: str | None) -> dict:
+    """``{medium: 0}`` for what a served ``model_type`` model takes but the bindings do not prune (vLLM's
+    ``limit_mm_per_prompt``: it refuses such requests up front)."""
+    return {m: 0 for m in families.get(model_type).media if m not in MEDIA} if model_type else {}
+
+
+def servable() -> list:
+    """The registered methods vLLM can serve somewhere: pre-LLM selectors that read no prompt text."""
+    from .. import methods
+
+    return [name for name in methods.available()
+            if methods.get(name).stage == "select" and not methods.get(name).needs_text]
 
 
 def config_from_env():
@@ -52,40 +66,47 @@ def config_from_env():
 
 def check(method: str, keep, options: dict, model_type: str | None = "llava"):
     """The validated method config for a ``model_type`` model (its ``positions`` set to what vLLM does there;
-    None: not yet known); ``ValueError`` for methods the serving plugin does not run."""
+    None: not yet known); ``ValueError``, with the reason, where the method's needs are not met: vLLM runs
+    pre-LLM selectors whose kept count follows from the image's layout (it sizes a prompt before the image is
+    encoded) and that read no prompt text."""
     from .. import methods
+    from ..errors import NotApplicable
 
-    if method not in METHODS:
-        raise ValueError(f"vtprune serving runs {', '.join(METHODS)} in this version, not {method!r}")
+    cls = methods.get(method)
+    if cls.stage != "select":
+        raise ValueError(f"vtprune serving runs pre-LLM selectors ({', '.join(servable())}); {method} acts "
+                         f"{STAGES.get(cls.stage, 'elsewhere')}, which vtprune serving does not reach yet")
+    if cls.needs_text:
+        raise ValueError(f"vtprune serving cannot run {method}: it reads the prompt's instruction, and vLLM encodes "
+                         "an image (and caches its embedding) apart from the prompt")
+    family = families.get(model_type) if model_type is not None else None
     options = dict(options)
-    want = POSITIONS.get(model_type)
-    if want is not None and options.setdefault("positions", want) != want:
-        raise ValueError(f"vLLM positions a pruned {model_type} prompt as the HF wrap's positions={want!r} does; "
-                         f"serving cannot run positions={options['positions']!r}")
-    if model_type == "llava_next":
-        if method == "visionzip":
-            raise ValueError("vtprune serving cannot run visionzip on LLaVA-NeXT: it keeps a share of every tower "
-                             "tile, and unpadding drops some tiles' tower tokens, so how many tokens an image keeps "
-                             "depends on which ones it kept, while vLLM sizes the prompt before the image is encoded")
-        if options.setdefault("newlines", "all") != "all":
-            raise ValueError("vLLM sizes a LLaVA-NeXT prompt before the image is encoded: serving keeps every newline "
-                             "(newlines='all'), not newlines='rows'")
-    config = methods.get(method)(keep=keep, **options)
+    if family is not None:
+        want = POSITIONS_OF[family.positions]
+        if options.setdefault("positions", want) != want:
+            raise ValueError(f"vLLM positions a pruned {model_type} prompt as the HF wrap's positions={want!r} does; "
+                             f"serving cannot run positions={options['positions']!r}")
+        if family.newlines:
+            options.setdefault("newlines", "all")
+    config = cls(keep=keep, **options)
     config.validate()
-    if config.needs_cls and config.tower_score == "cls" and model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
-        raise ValueError(f"{method}: the Qwen vision towers have no [CLS] token; they read the attention each patch "
+    if family is not None and config.needs_cls and config.tower_score == "cls" and not family.cls_token:
+        raise ValueError(f"{method}: the {family.tower} tower has no [CLS] token; it reads the attention each patch "
                          "receives instead (source='received', the default there)")
-    if config.merges and model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
-        raise ValueError(f"{method} merges tower tokens before the projector, which the Qwen towers' patch merger "
-                         "does not take (as on the HF path)")
-    if config.summary and config.summary_group != "similarity":
-        raise ValueError("vLLM sizes a prompt before the image is encoded, and lattice cells may come out empty: "
-                         "served summary tokens use summary_group='similarity' (never empty), not "
-                         f"{config.summary_group!r}")
-    if config.scope != "image":
-        raise ValueError(f"vtprune serving ranks all of an image's tiles together (scope='image'), not "
-                         f"scope={config.scope!r}")
+    if family is not None and config.merges and family.merges_before_projector:
+        raise ValueError(f"{method} merges tower tokens before the projector, which the {family.tower} tower's "
+                         "patch merger does not take (as on the HF path)")
+    try:  # on an image laid out as the family lays one out
+        config.kept_count(family.example_layout() if family is not None else ImageLayout.from_grids([(4, 4)]))
+    except NotApplicable as err:
+        where = f" on {model_type}" if family is not None else ""
+        raise ValueError(f"vtprune serving cannot run {method}{where}: vLLM sizes a prompt before the image is "
+                         f"encoded, and {err}") from None
     return config
+
+
+STAGES = {"llm": "inside the language model", "attention": "on the language model's attention",
+          "input": "on the processor"}
 
 
 def model_dir(model: str) -> str:
@@ -131,11 +152,12 @@ def check_architecture(folder: str) -> str | None:
         return None
     with open(path) as f:
         architectures = json.load(f).get("architectures") or []
-    served = [SERVED[a] for a in architectures if a in SERVED]
-    if not served:
+    known = served()
+    names = [known[a].name for a in architectures if a in known]
+    if not names:
         raise ValueError(f"{folder} is {architectures or 'an unknown architecture'}; vtprune serving prunes "
-                         f"{', '.join(SERVED)} in this version")
-    return served[0]
+                         f"{', '.join(known)} in this version")
+    return names[0]
 
 
 def plugin_allowed():
@@ -170,8 +192,8 @@ def LLM(model, method: str = "random", keep=1.0, **kwargs):
         kwargs.setdefault("dtype", "float32")
         kwargs.setdefault("max_model_len", 512)
         kwargs.setdefault("limit_mm_per_prompt", {"image": 1})
-    if model_type in IMAGES_ONLY:  # vLLM refuses video requests up front
-        kwargs["limit_mm_per_prompt"] = {**kwargs.get("limit_mm_per_prompt", {}), "video": 0}
+    if refused_media(model_type):  # vLLM refuses the media the bindings do not prune (videos) up front
+        kwargs["limit_mm_per_prompt"] = {**kwargs.get("limit_mm_per_prompt", {}), **refused_media(model_type)}
     return vllm.LLM(model=folder, **kwargs)
 
 

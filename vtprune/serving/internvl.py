@@ -11,8 +11,10 @@ import torch
 
 from vtprune.patches.internvl import shuffle_children, tile_grids, tile_layout
 
+from ..families.internvl import INTERNVL
 from .bias import Weighing
-from .select import attach, keep_rows, kept_count, with_bias
+from .bindings import bind
+from .rows import attach, keep_rows, kept_count, with_bias
 
 
 def tap_intern(model, config, children):
@@ -46,6 +48,7 @@ def children(model) -> torch.Tensor:
     return shuffle_children(model.config, model.pixel_shuffle)
 
 
+@bind(INTERNVL)
 def pruned_internvl(config):
     from vllm.model_executor.models.interns1 import (InternS1DummyInputsBuilder, InternS1ForConditionalGeneration,
                                                      InternS1MultiModalProcessor, InternS1ProcessingInfo)

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+from ..families import feature_layer
+from ..families.llava import LLAVA
 from .bias import Weighing
-from .select import attach, keep_rows, kept_count, with_bias
+from .bindings import bind
+from .rows import attach, keep_rows, kept_count, with_bias
 
 
 def tap_clip(model, config):
@@ -14,9 +17,7 @@ def tap_clip(model, config):
 
     hf = model.config
     n = hf.vision_config.num_hidden_layers
-    feature = hf.vision_feature_layer[-1] if isinstance(hf.vision_feature_layer, (list, tuple)) \
-        else hf.vision_feature_layer
-    tap = TowerTap(config, n, n + feature if feature < 0 else feature - 1)
+    tap = TowerTap(config, n, feature_layer(hf.vision_feature_layer, n))
     tower = getattr(model.vision_tower, "vision_model", None)
     if tower is None or not hasattr(tower, "pre_layrnorm"):
         raise ValueError(f"{config.name} reads a CLIP tower's [CLS] attention; this LLaVA's tower is "
@@ -43,6 +44,7 @@ def tap_clip(model, config):
     return tap
 
 
+@bind(LLAVA)
 def pruned_llava(config):
     from vllm.model_executor.models.llava import (LlavaDummyInputsBuilder, LlavaForConditionalGeneration,
                                                   LlavaMultiModalProcessor, LlavaProcessingInfo)

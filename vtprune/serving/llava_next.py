@@ -20,9 +20,11 @@ import torch
 
 from vtprune.patches.llava_next import packed_layout
 
+from ..families.llava import LLAVA_NEXT
 from .bias import Weighing
+from .bindings import bind
 from .llava import tap_clip
-from .select import attach, keep_rows, kept_count, with_bias
+from .rows import attach, keep_rows, kept_count, with_bias
 
 
 _LAYOUTS = {}  # (what of the config packing reads, image size) -> layout
@@ -56,6 +58,7 @@ def image_layout(hf, image_size):
     return _LAYOUTS[key]
 
 
+@bind(LLAVA_NEXT)
 def pruned_llava_next(config):
     from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
     from vllm.model_executor.models.llava_next import (LlavaNextForConditionalGeneration,
@@ -69,7 +72,7 @@ def pruned_llava_next(config):
             if layout.n != n:
                 raise ValueError(f"vtprune: a {image_width} x {image_height} LLaVA-NeXT image packs into {n} tokens "
                                  f"in vLLM, {layout.n} by its packing of patch indices")
-            return kept_count(config, n, newlines=int(layout.newline.sum()), layout=layout)
+            return kept_count(config, n, layout=layout)
 
     @MULTIMODAL_REGISTRY.register_processor(LlavaNextMultiModalProcessor, info=PrunedLlavaNextInfo,
                                             dummy_inputs=LlavaDummyInputsBuilder)

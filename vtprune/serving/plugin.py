@@ -3,7 +3,7 @@ pruned variants of vLLM's model classes replace the stock ones for the served ar
 
 from __future__ import annotations
 
-from . import config_from_env, needs
+from . import bindings, config_from_env, needs
 
 
 def register():
@@ -32,17 +32,7 @@ def pruned_classes(config) -> dict:
     """``{architecture: pruned class}`` for ``config``, or ``needs.VLLMMismatch`` (one line) when the installed
     vLLM lacks what they hook."""
     try:
-        from .internvl import pruned_internvl
-        from .llava import pruned_llava
-        from .llava_next import pruned_llava_next
-        from .qwen import pruned_qwen
-
-        classes = {"LlavaForConditionalGeneration": pruned_llava(config),
-                   "LlavaNextForConditionalGeneration": pruned_llava_next(config),
-                   "InternVLForConditionalGeneration": pruned_internvl(config),
-                   "Qwen2VLForConditionalGeneration": pruned_qwen(config, "qwen2_vl"),
-                   "Qwen2_5_VLForConditionalGeneration": pruned_qwen(config, "qwen2_5_vl"),
-                   "Qwen3VLForConditionalGeneration": pruned_qwen(config, "qwen3_vl")}
+        classes = bindings.build(config)
     except (ImportError, AttributeError) as err:
         needs.check()  # names what is missing, where it can
         raise needs.mismatch([str(err)]) from err

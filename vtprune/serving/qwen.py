@@ -18,10 +18,14 @@ in bf16 up to 256 merged tokens a side).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from ..families.qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_VL
 from .bias import Weighing
-from .select import attach, keep_rows, kept_count, layout_of, with_bias
+from .bindings import bind
+from .rows import attach, keep_rows, kept_count, layout_of, with_bias
 
 
 def image_positions(t: int, h: int, w: int, kept: torch.Tensor) -> torch.Tensor:
@@ -40,7 +44,7 @@ def tap_qwen(model, config):
     from .tower import TowerTap
 
     blocks = model.visual.blocks
-    tap = TowerTap(config, len(blocks), len(blocks) - 1, default_score="received")
+    tap = TowerTap(config, len(blocks), len(blocks) - 1, default_score=QWEN2_VL.default_score)
     if tap.kind != "received":
         raise ValueError(f"{config.name}: the Qwen vision tower has no [CLS] token; it reads the attention each patch "
                          "receives instead (source='received', the default here)")
@@ -167,3 +171,7 @@ def pruned_qwen(config, model_type: str):
     PrunedQwen.__name__ = PrunedQwen.__qualname__ = f"Pruned{prefix}"
     PrunedQwen.vtprune_parts = (PrunedQwenInfo, PrunedQwenProcessor)  # what serving.needs checks against vLLM
     return PrunedQwen
+
+
+for _family in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL):
+    bind(_family)(functools.partial(pruned_qwen, model_type=_family.name))

@@ -7,12 +7,8 @@ import collections
 
 import torch
 
-from ..budget import tokens_to_keep
+from ..choose import Seen, choose
 from ..layout import ImageLayout
-from ..methods import ScoreContext
-from ..scoring import pool_windows, total_budget
-from ..select import top_tokens
-from ..selection import split_budget, summarise_image
 
 
 def layout_of(n: int, grid=None) -> ImageLayout:
@@ -29,49 +25,36 @@ def layout_of(n: int, grid=None) -> ImageLayout:
     return ImageLayout.from_grids(grids)
 
 
-def kept_count(config, n: int, grid=None, newlines: int = 0, layout=None) -> int:
-    """How many of an image's ``n`` tokens (on ``grid``, or a full ``layout``; ``newlines`` of them LLaVA-NeXT
-    row separators, all kept: ``newlines="all"``) the served method keeps: a function of the image's token
-    grid and ``keep`` only, as vLLM sizes a prompt before the image is encoded."""
-    k = tokens_to_keep(config.keep, n - newlines)
-    if config.merges:  # VisionZip keeps a share of every tower tile (one per grid)
-        grids = layout.shapes if layout is not None else layout_of(n, grid).shapes
-        k = sum(tokens_to_keep(config.keep, h * w) for h, w in grids) if grids else k
-    if config.name == "pool":
-        anchors, _ = pool_windows(layout if layout is not None else layout_of(n, grid), total_budget(k))
-        k = int(anchors.numel())
-    return k + newlines
+def kept_count(config, n: int, grid=None, layout=None) -> int:
+    """How many of an image's ``n`` tokens (on ``grid``, or a full ``layout``) the served method keeps
+    (``Selector.kept_count``): a function of the image's layout and ``keep`` only, as vLLM sizes a prompt
+    before the image is encoded."""
+    return config.kept_count(layout if layout is not None else layout_of(n, grid))
 
 
 def select(config, features: torch.Tensor, generator, tower: dict | None = None, grid=None, layout=None) -> tuple:
     """``(kept indices, rows, bias or None)``: which of one image's features [n, D] (on ``grid``, or a full
     ``layout``) enter the LLM, the rows that do (merged rows for ``pool``, summary tokens' means) and, for a
     config that ``weighs`` (summary tokens, ``size_bias``), each kept row's attention bias ``log(size)``.
-    ``tower``: the image's tower scores for [CLS] methods (``vtprune.serving.tower.TowerTap.image``)."""
-    n = features.shape[0]
-    layout = layout if layout is not None else layout_of(n, grid)
-    budget, wanted = split_budget(config.summary, tokens_to_keep(config.keep, layout.n_content))
-    cpu = features.float().cpu()
-    ctx = ScoreContext(layouts=[layout], budgets=[budget], rows=[0], features=[cpu], generator=generator)
+    ``tower``: the image's tower scores for [CLS] methods (``vtprune.serving.tower.TowerTap.image``); the
+    choice is ``vtprune.choose.choose``'s, as on the HF wrap."""
+    layout = layout if layout is not None else layout_of(features.shape[0], grid)
+    seen = Seen(layout, features.float().cpu())
     if tower is not None:
-        ctx.cls_attention = {layer: [scores] for layer, scores in tower["cls"].items()}
-        if tower.get("selected") is not None:
-            ctx.tower_selected = [(tower["selected"] > 0).float()]
-            ctx.tower_sizes = [tower["sizes"]]
-    (scores,) = config.score(ctx)
-    kept = top_tokens(scores, layout, ctx.budgets[0], config.newlines)
-    kept, _, sizes, summary = summarise_image(config, layout, cpu, kept, wanted, ctx.sizes[0])
-    replacement = ctx.replacements[0] if summary is None else summary
+        seen.cls = tower["cls"]
+        seen.selected, seen.sizes = tower.get("selected"), tower.get("sizes")
+    (choice,) = choose(config, [seen], generator)
+    kept = choice.kept
     out = features[kept.to(features.device)]
-    if replacement is not None:  # pool: the windows' means at their anchors; summary tokens: their groups' means
-        anchors, merged = replacement
+    if choice.replacement is not None:  # pool: the windows' means at their anchors; summary tokens: their means
+        anchors, merged = choice.replacement
         position = {int(a): i for i, a in enumerate(kept.tolist())}
         out = out.clone()
         for a, row in zip(anchors.tolist(), merged):
             out[position[a]] = row.to(out.dtype)
     bias = None
     if config.weighs:
-        bias = (sizes[kept] if sizes is not None else torch.ones(kept.numel())).float().log()
+        bias = (choice.sizes[kept] if choice.sizes is not None else torch.ones(kept.numel())).float().log()
     return kept, out, bias
 
 

@@ -1,0 +1,55 @@
+"""Which model families vLLM serves pruned: each family's vLLM binding, registered by family.
+
+A binding module (``vtprune.serving.llava`` and the others below) registers a builder with :func:`bind`:
+``build(config)`` returns the pruned vLLM model class for the method config.  Importing a binding imports
+no vLLM (its builder does).  ``VTPRUNE_EXTENSIONS`` names more modules (comma-separated, importable in
+every vLLM process) that register families, adapters, bindings or methods of one's own.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+EXTENSIONS = "VTPRUNE_EXTENSIONS"
+TREE = ("vtprune.serving.llava", "vtprune.serving.llava_next", "vtprune.serving.internvl", "vtprune.serving.qwen")
+_BUILDERS: dict = {}  # family name -> (Family, build)
+
+
+def bind(family):
+    """Decorator: ``build(config) -> pruned vLLM class`` serves ``family`` (a ``vtprune.families.Family``)."""
+
+    def deco(build):
+        _BUILDERS[family.name] = (family, build)
+        return build
+
+    return deco
+
+
+def load():
+    """Import the tree's bindings and the modules ``VTPRUNE_EXTENSIONS`` names."""
+    extra = [m.strip() for m in os.environ.get(EXTENSIONS, "").split(",") if m.strip()]
+    for module in TREE + tuple(extra):
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            if module in TREE:
+                raise
+            raise ValueError(f"{EXTENSIONS} names {module!r}, which does not import: {err}") from err
+
+
+def served() -> dict:
+    """``{architecture: Family}`` of every family vLLM serves pruned."""
+    load()
+    return {arch: family for family, _ in _BUILDERS.values() for arch in family.architectures}
+
+
+def build(config) -> dict:
+    """``{architecture: pruned vLLM class}`` for ``config``."""
+    load()
+    out = {}
+    for family, make in _BUILDERS.values():
+        cls = make(config)
+        for arch in family.architectures:
+            out[arch] = cls
+    return out

@@ -79,7 +79,7 @@ def record(model):
     ``kept``/``layouts`` per sample and image, ``scores`` per image (the selector's), ``cut`` (the
     pre-LLM ``(index, real)`` over the language model's input, None when nothing was cut),
     ``length``/``llm_length``, ``visual_llm`` per sample, ``tower_layers`` the selector read, and
-    ``exit`` (``vtprune.records.Exit``: the layer, the tokens that left as a mask over the language
+    ``exit`` (``vtprune.records.ExitRecord``: the layer, the tokens that left as a mask over the language
     model's input, per-sample counts, fastv's scores, dynamic exit layers) for in-LLM methods.
     """
     out = _session(model).record()

@@ -18,9 +18,10 @@ import torch
 
 from .attention import additive_mask, allowed_keys, pick_layers
 from .errors import NotApplicable
+from .stage import StageRuntime
 
 
-class SizeBias:
+class SizeBias(StageRuntime):
     def __init__(self, selector, n_layers: int, route, exit_plan=lambda layer: None):
         self.selector = selector
         self.route = route
@@ -38,19 +39,13 @@ class SizeBias:
             self.route.mask(j, functools.partial(self._bias, j))
         return []
 
-    def remove(self):
-        pass
-
     def begin_call(self, call):
         self.active = call.state.bias
         if self.active is not None:
             self.biased_calls += 1
 
-    def end_call(self, call, output):
-        return None
-
     def stats(self) -> dict:
-        return {"layers": list(self.layer_ids), "biased_calls": self.biased_calls}
+        return {"size_bias": {"layers": list(self.layer_ids), "biased_calls": self.biased_calls}}
 
     def _bias(self, layer, module, query, key, mask):
         bias = self.active

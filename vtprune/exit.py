@@ -2,9 +2,10 @@
 
 Before decoder layer K (the first layer that no longer sees them) the dropped visual tokens are
 removed from the hidden states, the layer's attention mask (4-D, rows and columns), the rotary
-position embeddings and the position ids; every later layer gets the same cut inputs.  Layers
-0..K-1 keep their KV cache as computed; layers >= K only ever store the kept tokens, so decode
-runs on a shorter cache there: each decode step's mask is cut to the columns those layers hold.
+position embeddings and the position ids; every later layer gets the same cut inputs
+(``vtprune.exit_inputs``).  Layers 0..K-1 keep their KV cache as computed; layers >= K only ever store
+the kept tokens, so decode runs on a shorter cache there: each decode step's mask is cut to the
+columns those layers hold.
 
 Positions stay original (RoPE embeddings are gathered, not recomputed), so the result equals the
 stock model in which, from layer K on, the dropped tokens are masked out of attention.
@@ -16,35 +17,65 @@ Stages (``pdrop``): a method may name several layers (``stage_layers``); before 
 the visual tokens still in the sequence, and that stage's cut composes with the earlier ones — each
 plan addresses the prefill as it entered the language model, so a layer's KV cache holds exactly
 the tokens that reached its stage.
+
+Methods never see this runtime: they read a :class:`LayerView` (read-only) and return what leaves.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
-from vtprune.kernels import gather_positions, gather_seq
+from vtprune.kernels import gather_seq
 
-from .attention import allowed_keys
-from .compat import cache_of
-from .errors import NotApplicable
-from .records import Exit
 from .cut import plan_cut
+from .errors import NotApplicable
+from .exit_inputs import cut_kwargs, mask_exited
+from .records import ExitRecord
+from .stage import StageRuntime
 
 
-class LayerExit:
-    """The stage runtime of an ``llm``-stage method (``exit``, ``fastv``, ``dart``, ``dyvte``).
+@dataclass(frozen=True)
+class LayerView:
+    """What an in-LLM method reads when it decides (``observe``, ``drop``, ``decide``, ``compact_here``).
 
-    Per sequence it holds: ``k``, the layer from which the dropped tokens are physically gone (the
-    *plan* of the cut), and for dynamic methods ``exit_at`` [B], the layer after which each row's
-    visual tokens are masked while other rows still use them (``dyvte`` before the whole batch
-    has exited).  Methods read what they need from it: ``scores`` (fastv), ``keys``/``hidden``/
-    ``language_model`` (dart), ``visual``/``text`` (dyvte).
+    ``visual`` / ``text`` [B, L]: the prefill's visual and real text tokens as it entered the language model
+    (after the pre-LLM cut); ``embeds``: its input embeddings; ``stage``: the layer before which tokens
+    now leave, one of ``stage_layers``; ``index`` / ``real`` [B, L']: which prefill positions the layers
+    see after the earlier stages' cuts (None before the first); ``scores``: what the method's ``observe``
+    returned for layer ``stage - 1``; ``keys`` / ``hidden``: that layer's keys and output, over the
+    sequence as the stage sees it; ``compact_from``: the layer from which the whole batch has exited
+    (dynamic methods).
+    """
+
+    n_layers: int
+    stage_layers: tuple
+    language_model: object
+    stage: int | None = None
+    visual: torch.Tensor | None = None
+    text: torch.Tensor | None = None
+    embeds: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    real: torch.Tensor | None = None
+    scores: object = None
+    keys: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    compact_from: int | None = None
+
+
+class LayerExit(StageRuntime):
+    """The stage runtime of an ``llm``-stage method (``exit``, ``fastv``, ``dart``, ``dyvte``, ``pdrop``,
+    ``sparsevlm``).
+
+    Per sequence it holds the *plans* of the cut (one per stage: which prefill positions the layers
+    from the stage's on see) and, for dynamic methods, ``exit_at`` [B], the layer after which each row's
+    visual tokens are masked while other rows still use them (``dyvte`` before the whole batch has
+    exited).
     """
 
     def __init__(self, model, adapter, method, counts, route):
-        self.model = model
         self.route = route  # the wrap's attention router (fastv, dart observe layer k-1)
         self.method = method
         self.counts = counts
@@ -55,23 +86,20 @@ class LayerExit:
         if self.first < low:
             raise NotApplicable(f"{method.name} layer={self.first} is too early for {adapter.family}: visual "
                                 f"features are still added to the hidden states up to layer {low - 1}")
+        self.dynamic = bool(method.decision_layers(len(layers)))
         self.stage_layers = [] if self.dynamic else method.stage_layers(len(layers))
-        self.record = None  # Exit: what left in the last prefill (None: nothing yet)
+        self.record = None  # ExitRecord: what left in the last prefill (None: nothing yet)
         self.prefill_visual = None  # [B] visual tokens per row of the current prefill
         self.plans = []  # the cuts of the current sequence, one per stage: index/real (into the prefill), layer k
         self.decided = set()  # the stage layers the current prefill has decided
-        self.stage = None  # the stage layer being decided (staged methods read it in ``drop``)
         self.calls = 0  # language-model calls so far (a plan knows the call that made it: its prefill)
         self.visual = None  # [B, L] visual tokens of the current prefill (None in other calls)
         self.seq_visual = None  # the same, kept for the decode steps of the sequence
-        self.text = None
+        self.text = self.embeds = None
         self.exit_at = None  # [B] per-row exit layer (dynamic methods), large = not exited
         self.compact_from = None  # dynamic methods: the layer from which the whole batch has exited
         self.cache = {}  # per call: the cut kwargs of each stage's layers
-        self.scores = None  # fastv: [B, L] attention paid to each token at layer k-1
-        self.keys = self.hidden = None  # dart: layer k-1's keys and output
-        self.embeds = None  # the prefill's input embeddings
-        self.merges = None  # set by a method's drop: [(row, position, feature, member positions)] merged tokens
+        self.scores = self.keys = None  # what observe returned for layer k-1, and that layer's keys
         self.past = self.q = 0
 
     def install(self) -> list:
@@ -84,12 +112,13 @@ class LayerExit:
                 self.route.observe(k - 1, functools.partial(self.observe, k))
         return handles
 
-    def remove(self):
-        pass
-
-    @property
-    def dynamic(self) -> bool:
-        return bool(self.method.decision_layers(len(self.layers)))
+    def view(self, **fields) -> LayerView:
+        """The read-only view a method gets (``fields``: what this decision point adds)."""
+        last = self.plans[-1] if self.plans else None
+        return LayerView(n_layers=len(self.layers), stage_layers=tuple(self.stage_layers),
+                         language_model=self.language_model, visual=self.visual, text=self.text, embeds=self.embeds,
+                         index=last["index"] if last else None, real=last["real"] if last else None,
+                         scores=self.scores, keys=self.keys, compact_from=self.compact_from, **fields)
 
     # ------------------------------------------------------------------ per call
     def begin_call(self, call):
@@ -101,7 +130,7 @@ class LayerExit:
         self.past, self.q = call.past, q
         self.prefill_visual = None
         if call.fresh:
-            self.scores = self.exit_at = self.compact_from = None
+            self.scores = self.keys = self.exit_at = self.compact_from = None
             self.plans, self.decided = [], set()
             self.record = None
             self.visual = visual if visual is not None and bool(visual.any()) else None
@@ -110,7 +139,7 @@ class LayerExit:
             if self.visual is not None:
                 self.exit_at = torch.full((visual.shape[0],), len(self.layers), device=visual.device)
                 self.prefill_visual = visual.sum(1)
-                self.record = Exit(method=self.method.name)
+                self.record = ExitRecord(method=self.method.name)
         else:
             self.visual = None
 
@@ -126,31 +155,7 @@ class LayerExit:
         return None
 
     def stats(self) -> dict:
-        record = self.record
-        if record is None or (record.dropped is None and record.exit_layers is None):
-            return {}
-        out = {"method": record.method, "layer": record.layer, "visual_tokens_dropped": record.dropped,
-               "llm_flops_saved": record.share}
-        if record.exit_layers is not None:
-            out["exit_layers"] = record.exit_layers  # the first layer without the row's visual tokens
-        return {"exit": out}
-
-    def _note(self, drop, k):
-        """What left the LLM in this prefill before layer ``k`` (``drop`` [B, L] over the prefill)."""
-        n = len(self.layers)
-        dropped = drop.sum(1).tolist()
-        record = self.record
-        if record.drop is None:
-            record.drop, record.layer, record.dropped = drop, k, dropped
-        else:  # a later stage
-            record.drop = record.drop | drop
-            record.dropped = [a + b for a, b in zip(record.dropped, dropped)]
-        record.stages.append((k, dropped, drop))
-        record.scores = self.scores
-        record.share += sum(dropped) * (n - k) / (len(dropped) * drop.shape[1] * n)
-        self.counts.totals["exits"] += 1
-        if not self.dynamic:  # dynamic exits are counted in end_call
-            self.counts.left(sum(dropped) * (n - k))
+        return self.record.stats() if self.record is not None else {}
 
     def observe(self, k, module, query, key, mask, scaling):
         """Layer k-1's attention (routed) before stage ``k`` is cut: the attention paid to each token."""
@@ -159,14 +164,14 @@ class LayerExit:
             return
         key = key[:, :, :query.shape[2]]  # the prefill's keys (a static cache returns its unfilled slots too)
         self.keys = key.detach()
-        self.scores = self.method.observe(self, query, key, mask, scaling)
+        self.scores = self.method.observe(self.view(stage=k), query, key, mask, scaling)
 
     def _post_layer(self, j, module, args, output):
         """Dynamic methods decide after layer ``j`` which rows' visual tokens may leave."""
         if self.visual is None or self.plans or self.compact_from is not None:
             return
         hidden = output[0] if isinstance(output, tuple) else output
-        leave = self.method.decide(self, j, hidden).to(self.exit_at.device)
+        leave = self.method.decide(self.view(), j, hidden).to(self.exit_at.device)
         self.exit_at = torch.where(leave & (self.exit_at > j), torch.full_like(self.exit_at, j), self.exit_at)
         if bool((self.exit_at <= j).all()):
             self.compact_from = j + 1
@@ -187,7 +192,7 @@ class LayerExit:
         if self.visual is None or i in self.decided:
             return False
         if self.dynamic:
-            return not self.plans and self.method.compact_here(self, i)
+            return not self.plans and self.method.compact_here(self.view(), i)
         return i in self.stage_layers
 
     def _pre_layer(self, i, module, args, kwargs):
@@ -201,7 +206,7 @@ class LayerExit:
         if plan is not None:
             prefill = plan["call"] == self.calls
             if plan["k"] not in self.cache:
-                self.cache[plan["k"]] = self._cut_kwargs(kwargs, prefill, plan)
+                self.cache[plan["k"]] = cut_kwargs(kwargs, prefill, plan, self.past, self.q)
             kwargs.update(self.cache[plan["k"]])
             if prefill and i == plan["k"]:  # the stage's first layer in the prefill: cut the hidden states
                 hidden = gather_seq(hidden, plan["step"].to(hidden.device))
@@ -214,28 +219,14 @@ class LayerExit:
                     kwargs["hidden_states"] = hidden
             return args, kwargs
         if self.exit_at is not None and self.seq_visual is not None and bool((self.exit_at < i).any()):
-            kwargs["attention_mask"] = self._mask_exited(kwargs.get("attention_mask"), self.exit_at < i,
-                                                         hidden.shape[1])
+            kwargs["attention_mask"] = mask_exited(kwargs.get("attention_mask"), self.seq_visual, self.exit_at < i,
+                                                   hidden.shape[1], self.past)
             return args, kwargs
         return None
-
-    def _mask_exited(self, mask, rows, q):
-        """Mask the visual columns for the rows whose visual tokens have left (others unchanged)."""
-        visual = self.seq_visual
-        b, n = visual.shape
-        kv = mask.shape[-1] if mask is not None else self.past + q  # a static cache's mask is wider
-        cols = torch.cat([visual, torch.zeros(b, kv - n, dtype=torch.bool, device=visual.device)], 1)
-        bad = cols & rows[:, None].to(cols.device)
-        if mask is None:
-            mask = allowed_keys(None, q, kv, visual.device)
-        mask = mask.expand(b, *mask.shape[1:])
-        bad = bad.to(mask.device)[:, None, None, :]
-        return mask & ~bad if mask.dtype == torch.bool else mask.masked_fill(bad, torch.finfo(mask.dtype).min)
 
     def _make_plan(self, hidden, k):
         """Stage ``k``'s cut: the method decides on the visual tokens still in the sequence; ``step`` gathers
         the sequence as it enters layer k, ``index``/``real`` address the prefill (every stage so far)."""
-        self.hidden = hidden  # the output of layer k-1 (what DART compares tokens by)
         length = self.visual.shape[1]
         before = self.plans[-1] if self.plans else None
         if before is None:
@@ -244,82 +235,23 @@ class LayerExit:
         else:
             index, real = before["index"].to(hidden.device), before["real"].to(hidden.device)
         visual = self.visual.to(hidden.device).gather(1, index) & real
-        self.stage, self.merges = k, []
-        drop = visual & self.method.drop(self, visual)
+        out = self.method.drop(self.view(stage=k, hidden=hidden), visual)
+        drop, merges = out if isinstance(out, tuple) else (out, [])
+        drop = visual & drop
         if not bool(drop.any()):
             return None
         keep_rows = [(~drop[b]).nonzero().squeeze(1) for b in range(drop.shape[0])]
         step, step_real = plan_cut(keep_rows, drop.shape[1], hidden.device)
         original = torch.zeros(drop.shape[0], length, dtype=torch.bool, device=hidden.device)
         original.scatter_(1, index, drop & real)
-        self._note(original, k)
+        left = self.record.note(original, k, len(self.layers), self.scores)
+        self.counts.totals["exits"] += 1
+        if not self.dynamic:  # dynamic exits are counted in end_call
+            self.counts.left(left)
         merged = []  # (row, slot in the cut sequence, feature): merged tokens replace kept ones' hidden states
-        for b, pos, feature, members in self.merges:
+        for b, pos, feature, members in merges:
             slot = int((step[b] == pos).nonzero()[0, 0])
             merged.append((b, slot, feature))
             self.record.merged.append((k, b, int(index[b, pos]), index[b, members.to(index.device)].tolist()))
         return {"index": index.gather(1, step), "real": real.gather(1, step) & step_real, "step": step,
                 "length": length, "k": k, "call": self.calls, "merged": merged}
-
-    def _cut_kwargs(self, kwargs, prefill: bool, plan) -> dict:
-        """The attention mask, position embeddings and ids for layers >= K in this call."""
-        index, real = plan["index"], plan["real"]
-        out = {}
-        mask = kwargs.get("attention_mask")
-        if prefill:
-            pe = kwargs.get("position_embeddings")
-            if pe is not None:
-                out["position_embeddings"] = tuple(gather_seq(t, index.to(t.device)) for t in pe)
-            pos = kwargs.get("position_ids")
-            if pos is not None:
-                out["position_ids"] = gather_positions(pos, index)
-            q_index = index
-        else:
-            q_index = None
-        if mask is not None and mask.dim() == 4:
-            kv = mask.shape[-1]
-            filled = self.past + self.q  # a static cache's mask is wider: unfilled slots follow
-            extra = torch.arange(plan["length"], filled, device=mask.device).expand(index.shape[0], -1)
-            cols = torch.cat([index.to(mask.device), extra], 1)
-            m = mask.expand(index.shape[0], *mask.shape[1:])
-            m = m.gather(-1, cols[:, None, None, :].expand(-1, m.shape[1], m.shape[2], -1))
-            if q_index is not None:
-                m = m.gather(-2, q_index.to(m.device)[:, None, :, None].expand(-1, m.shape[1], -1, m.shape[3]))
-            col_real = torch.cat([real.to(mask.device), torch.ones_like(extra, dtype=torch.bool)], 1)
-            m = _mask_columns(m, col_real)
-            cache = cache_of(kwargs)
-            if getattr(cache, "is_compileable", False) and kv > m.shape[3]:
-                # a static cache keeps its width: the slots this layer's cache never fills are blocked
-                pad = torch.zeros(*m.shape[:3], kv - m.shape[3], dtype=m.dtype, device=m.device)
-                m = torch.cat([m, pad if m.dtype == torch.bool else pad.fill_(torch.finfo(m.dtype).min)], -1)
-            out["attention_mask"] = m
-        elif mask is None and not bool(real.all()):
-            out["attention_mask"] = self._fresh_mask(real, prefill, plan)
-        elif mask is not None:
-            raise ValueError("vtprune's in-LLM exit needs a 4-D attention mask or none (SDPA/eager); "
-                             f"got a {mask.dim()}-D mask")
-        return out
-
-    def _fresh_mask(self, real, prefill, plan):
-        """A boolean mask for a call where the model passed none (causal, unpadded) but rows have padding slots."""
-        n = real.shape[1]
-        if prefill:
-            causal = torch.ones(n, n, dtype=torch.bool, device=real.device).tril()
-            return _mask_columns(causal[None, None].expand(real.shape[0], 1, n, n), real)
-        cols = torch.cat([real, torch.ones(real.shape[0], self.past - plan["length"] + self.q, dtype=torch.bool,
-                                           device=real.device)], 1)
-        return cols[:, None, None, :].expand(-1, 1, self.q, -1)
-
-
-def _mask_columns(mask, col_real):
-    """Mask out padding-slot columns of a 4-D mask, keeping each row's own diagonal (no empty rows)."""
-    keep = col_real[:, None, None, :]
-    if mask.dtype == torch.bool:
-        out = mask & keep
-    else:
-        out = mask.masked_fill(~keep, torch.finfo(mask.dtype).min)
-    q, kv = out.shape[-2], out.shape[-1]
-    if q == kv:
-        eye = torch.eye(q, dtype=torch.bool, device=out.device)[None, None]
-        out = out | eye if out.dtype == torch.bool else out.masked_fill(eye, 0.0)
-    return out

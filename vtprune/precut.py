@@ -21,9 +21,10 @@ from vtprune.kernels import gather_cut
 
 from . import masks
 from .selection import Selection
+from .stage import StageRuntime
 
 
-class PreCut:
+class PreCut(StageRuntime):
     def __init__(self, adapter, selector, capture):
         self.adapter = adapter
         self.selection = Selection(adapter, selector, capture)

@@ -64,7 +64,7 @@ class Call:
 
 
 @dataclass
-class Exit:
+class ExitRecord:
     """What left the language model in the last prefill (in-LLM methods)."""
 
     method: str
@@ -77,6 +77,30 @@ class Exit:
     stages: list = field(default_factory=list)  # [(layer, per-sample counts, [B, q'] mask)]: what left where
     merged: list = field(default_factory=list)  # [(layer, row, position, member positions)] over q': slots whose
     # hidden state became the mean of tokens that left there (sparsevlm's recycling)
+
+    def note(self, drop: torch.Tensor, k: int, n_layers: int, scores=None) -> float:
+        """The tokens ``drop`` [B, q'] left before layer ``k`` of ``n_layers`` (a stage of the prefill; ``scores``:
+        what the method ranked by); returns the token-layers that saves."""
+        dropped = drop.sum(1).tolist()
+        if self.drop is None:
+            self.drop, self.layer, self.dropped = drop, k, dropped
+        else:  # a later stage
+            self.drop = self.drop | drop
+            self.dropped = [a + b for a, b in zip(self.dropped, dropped)]
+        self.stages.append((k, dropped, drop))
+        self.scores = scores
+        self.share += sum(dropped) * (n_layers - k) / (len(dropped) * drop.shape[1] * n_layers)
+        return sum(dropped) * (n_layers - k)
+
+    def stats(self) -> dict:
+        """``{"exit": {...}}`` for ``vtprune.stats`` ({} when nothing left)."""
+        if self.dropped is None and self.exit_layers is None:
+            return {}
+        out = {"method": self.method, "layer": self.layer, "visual_tokens_dropped": self.dropped,
+               "llm_flops_saved": self.share}
+        if self.exit_layers is not None:
+            out["exit_layers"] = self.exit_layers  # the first layer without the row's visual tokens
+        return {"exit": out}
 
 
 @dataclass
@@ -98,5 +122,5 @@ class Forward:
     summaries: list | None = None  # per sample, per image: [(index, member indices)] of its summary tokens
     sizes: list | None = None  # per sample, per image: tokens each kept token stands for (size-biased runs)
     weights: torch.Tensor | None = None  # [B, length] log(size) per token of the call (size-biased runs)
-    exit: Exit | None = None
+    exit: ExitRecord | None = None
     tower_layers: list = field(default_factory=list)  # the vision-tower layers the selector read

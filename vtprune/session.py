@@ -1,8 +1,9 @@
 """Everything ``vtprune.wrap`` attaches to one model: stage runtimes behind one protocol.
 
-Each stage runtime provides ``install() -> hook handles``, ``begin_call(call)``, ``end_call(call,
-output) -> output or None``, ``stats() -> dict`` and ``remove()``; for every language-model call the
-session builds a ``Call`` (``vtprune.records``) and hands it to them in order:
+Each stage runtime is a ``vtprune.stage.StageRuntime`` (``install() -> hook handles``, ``begin_call(call)``,
+``end_call(call, output) -> output or None``, ``stats() -> {section: dict}`` and ``remove()``, each doing
+nothing unless the runtime needs it); for every language-model call the session builds a ``Call``
+(``vtprune.records``) and hands it to them in order:
 
 1. ``PreCut`` (``vtprune.precut``): the pre-LLM cut of selector methods, and the ``Forward`` record
    of every call with images (``vtprune.record(model)``); ``SizeBias`` (``vtprune.bias``) when the
@@ -186,11 +187,7 @@ class Session:
         return record
 
     def stats(self) -> dict:
-        sections = self.layer_exit.stats() if self.layer_exit is not None else {}
-        if self.bias is not None:
-            sections["size_bias"] = self.bias.stats()
-        if self.attention is not None:
-            own = self.attention.stats()
-            if own:
-                sections[self.attn_method.name] = {"method": self.attn_method.name, **own}
+        sections = {}
+        for runtime in self.runtimes:
+            sections.update(runtime.stats())
         return self.counts.stats(self.record(), [c.name for c in self.configs], sections)

@@ -249,13 +249,15 @@ class LayerMethod(Method):
     """An in-LLM method: visual tokens leave the language model before decoder layer ``layer``.
 
     Layers 0..layer-1 see every token; from ``layer`` on the dropped tokens are gone from the
-    hidden states, the attention masks, the positions and those layers' KV cache.
+    hidden states, the attention masks, the positions and those layers' KV cache.  The method reads a
+    read-only ``vtprune.exit.LayerView`` (``view``) and returns what leaves; the runtime does the rest,
+    so a new in-LLM method is one module.
     """
 
     stage: ClassVar[str] = "llm"
     ranges: ClassVar[dict] = {"layer": "int decoder layer: 0 .. layers-1 (1 .. layers-1 for methods that read "
                                        "the previous layer's attention)"}
-    needs_attention: ClassVar[bool] = False  # reads the attention of layer - 1 (runtime.scores)
+    needs_attention: ClassVar[bool] = False  # reads the attention of layer - 1 (view.scores)
     layer: int = 2
 
     def validate(self):
@@ -278,17 +280,25 @@ class LayerMethod(Method):
         """Layers after which ``decide`` runs (dynamic methods only)."""
         return []
 
-    def compact_here(self, runtime, i: int) -> bool:
+    def compact_here(self, view, i: int) -> bool:
         """Whether the dropped tokens leave physically before layer ``i`` (fixed methods: the first hooked layer)."""
         return True
 
-    def observe(self, runtime, query, key, mask, scaling):
-        """Methods with ``needs_attention``: read layer ``layer - 1``'s prefill attention (query and
-        key [B, H, L, d], RoPE applied, and its mask); what it returns is ``runtime.scores``."""
+    def observe(self, view, query, key, mask, scaling):
+        """Methods with ``needs_attention``: read layer ``view.stage - 1``'s prefill attention (query and
+        key [B, H, L, d], RoPE applied, and its mask); what it returns is ``view.scores`` in ``drop``."""
         return None
 
-    def drop(self, runtime, visual: torch.Tensor) -> torch.Tensor:
-        """Bool [B, L]: the visual tokens that leave (``visual`` marks the visual tokens)."""
+    def decide(self, view, j: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Dynamic methods: bool [B], the rows whose visual tokens may leave after layer ``j`` (``hidden``:
+        its output)."""
+        raise NotImplementedError
+
+    def drop(self, view, visual: torch.Tensor):
+        """Bool [B, L]: the visual tokens that leave before ``view.stage`` (``visual`` marks the visual tokens
+        still in the sequence, over its positions as the stage sees them); or ``(drop, merges)`` with
+        ``merges`` ``[(row, position, feature, member positions)]``: kept tokens whose hidden state becomes
+        ``feature``, standing for members that leave (sparsevlm)."""
         raise NotImplementedError
 
 

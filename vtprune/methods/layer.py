@@ -17,7 +17,7 @@ from .base import LayerMethod, register
 class Exit(LayerMethod):
     """Every visual token leaves the LLM before decoder layer ``layer`` (default 2); the text goes on."""
 
-    def drop(self, runtime, visual):
+    def drop(self, view, visual):
         return visual
 
 
@@ -46,16 +46,16 @@ class FastV(LayerMethod):
         if self.query not in ("last", "text"):
             raise ValueError(f"fastv query must be 'last' or 'text', got {self.query!r}")
 
-    def observe(self, runtime, query, key, mask, scaling):
+    def observe(self, view, query, key, mask, scaling):
         """[B, L]: the attention paid to each token by the last prompt token (or the text rows), mean over heads."""
         probs = attention_probs(query, key, mask, scaling, last_only=self.query == "last")  # [B, rows, n]
         if self.query == "last":
             return probs[:, 0]
-        weights = runtime.text.to(probs.device).float()
+        weights = view.text.to(probs.device).float()
         return (probs * weights[:, :, None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
 
-    def drop(self, runtime, visual):
-        scores = runtime.scores.to(visual.device).masked_fill(~visual, float("-inf"))
+    def drop(self, view, visual):
+        scores = view.scores.to(visual.device).masked_fill(~visual, float("-inf"))
         drop = visual.clone()
         for b in range(visual.shape[0]):
             n = int(visual[b].sum())
@@ -92,10 +92,10 @@ class DART(LayerMethod):
         if self.pivot_image < 1 or self.pivot_text < 0:
             raise ValueError("dart needs pivot_image >= 1 and pivot_text >= 0")
 
-    def drop(self, runtime, visual):
-        hidden = runtime.language_model.norm(runtime.hidden).float()
+    def drop(self, view, visual):
+        hidden = view.language_model.norm(view.hidden).float()
         hidden = torch.nn.functional.normalize(hidden, dim=-1)
-        keys = runtime.keys.float()  # [B, H_kv, L, d]
+        keys = view.keys.float()  # [B, H_kv, L, d]
         key_norm = keys.abs().sum(-1).sum(1)  # L1 norm over all heads: [B, L]
         drop = visual.clone()
         n = visual.shape[1]
@@ -106,7 +106,7 @@ class DART(LayerMethod):
                 continue
             budget = tokens_to_keep(self.keep, vis.numel())
             img_piv = vis[key_norm[b, vis].topk(min(self.pivot_image, vis.numel(), budget)).indices]
-            after = runtime.text[b].to(visual.device) & (pos > int(vis.max()))
+            after = view.text[b].to(visual.device) & (pos > int(vis.max()))
             txt = after.nonzero().squeeze(1)
             txt_piv = txt[key_norm[b, txt].topk(min(self.pivot_text, txt.numel())).indices] if txt.numel() else txt
             pivots = torch.cat([img_piv, txt_piv])
@@ -179,17 +179,17 @@ class DyVTE(LayerMethod):
     def decision_layers(self, n_layers):
         return [j for j in self.routers.layers if j >= self.layer]
 
-    def decide(self, runtime, j, hidden):
+    def decide(self, view, j, hidden):
         from ..dyvte import router_input
 
         router = self.routers.router(j).to(hidden.device)
-        x = router_input(hidden, runtime.visual.to(hidden.device), runtime.text.to(hidden.device))
+        x = router_input(hidden, view.visual.to(hidden.device), view.text.to(hidden.device))
         with torch.no_grad():
             p_exit = router.to(torch.float32)(x).softmax(-1)[:, 1]
         return p_exit > self.threshold
 
-    def compact_here(self, runtime, i):
-        return runtime.compact_from is not None and i >= runtime.compact_from
+    def compact_here(self, view, i):
+        return view.compact_from is not None and i >= view.compact_from
 
-    def drop(self, runtime, visual):
+    def drop(self, view, visual):
         return visual

@@ -66,14 +66,14 @@ class PDrop(LayerMethod):
     def first_layer(self, n_layers):
         return self.stage_layers(n_layers)[0]
 
-    def observe(self, runtime, query, key, mask, scaling):
+    def observe(self, view, query, key, mask, scaling):
         """[B, L]: the attention the prompt's last token pays each token, mean over heads (FastV's score)."""
         return attention_probs(query, key, mask, scaling, last_only=True)[:, 0]
 
-    def drop(self, runtime, visual):
-        stage = runtime.stage_layers.index(runtime.stage) + 1
-        scores = runtime.scores.to(visual.device).masked_fill(~visual, float("-inf"))
-        entered = runtime.visual.sum(1)
+    def drop(self, view, visual):
+        stage = view.stage_layers.index(view.stage) + 1
+        scores = view.scores.to(visual.device).masked_fill(~visual, float("-inf"))
+        entered = view.visual.sum(1)
         drop = visual.clone()
         for b in range(visual.shape[0]):
             k = min(int(visual[b].sum()), tokens_to_keep(self.ratio ** stage, int(entered[b])))

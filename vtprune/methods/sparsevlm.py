@@ -104,35 +104,35 @@ class SparseVLM(LayerMethod):
     def first_layer(self, n_layers):
         return self.stage_layers(n_layers)[0]
 
-    def observe(self, runtime, query, key, mask, scaling):
+    def observe(self, view, query, key, mask, scaling):
         """[B, rows, L]: the layer's attention probabilities (mean over heads) of every row."""
         return attention_probs(query, key, mask, scaling)
 
-    def raters(self, runtime, b) -> torch.Tensor:
+    def raters(self, view, b) -> torch.Tensor:
         """Bool [L] over the prefill: sample ``b``'s raters (text after its last visual token, relevance > mean)."""
-        visual, text = runtime.visual[b], runtime.text[b].to(runtime.visual.device)
+        visual, text = view.visual[b], view.text[b].to(view.visual.device)
         after = text & (torch.arange(visual.numel(), device=visual.device) > visual.nonzero().max())
-        embeds = runtime.embeds[b].float()
+        embeds = view.embeds[b].float()
         relevance = (embeds[visual] @ embeds[after].T).softmax(-1).mean(0)
         out = torch.zeros_like(visual)
         out[after.nonzero().squeeze(1)[relevance > relevance.mean()]] = True
         return out
 
-    def drop(self, runtime, visual):
-        plans = runtime.plans
-        index = plans[-1]["index"] if plans else None
-        stage = runtime.stage_layers.index(runtime.stage)
-        entered = runtime.visual.sum(1)
-        probs = runtime.scores  # [B, L', L']
+    def drop(self, view, visual):
+        index = view.index
+        merges = []
+        stage = view.stage_layers.index(view.stage)
+        entered = view.visual.sum(1)
+        probs = view.scores  # [B, L', L']
         drop = visual.clone()
         for b in range(visual.shape[0]):
             current = visual[b].nonzero().squeeze(1)
             if current.numel() <= 1:
                 drop[b] = False
                 continue
-            raters = self.raters(runtime, b)
+            raters = self.raters(view, b)
             if index is not None:
-                raters = raters[index[b].to(raters.device)] & plans[-1]["real"][b].to(raters.device)
+                raters = raters[index[b].to(raters.device)] & view.real[b].to(raters.device)
             rows = raters.to(probs.device).nonzero().squeeze(1)
             if rows.numel() == 0:
                 rows = torch.tensor([probs.shape[1] - 1], device=probs.device)  # no rater: the last token
@@ -142,19 +142,22 @@ class SparseVLM(LayerMethod):
             drop[b, current[order[:k]]] = False
             gone = order[k:]
             if self.recycle and gone.numel():
-                self._recycle(runtime, b, current, score, gone, drop)
-        return drop
+                merges += self._recycle(view, b, current, score, gone, drop)
+        return drop, merges
 
-    def _recycle(self, runtime, b, current, score, gone, drop):
-        """The best ``int(0.3 n) + 1`` pruned tokens, clustered; each cluster's mean takes its centre's slot."""
+    def _recycle(self, view, b, current, score, gone, drop) -> list:
+        """The best ``int(0.3 n) + 1`` pruned tokens, clustered; each cluster's mean takes its centre's slot:
+        ``[(row, position, feature, member positions)]``."""
         gone = torch.sort(gone).values  # ascending, as the code lists the deleted tokens
         r = min(int(0.3 * gone.numel()) + 1, gone.numel())
         best = gone[torch.sort(score[gone], descending=True, stable=True).indices[:r]]
         c = int(r / 10) + 1
         positions = current[best.to(current.device)]
-        hidden = runtime.hidden[b, positions.to(runtime.hidden.device)].float()
+        hidden = view.hidden[b, positions.to(view.hidden.device)].float()
         centres, assign = dpc_knn(hidden, c)
+        merges = []
         for j, centre in enumerate(centres.tolist()):
             members = positions[(assign == j).nonzero().squeeze(1).to(positions.device)]
             drop[b, positions[centre]] = False
-            runtime.merges.append((b, int(positions[centre]), hidden[(assign == j)].mean(0), members))
+            merges.append((b, int(positions[centre]), hidden[(assign == j)].mean(0), members))
+        return merges

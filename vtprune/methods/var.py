@@ -34,6 +34,7 @@ from typing import ClassVar
 import torch
 
 from ..attention import allowed_keys, pick_layers, text_config
+from ..stage import StageRuntime
 from .base import Method, indices, register
 
 # (text model_type, hidden size, layers) -> massive-activation dims reported by VAR / Sun et al. 2024
@@ -139,7 +140,7 @@ def find_dims(model, calibration=None):
                      f"`vtprune calibrate var --model {name or 'PATH'}` once, or pass sink_dims=[...]")
 
 
-class SinkRedistribution:
+class SinkRedistribution(StageRuntime):
     def __init__(self, model, method, layers, route):
         self.model = model
         self.method = method
@@ -167,9 +168,6 @@ class SinkRedistribution:
             self.route.modify(j, functools.partial(self._redistribute, j))
         return handles
 
-    def remove(self):
-        pass
-
     # ------------------------------------------------------------------ per call
     def begin_call(self, call):
         visual, fresh = call.visual, call.fresh
@@ -186,9 +184,6 @@ class SinkRedistribution:
         pos = torch.arange(n0, device=visual.device).expand_as(visual)
         last = torch.where(visual, pos, torch.full_like(pos, -1)).amax(1)
         self.rows_from = torch.where(last >= 0, last + 1, torch.full_like(last, 1 << 30))
-
-    def end_call(self, call, output):
-        return None
 
     def _detect(self, layer, module, args, kwargs):
         if not self.prefill or self.visual is None or self.method.moved == 0:
@@ -250,11 +245,11 @@ class SinkRedistribution:
         return (attn_out, *output[1:]) if isinstance(output, tuple) else attn_out
 
     def stats(self) -> dict:
-        return {"sink_dims": self.dims, "source": self.source,
+        return {"var": {"method": "var", "sink_dims": self.dims, "source": self.source,
                 "sinks_per_layer": {j: s.sum(1).tolist() for j, s in self.sinks.items()},
                 "visual_sinks_per_layer": {j: (s & self.visual.to(s.device)).sum(1).tolist()
                                            for j, s in self.sinks.items()} if self.visual is not None else {},
-                "row_heads_changed_last_call": dict(self.changed)}
+                "row_heads_changed_last_call": dict(self.changed)}}
 
 
 

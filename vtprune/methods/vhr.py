@@ -23,6 +23,7 @@ import torch
 from .. import masks
 from ..attention import pick_layers
 from ..compat import cache_of, cache_of_output
+from ..stage import StageRuntime
 from .base import Method, indices, register
 
 
@@ -64,7 +65,7 @@ def default_layers(n_layers: int) -> list:
     return sorted({min(1, n_layers - 1)} | set(range(n_layers - last, n_layers)))
 
 
-class HeadReinforcement:
+class HeadReinforcement(StageRuntime):
     def __init__(self, model, method, layers, route=None):
         self.method = method
         self.layer_ids = pick_layers("vhr", method.layers, default_layers, len(layers))
@@ -82,9 +83,6 @@ class HeadReinforcement:
         return handles
 
     # ------------------------------------------------------------------ per call
-    def remove(self):
-        pass
-
     def begin_call(self, call):
         """Double the batch of a fresh prefill with images: each sample plus its text-only copy."""
         kwargs, visual = call.kwargs, call.visual
@@ -172,4 +170,5 @@ class HeadReinforcement:
     def stats(self) -> dict:
         if not self.heads:
             return {}
-        return {"layers": list(self.heads), "heads_per_layer": {j: h.sum(-1).tolist() for j, h in self.heads.items()}}
+        return {"vhr": {"method": "vhr", "layers": list(self.heads),
+                        "heads_per_layer": {j: h.sum(-1).tolist() for j, h in self.heads.items()}}}

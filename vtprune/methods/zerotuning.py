@@ -18,6 +18,7 @@ import torch
 
 from ..attention import additive_mask, allowed_keys, pick_layers, text_config
 from ..errors import NotApplicable
+from ..stage import StageRuntime
 from .base import Method, indices, register
 
 
@@ -55,7 +56,7 @@ class ZeroTuning(Method):
         return SinkScaling(model, self, layers, route)
 
 
-class SinkScaling:
+class SinkScaling(StageRuntime):
     def __init__(self, model, method, layers, route):
         self.method = method
         n = len(layers)
@@ -74,18 +75,6 @@ class SinkScaling:
             for j in self.layer_ids:
                 self.route.mask(j, functools.partial(self._bias, j))
         return []
-
-    def remove(self):
-        pass
-
-    def begin_call(self, call):
-        return None
-
-    def end_call(self, call, output):
-        return None
-
-    def stats(self) -> dict:
-        return {}
 
     def _bias(self, layer, module, query, key, mask):
         """The layer's mask as a float bias [B, 1|H, q, kv] with log(gamma) on each row's first token."""

@@ -156,18 +156,14 @@ class Adapter:
         _, k_mod, heads, _ = self.cls_sites()[layer]
 
         def on_keys(module, args, k):
-            tiles, n, d = k.shape
-            sink(k.detach().reshape(tiles, n, heads, d // heads).mean(2))
+            sink(tower_scores.head_mean(k, heads))
 
         return [k_mod.register_forward_hook(on_keys)]
 
     def projector_sources(self, n_tower: int, n_projector: int) -> torch.Tensor:
         """``[T, k]``: the tower tokens (positions in a tile's tower sequence) that each of the
         projector's ``n_projector`` input tokens holds.  Default: one each, after leading [CLS]."""
-        skip = n_tower - n_projector
-        if skip < 0:
-            raise RuntimeError("vtprune: the projector input does not line up with the tower's tokens")
-        return (torch.arange(n_projector) + skip)[:, None]
+        return tower_scores.leading_sources(n_tower, n_projector)
 
     def projector(self):
         """The module that turns per-patch tower features ``[tiles, patches, C]`` into LLM tokens."""

@@ -33,7 +33,7 @@ import torch
 
 from vtprune import tower_scores
 from vtprune.errors import NotApplicable
-from vtprune.families.qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_VL
+from vtprune.families.qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_VL, merged_sources
 from vtprune.layout import ImageLayout
 
 from .base import Adapter
@@ -85,12 +85,11 @@ class QwenVLAdapter(Adapter):
     def _sources(self, capture):
         if "sources" not in capture:
             grid = torch.tensor(capture["grid_thw"])
-            m2 = self.model.config.vision_config.spatial_merge_size ** 2
+            merge = self.model.config.vision_config.spatial_merge_size
             order = self._group_order(grid)
             sources, start = [], 0
-            for n in (grid.prod(-1) // m2).tolist():
-                groups = order[start:start + n]
-                sources.append(groups[:, None] * m2 + torch.arange(m2))
+            for n in (grid.prod(-1) // merge ** 2).tolist():
+                sources.append(merged_sources(order[start:start + n], merge))
                 start += n
             capture["sources"] = sources
         return capture["sources"]

@@ -17,12 +17,12 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 @pytest.fixture
 def registries():
     """Afterwards the method, family, adapter and vLLM-binding registries are as they were."""
-    from vtprune import families
-    from vtprune.methods import base
+    from vtprune.families import base as families
+    from vtprune.methods import base as methods
     from vtprune.patches import registry
     from vtprune.serving import bindings
 
-    live = (base._REGISTRY, families._FAMILIES, registry._ADAPTERS, bindings._BUILDERS)
+    live = (methods._REGISTRY, families._FAMILIES, registry._ADAPTERS, bindings._BUILDERS)
     saved = [type(r)(r) for r in live]
     try:
         yield

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import json
 import os
@@ -92,3 +93,73 @@ def test_installed_distributions_are_not_shadowed(name):
     out = probe([name])[name]
     assert "error" not in out, out
     assert not inside(out["file"]), f"{name!r} imported from the checkout ({out['file']}), not from {owners[name]}"
+
+
+def _import_graph(root: Path) -> dict:
+    """``{module: modules it imports}`` over vtprune's own modules (installed names), function-level
+    imports included: a module imported by name counts as that module, not its package."""
+    tops = {"vtprune": root / "vtprune", "vtprune.patches": root / "patches", "vtprune.kernels": root / "kernels",
+            "vtprune.eval": root / "eval"}
+    files = {}
+    for package, folder in tops.items():
+        for path in folder.rglob("*.py"):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if package == "vtprune" and parts[0] in ("patches", "kernels", "eval", "assets"):
+                continue
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            files[".".join([package] + parts)] = path
+    graph = {}
+    for module, path in files.items():
+        here = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = here.split(".")
+                    base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+                subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in files]
+                targets = subs + ([base] if len(subs) < len(node.names) else [])
+            else:
+                continue
+            for target in targets:
+                while target and target not in files:
+                    target = target.rsplit(".", 1)[0] if "." in target else ""
+                if target and target != module:
+                    deps.add(target)
+        graph[module] = deps
+    return graph
+
+
+def test_no_import_circles():
+    """No module of vtprune imports, directly or through others, a module that imports it (lazy imports
+    inside functions count too)."""
+    graph = _import_graph(ROOT)
+    assert len(graph) > 60 and graph["vtprune.api"]
+    circles, seen = [], set()
+    for start in graph:  # a path back to ``start``
+        stack, visited = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start and frozenset(path) not in seen:
+                    seen.add(frozenset(path))
+                    circles.append(path)
+                elif nxt not in visited:
+                    visited.add(nxt)
+                    stack.append((nxt, path + [nxt]))
+    assert circles == []
+
+
+def test_no_class_over_250_lines():
+    """Small pieces: every class of the library fits in 250 lines."""
+    long = []
+    for folder in ("vtprune", "patches", "kernels", "eval"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 250:
+                    long.append(f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert long == []

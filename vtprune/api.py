@@ -7,9 +7,8 @@ import contextlib
 from vtprune.patches import adapter_for
 
 from .methods import resolve
+from .session import ATTR as _ATTR
 from .session import Session
-
-_ATTR = "_vtprune_session"
 
 
 def _session(model) -> Session:
@@ -35,7 +34,7 @@ def wrap(model, method="random", **options):
         raise ValueError("this model is already wrapped by vtprune; call vtprune.unwrap(model) before wrapping again")
     adapter = adapter_for(model)
     configs = resolve(method, options)
-    session = Session(model, adapter, configs)
+    session = Session(model, adapter, configs, rewrap=wrap)
     try:
         session.install()
     except Exception:

@@ -43,9 +43,13 @@ def _first(configs, stage):
     return chosen[0] if chosen else None
 
 
+ATTR = "_vtprune_session"  # the attribute of a wrapped model that holds its session
+
+
 class Session:
-    def __init__(self, model, adapter, configs):
+    def __init__(self, model, adapter, configs, rewrap=None):
         self.model = model
+        self.rewrap = rewrap  # (model, configs) -> the model wrapped alike: what a deep copy of the model gets
         self.adapter = adapter
         self.configs = configs
         self.selector = _first(configs, "select")
@@ -104,18 +108,16 @@ class Session:
 
     def _deepcopy(self, memo):
         """``copy.deepcopy(model)``: the stock model is copied, and the copy wrapped alike (its own
-        hooks and statistics); the original keeps this session."""
-        from .api import _ATTR, wrap
-
+        hooks and statistics, by the ``rewrap`` the API gave); the original keeps this session."""
         model = self.model
         self.remove()
-        delattr(model, _ATTR)
+        delattr(model, ATTR)
         try:
             clone = copy.deepcopy(model, memo)
         finally:
             self.install()
-            setattr(model, _ATTR, self)
-        return wrap(clone, [dataclasses.replace(c) for c in self.configs])
+            setattr(model, ATTR, self)
+        return self.rewrap(clone, [dataclasses.replace(c) for c in self.configs])
 
     def _skip_compiled(self) -> bool:
         """Inside ``torch.compile`` the hooks of an inert wrap step aside; a pruning wrap cannot run there."""

@@ -71,3 +71,18 @@ def per_tile(q, k, heads: int, scale: float, kind: str = "cls"):
     flat = SCORES[kind](q.reshape(tiles * n, heads, width // heads), k.reshape(tiles * n, heads, width // heads),
                         segments, scale)
     return flat.view(tiles, n)
+
+
+def head_mean(keys: torch.Tensor, heads: int) -> torch.Tensor:
+    """Keys ``[tiles, N, heads x d]`` averaged over heads: ``[tiles, N, d]`` (what VisionZip merges by)."""
+    tiles, n, width = keys.shape
+    return keys.detach().reshape(tiles, n, heads, width // heads).mean(2)
+
+
+def leading_sources(n_tower: int, n_projector: int) -> torch.Tensor:
+    """``[n_projector, 1]``: the tower token each projector input holds when the projector reads a tile's
+    last ``n_projector`` tower tokens one each (after leading ones such as [CLS])."""
+    skip = n_tower - n_projector
+    if skip < 0:
+        raise RuntimeError("vtprune: the projector input does not line up with the tower's tokens")
+    return (torch.arange(n_projector) + skip)[:, None]

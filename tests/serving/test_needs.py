@@ -66,3 +66,37 @@ def test_the_served_processor_sizes_a_toy_image_at_the_kept_count(method, keep):
         model(**inputs)
         wrapped = sum(len(k) for k in vtprune.last_kept(model)[0])
     assert served == wrapped < 256
+
+
+ONCE = """
+import json, os
+from vtprune.serving import ENV, check
+from vllm.config.multimodal import MultiModalConfig
+stock = MultiModalConfig.is_multimodal_pruning_enabled
+try:
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+except ImportError:  # a CUDA build
+    CPUModelRunner = None
+stock_load = CPUModelRunner.load_model if CPUModelRunner else None
+from vtprune.serving.plugin import register
+register()  # no VTPRUNE_SERVE: nothing changes
+assert MultiModalConfig.is_multimodal_pruning_enabled is stock
+os.environ[ENV] = json.dumps(check("uniform", 0.5, {}, None).to_dict())
+register()
+first = (MultiModalConfig.is_multimodal_pruning_enabled, CPUModelRunner.load_model if CPUModelRunner else None)
+register()
+second = (MultiModalConfig.is_multimodal_pruning_enabled, CPUModelRunner.load_model if CPUModelRunner else None)
+assert first == second and first[0] is not stock and first[0].vtprune, (first, second)
+if CPUModelRunner:
+    assert first[1] is not stock_load and first[1].vtprune
+print("ONCE OK")
+"""
+
+
+def test_the_plugin_changes_vllm_once_and_only_when_serving():
+    """The plugin's one global change to vLLM (the pruned-media flag, and the CPU runner that sets it: see
+    README, "Serving") happens only in a process that serves with vtprune, and a second registration (vLLM
+    loads plugins in every process, the serving API registers once more) changes nothing further."""
+    done = subprocess.run([sys.executable, "-c", ONCE], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "VTPRUNE_SERVE"})
+    assert done.returncode == 0 and "ONCE OK" in done.stdout, done.stderr[-3000:]

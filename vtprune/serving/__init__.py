@@ -29,8 +29,8 @@ import sys
 from .. import families
 from ..layout import ImageLayout
 from .bindings import served
+from .config import ENV, config_from_env  # noqa: F401  (re-exported)
 
-ENV = "VTPRUNE_SERVE"
 # how vLLM positions a pruned prompt, as the HF wrap's ``positions`` option names it: 1-D positions (LLaVA,
 # LLaVA-NeXT, InternVL) are numbered afresh; mrope positions (Qwen) are rewritten as EVS does (the original ones)
 POSITIONS_OF = {"1d": "renumber", "mrope": "original"}
@@ -52,16 +52,6 @@ def servable() -> list:
 
     return [name for name in methods.available()
             if methods.get(name).stage == "select" and not methods.get(name).needs_text]
-
-
-def config_from_env():
-    """The method config the serving process was started with (None: serve unpruned)."""
-    text = os.environ.get(ENV)
-    if not text:
-        return None
-    from ..methods import from_dict
-
-    return from_dict(json.loads(text))
 
 
 def check(method: str, keep, options: dict, model_type: str | None = "llava"):

@@ -3,10 +3,12 @@ pruned variants of vLLM's model classes replace the stock ones for the served ar
 
 from __future__ import annotations
 
-from . import bindings, config_from_env, needs
+from . import bindings, needs
+from .config import config_from_env
 
 
 def register():
+    bindings.load()  # the tree's bindings and VTPRUNE_EXTENSIONS (its methods too) before the config is read
     config = config_from_env()
     if config is None:
         return

@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from ..families.qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_VL
+from ..families.qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_VL, merged_sources
 from .bias import Weighing
 from .bindings import bind
 from .rows import attach, keep_rows, kept_count, layout_of, with_bias
@@ -71,14 +71,14 @@ def token_sources(model, grids) -> list:
     each LLM token merges — Qwen2.5-VL's windowed tower orders a window's groups together
     (``get_window_index_thw``: tower group -> raster token), the others keep the raster order."""
     visual = model.visual
-    m2 = visual.spatial_merge_size ** 2
+    merge = visual.spatial_merge_size
     out, offset = [], 0
     for t, h, w in grids:
         if hasattr(visual, "get_window_index_thw"):
             order = torch.argsort(visual.get_window_index_thw(t, h, w)[0])
         else:
-            order = torch.arange(t * h * w // m2)
-        out.append((offset + order)[:, None] * m2 + torch.arange(m2))
+            order = torch.arange(t * h * w // merge ** 2)
+        out.append(merged_sources(offset + order, merge))
         offset += order.numel()
     return out
 

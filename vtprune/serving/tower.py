@@ -15,7 +15,7 @@ import torch
 from vtprune.patches.base import scores_on_tokens
 
 from ..capture import merge_tiles
-from ..tower_scores import SCORES, per_tile
+from ..tower_scores import SCORES, head_mean, leading_sources, per_tile
 
 
 class TowerTap:
@@ -37,8 +37,7 @@ class TowerTap:
         """Tower layer ``layer`` ran on a batch of images: its queries and keys [images, T, heads x d]."""
         self.scores[layer] = per_tile(q, k, heads, scale, self.kind)
         if self.config.merges and layer == self.layers[-1]:
-            images, n, width = k.shape
-            self.keys = k.detach().reshape(images, n, heads, width // heads).mean(2)
+            self.keys = head_mean(k, heads)
 
     def on_segments(self, layer: int, q, k, bounds, scale: float):
         """Tower layer ``layer`` ran on images packed in one sequence (Qwen): its queries and keys [S, heads, d]
@@ -59,8 +58,7 @@ class TowerTap:
             raise RuntimeError("vtprune: the projector input does not line up with the tower run it follows")
         sources = self.sources
         if sources is None:
-            skip = cls.shape[1] - features.shape[1]
-            sources = (torch.arange(features.shape[1]) + skip)[:, None]
+            sources = leading_sources(cls.shape[1], features.shape[1])
         merged, self.selected, self.sizes = merge_tiles(self.config, cls, self.keys, features, sources.to(cls.device))
         return merged
 

@@ -35,7 +35,7 @@ def scores_on_tokens(tower_scores: torch.Tensor, layout) -> torch.Tensor:
 class Adapter:
     """Where a family's visual tokens are and how they map onto space.
 
-    The core (``vtprune.session``) wraps ``model.model.get_image_features`` (to learn how many
+    The core (``vtprune.runtime.session``) wraps ``model.model.get_image_features`` (to learn how many
     tokens each image has, whenever the tower runs: inside ``forward`` or, on transformers >= 5.23,
     in ``generate`` before it) and ``model.model.get_placeholder_mask`` (to learn where they are),
     and cuts the language model's inputs in a forward pre-hook.  An adapter turns those captures

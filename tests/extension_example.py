@@ -1,6 +1,7 @@
-"""A model family and a selector of one's own, each added by this one module and nothing else (README,
+"""A model family and methods of one's own, each added by this one module and nothing else (README,
 "Extending"): ``RenamedLlava``, LLaVA under a name vtprune has never heard of, wrapped in HF and served in
-vLLM; ``centre``, a pre-LLM selector that keeps the tokens nearest the middle of each grid, in both engines.
+vLLM; ``centre``, a pre-LLM selector that keeps the tokens nearest the middle of each grid, in both engines;
+``every_other``, an in-LLM method that lets every other visual token leave before a decoder layer.
 
 Imported by ``tests/test_extension.py`` and, in vLLM's processes, through
 ``VTPRUNE_EXTENSIONS=extension_example`` (``tests/serving/test_extension.py``).
@@ -12,7 +13,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from vtprune.families import Family, register as register_family
-from vtprune.methods import Selector, register
+from vtprune.methods import LayerMethod, Selector, register
 from vtprune.patches import register_adapter
 from vtprune.patches.llava import LlavaAdapter
 
@@ -58,3 +59,14 @@ class Centre(Selector):
             distance = (layout.row - centre[:, 0]) ** 2 + (layout.col - centre[:, 1]) ** 2
             out.append((-distance).masked_fill(layout.newline | (layout.grid < 0), float("-inf")))
         return out
+
+
+# --- an in-LLM method ------------------------------------------------------------------------------------
+@register("every_other")
+@dataclass
+class EveryOther(LayerMethod):
+    """Every other visual token of each sample (the 2nd, 4th, ...) leaves before decoder layer ``layer``."""
+
+    def drop(self, view, visual):
+        order = visual.long().cumsum(1)  # 1, 2, 3, ... over each row's visual tokens still there
+        return visual & (order % 2 == 0)

@@ -85,3 +85,21 @@ def test_the_readme_family_example_binds_both_engines(registries):
     model, _ = toy.load()
     renamed = type("RenamedLlavaForConditionalGeneration", (type(model),), {})(model.config)
     assert type(vtprune.patches.adapter_for(renamed)) is scope["RenamedLlavaAdapter"]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_an_in_llm_method_of_ones_own_is_exact(extension, family):
+    """``every_other`` (one module, no runtime file touched) leaves the LLM as the stock model with those
+    tokens masked from its layer on: logits, and greedy tokens with the cache."""
+    from reference import greedy_model
+    from test_exit import _assert_layer_masked, _run
+
+    from vtprune.testing import IMAGE_TOKEN, tiny_inputs
+
+    model = greedy_model(family)
+    inputs = tiny_inputs(model, family, images_per_row=(1, 2), with_mask=True)
+    logits, drop, tokens, drop_gen, stats = _run(model, inputs, "every_other", layer=1)
+    visual = inputs["input_ids"] == IMAGE_TOKEN
+    assert bool((drop <= visual).all()) and torch.equal(drop.sum(1), visual.sum(1) // 2)
+    assert stats["exit"]["method"] == "every_other"
+    _assert_layer_masked(model, inputs, logits, tokens, drop, drop_gen)

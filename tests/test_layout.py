@@ -163,3 +163,15 @@ def test_no_class_over_250_lines():
                 if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 250:
                     long.append(f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert long == []
+
+
+def test_every_package_is_installed():
+    """Every package folder of the library is listed in setup.cfg (a non-editable install would lack it)."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    listed = set(config["options"]["packages"].split())
+    found = {".".join(("vtprune",) + p.parent.relative_to(ROOT / "vtprune").parts).rstrip(".")
+             for p in (ROOT / "vtprune").rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)

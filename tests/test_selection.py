@@ -5,7 +5,7 @@ import torch
 
 import vtprune
 from vtprune.choose import top_tokens
-from vtprune.cut import plan_cut
+from vtprune.runtime.cut import plan_cut
 from vtprune.layout import ImageLayout
 from vtprune.patches import adapter_for
 from vtprune.scoring import lattice, share_budget, uniform_scores

@@ -7,8 +7,8 @@ import contextlib
 from vtprune.patches import adapter_for
 
 from .methods import resolve
-from .session import ATTR as _ATTR
-from .session import Session
+from .runtime.session import ATTR as _ATTR
+from .runtime.session import Session
 
 
 def _session(model) -> Session:
@@ -73,12 +73,12 @@ def last_kept(model) -> list:
 
 
 def record(model):
-    """The typed record (``vtprune.records.Forward``) of the last forward pass with images.
+    """The typed record (``vtprune.runtime.records.Forward``) of the last forward pass with images.
 
     ``kept``/``layouts`` per sample and image, ``scores`` per image (the selector's), ``cut`` (the
     pre-LLM ``(index, real)`` over the language model's input, None when nothing was cut),
     ``length``/``llm_length``, ``visual_llm`` per sample, ``tower_layers`` the selector read, and
-    ``exit`` (``vtprune.records.ExitRecord``: the layer, the tokens that left as a mask over the language
+    ``exit`` (``vtprune.runtime.records.ExitRecord``: the layer, the tokens that left as a mask over the language
     model's input, per-sample counts, fastv's scores, dynamic exit layers) for in-LLM methods.
     """
     out = _session(model).record()

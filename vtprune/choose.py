@@ -1,6 +1,6 @@
 """Which of an image's visual tokens a pre-LLM selector keeps: one function for every engine.
 
-The HF wrap (``vtprune.selection.Selection``) and the vLLM binding (``vtprune.serving.rows``) each turn
+The HF wrap (``vtprune.runtime.selection.Selection``) and the vLLM binding (``vtprune.serving.rows``) each turn
 what they saw of an image into a :class:`Seen` (its layout, its LLM-input features, its tower scores
 mapped onto its LLM tokens) and call :func:`choose`; budgets, scores, the kept indices, summary tokens and
 sizes all come from here.  ``Selector.kept_count`` says, from the layout and the budget alone, how many

@@ -7,7 +7,7 @@ Linear(h, 2)``, reading the *output* hidden state of its layer at the text token
 (``unwrap`` leaves it untouched) and are saved as safetensors with their layer list in the
 metadata; the hidden size ``h`` is a parameter (DyVTE uses 2048 for 7B/13B models); the decision
 is ``p(exit) > threshold`` (DyVTE's argmax is ``threshold=0.5``); batches decide per row (see
-``vtprune.exit``); the text span is found from the image-token mask instead of hard-coded offsets.
+``vtprune.runtime.exit``); the text span is found from the image-token mask instead of hard-coded offsets.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ for (a summary token: its group; a ``pool`` window: its cells; a VisionZip conte
 target and the tokens merged into it; with ``size_bias=True`` on other selectors: itself and the
 dropped tokens whose features are closest to it; with both ``summary`` and ``size_bias``, every
 dropped token joins the kept or summary token whose feature is closest to it, so kept tokens
-also stand for the dropped parts of their objects).  The attention runtime (``vtprune.bias``) adds
+also stand for the dropped parts of their objects).  The attention runtime (``vtprune.runtime.size_bias``) adds
 ``log(size)`` to that key's logit for every query, so that the softmax weighs the token as
 ``size`` copies of itself (proportional attention, Bolya et al. 2023, ToMe).
 

@@ -1,4 +1,4 @@
-"""The attention bias of served summary tokens / ``size_bias`` (``vtprune.serving.bias``) against vLLM's own CPU
+"""The attention bias of served summary tokens / ``size_bias`` (``vtprune.serving.slot_bias``) against vLLM's own CPU
 attention kernel (serving venv): a key biased by ``log(n)`` attends as the same key written ``n`` times, so the
 reference is the kernel on a cache holding the biased keys ``n`` times over — no vtprune code in it."""
 
@@ -59,7 +59,7 @@ def test_the_bias_attends_as_repeated_keys_in_vllms_kernel(dtype_name):
     without a biased key keeps the kernel's output."""
     import torch
 
-    from vtprune.serving.bias import SlotBias, biased_attention, read_cache
+    from vtprune.serving.slot_bias import SlotBias, biased_attention, read_cache
 
     dtype = getattr(torch, dtype_name)
     generator = torch.Generator().manual_seed(0)
@@ -97,7 +97,7 @@ def test_a_step_records_its_biases_at_the_slots_it_writes():
     bias is 0 (a reused slot forgets an old bias), and the cache layout is checked against what was written."""
     import torch
 
-    from vtprune.serving.bias import SlotBias
+    from vtprune.serving.slot_bias import SlotBias
 
     output, cache, meta, slots, query = _kernel(_requests(torch, torch.Generator().manual_seed(1), [(20, 20)]),
                                                 torch.float32)

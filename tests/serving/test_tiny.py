@@ -59,7 +59,7 @@ def _build(model_type, folder):
                                               ("qwen3_vl", None, 1.0), ("qwen3_vl", "pool", 0.25),
                                               # summary tokens and the size bias: the bias column travels
                                               # with the rows (before Qwen's position channels), the bias
-                                              # inside vLLM's attention (vtprune.serving.bias)
+                                              # inside vLLM's attention (vtprune.serving.slot_bias)
                                               ("llava_next", "uniform:summary=2;size_bias=true", 0.25),
                                               ("llava_next", "pool", 0.25),  # windows on the packed grids
                                               ("internvl", "fastervlm", 0.25),  # InternViT's q/k, 4 patches a token

@@ -74,7 +74,7 @@ def test_a_method_beats_random_at_keep_0_1(toy_batch):
                                        ("uniform:summary=4;size_bias=true", 0.05)])
 def test_summary_tokens_and_size_bias_serve_as_the_hf_wrap(toy_batch, spec, keep):
     """Summary tokens / the size bias served: the kept tokens and the greedy tokens of the HF wrap with the same
-    spec (positions renumbered), whose attention bias vLLM's attention gets from ``vtprune.serving.bias`` —
+    spec (positions renumbered), whose attention bias vLLM's attention gets from ``vtprune.serving.slot_bias`` —
     without it (the HF wrap with ``bias_layers=[]``) a third of the answers differ."""
     from vtprune.serving import check
     from vtprune.serving.rows import kept_count

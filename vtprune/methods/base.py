@@ -191,7 +191,7 @@ class Selector(Method):
 
     @property
     def weighs(self) -> bool:
-        """Whether kept tokens carry a size bias in attention (``vtprune.bias``)."""
+        """Whether kept tokens carry a size bias in attention (``vtprune.runtime.size_bias``)."""
         return (self.summary > 0 or self.size_bias) and self.bias_layers != []
 
     def validate(self):
@@ -250,7 +250,7 @@ class LayerMethod(Method):
 
     Layers 0..layer-1 see every token; from ``layer`` on the dropped tokens are gone from the
     hidden states, the attention masks, the positions and those layers' KV cache.  The method reads a
-    read-only ``vtprune.exit.LayerView`` (``view``) and returns what leaves; the runtime does the rest,
+    read-only ``vtprune.runtime.exit.LayerView`` (``view``) and returns what leaves; the runtime does the rest,
     so a new in-LLM method is one module.
     """
 

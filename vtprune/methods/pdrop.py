@@ -4,7 +4,7 @@ The language model is split into stages at ``layer_list`` (default the quarter p
 16 and 24 of a 32-layer model, as the PyramidDrop scripts set); before each stage's first layer the
 visual tokens still in the sequence are ranked by the attention the last instruction token pays
 them, and a share ``ratio`` (λ, default 0.5) of those that entered the LLM survives each stage:
-λ, λ², λ³ of a sample's visual tokens.  The cut is vtprune's in-LLM exit (``vtprune.exit``),
+λ, λ², λ³ of a sample's visual tokens.  The cut is vtprune's in-LLM exit (``vtprune.runtime.exit``),
 one stage after the other.
 """
 

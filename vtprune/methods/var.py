@@ -34,7 +34,7 @@ from typing import ClassVar
 import torch
 
 from ..attention import allowed_keys, pick_layers, text_config
-from ..stage import StageRuntime
+from ..runtime.stage import StageRuntime
 from .base import Method, indices, register
 
 # (text model_type, hidden size, layers) -> massive-activation dims reported by VAR / Sun et al. 2024

@@ -20,10 +20,10 @@ from typing import ClassVar
 
 import torch
 
-from .. import masks
+from ..runtime import masks
 from ..attention import pick_layers
 from ..compat import cache_of, cache_of_output
-from ..stage import StageRuntime
+from ..runtime.stage import StageRuntime
 from .base import Method, indices, register
 
 

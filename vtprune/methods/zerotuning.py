@@ -18,7 +18,7 @@ import torch
 
 from ..attention import additive_mask, allowed_keys, pick_layers, text_config
 from ..errors import NotApplicable
-from ..stage import StageRuntime
+from ..runtime.stage import StageRuntime
 from .base import Method, indices, register
 
 

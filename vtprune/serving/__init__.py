@@ -11,7 +11,7 @@ vLLM's own model classes, one binding per family (``vtprune.serving.bindings``):
 (``internvl``) and Qwen2-VL, Qwen2.5-VL, Qwen3-VL (``qwen``: images only).  Methods are taken by their
 needs (``check``): every pre-LLM selector whose kept count follows from the image's layout
 (``Selector.kept_count``) and that reads no prompt text, on a family that has what it reads; each also
-with summary tokens and ``size_bias`` (``vtprune.serving.bias``).  Tower scores come from forward hooks on
+with summary tokens and ``size_bias`` (``vtprune.serving.slot_bias``).  Tower scores come from forward hooks on
 vLLM's tower layers (``vtprune.serving.tower``).  The processor emits the kept number of image
 placeholders (``vtprune.serving.rows.kept_count``), and the model's multimodal embedding returns the kept
 rows chosen by ``vtprune.choose`` (as in the HF wrap) on the features vLLM computes.  Positions: vLLM numbers a 1-D family's

@@ -12,7 +12,7 @@ import torch
 from vtprune.patches.internvl import shuffle_children, tile_grids, tile_layout
 
 from ..families.internvl import INTERNVL
-from .bias import Weighing
+from .slot_bias import Weighing
 from .bindings import bind
 from .rows import attach, keep_rows, kept_count, with_bias
 

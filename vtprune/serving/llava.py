@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..families import feature_layer
 from ..families.llava import LLAVA
-from .bias import Weighing
+from .slot_bias import Weighing
 from .bindings import bind
 from .rows import attach, keep_rows, kept_count, with_bias
 

@@ -21,7 +21,7 @@ import torch
 from vtprune.patches.llava_next import packed_layout
 
 from ..families.llava import LLAVA_NEXT
-from .bias import Weighing
+from .slot_bias import Weighing
 from .bindings import bind
 from .llava import tap_clip
 from .rows import attach, keep_rows, kept_count, with_bias

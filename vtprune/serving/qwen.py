@@ -23,7 +23,7 @@ import functools
 import torch
 
 from ..families.qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_VL, merged_sources
-from .bias import Weighing
+from .slot_bias import Weighing
 from .bindings import bind
 from .rows import attach, keep_rows, kept_count, layout_of, with_bias
 

@@ -61,12 +61,12 @@ def select(config, features: torch.Tensor, generator, tower: dict | None = None,
 def attach(model, config):
     """What every pruned vLLM class carries: the last images' kept indices (``vtprune.serving.last_kept``),
     the seeded generator of the method's random draws and, for a config that weighs, the attention bias
-    (``vtprune.serving.bias.SlotBias``)."""
+    (``vtprune.serving.slot_bias.SlotBias``)."""
     model.vtprune_kept = collections.deque(maxlen=4096)
     model.vtprune_generator = torch.Generator().manual_seed(int(getattr(config, "seed", 0)))
     model.vtprune_bias = None
     if config.weighs:  # summary tokens, size_bias: the bias inside vLLM's attention
-        from .bias import SlotBias
+        from .slot_bias import SlotBias
 
         model.vtprune_bias = SlotBias.for_model(model, config)
 
@@ -79,6 +79,6 @@ def keep_rows(model, config, rows: torch.Tensor, tower=None, grid=None, layout=N
 
 
 def with_bias(rows: torch.Tensor, bias) -> torch.Tensor:
-    """An image's kept rows with their attention bias as one more column (``vtprune.serving.bias`` reads it
+    """An image's kept rows with their attention bias as one more column (``vtprune.serving.slot_bias`` reads it
     off and drops it before the LLM); the rows as they are when the config does not weigh."""
     return rows if bias is None else torch.cat([rows, bias.to(rows.device, rows.dtype)[:, None]], 1)

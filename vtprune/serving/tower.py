@@ -5,7 +5,7 @@ images, ``[images, T, heads x d]``), and, for merging methods, lets ``on_project
 per-patch features before the projector.  ``image(i, n)`` (one tile per image: LLaVA) or
 ``tiles(start, count, layout)`` (LLaVA-NeXT's base and crops, InternVL's tiles) then hands an image's scores, mapped onto
 its LLM tokens, to ``vtprune.serving.select.select`` — the same scores, merge and selection as the HF
-wrap (``vtprune.tower_scores``, ``vtprune.capture.merge_tiles``, ``vtprune.patches.base.scores_on_tokens``).
+wrap (``vtprune.tower_scores``, ``vtprune.runtime.capture.merge_tiles``, ``vtprune.patches.base.scores_on_tokens``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from vtprune.patches.base import scores_on_tokens
 
-from ..capture import merge_tiles
+from ..runtime.capture import merge_tiles
 from ..tower_scores import SCORES, head_mean, leading_sources, per_tile
 
 

@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from .compat import cache_of
+from ..compat import cache_of
 from .hooks import Installed
 
 

@@ -2,12 +2,12 @@
 
 A forward pre-hook on the language model (the session's) hands every call here.  With image tokens
 and a selector, the kept tokens are gathered (``vtprune.kernels.gather_cut``): ``inputs_embeds``,
-the attention mask (2-D; 4-D and per-layer-type dicts through ``vtprune.masks``) and the position
+the attention mask (2-D; 4-D and per-layer-type dicts through ``vtprune.runtime.masks``) and the position
 ids, which keep their original values, so the result equals the full sequence with the dropped
 tokens masked out (with the selector's ``positions="renumber"``: each position less the real tokens
 cut before it, the shortened sequence numbered afresh).  Rows that keep fewer tokens are padded at
 the front with masked slots, like left padding.  Later calls on the same cache get a compacted mask and, without ``position_ids``,
-original positions (``vtprune.sequences``).
+original positions (``vtprune.runtime.sequences``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class PreCut(StageRuntime):
         self.adapter = adapter
         self.selection = Selection(adapter, selector, capture)
         self.forward = None  # the Forward record of the last call with images
-        self.made_masks = ()  # 4-D masks generate built on the pruned cache (vtprune.generation)
+        self.made_masks = ()  # 4-D masks generate built on the pruned cache (vtprune.runtime.generation)
         self.renumber = getattr(selector, "positions", "original") == "renumber"
 
     def install(self) -> list:
@@ -88,7 +88,7 @@ class PreCut(StageRuntime):
             mask = masks.apply(mask, functools.partial(self._cut_4d, state=state, cut=cut, q=q))
         kwargs.update(inputs_embeds=embeds, attention_mask=mask if four_d else full, position_ids=positions)
         bias = None
-        if cut is not None and self.forward.weights is not None:  # log(size) of the kept tokens (vtprune.bias)
+        if cut is not None and self.forward.weights is not None:  # log(size) of the kept tokens (vtprune.runtime.size_bias)
             bias = self.forward.weights.to(embeds.device).gather(1, index) * real
         state.extend(batch, q, embeds.device, index, real, bias)
         state.mask = full

@@ -25,7 +25,7 @@ class CacheState:
     slots: torch.Tensor | None = None  # [B, cache_len]: the original position each cache entry holds
     live: torch.Tensor | None = None  # [B, cache_len]: False on the padding slots of a cut
     tail: int = 0  # entries since the last cut (one per token): what a crop may take back
-    bias: torch.Tensor | None = None  # [B, cache_len]: log(size) of each entry's key (vtprune.bias), 0 for most
+    bias: torch.Tensor | None = None  # [B, cache_len]: log(size) of each entry's key (vtprune.runtime.size_bias), 0 for most
     shift: torch.Tensor | None = None  # [B]: real tokens cut so far, what positions="renumber" takes off
 
     def crop(self, length: int):

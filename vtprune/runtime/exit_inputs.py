@@ -1,4 +1,4 @@
-"""The inputs of the decoder layers that visual tokens have left (``vtprune.exit``): the attention mask,
+"""The inputs of the decoder layers that visual tokens have left (``vtprune.runtime.exit``): the attention mask,
 position embeddings and ids of every layer from a stage's on, cut to the tokens still there."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import torch
 
 from vtprune.kernels import gather_positions, gather_seq
 
-from .attention import allowed_keys
-from .compat import cache_of
+from ..attention import allowed_keys
+from ..compat import cache_of
 
 
 def cut_kwargs(kwargs, prefill: bool, plan, past: int, q: int) -> dict:

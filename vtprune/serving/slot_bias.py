@@ -1,5 +1,5 @@
 """Summary tokens and ``size_bias`` in vLLM: each kept visual token's ``log(size)`` added to its key's
-attention logit for every query, in the chosen decoder layers — as ``vtprune.bias`` does on the HF path.
+attention logit for every query, in the chosen decoder layers — as ``vtprune.runtime.size_bias`` does on the HF path.
 
 The bias travels as one more column of an image's kept rows (``select.with_bias``); ``Weighing``, the
 first base of every pruned class, reads it off in ``embed_input_ids`` (which vLLM's model runner calls

@@ -13,8 +13,8 @@ import functools
 
 import torch
 
-from .budget import tokens_to_keep
-from .errors import NotApplicable
+from ..budget import tokens_to_keep
+from ..errors import NotApplicable
 from .hooks import Installed
 
 

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from .choose import Seen, choose
+from ..choose import Seen, choose
 from .cut import plan_cut
 from .records import Forward
 

@@ -3,7 +3,7 @@
 Before decoder layer K (the first layer that no longer sees them) the dropped visual tokens are
 removed from the hidden states, the layer's attention mask (4-D, rows and columns), the rotary
 position embeddings and the position ids; every later layer gets the same cut inputs
-(``vtprune.exit_inputs``).  Layers 0..K-1 keep their KV cache as computed; layers >= K only ever store
+(``vtprune.runtime.exit_inputs``).  Layers 0..K-1 keep their KV cache as computed; layers >= K only ever store
 the kept tokens, so decode runs on a shorter cache there: each decode step's mask is cut to the
 columns those layers hold.
 
@@ -31,7 +31,7 @@ import torch
 from vtprune.kernels import gather_seq
 
 from .cut import plan_cut
-from .errors import NotApplicable
+from ..errors import NotApplicable
 from .exit_inputs import cut_kwargs, mask_exited
 from .records import ExitRecord
 from .stage import StageRuntime

@@ -7,7 +7,7 @@ prompts: the pre-LLM cut and in-LLM exits together.
 
 from __future__ import annotations
 
-from .attention import text_config
+from ..attention import text_config
 
 
 class Counts:

@@ -1,14 +1,14 @@
 """Everything ``vtprune.wrap`` attaches to one model: stage runtimes behind one protocol.
 
-Each stage runtime is a ``vtprune.stage.StageRuntime`` (``install() -> hook handles``, ``begin_call(call)``,
+Each stage runtime is a ``vtprune.runtime.stage.StageRuntime`` (``install() -> hook handles``, ``begin_call(call)``,
 ``end_call(call, output) -> output or None``, ``stats() -> {section: dict}`` and ``remove()``, each doing
 nothing unless the runtime needs it); for every language-model call the session builds a ``Call``
-(``vtprune.records``) and hands it to them in order:
+(``vtprune.runtime.records``) and hands it to them in order:
 
-1. ``PreCut`` (``vtprune.precut``): the pre-LLM cut of selector methods, and the ``Forward`` record
-   of every call with images (``vtprune.record(model)``); ``SizeBias`` (``vtprune.bias``) when the
+1. ``PreCut`` (``vtprune.runtime.precut``): the pre-LLM cut of selector methods, and the ``Forward`` record
+   of every call with images (``vtprune.record(model)``); ``SizeBias`` (``vtprune.runtime.size_bias``) when the
    selector weighs its kept tokens (``summary``, ``size_bias``);
-2. ``LayerExit`` (``vtprune.exit``): visual tokens leaving at a decoder layer (``llm``-stage methods);
+2. ``LayerExit`` (``vtprune.runtime.exit``): visual tokens leaving at a decoder layer (``llm``-stage methods);
 3. the attention runtime of ``vhr``, ``var`` or ``zerotuning``.
 
 Around them: ``Capture`` (the vision tower's runs and where the image tokens are), ``Generation``
@@ -24,10 +24,10 @@ import dataclasses
 
 import torch
 
-from .attention import AttentionRoute
-from .bias import SizeBias
+from ..attention import AttentionRoute
+from .size_bias import SizeBias
 from .capture import Capture
-from .compat import cache_of, cache_of_output
+from ..compat import cache_of, cache_of_output
 from .counts import Counts
 from .exit import LayerExit
 from .generation import Generation

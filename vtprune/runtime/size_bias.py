@@ -6,7 +6,7 @@ the KV cache, so decode steps see it too).  This runtime adds that column bias t
 logits of every query in the chosen decoder layers (``bias_layers``; default all) through the
 wrap's attention route: the routed mask becomes an additive float mask (SDPA and eager take it;
 flash attention takes no float mask, so ``wrap`` raises there).  A call whose cache holds no
-biased key runs untouched.  Past an in-LLM exit (``vtprune.exit``) a layer's keys are the kept
+biased key runs untouched.  Past an in-LLM exit (``vtprune.runtime.exit``) a layer's keys are the kept
 tokens only: the biases follow that cut.
 """
 
@@ -16,8 +16,8 @@ import functools
 
 import torch
 
-from .attention import additive_mask, allowed_keys, pick_layers
-from .errors import NotApplicable
+from ..attention import additive_mask, allowed_keys, pick_layers
+from ..errors import NotApplicable
 from .stage import StageRuntime
 
 

@@ -1,4 +1,4 @@
-"""The contract between the session (``vtprune.session``) and its stage runtimes."""
+"""The contract between the session (``vtprune.runtime.session``) and its stage runtimes."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ class StageRuntime:
     """One stage of a wrap: what a kind of method does to every call of the language model.
 
     The session calls ``install()`` once (the hook handles it returns are removed by ``unwrap``),
-    ``begin_call(call)`` before every language-model call (a ``vtprune.records.Call``, which the runtime
+    ``begin_call(call)`` before every language-model call (a ``vtprune.runtime.records.Call``, which the runtime
     may change), ``end_call(call, output)`` after it (a replacement output, or None to keep it),
     ``stats()`` for ``vtprune.stats`` (``{section: {...}}``) and ``remove()`` when unwrapped.  Each does
     nothing by default, so a runtime defines only the steps it takes: the pre-LLM cut
-    (``vtprune.precut``), the size bias (``vtprune.bias``), the in-LLM exit (``vtprune.exit``) and the
+    (``vtprune.runtime.precut``), the size bias (``vtprune.runtime.size_bias``), the in-LLM exit (``vtprune.runtime.exit``) and the
     attention methods' runtimes (``vhr``, ``var``, ``zerotuning``, beside their configs).
     """
 

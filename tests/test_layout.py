@@ -175,3 +175,18 @@ def test_every_package_is_installed():
     found = {".".join(("vtprune",) + p.parent.relative_to(ROOT / "vtprune").parts).rstrip(".")
              for p in (ROOT / "vtprune").rglob("__init__.py")}
     assert found <= listed, sorted(found - listed)
+
+
+def test_module_names_say_what_they_hold():
+    """No two modules of the library share a name, except a family's own modules (its description in
+    ``vtprune/families/``, its HF adapter in ``patches/``, its vLLM binding in ``vtprune/serving/``) and the
+    packages' ``base.py``."""
+    from collections import Counter
+
+    from vtprune import families
+
+    stems = Counter(p.stem for folder in ("vtprune", "patches", "kernels", "eval")
+                    for p in (ROOT / folder).rglob("*.py"))
+    family_modules = set(families.known()) | {p.stem for p in (ROOT / "vtprune" / "families").glob("*.py")}
+    shared = {stem for stem, n in stems.items() if n > 1}
+    assert shared - family_modules - {"__init__", "base"} == set()

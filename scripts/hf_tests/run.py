@@ -4,7 +4,8 @@
 
 ``TRANSFORMERS_DIR`` is a checkout of the transformers repository at the revision of the installed
 release (its ``tests/``, ``utils/`` and ``conftest.py``; nothing of it is copied here).  transformers'
-test tree needs ``pytest-xdist`` (its conftest uses an xdist hook) and ``parameterized``.  Where the
+test tree needs ``pytest-xdist`` (its conftest uses an xdist hook), ``parameterized``, ``requests`` and
+``httpx`` (imported by its test utilities).  Where the
 exact revision cannot be had, a tree of model tests from an earlier revision with the installed
 release's common test files (its sdist has them) compares just as well: stock and wrapped run on the
 same tree, so a test that a newer library breaks fails in both (README, "Drop-in").  Both runs

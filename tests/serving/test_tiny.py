@@ -52,7 +52,7 @@ def _build(model_type, folder):
     return folder, model, batch, model_type
 
 
-@pytest.mark.parametrize("tiny,method,keep", [("llava_next", None, 1.0), ("llava_next", "fastervlm", 0.25),
+@pytest.mark.parametrize("tiny,method,keep", [("llava_next", None, 1.0),
                                               ("internvl", None, 1.0), ("internvl", "divprune", 0.25),
                                               ("qwen2_vl", "pool", 0.25),
                                               ("qwen2_5_vl", None, 1.0), ("qwen2_5_vl", "divprune", 0.25),
@@ -62,14 +62,17 @@ def _build(model_type, folder):
                                               # inside vLLM's attention (vtprune.serving.slot_bias)
                                               ("llava_next", "uniform:summary=2;size_bias=true", 0.25),
                                               ("llava_next", "pool", 0.25),  # windows on the packed grids
-                                              ("internvl", "fastervlm", 0.25),  # InternViT's q/k, 4 patches a token
                                               ("internvl", "visionzip", 0.1),  # merged after pixel shuffle
                                               # no [CLS]: the attention each patch receives, over windows too
-                                              ("qwen2_5_vl", "fastervlm", 0.25), ("qwen3_vl", "vtc_cls", 0.25),
+                                              ("qwen3_vl", "vtc_cls", 0.25),
                                               ("qwen3_vl", "divprune:summary=2", 0.25),
-                                              # served by their needs, not by a list (vtprune.serving.check)
-                                              ("qwen2_5_vl", "vispruner", 0.25), ("internvl", "holov", 0.25),
-                                              ("llava_next", "vispruner:scope=tile", 0.25)], indirect=["tiny"])
+                                              # served by their needs, not by a list (vtprune.serving.check);
+                                              # each reads the tower as fastervlm does (the [CLS] or received
+                                              # attention of the projector's layer), and more:
+                                              ("qwen2_5_vl", "vispruner", 0.25),  # the windowed tower
+                                              ("internvl", "holov", 0.25),  # InternViT's q/k, 4 patches a token
+                                              ("llava_next", "vispruner:scope=tile", 0.25)],  # CLIP tiles
+                         indirect=["tiny"])
 def test_a_served_tiny_model_keeps_and_answers_as_the_hf_wrap(tiny, method, keep):
     from vtprune.serving import POSITIONS, check
     from vtprune.serving.llava_next import image_layout

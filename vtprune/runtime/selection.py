@@ -1,4 +1,6 @@
-"""Which visual tokens a pre-LLM method keeps in one call: scores, budgets, the rectangular cut."""
+"""Which visual tokens a pre-LLM method keeps in one call of the HF model: the images the adapter finds,
+what the vision tower's run recorded of them, handed to ``vtprune.choose`` (the selection the vLLM binding
+runs too), and the call's record and rectangular cut."""
 
 from __future__ import annotations
 

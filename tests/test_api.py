@@ -282,3 +282,23 @@ def test_config_with_an_object_asks_for_a_path():
     config = vtprune.methods.get("dyvte")(weights=always_exit_routers([0]))
     with pytest.raises(TypeError, match="by path"):
         config.to_dict()
+
+
+def test_python_api_mistakes_say_what_was_meant():
+    """The Python API suggests as the command line does (one suggester): a misspelt method or option, any
+    case; the model stays unwrapped."""
+    from vtprune.methods import from_dict
+
+    model = tiny_model("llava")
+    with pytest.raises(ValueError, match=r"unknown method 'fastervl' \(did you mean 'fastervlm'\?\)"):
+        vtprune.wrap(model, "fastervl")
+    with pytest.raises(TypeError, match=r"\['kep'\] are not accepted .*\(did you mean 'keep'\?\)"):
+        vtprune.wrap(model, "fastervlm", kep=0.1)
+    with pytest.raises(ValueError, match=r"did you mean 'fastervlm'"):
+        vtprune.wrap(model, "FASTERVLM")
+    with pytest.raises(TypeError, match=r"did you mean 'layer'"):
+        from_dict({"method": "fastv", "layr": 2})
+    assert not vtprune.api.is_wrapped(model)
+    with pytest.raises(ValueError) as err:
+        vtprune.wrap(model, "zzzz")
+    assert "did you mean" not in str(err.value)  # nothing close: no guess

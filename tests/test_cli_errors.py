@@ -37,6 +37,7 @@ BAD = [
     (["demo", "--keep", "0.1,nan?"], "is not a number"),
     (["demo", "--out", "/no/such/dir/demo.png"], "no such folder"),
     (["info", "--method", "fastrv"], "did you mean 'fastv'"),
+    (["info", "--method", "FASTERVLM"], "did you mean 'fastervlm'"),
     (["calibrate", "var", "--model", "toy", "--images", "/no/such/images"], "no such folder"),
     (["calibrate", "var", "--model", "toy", "--tau", "0"], "--tau must be > 0"),
     (["nosuchcommand"], "invalid choice"),

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import difflib
+
 
 class NotApplicable(ValueError):
     """A method cannot apply to this model, for a reason inherent to the two (a family without what
     the method reads, a layer the model does not have, a fixed-resolution processor for
     ``downsample``).  Raised by ``wrap`` and ``downsample``; a sweep records such a cell as not
     applicable and goes on, while any other error stops it."""
+
+
+def did_you_mean(word, choices) -> str:
+    """`` (did you mean 'x'?)`` for the choice closest to ``word`` (case aside), or ``""``: the one suggester of
+    the command line and the Python API."""
+    lowered = {str(c).lower(): c for c in choices}
+    close = difflib.get_close_matches(str(word).lower(), list(lowered), n=1, cutoff=0.6)
+    return f" (did you mean {lowered[close[0]]!r}?)" if close else ""

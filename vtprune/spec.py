@@ -12,8 +12,9 @@ command line can fail in one line before it loads a model.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
+
+from .errors import did_you_mean
 
 
 def split_specs(text: str) -> list:
@@ -39,12 +40,6 @@ def parse_value(text: str):
         except ValueError:
             pass
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
-
-
-def did_you_mean(word: str, choices) -> str:
-    """`` (did you mean 'x'?)`` for the closest choice, or ``""``."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def method_class(name: str):

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from ..budget import check_keep, tokens_to_keep
-from ..errors import NotApplicable
+from ..errors import NotApplicable, did_you_mean
 from ..scoring import total_budget
 from ..summary import FEATURES, GROUPS
 
@@ -65,7 +65,8 @@ def get(name: str):
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(available())}") from None
+        raise ValueError(f"unknown method {name!r}{did_you_mean(name, available())}; registered methods: "
+                         f"{', '.join(available())}") from None
 
 
 @dataclass
@@ -313,7 +314,8 @@ def from_dict(data: dict):
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise TypeError(f"{name} does not take option(s) {unknown}; options: {sorted(names)}")
+        raise TypeError(f"{name} does not take option(s) {unknown}{did_you_mean(unknown[0], names)}; options: "
+                        f"{sorted(names)}")
     config = cls(**data)
     config.validate()
     return config
@@ -348,8 +350,9 @@ def resolve(method, options: dict) -> list:
                          "plugin do this for you); wrap the model only with the other methods")
     unused = set(options) - used
     if unused:
-        raise TypeError(f"option(s) {sorted(unused)} are not accepted by method(s) "
-                        f"{[c.name for c in configs]}")
+        accepted = {f.name for c in configs for f in dataclasses.fields(c) if f.init}
+        raise TypeError(f"option(s) {sorted(unused)} are not accepted by method(s) {[c.name for c in configs]}"
+                        f"{did_you_mean(sorted(unused)[0].split('.')[-1], accepted)}; they take {sorted(accepted)}")
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"a method appears twice in {names}")

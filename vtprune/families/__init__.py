@@ -10,7 +10,7 @@ its description; each holds only what is specific to its engine.  A new family i
     MYFAMILY = register(Family("myfamily", ("MyForConditionalGeneration",), tower="SigLIP", cls_token=False))
 """
 
-from .base import Family, feature_layer, get, known, of_architecture, register
+from .base import Family, feature_layer, get, known, register
 from . import internvl, llava, qwen_vl  # noqa: E402,F401,I001  (the families in the tree register themselves)
 
-__all__ = ["Family", "feature_layer", "get", "known", "of_architecture", "register"]
+__all__ = ["Family", "feature_layer", "get", "known", "register"]

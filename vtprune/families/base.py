@@ -95,10 +95,3 @@ def get(name: str) -> Family:
 def known() -> dict:
     """``{name: Family}`` of every registered family."""
     return dict(_FAMILIES)
-
-
-def of_architecture(architecture: str) -> Family | None:
-    for family in _FAMILIES.values():
-        if architecture in family.architectures:
-            return family
-    return None

@@ -226,6 +226,11 @@ class Selector(Method):
         """How many of an image's tokens (on ``layout``) this selector keeps, known from the layout and the
         budget alone: what vLLM sizes a prompt by before the image is encoded.  ``NotApplicable``, with the
         reason, when the count depends on the selection itself."""
+        return total_budget(budget_of(self, layout)) + self.kept_newlines(layout)
+
+    def kept_newlines(self, layout) -> int:
+        """The newline tokens of ``layout`` this selector keeps whatever it selects (all of them with
+        ``newlines="all"``); ``NotApplicable`` where the kept count depends on the selection."""
         newlines = int(layout.newline.sum())
         if newlines and self.newlines != "all":
             raise NotApplicable(f"{self.name} keeps a newline token exactly when its row keeps a token "
@@ -235,7 +240,7 @@ class Selector(Method):
             raise NotApplicable(f"summary_group={self.summary_group!r} cells may come out empty, so the number of "
                                 "summary tokens depends on which tokens were dropped; summary_group='similarity' "
                                 "is never empty")
-        return total_budget(budget_of(self, layout)) + newlines
+        return newlines
 
     def tower_layers(self, n_layers: int, feature_layer: int) -> list:
         """Vision-tower layers (0-based) whose [CLS] attention ``score`` reads; none by default.

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import NotApplicable
 from ..scoring import total_budget
-from .base import Selector, budget_of, register, tile_budgets
+from .base import Selector, register, tile_budgets
 
 def _check_source(source):
     if source not in (None, "cls", "received"):
@@ -128,8 +128,7 @@ class VisionZip(Selector):
             raise NotApplicable("visionzip keeps a share of every tower tile, and some of a tile's tower tokens "
                                 "never reach the LLM here (LLaVA-NeXT's unpadding), so the count depends on "
                                 "which tokens it kept")
-        newlines = super().kept_count(layout) - total_budget(budget_of(self, layout))
-        return total_budget(tile_budgets(self.keep, layout)) + newlines
+        return total_budget(tile_budgets(self.keep, layout)) + self.kept_newlines(layout)
 
     def split(self, k: int) -> tuple:
         """(dominant, contextual) token counts for a budget of ``k``."""

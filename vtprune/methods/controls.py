@@ -57,10 +57,8 @@ class Pool(Selector):
         return False
 
     def kept_count(self, layout):  # its windows' anchors (a little under the budget where windows do not fit)
-        budget = total_budget(budget_of(self, layout))
-        newlines = super().kept_count(layout) - budget
-        anchors, _ = pool_windows(layout, budget)
-        return int(anchors.numel()) + newlines
+        anchors, _ = pool_windows(layout, total_budget(budget_of(self, layout)))
+        return int(anchors.numel()) + self.kept_newlines(layout)
 
     def score(self, ctx):
         scores = []

@@ -39,20 +39,21 @@ class Selection:
             record, _ = self._record(images, kept, batch, length, start, None)
             return None, record
         text = (lambda: self._instructions(images, embeds, raw_mask, chunk_mask)) if self.selector.needs_text else None
-        scores, replacements, kept, sizes, groups = self._select(images, capture, text)
-        self.replacements = [(img.row, img.positions[idx], feats) for img, rep in zip(images, replacements)
-                             if rep is not None for idx, feats in [rep]]
-        record, drop = self._record(images, kept, batch, length, start, scores)
+        choices = self._select(images, capture, text)
+        self.replacements = [(img.row, img.positions[idx], feats) for img, c in zip(images, choices)
+                             if c.replacement is not None for idx, feats in [c.replacement]]
+        record, drop = self._record(images, [c.kept for c in choices], batch, length, start,
+                                    [c.scores for c in choices])
         record.summaries = [[] for _ in range(batch)]
-        for img, group in zip(images, groups):
-            record.summaries[img.row].append([(pos, members) for pos, members, _ in group])
-        if self.selector.weighs and any(s is not None for s in sizes):
+        for img, c in zip(images, choices):
+            record.summaries[img.row].append([(pos, members) for pos, members, _ in c.groups])
+        if self.selector.weighs and any(c.sizes is not None for c in choices):
             record.sizes = [[] for _ in range(batch)]
             record.weights = torch.zeros(batch, length)
-            for img, keep, size in zip(images, kept, sizes):
-                size = size if size is not None else torch.ones(img.layout.n)
-                record.sizes[img.row].append(size[keep])
-                record.weights[img.row, img.positions[keep]] = size[keep].float().log()
+            for img, c in zip(images, choices):
+                size = c.sizes if c.sizes is not None else torch.ones(img.layout.n)
+                record.sizes[img.row].append(size[c.kept])
+                record.weights[img.row, img.positions[c.kept]] = size[c.kept].float().log()
         if not drop.any():
             return None, record
         if chunk_mask is not None:  # left padding goes too
@@ -79,8 +80,7 @@ class Selection:
         return out
 
     def _select(self, images, capture, text=None):
-        """Per image: scores, merged replacements, kept indices, sizes (or None) and summary groups;
-        a re-used capture re-uses its selection."""
+        """Per image, its ``vtprune.choose.Choice``; a re-used capture re-uses its selection."""
         if capture is not None and "selection" in capture:
             return capture["selection"]
         seen = [Seen(img.layout, img.features, img.row) for img in images]
@@ -101,11 +101,9 @@ class Selection:
                 one.selected = self.adapter.tower_to_llm(img, selected)
                 one.sizes = self.adapter.tower_to_llm(img, sizes) if sizes is not None else None
         choices = choose(self.selector, seen, self.generator)
-        selection = ([c.scores for c in choices], [c.replacement for c in choices], [c.kept for c in choices],
-                     [c.sizes for c in choices], [c.groups for c in choices])
         if capture is not None:
-            capture["selection"] = selection
-        return selection
+            capture["selection"] = choices
+        return choices
 
     @staticmethod
     def _record(images, kept, batch, length, start, scores):

@@ -16,6 +16,7 @@ same model and limit. ``OUT/results.{json,csv,md}`` and the plots are rebuilt fr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -251,10 +252,6 @@ def run(model="toy", tasks=(TOY_TASK,), methods=("fastervlm", "random"), keeps=(
     whose questions lmms-eval shards; rank 0 gathers the per-rank visual-token counts, writes the
     lmms-eval cells and the report, and returns the records (other ranks return ``[]``).
     """
-    from tqdm.auto import tqdm
-
-    from . import report
-
     for spec in methods:
         parse_spec(spec)  # fail before any model is loaded
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and device == "cuda":  # one GPU per rank
@@ -262,7 +259,17 @@ def run(model="toy", tasks=(TOY_TASK,), methods=("fastervlm", "random"), keeps=(
         import torch
 
         torch.cuda.set_device(device)
-    rank, world = _distributed(device)
+    with _process_group(device) as (rank, world):
+        return _sweep(rank, world, model, tasks, methods, keeps, out, limit, seeds, batch_size, device,
+                      include_path, model_args, lmms_model, use_lmms, progress)
+
+
+def _sweep(rank, world, model, tasks, methods, keeps, out, limit, seeds, batch_size, device, include_path,
+           model_args, lmms_model, use_lmms, progress):
+    from tqdm.auto import tqdm
+
+    from . import report
+
     cells = plan(tasks, methods, keeps)
     config = {"model": model, "limit": limit, "seeds": seeds, "model_args": model_args or {}}
     os.makedirs(os.path.join(out, "cells"), exist_ok=True)
@@ -319,16 +326,25 @@ def _done(out, cell, config):
     return done.get("score") is not None or bool(done.get("not_applicable"))
 
 
-def _distributed(device):
-    """``(rank, world size)``; initialises the process group under torchrun (gloo on CPU, nccl on CUDA)."""
+@contextlib.contextmanager
+def _process_group(device):
+    """``(rank, world size)``; under torchrun, initialises the process group (gloo on CPU, nccl on
+    CUDA) and destroys the one it made on the way out. A group left to the interpreter's exit can
+    abort a rank ("terminate called without an active exception", seen on torch 2.14)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
-        return 0, 1
+        yield 0, 1
+        return
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    made = not dist.is_initialized()
+    if made:
         dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+    finally:
+        if made and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _barrier(world):

@@ -65,8 +65,9 @@ class Adapter:
         return self.inner.language_model
 
     # ------------------------------------------------------------------ captures
-    def capture(self, args, kwargs, output) -> dict:
-        """Record what ``get_image_features(*args, **kwargs) -> output`` says about the images."""
+    def capture(self, args, kwargs, output, medium: str = "image") -> dict:
+        """Record what ``get_image_features(*args, **kwargs) -> output`` says about the images (``medium``
+        "video": ``get_video_features`` about the clips)."""
         feats = output.pooler_output if hasattr(output, "pooler_output") else output
         if isinstance(feats, torch.Tensor) and feats.dim() == 3:
             feats = list(feats.unbind(0))

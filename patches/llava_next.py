@@ -59,8 +59,8 @@ class LlavaNextAdapter(Adapter):
         super().__init__(model)
         self._cache = {}
 
-    def capture(self, args, kwargs, output):
-        out = super().capture(args, kwargs, output)
+    def capture(self, args, kwargs, output, medium="image"):
+        out = super().capture(args, kwargs, output, medium)
         sizes = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
         out["image_sizes"] = [tuple(int(v) for v in s) for s in sizes]
         return out

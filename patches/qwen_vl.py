@@ -47,9 +47,9 @@ class QwenVLAdapter(Adapter):
         self._rope_base = None
         self._rope_set = None
 
-    def capture(self, args, kwargs, output):
-        out = super().capture(args, kwargs, output)
-        grid = kwargs.get("image_grid_thw", args[1] if len(args) > 1 else None)
+    def capture(self, args, kwargs, output, medium="image"):
+        out = super().capture(args, kwargs, output, medium)
+        grid = kwargs.get(f"{medium}_grid_thw", args[1] if len(args) > 1 else None)
         out["grid_thw"] = [tuple(int(v) for v in g) for g in grid]
         return out
 
@@ -59,7 +59,8 @@ class QwenVLAdapter(Adapter):
         shapes = [(h // m, w // m)] * t
         if sum(a * b for a, b in shapes) != n:
             return ImageLayout.flat(n)
-        layout = ImageLayout.from_grids(shapes)
+        layout = ImageLayout.from_grids(shapes)  # one grid per temporal slice (a clip's frames)
+        layout.frame = layout.grid.clone()
         layout.source = self._sources(capture)[i]
         return layout
 

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from vtprune.testing import IMAGE_TOKEN
+from vtprune.testing import IMAGE_TOKEN, VIDEO_TOKEN
 
 
 def greedy_model(family: str):
@@ -43,23 +43,40 @@ def manual_greedy(model, inputs, steps: int = 6) -> torch.Tensor:
     return torch.cat(tokens, 1)
 
 
-def image_runs(input_ids: torch.Tensor) -> list:
-    """Per row, the positions of each image (runs of image tokens separated by other tokens)."""
+def image_runs(input_ids: torch.Tensor, video_counts=()) -> list:
+    """Per row, the positions of each image (runs of image tokens separated by other tokens) and each
+    video (the next ``video_counts`` video tokens of the row, row-major: a Qwen3-VL clip's frames are
+    separated by timestamps), in prompt order."""
     rows = []
+    counts = list(video_counts)
     for row in input_ids:
         pos = (row == IMAGE_TOKEN).nonzero().squeeze(1)
-        if pos.numel() == 0:
-            rows.append([])
-            continue
-        breaks = ((pos[1:] != pos[:-1] + 1).nonzero().squeeze(1) + 1).tolist()
-        rows.append(list(torch.tensor_split(pos, breaks)))
+        items = []
+        if pos.numel():
+            breaks = ((pos[1:] != pos[:-1] + 1).nonzero().squeeze(1) + 1).tolist()
+            items = list(torch.tensor_split(pos, breaks))
+        video = (row == VIDEO_TOKEN).nonzero().squeeze(1)
+        while video.numel():
+            n = counts.pop(0)
+            items.append(video[:n])
+            video = video[n:]
+        rows.append(sorted(items, key=lambda item: int(item[0])))
     return rows
 
 
-def drop_mask(input_ids, kept) -> torch.Tensor:
-    """Bool [B, L]: True on image tokens that ``kept`` (per sample, per image indices) leaves out."""
+def video_counts(model, inputs) -> list:
+    """Each video's token count, from ``video_grid_thw``."""
+    grid = inputs.get("video_grid_thw")
+    if grid is None:
+        return []
+    return (grid.prod(-1) // model.config.vision_config.spatial_merge_size**2).tolist()
+
+
+def drop_mask(input_ids, kept, video_counts=()) -> torch.Tensor:
+    """Bool [B, L]: True on image and video tokens that ``kept`` (per sample, per image or video indices, in
+    prompt order) leaves out (``video_counts``: each video's token count)."""
     drop = torch.zeros_like(input_ids, dtype=torch.bool)
-    for b, runs in enumerate(image_runs(input_ids)):
+    for b, runs in enumerate(image_runs(input_ids, video_counts)):
         assert len(runs) == len(kept[b]), "one kept list per image"
         for run, keep in zip(runs, kept[b]):
             gone = torch.ones(run.numel(), dtype=torch.bool)
@@ -77,9 +94,10 @@ def positions(model, inputs, for_generate: bool):
     """The position ids the stock model uses for the full prompt (None = let the model decide)."""
     pad = _pad_mask(inputs)
     text = (pad.long().cumsum(-1) - 1).masked_fill(pad == 0, 0)
-    if "image_grid_thw" in inputs:
+    if "image_grid_thw" in inputs or "video_grid_thw" in inputs:
         vision, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
-                                               inputs["image_grid_thw"], None, attention_mask=pad)
+                                               inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
+                                               attention_mask=pad)
         return torch.cat([text[None], vision]) if for_generate else vision
     return text if for_generate else None
 

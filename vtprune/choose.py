@@ -1,4 +1,4 @@
-"""Which of an image's visual tokens a pre-LLM selector keeps: one function for every engine.
+"""Which of an image's (or a video's) visual tokens a pre-LLM selector keeps: one function for every engine.
 
 The HF wrap (``vtprune.runtime.selection.Selection``) and the vLLM binding (``vtprune.serving.rows``) each turn
 what they saw of an image into a :class:`Seen` (its layout, its LLM-input features, its tower scores
@@ -15,7 +15,7 @@ import torch
 
 from . import summary as summaries
 from .layout import ImageLayout
-from .methods.base import ScoreContext, budget_of
+from .methods.base import ScoreContext
 
 
 @dataclass
@@ -65,8 +65,9 @@ def choose(selector, images: list, generator: torch.Generator) -> list:
     object: an expanded batch) share its scores."""
     if not images:
         return []
-    budgets, wanted = zip(*[summary_split(selector.summary, budget_of(selector, img.layout)) for img in images])
-    ctx = ScoreContext(layouts=[img.layout for img in images], budgets=list(budgets), rows=[img.row for img in images],
+    layouts = [img.layout.scoped(selector.scope) for img in images]  # scope="frame": frames are the parts
+    budgets, wanted = zip(*[summary_split(selector.summary, selector.budget(layout)) for layout in layouts])
+    ctx = ScoreContext(layouts=layouts, budgets=list(budgets), rows=[img.row for img in images],
                        features=[img.features for img in images], generator=generator,
                        instructions=[img.instruction for img in images] if selector.needs_text else [])
     if images[0].cls is not None:
@@ -82,8 +83,8 @@ def choose(selector, images: list, generator: torch.Generator) -> list:
             scores[i] = scores[first.setdefault(id(img.features), i)]
     out = []
     for i, img in enumerate(images):  # a method may have set its own budget (pool, visionzip)
-        kept = top_tokens(scores[i], img.layout, ctx.budgets[i], selector.newlines)
-        kept, groups, sizes, summary = summarise_image(selector, img.layout, img.features, kept, wanted[i],
+        kept = top_tokens(scores[i], layouts[i], ctx.budgets[i], selector.newlines)
+        kept, groups, sizes, summary = summarise_image(selector, layouts[i], img.features, kept, wanted[i],
                                                        ctx.sizes[i])
         out.append(Choice(kept, scores[i], sizes, groups, summary if summary is not None else ctx.replacements[i]))
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,10 @@ class ImageLayout:
     ``tile`` (optional) is the tower pass (LLaVA-NeXT crop, InternVL tile) each token comes from,
     -1 for none; when unset the grid id stands for it.  ``cropped``: some tower tokens of a tile never
     reach the LLM (LLaVA-NeXT's unpadding).
+
+    ``media``: ``"image"`` or ``"video"`` (then it describes a clip); ``frame`` (optional): each token's
+    temporal slice (Qwen: a temporal patch of two input frames), -1 for none; unset, the whole item
+    is one frame.
     """
 
     grid: torch.Tensor
@@ -35,11 +40,26 @@ class ImageLayout:
     source: torch.Tensor | None = None
     tile: torch.Tensor | None = None
     cropped: bool = False
+    media: str = "image"
+    frame: torch.Tensor | None = None
 
     @property
     def tiles(self) -> torch.Tensor:
         """Per token, the tile (tower pass) it comes from: ``tile`` where set, else the grid id."""
         return self.tile if self.tile is not None else self.grid
+
+    @property
+    def frames(self) -> torch.Tensor:
+        """Per token, its temporal slice: ``frame`` where set, else 0 (a still image is one frame)."""
+        return self.frame if self.frame is not None else torch.zeros_like(self.grid)
+
+    def scoped(self, scope: str) -> "ImageLayout":
+        """This layout with the parts a ``scope="frame"`` budget is shared over as its tiles."""
+        if scope != "frame":
+            return self
+        frames = self.frames.clone()
+        frames[self.newline] = -1
+        return dataclasses.replace(self, tile=frames)
 
     @property
     def n(self) -> int:

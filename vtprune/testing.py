@@ -150,24 +150,58 @@ def _merge_pixels(family, parts):
     return out
 
 
+VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+DEFAULT_VIDEO = (3, 4, 6)  # (temporal, h, w) patches: 3 frames of 2 x 3 LLM tokens
+
+
+def _video_pixels(config, spec, gen):
+    v = config.vision_config
+    t, h, w = spec
+    dim = 3 * v.temporal_patch_size * v.patch_size**2
+    return {"pixel_values_videos": torch.randn(t * h * w, dim, generator=gen), "video_grid_thw": torch.tensor([spec])}
+
+
+def _video_ids(family, config, spec, gen) -> list:
+    """A clip's prompt tokens: Qwen3-VL puts a timestamp (here two text tokens) and its own start/end
+    around every temporal slice; Qwen2/2.5-VL one start/end around the clip."""
+    t, h, w = spec
+    per_frame = (h // config.vision_config.spatial_merge_size) * (w // config.vision_config.spatial_merge_size)
+    if family == "qwen3_vl":
+        ids = []
+        for _ in range(t):
+            ids += torch.randint(3, 90, (2,), generator=gen).tolist() + [VISION_START] + [VIDEO_TOKEN] * per_frame \
+                + [VISION_END]
+        return ids
+    return [VISION_START] + [VIDEO_TOKEN] * (t * per_frame) + [VISION_END]
+
+
 def tiny_inputs(model, family: str, images_per_row=(1,), text_lens=None, image_specs=None, seed: int = 0,
-                with_mask: bool = True):
-    """Left-padded inputs for ``model``: row ``b`` holds ``images_per_row[b]`` images.
+                with_mask: bool = True, videos_per_row=None, video_specs=None):
+    """Left-padded inputs for ``model``: row ``b`` holds ``images_per_row[b]`` images, then
+    ``videos_per_row[b]`` videos (Qwen families; default none).
 
     ``text_lens[b]`` is the number of plain text tokens before the first image (default varies per
-    row so that a batch is left padded). ``image_specs`` gives one spec per image in row-major order.
+    row so that a batch is left padded). ``image_specs`` gives one spec per image in row-major order,
+    ``video_specs`` one ``(temporal, h, w)`` patch grid per video (default ``DEFAULT_VIDEO``).
     Returns the kwargs for ``model(**inputs)`` / ``model.generate(**inputs)``.
     """
     gen = torch.Generator().manual_seed(seed)
     config = model.config
     n_images = sum(images_per_row)
+    videos_per_row = tuple(videos_per_row or (0,) * len(images_per_row))
+    if len(videos_per_row) != len(images_per_row):
+        raise ValueError("videos_per_row needs one count per row, as images_per_row")
+    if any(videos_per_row) and family not in VIDEO_FAMILIES:
+        raise ValueError(f"tiny video inputs are built for {', '.join(VIDEO_FAMILIES)}, not {family}")
     if image_specs is None:
         image_specs = [_DEFAULT_IMAGE[family]] * n_images
+    if video_specs is None:
+        video_specs = [DEFAULT_VIDEO] * sum(videos_per_row)
     pix_parts = [_pixels(family, config, spec, gen) for spec in image_specs]
     counts = [_n_image_tokens(model, family, p) for p in pix_parts]
     if text_lens is None:
         text_lens = [3 + 2 * b for b in range(len(images_per_row))]
-    rows, k = [], 0
+    rows, k, v = [], 0, 0
     for b, n_img in enumerate(images_per_row):
         ids = [BOS] + torch.randint(3, 90, (text_lens[b],), generator=gen).tolist()
         for _ in range(n_img):
@@ -175,6 +209,9 @@ def tiny_inputs(model, family: str, images_per_row=(1,), text_lens=None, image_s
             ids += [start] + [IMAGE_TOKEN] * counts[k] + [end]
             ids += torch.randint(3, 90, (2,), generator=gen).tolist()
             k += 1
+        for _ in range(videos_per_row[b]):
+            ids += _video_ids(family, config, video_specs[v], gen) + torch.randint(3, 90, (2,), generator=gen).tolist()
+            v += 1
         ids += torch.randint(3, 90, (3,), generator=gen).tolist()
         rows.append(ids)
     length = max(len(r) for r in rows)
@@ -187,8 +224,9 @@ def tiny_inputs(model, family: str, images_per_row=(1,), text_lens=None, image_s
     if with_mask:
         inputs["attention_mask"] = mask
     inputs.update(_merge_pixels(family, pix_parts))
+    inputs.update(_merge_pixels(family, [_video_pixels(config, spec, gen) for spec in video_specs]))
     if family.startswith("qwen"):
-        inputs["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).int()
+        inputs["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).int() + 2 * (input_ids == VIDEO_TOKEN).int()
     return inputs
 
 

@@ -30,10 +30,15 @@ def budget_groups(layout, budget) -> list:
     return [(content[layout.tiles[content] == t], k) for t, k in budget.items()]
 
 
+SCOPES = ("image", "clip", "tile", "frame")
+
+
 def budget_of(selector, layout):
-    """An image's budget: its content tokens' share (an int), or each tile's (``scope="tile"``: a dict)."""
-    return tile_budgets(selector.keep, layout) if selector.scope == "tile" else tokens_to_keep(selector.keep,
-                                                                                              layout.n_content)
+    """An image's (or clip's) budget: its content tokens' share (an int), or each tile's (``scope="tile"``)
+    or each frame's (``scope="frame"``) as a dict."""
+    if selector.scope in ("tile", "frame"):
+        return tile_budgets(selector.keep, layout.scoped(selector.scope))
+    return tokens_to_keep(selector.keep, layout.n_content)
 
 
 def tile_budgets(keep, layout) -> dict:
@@ -141,19 +146,22 @@ class ScoreContext:
 class Selector(Method):
     """A pre-LLM method: scores each image's visual tokens; the best ``keep`` per image are kept.
 
-    ``scope="image"`` (default) ranks all of an image's tokens together — LLaVA-NeXT's base image
-    and crops, InternVL's tiles — so a budget flows to the tiles that score best.  ``scope="tile"``
-    gives every tile its own share, as FasterVLM and VisionZip do on LLaVA-NeXT: a float ``keep``
-    of each tile's tokens, an int ``keep`` tokens per tile.  ``positions="renumber"`` numbers the
+    ``scope="image"`` (default; ``"clip"`` is the same) ranks all of an image's tokens together —
+    LLaVA-NeXT's base image and crops, InternVL's tiles, every frame of a video — so a budget flows to
+    the tiles or frames that score best.  ``scope="tile"`` gives every tile its own share, as FasterVLM
+    and VisionZip do on LLaVA-NeXT: a float ``keep`` of each tile's tokens, an int ``keep`` tokens per
+    tile; ``scope="frame"`` gives every temporal slice of a video its own share the same way (a still
+    image is one frame).  ``positions="renumber"`` numbers the
     shortened sequence afresh (a token's position drops by the tokens cut before it), as serving
     engines number a pruned prompt, instead of keeping original positions.
     """
 
     stage: ClassVar[str] = "select"
     ranges: ClassVar[dict] = {
-        "keep": "float in (0, 1]: fraction of each image's visual tokens; int >= 1: tokens per image (summary "
-                "tokens included)",
-        "scope": "'image' (one budget per image) or 'tile' (per crop/tile)",
+        "keep": "float in (0, 1]: fraction of each image's (or clip's) visual tokens; int >= 1: tokens per image "
+                "or clip (summary tokens included)",
+        "scope": "'image' or 'clip' (one budget per image or video), 'tile' (per crop/tile) or 'frame' (per "
+                 "temporal slice of a video)",
         "summary": "int >= 0: summary tokens per image (per tile with scope='tile') standing for the dropped tokens, "
                    "weighted by log(group size) in attention; 0: none",
         "summary_group": "'similarity' (k-means on features) or 'space' (a lattice of cells): how dropped tokens "
@@ -171,6 +179,7 @@ class Selector(Method):
     merges: ClassVar[bool] = False  # rewrites tower features before the projector (``merge``)
     needs_text: ClassVar[bool] = False  # reads ctx.instructions (the instruction's token embeddings)
     covers_all: ClassVar[bool] = False  # every dropped token is already merged into a kept one (pool, visionzip)
+    temporal: ClassVar[bool] = False  # ranks a clip's tokens across its frames (evs, vidcom2): a video method
     keep: float = 0.25
     scope: str = "image"
     summary: int = 0
@@ -197,9 +206,10 @@ class Selector(Method):
 
     def validate(self):
         self.keep = check_keep(self.keep)
-        if self.scope not in ("image", "tile"):
-            raise ValueError(f"scope must be 'image' (one budget over all of an image's tokens) or 'tile' "
-                             f"(each crop/tile its own share), got {self.scope!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be 'image' or 'clip' (one budget over all of an image's or a video's "
+                             f"tokens), 'tile' (each crop/tile its own share) or 'frame' (each temporal slice of a "
+                             f"video its own share), got {self.scope!r}{did_you_mean(str(self.scope), SCOPES)}")
         if isinstance(self.summary, bool) or not isinstance(self.summary, int) or self.summary < 0:
             raise ValueError(f"{self.name} summary must be an int >= 0 (summary tokens per image), got {self.summary!r}")
         if self.summary and self.covers_all:
@@ -222,11 +232,16 @@ class Selector(Method):
         """One 1-D score tensor per image (higher = keep)."""
         raise NotImplementedError
 
+    def budget(self, layout):
+        """An image's (or clip's) budget: an int, or ``{tile or frame: int}`` with ``scope`` "tile"/"frame"
+        (summary tokens included).  A method with its own rule overrides it (``evs``)."""
+        return budget_of(self, layout)
+
     def kept_count(self, layout) -> int:
         """How many of an image's tokens (on ``layout``) this selector keeps, known from the layout and the
         budget alone: what vLLM sizes a prompt by before the image is encoded.  ``NotApplicable``, with the
         reason, when the count depends on the selection itself."""
-        return total_budget(budget_of(self, layout)) + self.kept_newlines(layout)
+        return total_budget(self.budget(layout)) + self.kept_newlines(layout)
 
     def kept_newlines(self, layout) -> int:
         """The newline tokens of ``layout`` this selector keeps whatever it selects (all of them with

@@ -1,10 +1,11 @@
-"""What the vision side tells the cut: each run of the tower, and where the image tokens are.
+"""What the vision side tells the cut: each run of the tower, and where the image and video tokens are.
 
-``model.model.get_image_features`` is wrapped: whenever the tower runs (inside ``forward``, or in
-``generate`` before the prefill on transformers >= 5.23) the adapter records each image's token
-count and features, plus the [CLS] (or substitute) scores of the tower layers the selector reads
-and, for merging methods, their merge (a pre-hook on the projector).  ``get_placeholder_mask`` is
-wrapped to learn where the image tokens are.  ``take`` hands both to the next language-model call.
+``model.model.get_image_features`` (and ``get_video_features`` where the family takes videos) is
+wrapped: whenever the tower runs (inside ``forward``, or in ``generate`` before the prefill on
+transformers >= 5.23) the adapter records each image's or clip's token count and features, plus the
+[CLS] (or substitute) scores of the tower layers the selector reads and, for merging methods, their
+merge (a pre-hook on the projector).  ``get_placeholder_mask`` is wrapped to learn where each
+medium's tokens are.  ``take`` hands both to the next language-model call.
 """
 
 from __future__ import annotations
@@ -37,23 +38,30 @@ def merge_tiles(selector, cls, keys, features, sources):
     return merged, selected, tower_sizes
 
 
+MEDIA = ("image", "video")
+
+
 class Capture:
-    def __init__(self, adapter, selector, inert):
+    def __init__(self, adapter, selector):
         self.adapter = adapter
         self.selector = selector
-        self.inert = inert  # () -> bool: the wrap cannot change anything (videos may pass)
         self.installed = Installed()
         self.tower_layers = []
         self.tower_cls, self.tower_keys, self.tower_selected, self.tower_sizes = {}, [], None, None
-        self.pending_mask = None
-        self.pending = None
-        self.last = None  # the last capture (re-used when the same features are scattered again)
+        self.encoding = []  # the media being encoded now (Qwen3-VL encodes a video through get_image_features)
+        self.pending_masks = {}  # medium -> [B, q] bool: where its tokens are in the next call
+        self.pending = {}  # medium -> the capture of its last tower run
+        self.last = None  # the last captures (re-used when the same features are scattered again)
 
     def install(self) -> list:
         if self.selector is not None and self.selector.needs_cls:
             self._hook_tower()
         inner = self.adapter.inner
-        self.installed.after(inner, "get_image_features", self._after_features, before=self._reset)
+        for medium in MEDIA:
+            if medium == "image" or hasattr(inner, f"get_{medium}_features"):
+                self.installed.after(inner, f"get_{medium}_features", functools.partial(self._after_features, medium),
+                                     before=functools.partial(self._before_features, medium),
+                                     failed=self.encoding.pop)
         self.installed.after(inner, "get_placeholder_mask", self._after_placeholder)
         return []
 
@@ -90,39 +98,51 @@ class Capture:
         merged, self.tower_selected, self.tower_sizes = merge_tiles(self.selector, cls, keys, features, sources)
         return (merged, *args[1:])
 
-    def _reset(self, args=None, kwargs=None):
+    def _reset(self):
         self.tower_cls, self.tower_keys, self.tower_selected, self.tower_sizes = {}, [], None, None
 
-    def _after_features(self, args, kwargs, out):
+    def _before_features(self, medium, args, kwargs):
+        if not self.encoding:  # an outer run: what the tower hooks saw before is not this run's
+            self._reset()
+        self.encoding.append(medium)
+
+    def _after_features(self, medium, args, kwargs, out):
+        self.encoding.pop()
+        if self.encoding:  # inside the outer run (a video encoded as images): the outer run records it
+            return
         if isinstance(out, tuple) and not all(isinstance(t, torch.Tensor) for t in out):
             self._reset()  # a direct call with return_dict=False (forward and generate ask for a ModelOutput)
             return
-        self.pending = self.adapter.capture(args, kwargs, out)
-        self.pending["cls"] = {layer: torch.cat(parts) for layer, parts in self.tower_cls.items()}
-        self.pending["selected"] = self.tower_selected
-        self.pending["sizes"] = self.tower_sizes
+        capture = self.adapter.capture(args, kwargs, out, medium)
+        capture["medium"] = medium
+        capture["cls"] = {layer: torch.cat(parts) for layer, parts in self.tower_cls.items()}
+        capture["selected"] = self.tower_selected
+        capture["sizes"] = self.tower_sizes
+        self.pending[medium] = capture
         self._reset()
 
     def _after_placeholder(self, args, kwargs, out):
-        if kwargs.get("video_features") is not None and not self.inert():
-            raise ValueError("vtprune does not prune video inputs yet; pass images, or unwrap the model "
-                             "(vtprune.unwrap(model)) to run videos")
-        if kwargs.get("image_features") is None and len(args) < 3:
-            return
-        mask = out[0] if isinstance(out, tuple) else out
-        self.pending_mask = mask[..., 0] if mask.dim() == 3 else mask
+        masks = out if isinstance(out, tuple) else (out,)
+        for i, medium in enumerate(MEDIA[:len(masks)]):
+            if kwargs.get(f"{medium}_features") is None and len(args) < 3 + i:
+                continue
+            mask = masks[i]
+            self.pending_masks[medium] = mask[..., 0] if mask.dim() == 3 else mask
 
     def take(self, batch: int, q: int):
-        """``(image_mask [B, q] or None, capture or None)`` for the language-model call about to run.
+        """``(visual_mask [B, q] or None, {medium: [B, q] mask}, captures or None)`` for the language-model
+        call about to run: the image and video tokens together, each medium's own, and what the tower's
+        runs recorded (``{"media": {medium: capture}}``).
 
-        Without a fresh tower run the last capture is used: ``generate`` without a cache scatters the
-        same image features again at every step."""
-        image_mask, self.pending_mask = self.pending_mask, None
-        if image_mask is not None and tuple(image_mask.shape) != (batch, q):
-            image_mask = None
-        if image_mask is None:
-            return None, None
-        capture, self.pending = self.pending, None
-        if capture is not None:
-            self.last = capture
-        return image_mask, self.last
+        Without a fresh tower run the last captures are used: ``generate`` without a cache scatters the
+        same features again at every step."""
+        masks, self.pending_masks = self.pending_masks, {}
+        masks = {m: v for m, v in masks.items() if tuple(v.shape) == (batch, q)}
+        if not masks:
+            return None, {}, None
+        if self.pending:
+            self.last, self.pending = {"media": self.pending}, {}
+        visual = None
+        for mask in masks.values():
+            visual = mask if visual is None else visual | mask.to(visual.device)
+        return visual, masks, self.last

@@ -68,23 +68,34 @@ class Counts:
                     rows[b] = [v if i < k else v - gone for i, v in enumerate(rows[b])]
         return rows
 
+    @staticmethod
+    def sample(record, b) -> dict:
+        """One sample of the last forward: its images and videos (each clip per frame too), tokens in and out."""
+        out = {"images": []}
+        for i, (layout, kept) in enumerate(zip(record.layouts[b], record.kept[b])):
+            item = {"tokens_in": layout.n, "tokens_out": int(kept.numel())}
+            if record.summaries is not None:  # tokens_out counts them; summary_tokens says how many
+                item["summary_tokens"] = len(record.summaries[b][i])
+            if layout.media == "video":
+                frames, kept_frames = layout.frames, layout.frames[kept]
+                item["frames"] = [{"tokens_in": int((frames == f).sum()), "tokens_out": int((kept_frames == f).sum())}
+                                  for f in range(int(frames.max()) + 1)]
+            out.setdefault(layout.media + "s", []).append(item)
+        items = out["images"] + out.get("videos", [])
+        out.update(tokens_in=sum(i["tokens_in"] for i in items), tokens_out=sum(i["tokens_out"] for i in items))
+        return out
+
     def stats(self, record, methods, sections) -> dict:
         """``vtprune.stats``: the last forward (``record``), the stage sections, the totals."""
         out = {"method": "+".join(methods), "methods": list(methods)}
         if record is not None:
-            samples = []
-            for b in range(len(record.kept)):
-                imgs = [{"tokens_in": n, "tokens_out": k} for row, n, k in record.images if row == b]
-                if record.summaries is not None:  # tokens_out counts them; summary_tokens says how many
-                    for img, groups in zip(imgs, record.summaries[b]):
-                        img["summary_tokens"] = len(groups)
-                samples.append({"images": imgs, "tokens_in": sum(i["tokens_in"] for i in imgs),
-                                "tokens_out": sum(i["tokens_out"] for i in imgs)})
+            samples = [self.sample(record, b) for b in range(len(record.kept))]
             out.update({
                 "samples": samples,
                 "visual_tokens_in": sum(s["tokens_in"] for s in samples),
                 "visual_tokens_out": sum(s["tokens_out"] for s in samples),
-                "summary_tokens_out": sum(i.get("summary_tokens", 0) for s in samples for i in s["images"]),
+                "summary_tokens_out": sum(i.get("summary_tokens", 0) for s in samples
+                                          for i in s["images"] + s.get("videos", [])),
                 "llm_sequence_in": record.length,
                 "llm_sequence_out": record.llm_length,
                 "time_score_s": record.time_score_s,

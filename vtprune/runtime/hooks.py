@@ -22,14 +22,20 @@ class Installed:
         setattr(obj, name, make(getattr(obj, name, default)))
         self.patched.append((obj, name))
 
-    def after(self, obj, name, after, before=None):
-        """Wrap method ``obj.name``: ``before(args, kwargs)``, the call, ``after(args, kwargs, out)``."""
+    def after(self, obj, name, after, before=None, failed=None):
+        """Wrap method ``obj.name``: ``before(args, kwargs)``, the call, ``after(args, kwargs, out)`` (or
+        ``failed()`` when the call raises)."""
         def make(original):
             @functools.wraps(original)
             def patched(*args, **kwargs):
                 if before is not None:
                     before(args, kwargs)
-                out = original(*args, **kwargs)
+                try:
+                    out = original(*args, **kwargs)
+                except BaseException:
+                    if failed is not None:
+                        failed()
+                    raise
                 after(args, kwargs, out)
                 return out
 

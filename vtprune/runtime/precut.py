@@ -57,7 +57,7 @@ class PreCut(StageRuntime):
             prefix, chunk = self._split_mask(mask, state, q)
         cut = None
         if call.image_mask is not None:
-            cut, self.forward = self.selection.plan(call.image_mask, call.capture, chunk, embeds)
+            cut, self.forward = self.selection.plan(call.image_mask, call.media, call.capture, chunk, embeds)
         if cut is None and state.mask is None:  # nothing cut in this sequence: the call as it came
             state.extend(batch, q, embeds.device)
             return

@@ -22,8 +22,9 @@ class Call:
     kwargs: dict  # the language model's keyword arguments
     state: object  # the sequence's CacheState
     fresh: bool  # the call starts a new sequence (a prefill)
-    image_mask: torch.Tensor | None = None  # [B, q] bool: the visual tokens as the call came
-    capture: dict | None = None  # what the vision tower's run recorded (counts, features, scores)
+    image_mask: torch.Tensor | None = None  # [B, q] bool: the visual tokens (images and videos) as the call came
+    media: dict = field(default_factory=dict)  # {"image"/"video": [B, q] bool}: each medium's tokens
+    capture: dict | None = None  # what the vision tower's runs recorded ({"media": {medium: counts, features, ...}})
     cut: tuple | None = None  # (index [B, q'], real [B, q']) of the pre-LLM cut
     changed: bool = False
 

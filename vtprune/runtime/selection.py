@@ -4,6 +4,7 @@ runs too), and the call's record and rectangular cut."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -21,24 +22,24 @@ class Selection:
         self.generator = torch.Generator().manual_seed(int(getattr(selector, "seed", 0)))
         self.replacements = []  # (row, positions, features): merged tokens (pool) replace their anchors
 
-    def plan(self, image_mask, capture, chunk_mask, embeds):
+    def plan(self, visual_mask, media, capture, chunk_mask, embeds):
         """``(cut or None, Forward)``: the cut ``(index, real)`` of this call (None when all is kept).
 
-        When image tokens are dropped, left padding (mask 0 before a row's first real token) is dropped
-        too; other masked positions stay, masked, so that every position whose output the caller may
-        read (right padding, the last position) keeps its place.
+        ``visual_mask`` [B, q]: the image and video tokens; ``media``: each medium's own mask.  Images
+        and videos are selected alike, each clip with its own budget.  When visual tokens are dropped,
+        left padding (mask 0 before a row's first real token) is dropped too; other masked positions stay,
+        masked, so that every position whose output the caller may read (right padding, the last position)
+        keeps its place.
         """
         start = time.perf_counter()
         device = embeds.device
-        raw_mask = image_mask
-        image_mask = image_mask.detach().cpu()
-        batch, length = image_mask.shape
-        images = self.adapter.images(image_mask, capture or {"counts": [], "features": []})
+        batch, length = visual_mask.shape
+        images = self.items(media, capture)
         if self.selector is None:  # in-LLM and attention methods: every token enters the LLM
             kept = [torch.arange(img.layout.n) for img in images]
             record, _ = self._record(images, kept, batch, length, start, None)
             return None, record
-        text = (lambda: self._instructions(images, embeds, raw_mask, chunk_mask)) if self.selector.needs_text else None
+        text = (lambda: self._instructions(images, embeds, visual_mask, chunk_mask)) if self.selector.needs_text else None
         choices = self._select(images, capture, text)
         self.replacements = [(img.row, img.positions[idx], feats) for img, c in zip(images, choices)
                              if c.replacement is not None for idx, feats in [c.replacement]]
@@ -65,6 +66,17 @@ class Selection:
         record.cut = (index, real)
         return (index, real), record
 
+    def items(self, media, capture) -> list:
+        """The :class:`ImageRef` of every image and clip of the call, in prompt order."""
+        refs = []
+        for medium, mask in media.items():
+            seen = ((capture or {}).get("media") or {}).get(medium) or {"counts": [], "features": []}
+            for ref in self.adapter.images(mask.detach().cpu(), seen):
+                if ref.layout.media != medium:  # (adapters may cache layouts: a copy)
+                    ref = ref._replace(layout=dataclasses.replace(ref.layout, media=medium))
+                refs.append(ref)
+        return sorted(refs, key=lambda ref: (ref.row, int(ref.positions[0])))
+
     @staticmethod
     def _instructions(images, embeds, image_mask, chunk_mask) -> list:
         """Per image: the input embeddings of its sample's real text tokens after its last image (all its
@@ -86,18 +98,19 @@ class Selection:
         seen = [Seen(img.layout, img.features, img.row) for img in images]
         for one, instruction in zip(seen, text() if text is not None else []):
             one.instruction = instruction
+        runs = (capture or {}).get("media") or {}  # each medium's tower run
         layers = self.capture.tower_layers
         if layers:
-            towers = (capture or {}).get("cls", {})
-            if set(towers) != set(layers):
-                raise RuntimeError("vtprune: the vision tower ran without the [CLS] attention hooks firing")
             for one, img in zip(seen, images):
+                towers = runs.get(img.layout.media, {}).get("cls", {})
+                if set(towers) != set(layers):
+                    raise RuntimeError("vtprune: the vision tower ran without the [CLS] attention hooks firing")
                 one.cls = {layer: self.adapter.tower_to_llm(img, towers[layer]) for layer in layers}
         if self.selector.merges:
-            selected, sizes = (capture or {}).get("selected"), (capture or {}).get("sizes")
-            if selected is None:
-                raise RuntimeError("vtprune: the projector ran without the merging hook firing")
             for one, img in zip(seen, images):
+                selected, sizes = (runs.get(img.layout.media, {}).get(key) for key in ("selected", "sizes"))
+                if selected is None:
+                    raise RuntimeError("vtprune: the projector ran without the merging hook firing")
                 one.selected = self.adapter.tower_to_llm(img, selected)
                 one.sizes = self.adapter.tower_to_llm(img, sizes) if sizes is not None else None
         choices = choose(self.selector, seen, self.generator)

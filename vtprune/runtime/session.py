@@ -59,7 +59,7 @@ class Session:
         self.sequences = Sequences()
         self.route = AttentionRoute(model)  # one attention router per wrap, shared by the runtimes
         self.counts = Counts(model, adapter.language_model)
-        self.capture = Capture(adapter, self.selector, lambda: self.inert)
+        self.capture = Capture(adapter, self.selector)
         self.precut = PreCut(adapter, self.selector, self.capture)
         self.bias = SizeBias(self.selector, len(layers), self.route,
                              lambda layer: self.layer_exit.plan_for(layer) if self.layer_exit else None) \
@@ -151,11 +151,12 @@ class Session:
         if self._skip_compiled():
             return None
         embeds = kwargs.get("inputs_embeds")
-        image_mask, capture = self.capture.take(*(embeds.shape[:2] if embeds is not None else (-1, -1)))
+        image_mask, media, capture = self.capture.take(*(embeds.shape[:2] if embeds is not None else (-1, -1)))
         if embeds is None:
             return None
         state = self.sequences.state_for(cache_of(kwargs))
-        call = Call(kwargs=kwargs, state=state, fresh=state.orig_len == 0, image_mask=image_mask, capture=capture)
+        call = Call(kwargs=kwargs, state=state, fresh=state.orig_len == 0, image_mask=image_mask, media=media,
+                    capture=capture)
         q = embeds.shape[1]
         self.precut.begin_call(call)
         if call.cut is not None:

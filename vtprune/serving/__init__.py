@@ -50,8 +50,8 @@ def servable() -> list:
     """The registered methods vLLM can serve somewhere: pre-LLM selectors that read no prompt text."""
     from .. import methods
 
-    return [name for name in methods.available()
-            if methods.get(name).stage == "select" and not methods.get(name).needs_text]
+    return [name for name in methods.available() if methods.get(name).stage == "select"
+            and not methods.get(name).needs_text and not methods.get(name).temporal]
 
 
 def check(method: str, keep, options: dict, model_type: str | None = "llava"):
@@ -66,6 +66,9 @@ def check(method: str, keep, options: dict, model_type: str | None = "llava"):
     if cls.stage != "select":
         raise ValueError(f"vtprune serving runs pre-LLM selectors ({', '.join(servable())}); {method} acts "
                          f"{STAGES.get(cls.stage, 'elsewhere')}, which vtprune serving does not reach yet")
+    if cls.temporal:
+        raise ValueError(f"vtprune serving prunes images; {method} ranks a video's tokens across its frames (for "
+                         f"videos in vLLM, its own --video-pruning-method evs|vidcom2 serves Qwen2.5-VL and Qwen3-VL)")
     if cls.needs_text:
         raise ValueError(f"vtprune serving cannot run {method}: it reads the prompt's instruction, and vLLM encodes "
                          "an image (and caches its embedding) apart from the prompt")

@@ -1,0 +1,252 @@
+"""Videos on the Qwen families, against references that do not use vtprune: keep-all ≡ the stock model;
+a pre-LLM cut ≡ the stock model with the dropped video tokens masked out (their (t, h, w) positions as
+the stock model numbers them, Qwen3-VL's timestamps untouched); an in-LLM exit ≡ the stock model with
+them masked from layer K on.  Batch 1 without a mask, and batch 2 left padded mixing an image and
+videos; ``generate`` with the cache.
+"""
+
+import math
+
+import pytest
+import torch
+from reference import LayerMasked, drop_mask, generated, greedy_model, masked_forward, masked_greedy, video_counts
+
+import vtprune
+from vtprune.budget import tokens_to_keep
+from vtprune.testing import IMAGE_TOKEN, VIDEO_FAMILIES, VIDEO_TOKEN, tiny_inputs, tiny_model
+
+ATOL = 1e-5
+# (images per row, videos per row, pass an attention mask)
+LAYOUTS = [((0,), (1,), False), ((1, 0), (1, 2), True)]
+
+
+def _inputs(model, family, images, videos, with_mask, **kw):
+    return tiny_inputs(model, family, images_per_row=images, videos_per_row=videos, with_mask=with_mask, **kw)
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@pytest.mark.parametrize("images,videos,with_mask", LAYOUTS)
+def test_keep_all_is_stock(family, images, videos, with_mask):
+    model = greedy_model(family)
+    inputs = _inputs(model, family, images, videos, with_mask)
+    stock_logits, stock_tokens = _logits(model, inputs), generated(model, inputs)
+    with vtprune.wrapped(model, "random", keep=1.0):
+        logits, tokens = _logits(model, inputs), generated(model, inputs)
+        stats = vtprune.stats(model)
+    torch.testing.assert_close(logits, stock_logits, atol=ATOL, rtol=0)
+    assert torch.equal(tokens, stock_tokens)
+    clips = [v for s in stats["samples"] for v in s.get("videos", [])]
+    assert len(clips) == sum(videos) and all(v["tokens_out"] == v["tokens_in"] for v in clips)
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@pytest.mark.parametrize("images,videos,with_mask", LAYOUTS)
+@pytest.mark.parametrize("method,options", [("random", dict(keep=0.5)), ("uniform", dict(keep=0.25, scope="frame")),
+                                            ("fastervlm", dict(keep=0.25, scope="clip")), ("divprune", dict(keep=3)),
+                                            ("evs", dict(keep=0.5)), ("vidcom2", dict(keep=0.25))])
+def test_pruning_equals_masked_reference(family, images, videos, with_mask, method, options):
+    model = greedy_model(family)
+    inputs = _inputs(model, family, images, videos, with_mask)
+    counts = video_counts(model, inputs)
+    vtprune.wrap(model, method, **options)
+    logits = _logits(model, inputs)
+    kept_forward = vtprune.last_kept(model)
+    stats = vtprune.stats(model)
+    tokens = generated(model, inputs)
+    kept_generate = vtprune.last_kept(model)
+    vtprune.unwrap(model)
+
+    assert stats["llm_sequence_out"] < stats["llm_sequence_in"]
+    assert all(v["tokens_out"] < v["tokens_in"] for s in stats["samples"] for v in s["videos"])
+    ref = masked_forward(model, inputs, drop_mask(inputs["input_ids"], kept_forward, counts))
+    torch.testing.assert_close(logits[:, -1], ref[:, -1], atol=ATOL, rtol=0)
+    ref_tokens = masked_greedy(model, inputs, drop_mask(inputs["input_ids"], kept_generate, counts))
+    assert torch.equal(tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_the_cut_takes_only_video_tokens(family):
+    """Everything but the dropped video tokens reaches the LLM (Qwen3-VL's timestamps and every frame's
+    start/end included), in order."""
+    model = tiny_model(family)
+    inputs = _inputs(model, family, (0,), (1,), False)
+    with vtprune.wrapped(model, "random", keep=0.25, seed=1):
+        _logits(model, inputs)
+        index, real = vtprune.record(model).cut
+    ids = inputs["input_ids"][0]
+    reached = ids[index[0][real[0]]]
+    assert torch.equal(reached[reached != VIDEO_TOKEN], ids[ids != VIDEO_TOKEN])
+    assert int((reached == VIDEO_TOKEN).sum()) == tokens_to_keep(0.25, int((ids == VIDEO_TOKEN).sum()))
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@pytest.mark.parametrize("keep", [0.5, 2])
+def test_scope_frame_gives_every_frame_its_share_and_clip_one_budget(family, keep):
+    model = tiny_model(family)
+    specs = [(4, 4, 6)]  # 4 temporal slices of 2 x 3 tokens
+    inputs = _inputs(model, family, (0,), (1,), False, video_specs=specs)
+    with vtprune.wrapped(model, "fastervlm", keep=keep, scope="frame"):
+        _logits(model, inputs)
+        (clip,) = vtprune.stats(model)["samples"][0]["videos"]
+    assert [f["tokens_in"] for f in clip["frames"]] == [6] * 4
+    assert [f["tokens_out"] for f in clip["frames"]] == [tokens_to_keep(keep, 6)] * 4
+    for scope in ("clip", "image"):  # one budget over the clip's 24 tokens, wherever they score best
+        with vtprune.wrapped(model, "fastervlm", keep=keep, scope=scope):
+            _logits(model, inputs)
+            (clip,) = vtprune.stats(model)["samples"][0]["videos"]
+        assert clip["tokens_out"] == sum(f["tokens_out"] for f in clip["frames"]) == tokens_to_keep(keep, 24)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("method", ["fastervlm", "divprune", "vispruner"])
+def test_a_clip_is_selected_as_the_same_pixels_given_as_an_image(family, method):
+    """The tower encodes a clip and an image of the same (t, h, w) grid alike: its scores, its features,
+    and so the selection, are the image's."""
+    model = tiny_model(family)
+    image = tiny_inputs(model, family, image_specs=[(4, 6)])
+    grid = torch.tensor([[2, 4, 6]])
+    dim = image["pixel_values"].shape[1]
+    pixels = torch.randn(48, dim, generator=torch.Generator().manual_seed(5))
+    ids = image["input_ids"]
+    image_run = ids == IMAGE_TOKEN
+    ids = torch.cat([ids[:, :int(image_run.nonzero()[0, 1])], torch.full((1, 12), IMAGE_TOKEN),
+                     ids[:, int(image_run.nonzero()[-1, 1]) + 1:]], 1)
+    as_image = {"input_ids": ids, "pixel_values": pixels, "image_grid_thw": grid, "mm_token_type_ids": (ids == IMAGE_TOKEN).int()}
+    vids = ids.masked_fill(ids == IMAGE_TOKEN, VIDEO_TOKEN)
+    as_video = {"input_ids": vids, "pixel_values_videos": pixels, "video_grid_thw": grid,
+                "mm_token_type_ids": 2 * (vids == VIDEO_TOKEN).int()}
+    kept = []
+    for inputs in (as_image, as_video):
+        with vtprune.wrapped(model, method, keep=0.25):
+            _logits(model, inputs)
+            kept.append(vtprune.last_kept(model)[0][0])
+            layouts = vtprune.record(model).layouts[0]
+        assert layouts[0].media == ("image" if inputs is as_image else "video")
+    assert torch.equal(kept[0], kept[1]) and kept[0].numel() == 3
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_fastv_over_video_tokens_equals_layer_masked_reference(family):
+    model = greedy_model(family)
+    inputs = _inputs(model, family, (1, 0), (1, 1), True)
+    vtprune.wrap(model, "fastv", layer=1, keep=0.25)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        drop = vtprune.record(model).exit.drop.clone()
+        tokens = generated(model, inputs)
+        drop_gen = vtprune.record(model).exit.drop.clone()
+    vtprune.unwrap(model)
+    visual = (inputs["input_ids"] == IMAGE_TOKEN) | (inputs["input_ids"] == VIDEO_TOKEN)
+    assert bool((drop <= visual).all()) and bool((drop & (inputs["input_ids"] == VIDEO_TOKEN)).any())
+    none = torch.zeros_like(drop)
+    with LayerMasked(model, 1, drop):
+        ref = masked_forward(model, inputs, none)
+    with LayerMasked(model, 1, drop_gen):
+        ref_tokens = masked_greedy(model, inputs, none)
+    torch.testing.assert_close(logits[:, -1], ref[:, -1], atol=ATOL, rtol=0)
+    assert torch.equal(tokens, ref_tokens)
+
+
+def test_summary_tokens_per_frame_and_per_clip():
+    """Summary tokens stand for a clip's dropped tokens across its frames (``scope="clip"``), or each
+    frame's (``scope="frame"``); they count in ``tokens_out``."""
+    model = tiny_model("qwen2_5_vl")
+    inputs = _inputs(model, "qwen2_5_vl", (0,), (1,), False, video_specs=[(4, 4, 6)])
+    for scope, summaries in (("clip", 2), ("frame", 4 * 2)):
+        with vtprune.wrapped(model, "random", keep=0.5, summary=2, scope=scope):
+            _logits(model, inputs)
+            (clip,) = vtprune.stats(model)["samples"][0]["videos"]
+        assert clip["summary_tokens"] == summaries
+        assert clip["tokens_out"] == tokens_to_keep(0.5, 24)
+
+
+def _evs_reference(features, t, n, keep):
+    """EVS from its definition, with loops: 255 for the first slice, 1 - cos with the same cell of the
+    previous slice after; the max(n, int(t n keep)) best, ties to the earlier token."""
+    scores = []
+    for i in range(t * n):
+        f, cell = divmod(i, n)
+        if f == 0:
+            scores.append((255.0, -i))
+        else:
+            a, b = features[i].double(), features[(f - 1) * n + cell].double()
+            scores.append((1 - float(a @ b / (a.norm() * b.norm()).clamp(min=1e-8)), -i))
+    count = max(n, int(t * n * keep))
+    return sorted(-i for _, i in sorted(scores, reverse=True)[:count])
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@pytest.mark.parametrize("keep", [0.5, 0.2])
+def test_evs_keeps_the_tokens_that_changed_since_the_previous_frame(family, keep):
+    """evs equals its definition on the stock model's own clip features (``get_video_features``): the first
+    frame whole, a repeated frame's tokens last; a still image stays whole.  vLLM's EVS keeps the same
+    tokens (tests/serving/test_video_pruners.py)."""
+    model = tiny_model(family)
+    inputs = _inputs(model, family, (1,), (1,), False, video_specs=[(4, 4, 6)])
+    pixels = inputs["pixel_values_videos"]
+    pixels[48:72] = pixels[24:48]  # slice 2 repeats slice 1 (each slice attends within itself in the tower)
+    with torch.no_grad():
+        features = model.model.get_video_features(pixels, inputs["video_grid_thw"]).pooler_output[0]
+    with vtprune.wrapped(model, "evs", keep=keep):
+        _logits(model, inputs)
+        image_kept, clip_kept = vtprune.last_kept(model)[0]
+        (clip,) = vtprune.stats(model)["samples"][0]["videos"]
+    assert image_kept.numel() == 16  # one slice: whole
+    assert clip_kept.tolist() == _evs_reference(features, 4, 6, keep)
+    assert clip["frames"][0]["tokens_out"] == 6 and clip["frames"][2]["tokens_out"] == 0  # the repeat goes first
+
+
+def test_evs_errors():
+    with pytest.raises(ValueError, match="scope='clip'"):
+        vtprune.wrap(tiny_model("qwen2_vl"), "evs", keep=0.5, scope="frame")
+
+
+def _vidcom2_reference(features, t, n, keep):
+    """VidCom2 from its definition (float64, loops): redundancy on the low-variance half of the channels,
+    per-frame shares by a softmax of frame uniqueness, the exact count by redundancy."""
+    x = features.double()
+    dim = x.shape[1]
+    var = [float(((x[:, c] - x[:, c].mean()) ** 2).mean()) for c in range(dim)]
+    low = sorted(range(dim), key=lambda c: var[c])[:max(1, dim // 2)]
+    x = x[:, low]
+    x = x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    clip_mean = x.mean(0)
+    gauss = lambda a, b: sum(math.exp(-float(((a - b) ** 2).sum()) / (2 * s)) for s in (1 / 8, 1 / 4, 1 / 2, 1, 2))
+    v = [gauss(x[i], clip_mean) for i in range(t * n)]
+    red = [v[i] + gauss(x[i], x[i // n * n:(i // n + 1) * n].mean(0)) for i in range(t * n)]
+    unique = [-sum(v[f * n:(f + 1) * n]) / n for f in range(t)]
+    e = [math.exp((u - max(unique)) / 0.01) for u in unique]
+    p = [a / sum(e) for a in e]
+    kept = set()
+    for f in range(t):
+        k = min(n, max(1, round(min(1.0, keep * (1 + p[f] - sum(p) / t)) * n)))
+        kept |= set(sorted(range(f * n, (f + 1) * n), key=lambda i: red[i])[:k])
+    target = max(t, int(t * n * keep))
+    while len(kept) > target:
+        kept.remove(max(kept, key=lambda i: red[i]))
+    while len(kept) < target:
+        kept.add(min(set(range(t * n)) - kept, key=lambda i: red[i]))
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@pytest.mark.parametrize("keep", [0.5, 0.25])
+def test_vidcom2_equals_its_definition_on_the_stock_features(family, keep):
+    """On the stock model's own clip features; vLLM's VidCom2 keeps the same tokens
+    (tests/serving/test_video_pruners.py).  In float64, as the reference: a softmax at temperature 0.01 turns
+    float32 rounding into a different share now and then (vLLM's in float32 agrees with vtprune's in float32)."""
+    model = tiny_model(family).double()
+    inputs = _inputs(model, family, (0,), (1,), False, video_specs=[(6, 4, 6)])
+    with torch.no_grad():
+        features = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output[0]
+    with vtprune.wrapped(model, "vidcom2", keep=keep):
+        _logits(model, inputs)
+        (kept,) = vtprune.last_kept(model)[0]
+        (clip,) = vtprune.stats(model)["samples"][0]["videos"]
+    assert kept.tolist() == _vidcom2_reference(features, 6, 6, keep)
+    assert clip["tokens_out"] == max(6, int(36 * keep)) and all(f["tokens_out"] >= 0 for f in clip["frames"])

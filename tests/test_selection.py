@@ -134,8 +134,8 @@ def test_kept_count_is_what_every_selector_keeps(family):
         cls = get(name)
         if cls.stage != "select" or (cls.merges and family.startswith("qwen")):
             continue
-        for extra in ({}, {"summary": 2}, {"scope": "tile"}):
-            if extra.get("summary") and cls.covers_all:
+        for extra in ({}, {"summary": 2}, {"scope": "tile"}, {"scope": "frame"}):
+            if extra.get("summary") and cls.covers_all or extra.get("scope") and cls.temporal:
                 continue
             with vtprune.wrapped(model, name, keep=0.25, **options, **extra):
                 with torch.no_grad():

@@ -123,8 +123,8 @@ class Capture:
 
     def _after_placeholder(self, args, kwargs, out):
         masks = out if isinstance(out, tuple) else (out,)
-        for i, medium in enumerate(MEDIA[:len(masks)]):
-            if kwargs.get(f"{medium}_features") is None and len(args) < 3 + i:
+        for i, medium in enumerate(MEDIA[:len(masks)]):  # (input_ids, inputs_embeds, image_features, video_features)
+            if kwargs.get(f"{medium}_features", args[2 + i] if len(args) > 2 + i else None) is None:
                 continue
             mask = masks[i]
             self.pending_masks[medium] = mask[..., 0] if mask.dim() == 3 else mask

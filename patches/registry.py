@@ -10,6 +10,7 @@ from .base import Adapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .llava_next_video import LlavaNextVideoAdapter
 from .qwen_vl import Qwen3VLAdapter, Qwen25VLAdapter, QwenVLAdapter
 
 _ADAPTERS: list = []
@@ -28,7 +29,7 @@ def register_adapter(adapter: type) -> type:
     return adapter
 
 
-for _adapter in (LlavaAdapter, LlavaNextAdapter, InternVLAdapter, QwenVLAdapter, Qwen25VLAdapter, Qwen3VLAdapter):
+for _adapter in (LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, InternVLAdapter, QwenVLAdapter, Qwen25VLAdapter, Qwen3VLAdapter):
     register_adapter(_adapter)
 ADAPTERS = tuple(_ADAPTERS)  # the tree's own
 

@@ -65,11 +65,16 @@ def image_runs(input_ids: torch.Tensor, video_counts=()) -> list:
 
 
 def video_counts(model, inputs) -> list:
-    """Each video's token count, from ``video_grid_thw``."""
+    """Each video's token count: from ``video_grid_thw`` (Qwen), or frames x pooled grid (LLaVA-NeXT-Video)."""
     grid = inputs.get("video_grid_thw")
-    if grid is None:
+    if grid is not None:
+        return (grid.prod(-1) // model.config.vision_config.spatial_merge_size**2).tolist()
+    pixels = inputs.get("pixel_values_videos")
+    if pixels is None:
         return []
-    return (grid.prod(-1) // model.config.vision_config.spatial_merge_size**2).tolist()
+    vision = model.config.vision_config
+    side = vision.image_size // vision.patch_size // model.config.spatial_pool_stride
+    return [pixels.shape[1] * side * side] * pixels.shape[0]
 
 
 def drop_mask(input_ids, kept, video_counts=()) -> torch.Tensor:

@@ -49,6 +49,7 @@ OPTIONS = {
     "holov": {"keep": 0.5, "crops": 3},
     "evs": {"keep": 0.5},
     "vidcom2": {"keep": 0.5},
+    "uniform_time": {"keep": 0.5},
     "pdrop": {"layer_list": [1]},
     "sparsevlm": {"pruning_loc": [0]},
     "exit": {"layer": 1},
@@ -59,7 +60,7 @@ OPTIONS = {
     "var": {"sink_dims": [0, 1], "tau": 1.5, "rho": 0.3, "summ": 0.05, "layers": [1]},
     "zerotuning": {"gamma": 3.0, "layers": [1]},
 }
-STILL = {"evs"}  # keeps a still image whole (its first and only frame): the same logits as stock
+STILL = {"evs", "uniform_time"}  # keep a still image whole (its first and only frame): the same logits as stock
 RAISES = {  # name -> (families or None for all, error, match)
     "downsample": (None, ValueError, "processor"),
     "visionzip": (("qwen2_vl",), ValueError, "merge"),

@@ -1,8 +1,9 @@
-"""Videos on the Qwen families, against references that do not use vtprune: keep-all ≡ the stock model;
-a pre-LLM cut ≡ the stock model with the dropped video tokens masked out (their (t, h, w) positions as
-the stock model numbers them, Qwen3-VL's timestamps untouched); an in-LLM exit ≡ the stock model with
-them masked from layer K on.  Batch 1 without a mask, and batch 2 left padded mixing an image and
-videos; ``generate`` with the cache.
+"""Videos (Qwen2/2.5/3-VL, LLaVA-NeXT-Video) against references that do not use vtprune: keep-all ≡ the
+stock model; a pre-LLM cut ≡ the stock model with the dropped video tokens masked out (positions as the
+stock model numbers them: Qwen's (t, h, w), Qwen3-VL's timestamps untouched); an in-LLM exit ≡ the stock
+model with them masked from layer K on.  Batch 1 without a mask, and batch 2 left padded mixing an image
+and videos; ``generate`` with the cache.  The temporal methods against their definitions (and, in
+tests/serving, against vLLM's own).
 """
 
 import math
@@ -22,6 +23,29 @@ LAYOUTS = [((0,), (1,), False), ((1, 0), (1, 2), True)]
 
 def _inputs(model, family, images, videos, with_mask, **kw):
     return tiny_inputs(model, family, images_per_row=images, videos_per_row=videos, with_mask=with_mask, **kw)
+
+
+def _clip(family, frames):
+    """(video spec, tokens per frame) of a clip of ``frames`` temporal slices: Qwen 2 x 3 tokens each,
+    LLaVA-NeXT-Video 2 x 2."""
+    return (frames, 4) if family == "llava_next_video" else ((frames, 4, 6), 6)
+
+
+def _clip_features(model, inputs):
+    """The stock model's features of the first clip (``get_video_features``)."""
+    with torch.no_grad():
+        extra = (inputs["video_grid_thw"],) if "video_grid_thw" in inputs else ()
+        return model.model.get_video_features(inputs["pixel_values_videos"], *extra).pooler_output[0]
+
+
+def _repeat_slice(inputs, src, dst):
+    """Make temporal slice ``dst`` of the first clip repeat slice ``src`` (each slice is encoded on its own)."""
+    pixels = inputs["pixel_values_videos"]
+    if pixels.dim() == 5:
+        pixels[:, dst] = pixels[:, src]
+    else:
+        n = int(inputs["video_grid_thw"][0, 1:].prod())
+        pixels[dst * n:(dst + 1) * n] = pixels[src * n:(src + 1) * n]
 
 
 def _logits(model, inputs):
@@ -48,7 +72,8 @@ def test_keep_all_is_stock(family, images, videos, with_mask):
 @pytest.mark.parametrize("images,videos,with_mask", LAYOUTS)
 @pytest.mark.parametrize("method,options", [("random", dict(keep=0.5)), ("uniform", dict(keep=0.25, scope="frame")),
                                             ("fastervlm", dict(keep=0.25, scope="clip")), ("divprune", dict(keep=3)),
-                                            ("evs", dict(keep=0.5)), ("vidcom2", dict(keep=0.25))])
+                                            ("evs", dict(keep=0.5)), ("vidcom2", dict(keep=0.25)),
+                                            ("uniform_time", dict(keep=0.5))])
 def test_pruning_equals_masked_reference(family, images, videos, with_mask, method, options):
     model = greedy_model(family)
     inputs = _inputs(model, family, images, videos, with_mask)
@@ -88,18 +113,18 @@ def test_the_cut_takes_only_video_tokens(family):
 @pytest.mark.parametrize("keep", [0.5, 2])
 def test_scope_frame_gives_every_frame_its_share_and_clip_one_budget(family, keep):
     model = tiny_model(family)
-    specs = [(4, 4, 6)]  # 4 temporal slices of 2 x 3 tokens
-    inputs = _inputs(model, family, (0,), (1,), False, video_specs=specs)
+    spec, n = _clip(family, 4)
+    inputs = _inputs(model, family, (0,), (1,), False, video_specs=[spec])
     with vtprune.wrapped(model, "fastervlm", keep=keep, scope="frame"):
         _logits(model, inputs)
         (clip,) = vtprune.stats(model)["samples"][0]["videos"]
-    assert [f["tokens_in"] for f in clip["frames"]] == [6] * 4
-    assert [f["tokens_out"] for f in clip["frames"]] == [tokens_to_keep(keep, 6)] * 4
-    for scope in ("clip", "image"):  # one budget over the clip's 24 tokens, wherever they score best
+    assert [f["tokens_in"] for f in clip["frames"]] == [n] * 4
+    assert [f["tokens_out"] for f in clip["frames"]] == [tokens_to_keep(keep, n)] * 4
+    for scope in ("clip", "image"):  # one budget over the clip's tokens, wherever they score best
         with vtprune.wrapped(model, "fastervlm", keep=keep, scope=scope):
             _logits(model, inputs)
             (clip,) = vtprune.stats(model)["samples"][0]["videos"]
-        assert clip["tokens_out"] == sum(f["tokens_out"] for f in clip["frames"]) == tokens_to_keep(keep, 24)
+        assert clip["tokens_out"] == sum(f["tokens_out"] for f in clip["frames"]) == tokens_to_keep(keep, 4 * n)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
@@ -187,23 +212,44 @@ def test_evs_keeps_the_tokens_that_changed_since_the_previous_frame(family, keep
     frame whole, a repeated frame's tokens last; a still image stays whole.  vLLM's EVS keeps the same
     tokens (tests/serving/test_video_pruners.py)."""
     model = tiny_model(family)
-    inputs = _inputs(model, family, (1,), (1,), False, video_specs=[(4, 4, 6)])
-    pixels = inputs["pixel_values_videos"]
-    pixels[48:72] = pixels[24:48]  # slice 2 repeats slice 1 (each slice attends within itself in the tower)
-    with torch.no_grad():
-        features = model.model.get_video_features(pixels, inputs["video_grid_thw"]).pooler_output[0]
+    spec, n = _clip(family, 4)
+    inputs = _inputs(model, family, (1,), (1,), False, video_specs=[spec])
+    _repeat_slice(inputs, 1, 2)
+    features = _clip_features(model, inputs)
     with vtprune.wrapped(model, "evs", keep=keep):
         _logits(model, inputs)
         image_kept, clip_kept = vtprune.last_kept(model)[0]
+        image, = vtprune.stats(model)["samples"][0]["images"]
         (clip,) = vtprune.stats(model)["samples"][0]["videos"]
-    assert image_kept.numel() == 16  # one slice: whole
-    assert clip_kept.tolist() == _evs_reference(features, 4, 6, keep)
-    assert clip["frames"][0]["tokens_out"] == 6 and clip["frames"][2]["tokens_out"] == 0  # the repeat goes first
+    assert image["tokens_out"] == image["tokens_in"]  # one slice: whole
+    assert clip_kept.tolist() == _evs_reference(features, 4, n, keep)
+    assert clip["frames"][0]["tokens_out"] == n and clip["frames"][2]["tokens_out"] == 0  # the repeat goes first
 
 
-def test_evs_errors():
+@pytest.mark.parametrize("method", ["evs", "vidcom2", "uniform_time"])
+def test_temporal_methods_share_one_budget_per_clip(method):
+    model = tiny_model("qwen2_vl")
     with pytest.raises(ValueError, match="scope='clip'"):
-        vtprune.wrap(tiny_model("qwen2_vl"), "evs", keep=0.5, scope="frame")
+        vtprune.wrap(model, method, keep=0.5, scope="frame")
+    assert not vtprune.is_wrapped(model)
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@pytest.mark.parametrize("keep,frames", [(0.5, [0, 2, 4]), (0.4, [0, 4]), (0.2, [0]), (0.01, [0]), (12, [0, 4])])
+def test_uniform_time_keeps_whole_frames_evenly_spaced(family, keep, frames):
+    """The temporal control: floor(T keep + 1/2) whole frames, first and last included (int keep: keep // n)."""
+    model = tiny_model(family)
+    spec, n = _clip(family, 5)
+    if isinstance(keep, int):
+        keep = keep * n // 6  # two frames' worth
+    inputs = _inputs(model, family, (1,), (1,), False, video_specs=[spec])
+    with vtprune.wrapped(model, "uniform_time", keep=keep):
+        _logits(model, inputs)
+        image, = vtprune.stats(model)["samples"][0]["images"]
+        (clip,) = vtprune.stats(model)["samples"][0]["videos"]
+    assert image["tokens_out"] == image["tokens_in"]
+    assert [f for f, frame in enumerate(clip["frames"]) if frame["tokens_out"]] == frames
+    assert all(frame["tokens_out"] in (0, n) for frame in clip["frames"])
 
 
 def _vidcom2_reference(features, t, n, keep):
@@ -241,12 +287,45 @@ def test_vidcom2_equals_its_definition_on_the_stock_features(family, keep):
     (tests/serving/test_video_pruners.py).  In float64, as the reference: a softmax at temperature 0.01 turns
     float32 rounding into a different share now and then (vLLM's in float32 agrees with vtprune's in float32)."""
     model = tiny_model(family).double()
-    inputs = _inputs(model, family, (0,), (1,), False, video_specs=[(6, 4, 6)])
-    with torch.no_grad():
-        features = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output[0]
+    spec, n = _clip(family, 6)
+    inputs = _inputs(model, family, (0,), (1,), False, video_specs=[spec])
+    features = _clip_features(model, inputs)
     with vtprune.wrapped(model, "vidcom2", keep=keep):
         _logits(model, inputs)
         (kept,) = vtprune.last_kept(model)[0]
         (clip,) = vtprune.stats(model)["samples"][0]["videos"]
-    assert kept.tolist() == _vidcom2_reference(features, 6, 6, keep)
-    assert clip["tokens_out"] == max(6, int(36 * keep)) and all(f["tokens_out"] >= 0 for f in clip["frames"])
+    assert kept.tolist() == _vidcom2_reference(features, 6, n, keep)
+    assert clip["tokens_out"] == max(6, int(6 * n * keep)) and all(f["tokens_out"] >= 0 for f in clip["frames"])
+
+
+def test_fastervlm_on_llava_next_video_clips_equals_the_eager_cls_row():
+    """A clip's token scores are the eager tower's [CLS] row (heads averaged, the layer the projector reads)
+    of its frame, summed over the 2 x 2 patches its pooling window covers."""
+    model = tiny_model("llava_next_video")
+    eager = tiny_model("llava_next_video", attn_implementation="eager")
+    inputs = _inputs(model, "llava_next_video", (0,), (1,), False)
+    frames = inputs["pixel_values_videos"][0]
+    with torch.no_grad():
+        cls = eager.model.vision_tower(pixel_values=frames, output_attentions=True).attentions[-2][:, :, 0, 1:].mean(1)
+    side = int(cls.shape[1] ** 0.5)
+    ref = cls.view(-1, side // 2, 2, side // 2, 2).sum((2, 4)).reshape(-1)  # frame-major, raster pooled grid
+    with vtprune.wrapped(model, "fastervlm", keep=0.25):
+        _logits(model, inputs)
+        ours = vtprune.record(model).scores[0]
+        (kept,) = vtprune.last_kept(model)[0]
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+    assert kept.tolist() == sorted(torch.sort(ref, descending=True, stable=True).indices[:3].tolist())
+
+
+def test_visionzip_on_llava_next_video_images_and_a_clear_error_on_clips():
+    model = tiny_model("llava_next_video")
+    image = _inputs(model, "llava_next_video", (1,), (0,), False)
+    clip = _inputs(model, "llava_next_video", (0,), (1,), False)
+    with torch.no_grad():
+        stock = model(**clip).logits
+    with vtprune.wrapped(model, "visionzip", keep=0.5):
+        _logits(model, image)
+        assert vtprune.stats(model)["visual_tokens_out"] < vtprune.stats(model)["visual_tokens_in"]
+        with pytest.raises(vtprune.NotApplicable, match="pools a clip's frames"):
+            _logits(model, clip)
+    assert torch.equal(_logits(model, clip), stock)

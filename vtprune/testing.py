@@ -38,7 +38,7 @@ def tiny_config(family: str):
     """Config of a tiny random model of ``family`` (one of ``FAMILIES``)."""
     import transformers as tf
 
-    if family in ("llava", "llava_next"):
+    if family in ("llava", "llava_next", "llava_next_video"):
         vision = tf.CLIPVisionConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
             image_size=56, patch_size=14,
@@ -49,7 +49,13 @@ def tiny_config(family: str):
         )
         if family == "llava":
             return tf.LlavaConfig(**common)
-        return tf.LlavaNextConfig(**common, image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]])
+        pinpoints = [[56, 112], [112, 56], [112, 112]]
+        if family == "llava_next_video":
+            common["text_config"] = tf.LlamaConfig(**_TEXT).to_dict()
+            common["vision_config"] = vision.to_dict()
+            return tf.LlavaNextVideoConfig(**common, image_grid_pinpoints=pinpoints, video_token_index=VIDEO_TOKEN,
+                                           spatial_pool_stride=2, spatial_pool_mode="average")
+        return tf.LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)
     if family == "internvl":
         vision = tf.InternVLVisionConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -82,6 +88,7 @@ def tiny_config(family: str):
 _CLASSES = {
     "llava": "LlavaForConditionalGeneration",
     "llava_next": "LlavaNextForConditionalGeneration",
+    "llava_next_video": "LlavaNextVideoForConditionalGeneration",
     "internvl": "InternVLForConditionalGeneration",
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
@@ -110,7 +117,7 @@ def tiny_model(family: str, seed: int = 0, attn_implementation: str = "sdpa", ll
 # a tile count for InternVL, an (h, w) patch grid for Qwen, and ignored for LLaVA.
 
 _DEFAULT_IMAGE = {
-    "llava": None, "llava_next": (50, 100), "internvl": 3,
+    "llava": None, "llava_next": (50, 100), "llava_next_video": (50, 100), "internvl": 3,
     "qwen2_vl": (8, 8), "qwen2_5_vl": (8, 8), "qwen3_vl": (8, 8),
 }
 
@@ -118,7 +125,7 @@ _DEFAULT_IMAGE = {
 def _pixels(family, config, spec, gen):
     if family == "llava":
         return {"pixel_values": torch.randn(1, 3, 56, 56, generator=gen)}
-    if family == "llava_next":
+    if family in ("llava_next", "llava_next_video"):
         return {"pixel_values": torch.randn(1, 5, 3, 56, 56, generator=gen), "image_sizes": torch.tensor([spec])}
     if family == "internvl":
         return {"pixel_values": torch.randn(spec, 3, 56, 56, generator=gen)}
@@ -133,7 +140,7 @@ def _n_image_tokens(model, family, pix):
         return model.config.image_seq_length
     if family == "internvl":
         return model.config.image_seq_length * pix["pixel_values"].shape[0]
-    if family == "llava_next":
+    if family in ("llava_next", "llava_next_video"):
         with torch.no_grad():
             out = model.model.get_image_features(pixel_values=pix["pixel_values"], image_sizes=pix["image_sizes"])
         return out.pooler_output[0].shape[0]
@@ -150,11 +157,15 @@ def _merge_pixels(family, parts):
     return out
 
 
-VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-DEFAULT_VIDEO = (3, 4, 6)  # (temporal, h, w) patches: 3 frames of 2 x 3 LLM tokens
+VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next_video")
+DEFAULT_VIDEO = {"qwen2_vl": (3, 4, 6), "qwen2_5_vl": (3, 4, 6), "qwen3_vl": (3, 4, 6),  # (t, h, w) patches: 3 x 2 x 3
+                 "llava_next_video": 3}  # frames of 2 x 2 pooled tokens
 
 
-def _video_pixels(config, spec, gen):
+def _video_pixels(family, config, spec, gen):
+    if family == "llava_next_video":
+        size = config.vision_config.image_size
+        return {"pixel_values_videos": torch.randn(1, spec, 3, size, size, generator=gen)}
     v = config.vision_config
     t, h, w = spec
     dim = 3 * v.temporal_patch_size * v.patch_size**2
@@ -163,7 +174,11 @@ def _video_pixels(config, spec, gen):
 
 def _video_ids(family, config, spec, gen) -> list:
     """A clip's prompt tokens: Qwen3-VL puts a timestamp (here two text tokens) and its own start/end
-    around every temporal slice; Qwen2/2.5-VL one start/end around the clip."""
+    around every temporal slice; Qwen2/2.5-VL one start/end around the clip; LLaVA-NeXT-Video the frames'
+    pooled tokens one after another."""
+    if family == "llava_next_video":
+        side = config.vision_config.image_size // config.vision_config.patch_size // config.spatial_pool_stride
+        return [110] + [VIDEO_TOKEN] * (spec * side * side) + [111]
     t, h, w = spec
     per_frame = (h // config.vision_config.spatial_merge_size) * (w // config.vision_config.spatial_merge_size)
     if family == "qwen3_vl":
@@ -182,7 +197,8 @@ def tiny_inputs(model, family: str, images_per_row=(1,), text_lens=None, image_s
 
     ``text_lens[b]`` is the number of plain text tokens before the first image (default varies per
     row so that a batch is left padded). ``image_specs`` gives one spec per image in row-major order,
-    ``video_specs`` one ``(temporal, h, w)`` patch grid per video (default ``DEFAULT_VIDEO``).
+    ``video_specs`` one per video: a ``(temporal, h, w)`` patch grid (Qwen), a frame count (LLaVA-NeXT-Video);
+    default ``DEFAULT_VIDEO``.
     Returns the kwargs for ``model(**inputs)`` / ``model.generate(**inputs)``.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -196,7 +212,7 @@ def tiny_inputs(model, family: str, images_per_row=(1,), text_lens=None, image_s
     if image_specs is None:
         image_specs = [_DEFAULT_IMAGE[family]] * n_images
     if video_specs is None:
-        video_specs = [DEFAULT_VIDEO] * sum(videos_per_row)
+        video_specs = [DEFAULT_VIDEO.get(family)] * sum(videos_per_row)
     pix_parts = [_pixels(family, config, spec, gen) for spec in image_specs]
     counts = [_n_image_tokens(model, family, p) for p in pix_parts]
     if text_lens is None:
@@ -224,7 +240,7 @@ def tiny_inputs(model, family: str, images_per_row=(1,), text_lens=None, image_s
     if with_mask:
         inputs["attention_mask"] = mask
     inputs.update(_merge_pixels(family, pix_parts))
-    inputs.update(_merge_pixels(family, [_video_pixels(config, spec, gen) for spec in video_specs]))
+    inputs.update(_merge_pixels(family, [_video_pixels(family, config, spec, gen) for spec in video_specs]))
     if family.startswith("qwen"):
         inputs["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).int() + 2 * (input_ids == VIDEO_TOKEN).int()
     return inputs

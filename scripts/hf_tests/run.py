@@ -1,4 +1,4 @@
-"""Run transformers' own model tests of the six families stock, then with every model wrapped.
+"""Run transformers' own model tests of the supported families stock, then with every model wrapped.
 
     python scripts/hf_tests/run.py TRANSFORMERS_DIR [--spec random:keep=1.0] [--families llava,qwen3_vl] [-n 2] [-k EXPR]
 
@@ -24,7 +24,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
-FAMILIES = ("llava", "llava_next", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("llava", "llava_next", "llava_next_video", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 HERE = Path(__file__).resolve().parent
 
 

@@ -21,12 +21,12 @@ from .holov import HoloV
 from .layer import DART, DyVTE, Exit, FastV
 from .pdrop import PDrop
 from .sparsevlm import SparseVLM
-from .temporal import EVS, VidCom2
+from .temporal import EVS, UniformTime, VidCom2
 from .var import VAR
 from .vispruner import VisPruner
 from .vhr import VHR
 from .zerotuning import ZeroTuning
 
 __all__ = ["CDPruner", "DART", "DivPrune", "Downsample", "DyVTE", "EVS", "Exit", "FastV", "FasterVLM", "HoloV", "LayerMethod", "Method",
-           "PDrop", "Pool", "Random", "ScoreContext", "Selector", "SparseVLM", "Uniform", "VAR", "VHR", "VTCCLS",
+           "PDrop", "Pool", "Random", "ScoreContext", "Selector", "SparseVLM", "Uniform", "UniformTime", "VAR", "VHR", "VTCCLS",
            "VidCom2", "VisPruner", "VisionZip", "ZeroTuning", "available", "from_dict", "get", "register", "resolve"]

@@ -1,5 +1,6 @@
 """Temporal selectors for videos: tokens ranked by how much they changed since the previous frame
-(``evs``), or by how unlike the clip and their frame they are, with budgets per frame (``vidcom2``).
+(``evs``), or by how unlike the clip and their frame they are, with budgets per frame (``vidcom2``);
+and the temporal control, whole frames evenly spaced in time (``uniform_time``).
 
 ``evs`` — Efficient Video Sampling (Bagrov et al., arXiv 2510.14624), as vLLM implements it
 (``vllm/multimodal/video_prune/evs.py``, ``--video-pruning-method evs``): a token's score is its
@@ -31,6 +32,33 @@ import torch.nn.functional as F
 from .base import Selector, register
 
 FIRST = 255.0  # the first slice's score (vLLM's): above every dissimilarity, which lies in [0, 2]
+
+
+class ClipSelector(Selector):
+    """A temporal selector: one budget over a clip's frames (``scope`` "image"/"clip"), its kept count
+    ``count(tokens per slice, slices)``."""
+
+    temporal: ClassVar[bool] = True
+
+    def validate(self):
+        super().validate()
+        if self.scope not in ("image", "clip"):
+            raise ValueError(f"{self.name} shares one budget over a clip's frames (scope='clip'); got "
+                             f"scope={self.scope!r}")
+
+    def count(self, per_slice: int, slices_: int) -> int:
+        raise NotImplementedError
+
+    def budget(self, layout):
+        parts = slices(layout)
+        return self.count(int(parts[0].numel()), len(parts))
+
+    def clips(self, ctx):
+        """``(layout, features)`` of every clip of the call."""
+        for layout, features in zip(ctx.layouts, ctx.features):
+            if features is None:
+                raise RuntimeError(f"vtprune: {self.name} needs the clip's features; the vision tower's run was not seen")
+            yield layout, features
 
 
 def slices(layout) -> list:
@@ -65,7 +93,7 @@ def evs_count(per_slice: int, slices_: int, keep) -> int:
 
 @register("evs")
 @dataclass
-class EVS(Selector):
+class EVS(ClipSelector):
     """Efficient Video Sampling (vLLM's ``evs``): keep the tokens that changed most since the previous
     frame, the first frame whole.
 
@@ -78,25 +106,12 @@ class EVS(Selector):
     """
 
     paper: ClassVar[str] = "EVS: Bagrov et al., arXiv 2510.14624 (vLLM --video-pruning-method evs)"
-    temporal: ClassVar[bool] = True
 
-    def validate(self):
-        super().validate()
-        if self.scope not in ("image", "clip"):
-            raise ValueError(f"evs ranks a whole clip against its previous frames (scope='clip'); got "
-                             f"scope={self.scope!r}")
-
-    def budget(self, layout):
-        parts = slices(layout)
-        return evs_count(int(parts[0].numel()), len(parts), self.keep)
+    def count(self, per_slice, slices_):
+        return evs_count(per_slice, slices_, self.keep)
 
     def score(self, ctx):
-        scores = []
-        for layout, features in zip(ctx.layouts, ctx.features):
-            if features is None:
-                raise RuntimeError("vtprune: evs needs the clip's features; the vision tower's run was not seen")
-            scores.append(evs_scores(layout, features))
-        return scores
+        return [evs_scores(layout, features) for layout, features in self.clips(ctx)]
 
 
 ALPHAS = tuple(2.0 ** k for k in range(-3, 2))  # the Gaussian kernels' widths
@@ -148,7 +163,7 @@ def vidcom2_kept(frames: torch.Tensor, keep) -> tuple:
 
 @register("vidcom2")
 @dataclass
-class VidCom2(Selector):
+class VidCom2(ClipSelector):
     """VidCom2 (vLLM's ``vidcom2``): frames unlike the rest of the clip get more of the budget, and each
     keeps its tokens least like the clip's and its frame's mean.
 
@@ -160,22 +175,13 @@ class VidCom2(Selector):
     """
 
     paper: ClassVar[str] = "VidCom2: Liu et al., EMNLP 2025, arXiv 2505.14454 (vLLM --video-pruning-method vidcom2)"
-    temporal: ClassVar[bool] = True
 
-    def validate(self):
-        super().validate()
-        if self.scope not in ("image", "clip"):
-            raise ValueError(f"vidcom2 shares one budget over a clip's frames (scope='clip'); got scope={self.scope!r}")
-
-    def budget(self, layout):
-        parts = slices(layout)
-        return vidcom2_count(int(parts[0].numel()), len(parts), self.keep)
+    def count(self, per_slice, slices_):
+        return vidcom2_count(per_slice, slices_, self.keep)
 
     def score(self, ctx):
         scores = []
-        for layout, features in zip(ctx.layouts, ctx.features):
-            if features is None:
-                raise RuntimeError("vtprune: vidcom2 needs the clip's features; the vision tower's run was not seen")
+        for layout, features in self.clips(ctx):
             parts = slices(layout)
             if len({p.numel() for p in parts}) != 1:
                 raise ValueError("vidcom2 needs frames of one size")
@@ -184,5 +190,41 @@ class VidCom2(Selector):
                                             self.keep)
             s = torch.full((layout.n,), float("-inf"))  # the kept tokens first (the budget is their count),
             s[order] = kept.cpu().float() * 100.0 - redundancy.float().cpu()  # the least redundant first
+            scores.append(s)
+        return scores
+
+
+def even_frames(slices_: int, count: int) -> torch.Tensor:
+    """``count`` of ``slices_`` frame indices evenly spaced in time, first and last included
+    (``linspace(0, T - 1, count)`` rounded, as Qwen3-VL's processor samples frames)."""
+    return torch.linspace(0, slices_ - 1, count).round().long().unique()
+
+
+@register("uniform_time")
+@dataclass
+class UniformTime(ClipSelector):
+    """Whole frames evenly spaced in time: the control for video methods, as ``uniform`` is in space.
+
+    A clip of T temporal slices keeps ``max(1, floor(T keep + 1/2))`` of them (an int ``keep``: ``max(1, keep // n)``,
+    n tokens per slice), first and last included, every token of each: what sampling fewer frames would
+    feed the LLM (same tokens, same positions).  A still image is one slice: it stays whole.
+    """
+
+    def frames_kept(self, layout) -> torch.Tensor:
+        parts = slices(layout)
+        n = int(parts[0].numel())
+        count = int(len(parts) * self.keep + 0.5) if isinstance(self.keep, float) else self.keep // max(n, 1)
+        return even_frames(len(parts), min(len(parts), max(1, count)))
+
+    def budget(self, layout):
+        parts = slices(layout)
+        return sum(int(parts[f].numel()) for f in self.frames_kept(layout).tolist())
+
+    def score(self, ctx):
+        scores = []
+        for layout in ctx.layouts:
+            s = torch.zeros(layout.n)
+            for f in self.frames_kept(layout).tolist():
+                s[slices(layout)[f]] = 1.0
             scores.append(s)
         return scores

@@ -103,7 +103,7 @@ def test_info_method_says_stage_options_and_paper(name, capsys):
     for option in vtprune.spec.options_of(name):
         assert f"\n  {option} " in out
     assert (cls.paper in out) if cls.paper else "a control" in out
-    if name not in ("random", "uniform", "pool", "downsample", "exit"):  # controls
+    if name not in ("random", "uniform", "pool", "downsample", "exit", "uniform_time"):  # controls
         assert "arXiv" in cls.paper
 
 

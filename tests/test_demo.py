@@ -17,7 +17,9 @@ QUESTIONS = toy.eval_split(n=2, seed=1000)  # what run(n=2, seed=0) asks
 
 
 def _takes_keep(name):
-    return "keep" in {f.name for f in dataclasses.fields(methods.get(name)) if f.init}
+    """Whether the demo runs one budget per ``keep`` (pre-LLM and in-LLM methods that take one)."""
+    cls = methods.get(name)
+    return cls.stage != "attention" and "keep" in {f.name for f in dataclasses.fields(cls) if f.init}
 
 
 def _per_layer(text, label):
@@ -53,7 +55,7 @@ def test_every_method_runs_and_explains_itself(name, tmp_path, capsys, monkeypat
     for label in labels:  # run, tokens, LLM sequence, prefill, LLM work saved, p(truth), correct
         row = rf"^{re.escape(label)}\s+\d+\s+\d+\s+[\d.]+ ms\s+\d+%\s+[\d.]+\s+\d/2$"
         assert re.search(row, text, re.MULTILINE), label
-    if stage == "select" and name not in ("evs", "uniform_time"):  # they keep a still image (one frame) whole
+    if stage == "select" and name not in ("evs", "uniform_time", "dycoke"):  # a still image (one frame): whole
         assert re.search(r"^keep=0\.25\s+64\s", text, re.MULTILINE)  # 64 of 256 tokens per image
     if stage == "llm":
         assert "visual tokens per decoder layer" in text

@@ -50,6 +50,9 @@ OPTIONS = {
     "evs": {"keep": 0.5},
     "vidcom2": {"keep": 0.5},
     "uniform_time": {"keep": 0.5},
+    "fastvid": {"keep": 0.5},
+    "dycoke": {"keep": 0.5},
+    "pdkv": {"layer": 1, "keep": 0.5},
     "pdrop": {"layer_list": [1]},
     "sparsevlm": {"pruning_loc": [0]},
     "exit": {"layer": 1},
@@ -60,7 +63,8 @@ OPTIONS = {
     "var": {"sink_dims": [0, 1], "tau": 1.5, "rho": 0.3, "summ": 0.05, "layers": [1]},
     "zerotuning": {"gamma": 3.0, "layers": [1]},
 }
-STILL = {"evs", "uniform_time"}  # keep a still image whole (its first and only frame): the same logits as stock
+# keep a still image whole (its first and only frame), or act only while decoding: the prefill's logits are stock
+STILL = {"evs", "uniform_time", "dycoke", "pdkv"}
 RAISES = {  # name -> (families or None for all, error, match)
     "downsample": (None, ValueError, "processor"),
     "visionzip": (("qwen2_vl",), ValueError, "merge"),

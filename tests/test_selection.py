@@ -143,7 +143,12 @@ def test_kept_count_is_what_every_selector_keeps(family):
                 kept = vtprune.last_kept(model)[0][0]
                 layout = vtprune.record(model).layouts[0][0]
                 config = vtprune.api.methods_of(model)[0]
-            assert config.kept_count(layout) == kept.numel(), (name, extra)
+            try:
+                count = config.kept_count(layout)
+            except NotApplicable as err:  # the count depends on the selection (fastvid's segments): it says so
+                assert "depends" in str(err), (name, extra)
+                continue
+            assert count == kept.numel(), (name, extra)
             checked += 1
     assert checked >= 20
     rows = get("uniform")(keep=0.25)

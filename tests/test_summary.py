@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from reference import BiasedReference, drop_mask, image_runs, staged_masks
+from reference import BiasedReference, drop_mask, image_runs, staged_masks, video_counts
 
 import vtprune
 from vtprune.compat import enable_checkpointing
 from vtprune.errors import NotApplicable
-from vtprune.testing import FAMILIES, tiny_inputs, tiny_model
+from vtprune.testing import FAMILIES, VIDEO_FAMILIES, tiny_inputs, tiny_model
 
 ATOL = 1e-5
 
@@ -23,12 +23,13 @@ def _model(family, seed=0, attn="sdpa"):
     return model
 
 
-def _expected(inputs, record, ref, feature="mean", joins=False):
+def _expected(inputs, record, ref, feature="mean", joins=False, clips=()):
     """(drop, sizes, features) of the reference from the wrapped model's record: which tokens it kept,
-    the groups its summary tokens stand for, the sizes it gave; the features are computed here."""
-    drop = drop_mask(inputs["input_ids"], record.kept)
+    the groups its summary tokens stand for, the sizes it gave; the features are computed here
+    (``clips``: each video's token count)."""
+    drop = drop_mask(inputs["input_ids"], record.kept, clips)
     sizes, features = {}, {}
-    for b, runs in enumerate(image_runs(inputs["input_ids"])):
+    for b, runs in enumerate(image_runs(inputs["input_ids"], clips)):
         for i, run in enumerate(runs):
             if record.sizes is not None:
                 for idx, size in zip(record.kept[b][i].tolist(), record.sizes[b][i].tolist()):
@@ -79,10 +80,11 @@ def _check(model, inputs, method, feature="mean", **options):
         ref.embeds = _merged_embeds(model, inputs, method, options)
     logits, record, stats, tokens, generated = _run(model, inputs, method, **options)
     joins = bool(options.get("summary")) and options.get("size_bias", False)
-    drop, sizes, features = _expected(inputs, record, ref, feature, joins)
+    clips = video_counts(model, inputs)
+    drop, sizes, features = _expected(inputs, record, ref, feature, joins, clips)
     assert sizes, "the run weighed no token"
     torch.testing.assert_close(logits[:, -1], ref.logits(drop, sizes, features)[:, -1], atol=ATOL, rtol=0)
-    drop, sizes, features = _expected(inputs, generated, ref, feature, joins)
+    drop, sizes, features = _expected(inputs, generated, ref, feature, joins, clips)
     assert torch.equal(tokens, ref.greedy(drop, sizes, features))
     return record, stats
 
@@ -99,6 +101,21 @@ def test_summary_equals_biased_reference(family, rows, with_mask):
         for groups, kept, img in zip(images, record.kept[b], [i for i in stats["samples"][b]["images"]]):
             assert len(groups) == img["summary_tokens"] == 1
             assert kept.numel() == img["tokens_out"]
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@pytest.mark.parametrize("options", [dict(summary=2), dict(summary=1, scope="frame"), dict(size_bias=True)])
+def test_summary_and_size_bias_over_clips_equal_biased_reference(family, options):
+    """Summary tokens stand for a clip's dropped tokens across its frames (or each frame's), weighted by
+    log(size): a token seen in many frames merges into one; batch 2 left padded, an image beside clips."""
+    model = _model(family)
+    inputs = tiny_inputs(model, family, images_per_row=(1, 0), videos_per_row=(1, 2))
+    record, stats = _check(model, inputs, "random", keep=0.5, **options)
+    clips = [v for s in stats["samples"] for v in s.get("videos", [])]
+    assert len(clips) == 3
+    if options.get("summary"):
+        frames = len(clips[0]["frames"]) if options.get("scope") == "frame" else 1
+        assert all(v["summary_tokens"] == options["summary"] * frames for v in clips)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen3_vl"])

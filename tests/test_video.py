@@ -73,7 +73,7 @@ def test_keep_all_is_stock(family, images, videos, with_mask):
 @pytest.mark.parametrize("method,options", [("random", dict(keep=0.5)), ("uniform", dict(keep=0.25, scope="frame")),
                                             ("fastervlm", dict(keep=0.25, scope="clip")), ("divprune", dict(keep=3)),
                                             ("evs", dict(keep=0.5)), ("vidcom2", dict(keep=0.25)),
-                                            ("uniform_time", dict(keep=0.5))])
+                                            ("uniform_time", dict(keep=0.5)), ("dycoke", dict(keep=0.3))])
 def test_pruning_equals_masked_reference(family, images, videos, with_mask, method, options):
     model = greedy_model(family)
     inputs = _inputs(model, family, images, videos, with_mask)

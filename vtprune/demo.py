@@ -64,7 +64,10 @@ def _check(method, options, keeps):
         notes.append(f"demo default {_fmt(added)}: {DEFAULTS[method][1]}")
         options.update(added)
     budgets = None
-    if "keep" in accepted:
+    if cls.stage == "attention" and "keep" in accepted:  # pdkv: a share of the cache while decoding
+        notes.append(f"{method} acts while decoding; the toy answers in one token, from the prefill, so its run "
+                     "answers as the stock model does (its own keep applies, not the budgets)")
+    elif "keep" in accepted:
         if "keep" in options:
             budgets = [options.pop("keep")]
             notes.append(f"keep={budgets[0]} given as an option: one run at that budget")

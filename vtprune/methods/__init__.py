@@ -17,6 +17,8 @@ from .base import LayerMethod, Method, ScoreContext, Selector, available, from_d
 from .cls import VTCCLS, FasterVLM, VisionZip
 from .cdpruner import CDPruner
 from .controls import DivPrune, Downsample, Pool, Random, Uniform
+from .dycoke import PDKV, DyCoke
+from .fastvid import FastVID
 from .holov import HoloV
 from .layer import DART, DyVTE, Exit, FastV
 from .pdrop import PDrop
@@ -27,6 +29,6 @@ from .vispruner import VisPruner
 from .vhr import VHR
 from .zerotuning import ZeroTuning
 
-__all__ = ["CDPruner", "DART", "DivPrune", "Downsample", "DyVTE", "EVS", "Exit", "FastV", "FasterVLM", "HoloV", "LayerMethod", "Method",
-           "PDrop", "Pool", "Random", "ScoreContext", "Selector", "SparseVLM", "Uniform", "UniformTime", "VAR", "VHR", "VTCCLS",
+__all__ = ["CDPruner", "DART", "DivPrune", "Downsample", "DyCoke", "DyVTE", "EVS", "Exit", "FastV", "FastVID", "FasterVLM", "HoloV", "LayerMethod", "Method",
+           "PDKV", "PDrop", "Pool", "Random", "ScoreContext", "Selector", "SparseVLM", "Uniform", "UniformTime", "VAR", "VHR", "VTCCLS",
            "VidCom2", "VisPruner", "VisionZip", "ZeroTuning", "available", "from_dict", "get", "register", "resolve"]

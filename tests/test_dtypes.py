@@ -64,7 +64,9 @@ def toy_pair():
     return toy.load(), toy.load(dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("spec", ["fastervlm", "fastervlm:received", "vtc_cls", "visionzip", "pool", "uniform"])
+# one per path dtype can touch: [CLS] scores, received scores, a merge before the projector, mean features
+# (vtc_cls sums fastervlm's scores; uniform reads no feature)
+@pytest.mark.parametrize("spec", ["fastervlm", "fastervlm:received", "visionzip", "pool"])
 def test_toy_bf16_keeps_what_fp32_keeps(toy_pair, spec):
     """At keep 0.1 the bf16 toy model keeps >= 95% of the tokens the fp32 model keeps, and its
     accuracy is within 2 points. (DivPrune's greedy max-min order is chaotic: one different early

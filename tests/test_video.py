@@ -329,3 +329,31 @@ def test_visionzip_on_llava_next_video_images_and_a_clear_error_on_clips():
         with pytest.raises(vtprune.NotApplicable, match="pools a clip's frames"):
             _logits(model, clip)
     assert torch.equal(_logits(model, clip), stock)
+
+
+def test_frames_to_inputs_without_torchvision():
+    """``vtprune.video_inputs.qwen_video`` turns uint8 frames into what Qwen2VLVideoProcessor gives (checked
+    against the processor in tests/serving/test_video_inputs.py): sides picked by smart_resize, a clip padded
+    to whole temporal patches, rows in the merger's order; the model runs and prunes on it."""
+    from vtprune.video_inputs import qwen_video, smart_resize
+
+    assert smart_resize(224, 308, 28, 128 * 28 * 28, 28 * 28 * 768) == (280, 392)  # too small: enlarged
+    assert smart_resize(1080, 1920, 28, 128 * 28 * 28, 28 * 28 * 768) == (560, 1008)  # too large: shrunk
+    assert smart_resize(448, 448, 28, 128 * 28 * 28, 28 * 28 * 768) == (448, 448)
+    frames = torch.randint(0, 256, (5, 3, 56, 84), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    clip = qwen_video(frames, min_pixels=28 * 28, max_pixels=56 * 84)  # 56 x 84 fits: no resize
+    assert clip["video_grid_thw"].tolist() == [[3, 4, 6]]  # 5 frames padded to 6: 3 temporal patches
+    rows = clip["pixel_values_videos"].view(3, 2, 3, 2, 2, 3, 2, 14, 14)  # t, h/2, w/2, mh, mw, c, tp, ph, pw
+    assert torch.equal(rows[2, ..., 1, :, :], rows[2, ..., 0, :, :])  # the last frame repeated
+    mean, std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    cell = (frames[3, :, 14:28, 42:56].float() / 255 - mean[:, None, None]) / std[:, None, None]
+    torch.testing.assert_close(rows[1, 0, 1, 1, 1, :, 1], cell)  # frame 3: patch row 1, column 3
+    model = greedy_model("qwen2_vl")
+    inputs = _inputs(model, "qwen2_vl", (0,), (1,), False)
+    inputs.update(clip)
+    vtprune.wrap(model, "random", keep=0.5)
+    logits = _logits(model, inputs)
+    kept = vtprune.last_kept(model)
+    vtprune.unwrap(model)
+    ref = masked_forward(model, inputs, drop_mask(inputs["input_ids"], kept, video_counts(model, inputs)))
+    torch.testing.assert_close(logits[:, -1], ref[:, -1], atol=ATOL, rtol=0)

@@ -1,0 +1,64 @@
+"""Qwen2-VL / Qwen2.5-VL video inputs without torchvision: what ``Qwen2VLVideoProcessor`` makes of frames.
+
+transformers' video processors need torchvision, which cannot load next to some torch builds (a CPU torch
+from a local wheel, for one).  :func:`qwen_video` reproduces the processor's layout from uint8 frames:
+each frame resized (bicubic, antialiased) to the sides ``smart_resize`` picks, rescaled and normalised,
+the clip padded to a whole number of temporal patches by repeating its last frame, then cut into
+``temporal x 14 x 14`` patches in the order the vision tower's 2 x 2 merger reads them.  The resize runs
+on uint8 through torch's own antialiased bicubic kernel, the one torchvision calls, so the result equals
+the processor's (``tests/serving/test_video_inputs.py`` runs the real processor where torchvision loads).
+Users with torchvision use the processor as usual.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 28 * 28 * 1280) -> tuple:
+    """The ``(height, width)`` Qwen's processors resize to: each side a multiple of ``factor`` near the
+    original, the area brought within ``[min_pixels, max_pixels]`` keeping the aspect ratio."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"a frame's aspect ratio must be under 200, got {height}x{width}")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        scale = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / scale / factor) * factor)
+        w = max(factor, math.floor(width / scale / factor) * factor)
+    elif h * w < min_pixels:
+        scale = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * scale / factor) * factor, math.ceil(width * scale / factor) * factor
+    return h, w
+
+
+def qwen_video(frames, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2,
+               min_pixels: int = 128 * 28 * 28, max_pixels: int = 28 * 28 * 768, mean=OPENAI_CLIP_MEAN,
+               std=OPENAI_CLIP_STD) -> dict:
+    """``{"pixel_values_videos": [t h w, 3 temporal patch^2], "video_grid_thw": [[t, h, w]]}`` of one clip,
+    ``frames`` uint8 ``[T, 3, H, W]`` (a tensor or an array), as ``Qwen2VLVideoProcessor`` (Qwen2-VL,
+    Qwen2.5-VL) lays them out with its defaults (``min_pixels``/``max_pixels``: its ``size`` shortest and
+    longest edge)."""
+    x = torch.as_tensor(frames)
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"frames must be [T, 3, H, W], got {tuple(x.shape)}")
+    factor = patch_size * merge_size
+    height, width = smart_resize(x.shape[-2], x.shape[-1], factor, min_pixels, max_pixels)
+    if (height, width) != tuple(x.shape[-2:]):  # on uint8, as the processor resizes (torchvision's uint8 kernel)
+        x = F.interpolate(x.to(torch.uint8).contiguous(), size=(height, width), mode="bicubic", antialias=True,
+                          align_corners=False)
+    x = (x.float() / 255.0 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    if pad := -x.shape[0] % temporal_patch_size:
+        x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
+    t, h, w = x.shape[0] // temporal_patch_size, height // patch_size, width // patch_size
+    x = x.view(t, temporal_patch_size, 3, h // merge_size, merge_size, patch_size, w // merge_size, merge_size,
+               patch_size)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (t, h-block, w-block, mh, mw, channel, temporal, ph, pw)
+    return {"pixel_values_videos": x.reshape(t * h * w, 3 * temporal_patch_size * patch_size * patch_size),
+            "video_grid_thw": torch.tensor([[t, h, w]])}

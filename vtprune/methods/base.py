@@ -162,8 +162,8 @@ class Selector(Method):
                 "or clip (summary tokens included)",
         "scope": "'image' or 'clip' (one budget per image or video), 'tile' (per crop/tile) or 'frame' (per "
                  "temporal slice of a video)",
-        "summary": "int >= 0: summary tokens per image (per tile with scope='tile') standing for the dropped tokens, "
-                   "weighted by log(group size) in attention; 0: none",
+        "summary": "int >= 0: summary tokens per image or clip (per tile or frame with scope='tile'/'frame') standing "
+                   "for the dropped tokens, weighted by log(group size) in attention; 0: none",
         "summary_group": "'similarity' (k-means on features) or 'space' (a lattice of cells): how dropped tokens "
                          "are grouped",
         "summary_feature": "'mean' (at the medoid's place), 'medoid' or 'first': a summary token's feature",
@@ -179,7 +179,7 @@ class Selector(Method):
     merges: ClassVar[bool] = False  # rewrites tower features before the projector (``merge``)
     needs_text: ClassVar[bool] = False  # reads ctx.instructions (the instruction's token embeddings)
     covers_all: ClassVar[bool] = False  # every dropped token is already merged into a kept one (pool, visionzip)
-    temporal: ClassVar[bool] = False  # ranks a clip's tokens across its frames (evs, vidcom2): a video method
+    temporal: ClassVar[bool] = False  # ranks a clip's tokens across its frames (evs, vidcom2, ...): a video method
     keep: float = 0.25
     scope: str = "image"
     summary: int = 0

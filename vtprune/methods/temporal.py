@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-
 import torch.nn.functional as F
 
 from .base import Selector, register
@@ -79,7 +78,7 @@ def evs_scores(layout, features: torch.Tensor) -> torch.Tensor:
                              "have different grids")
         x = features[now.to(features.device)]
         y = features[prev.to(features.device)]
-        scores[now] = (1 - torch.nn.functional.cosine_similarity(x, y, dim=-1)).float().cpu()
+        scores[now] = (1 - F.cosine_similarity(x, y, dim=-1)).float().cpu()
     return scores
 
 

@@ -335,8 +335,9 @@ def test_frames_to_inputs_without_torchvision():
     """``vtprune.video_inputs.qwen_video`` turns uint8 frames into what Qwen2VLVideoProcessor gives (checked
     against the processor in tests/serving/test_video_inputs.py): sides picked by smart_resize, a clip padded
     to whole temporal patches, rows in the merger's order; the model runs and prunes on it."""
-    from vtprune.video_inputs import qwen_video, smart_resize
+    from vtprune.video_inputs import qwen_video, smart_resize, smart_resize_clip
 
+    assert smart_resize_clip(8, 1080, 1920, 2, 32, 128 * 32 * 32, 32 * 32 * 768) == (224, 416)  # Qwen3: t h w bounded
     assert smart_resize(224, 308, 28, 128 * 28 * 28, 28 * 28 * 768) == (280, 392)  # too small: enlarged
     assert smart_resize(1080, 1920, 28, 128 * 28 * 28, 28 * 28 * 768) == (560, 1008)  # too large: shrunk
     assert smart_resize(448, 448, 28, 128 * 28 * 28, 28 * 28 * 768) == (448, 448)

@@ -1,10 +1,14 @@
-"""Qwen2-VL / Qwen2.5-VL video inputs without torchvision: what ``Qwen2VLVideoProcessor`` makes of frames.
+"""Qwen video inputs without torchvision: what ``Qwen2VLVideoProcessor`` (Qwen2-VL, Qwen2.5-VL) and
+``Qwen3VLVideoProcessor`` (Qwen3-VL) make of frames.
 
 transformers' video processors need torchvision, which cannot load next to some torch builds (a CPU torch
 from a local wheel, for one).  :func:`qwen_video` reproduces the processor's layout from uint8 frames:
 each frame resized (bicubic, antialiased) to the sides ``smart_resize`` picks, rescaled and normalised,
 the clip padded to a whole number of temporal patches by repeating its last frame, then cut into
-``temporal x 14 x 14`` patches in the order the vision tower's 2 x 2 merger reads them.  The resize runs
+``temporal x patch x patch`` patches in the order the vision tower's 2 x 2 merger reads them.  Qwen3-VL
+bounds the whole clip's pixels (t h w) instead of a frame's, with 16-pixel patches and mean/std 0.5.
+Frames are used as given (the processors' ``do_sample_frames=False``; Qwen3-VL samples at 2 fps by
+default, and its prompt needs each slice's timestamp).  The resize runs
 on uint8 through torch's own antialiased bicubic kernel, the one torchvision calls, so the result equals
 the processor's (``tests/serving/test_video_inputs.py`` runs the real processor where torchvision loads).
 Users with torchvision use the processor as usual.
@@ -19,6 +23,10 @@ import torch.nn.functional as F
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# the processors' defaults: patch, min and max pixels (Qwen2: per frame; Qwen3: per clip), mean, std
+PRESETS = {"qwen2_vl": (14, 128 * 28 * 28, 28 * 28 * 768, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+           "qwen3_vl": (16, 128 * 32 * 32, 32 * 32 * 768, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+PRESETS["qwen2_5_vl"] = PRESETS["qwen2_vl"]
 
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
@@ -38,18 +46,48 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     return h, w
 
 
-def qwen_video(frames, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2,
-               min_pixels: int = 128 * 28 * 28, max_pixels: int = 28 * 28 * 768, mean=OPENAI_CLIP_MEAN,
-               std=OPENAI_CLIP_STD) -> dict:
+def smart_resize_clip(frames: int, height: int, width: int, temporal: int = 2, factor: int = 32,
+                      min_pixels: int = 128 * 32 * 32, max_pixels: int = 32 * 32 * 768) -> tuple:
+    """Qwen3-VL's ``(height, width)``: as :func:`smart_resize`, the bounds on the clip's ``t h w`` (sides
+    below ``factor`` first scaled up to it)."""
+    if frames < temporal:
+        raise ValueError(f"a Qwen3-VL clip needs at least {temporal} frames, got {frames}")
+    if height < factor or width < factor:
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"a frame's aspect ratio must be under 200, got {height}x{width}")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    t = round(frames / temporal) * temporal
+    if t * h * w > max_pixels:
+        scale = math.sqrt(frames * height * width / max_pixels)
+        h = max(factor, math.floor(height / scale / factor) * factor)
+        w = max(factor, math.floor(width / scale / factor) * factor)
+    elif t * h * w < min_pixels:
+        scale = math.sqrt(min_pixels / (frames * height * width))
+        h, w = math.ceil(height * scale / factor) * factor, math.ceil(width * scale / factor) * factor
+    return h, w
+
+
+def qwen_video(frames, family: str = "qwen2_vl", min_pixels: int | None = None, max_pixels: int | None = None,
+               temporal_patch_size: int = 2, merge_size: int = 2) -> dict:
     """``{"pixel_values_videos": [t h w, 3 temporal patch^2], "video_grid_thw": [[t, h, w]]}`` of one clip,
-    ``frames`` uint8 ``[T, 3, H, W]`` (a tensor or an array), as ``Qwen2VLVideoProcessor`` (Qwen2-VL,
-    Qwen2.5-VL) lays them out with its defaults (``min_pixels``/``max_pixels``: its ``size`` shortest and
-    longest edge)."""
+    ``frames`` uint8 ``[T, 3, H, W]`` (a tensor or an array), as the ``family``'s video processor
+    (``"qwen2_vl"``, ``"qwen2_5_vl"``, ``"qwen3_vl"``) lays them out with its defaults (``min_pixels`` /
+    ``max_pixels``: its ``size`` shortest and longest edge)."""
+    if family not in PRESETS:
+        raise ValueError(f"qwen_video builds inputs for {', '.join(PRESETS)}, not {family!r}")
+    patch_size, low, high, mean, std = PRESETS[family]
+    min_pixels, max_pixels = min_pixels or low, max_pixels or high
     x = torch.as_tensor(frames)
     if x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"frames must be [T, 3, H, W], got {tuple(x.shape)}")
     factor = patch_size * merge_size
-    height, width = smart_resize(x.shape[-2], x.shape[-1], factor, min_pixels, max_pixels)
+    if family == "qwen3_vl":
+        height, width = smart_resize_clip(x.shape[0], x.shape[-2], x.shape[-1], temporal_patch_size, factor,
+                                          min_pixels, max_pixels)
+    else:
+        height, width = smart_resize(x.shape[-2], x.shape[-1], factor, min_pixels, max_pixels)
     if (height, width) != tuple(x.shape[-2:]):  # on uint8, as the processor resizes (torchvision's uint8 kernel)
         x = F.interpolate(x.to(torch.uint8).contiguous(), size=(height, width), mode="bicubic", antialias=True,
                           align_corners=False)

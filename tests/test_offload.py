@@ -51,6 +51,7 @@ OPTIONS = {
     "vidcom2": {"keep": 0.5},
     "uniform_time": {"keep": 0.5},
     "fastvid": {"keep": 0.5},
+    "flashvid": {"keep": 0.4, "alpha": 0.5},
     "dycoke": {"keep": 0.5},
     "pdkv": {"layer": 1, "keep": 0.5},
     "pdrop": {"layer_list": [1]},

@@ -19,6 +19,7 @@ from .cdpruner import CDPruner
 from .controls import DivPrune, Downsample, Pool, Random, Uniform
 from .dycoke import PDKV, DyCoke
 from .fastvid import FastVID
+from .flashvid import FlashVID
 from .holov import HoloV
 from .layer import DART, DyVTE, Exit, FastV
 from .pdrop import PDrop
@@ -29,6 +30,6 @@ from .vispruner import VisPruner
 from .vhr import VHR
 from .zerotuning import ZeroTuning
 
-__all__ = ["CDPruner", "DART", "DivPrune", "Downsample", "DyCoke", "DyVTE", "EVS", "Exit", "FastV", "FastVID", "FasterVLM", "HoloV", "LayerMethod", "Method",
+__all__ = ["CDPruner", "DART", "DivPrune", "Downsample", "DyCoke", "DyVTE", "EVS", "Exit", "FastV", "FastVID", "FasterVLM", "FlashVID", "HoloV", "LayerMethod", "Method",
            "PDKV", "PDrop", "Pool", "Random", "ScoreContext", "Selector", "SparseVLM", "Uniform", "UniformTime", "VAR", "VHR", "VTCCLS",
            "VidCom2", "VisPruner", "VisionZip", "ZeroTuning", "available", "from_dict", "get", "register", "resolve"]

@@ -347,3 +347,26 @@ def staged_masks(model, stages, cut=None):
             drop = full
         stack.enter_context(LayerMasked(model, k, drop))
     return stack
+
+
+def language_model_inputs(model, inputs) -> dict:
+    """The tensors the stock model hands its language model for ``inputs`` (embeddings, positions, ...)."""
+    fed = {}
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: fed.update({key: v.clone() for key, v in k.items() if torch.is_tensor(v)}), with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    return fed
+
+
+def fed_logits(model, fed, drop, replaced) -> torch.Tensor:
+    """Last-position logits of the stock language model fed ``fed`` (``language_model_inputs``) with the
+    ``drop`` [B, L] tokens masked out and the features ``replaced`` ({(row, position): feature}) swapped in."""
+    embeds = fed["inputs_embeds"].clone()
+    for (row, pos), feature in replaced.items():
+        embeds[row, pos] = feature
+    with torch.no_grad():
+        hidden = model.model.language_model(inputs_embeds=embeds, position_ids=fed.get("position_ids"),
+                                            attention_mask=(~drop).long()).last_hidden_state
+    return model.lm_head(hidden[:, -1])

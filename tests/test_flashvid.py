@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import drop_mask, video_counts
+from reference import drop_mask, fed_logits, language_model_inputs, video_counts
 
 import vtprune
 from vtprune.methods.flashvid import flashvid, segment_lengths
@@ -149,12 +149,7 @@ def test_flashvid_model_equals_the_stock_language_model_fed_its_tokens(family):
     model = tiny_model(family)
     spec = 8 if family == "llava_next_video" else (8, 4, 6)
     inputs = tiny_inputs(model, family, images_per_row=(0,), videos_per_row=(1,), video_specs=[spec])
-    fed = {}
-    handle = model.model.language_model.register_forward_pre_hook(
-        lambda m, a, k: fed.update({key: v.clone() for key, v in k.items() if torch.is_tensor(v)}), with_kwargs=True)
-    with torch.no_grad():
-        model(**inputs)
-    handle.remove()
+    fed = language_model_inputs(model, inputs)
     with vtprune.wrapped(model, "fastervlm", keep=0.5):  # the salience flashvid reads (tested against eager)
         with torch.no_grad():
             model(**inputs)
@@ -170,11 +165,6 @@ def test_flashvid_model_equals_the_stock_language_model_fed_its_tokens(family):
     ref_kept, merged = flashvid_reference(clip, salience.view(8, n), 0.4, alpha=0.5, seg_thr=-1.0, min_seg=3,
                                           temp_thr=0.0)
     assert kept.tolist() == ref_kept and len(merged) > 0
-    embeds = fed["inputs_embeds"].clone()
-    for i, feat in merged.items():
-        embeds[0, video[i]] = feat
     drop = drop_mask(inputs["input_ids"], [[kept]], video_counts(model, inputs))
-    with torch.no_grad():
-        hidden = model.model.language_model(inputs_embeds=embeds, position_ids=fed.get("position_ids"),
-                                            attention_mask=(~drop).long()).last_hidden_state
-    torch.testing.assert_close(logits[:, -1], model.lm_head(hidden[:, -1]), atol=1e-5, rtol=0)
+    ref = fed_logits(model, fed, drop, {(0, int(video[i])): feat for i, feat in merged.items()})
+    torch.testing.assert_close(logits[:, -1], ref, atol=1e-5, rtol=0)

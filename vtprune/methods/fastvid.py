@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from .base import register
-from .cls import SOURCE, _check_source
-from .temporal import ClipSelector, slices
+from .cls import SOURCE
+from .temporal import MergingClip
 
 
 def segments(globals_: torch.Tensor, c: int, tau: float) -> list:
@@ -127,7 +127,7 @@ def fastvid(frames: torch.Tensor, salience: torch.Tensor, keep: float, c: int = 
 
 @register("fastvid")
 @dataclass
-class FastVID(ClipSelector):
+class FastVID(MergingClip):
     """FastVID: a clip cut into segments of similar frames, each frame's most salient tokens kept and the
     rest merged into density-peak anchors, spread over each segment's frames (``keep``: the retained
     fraction ``r`` per frame; an int: tokens per clip)."""
@@ -140,7 +140,6 @@ class FastVID(ClipSelector):
         "spacing": "int >= 1: in a segment, every p-th frame from its end holds its context tokens",
         "beta": "float in [0, 1]: an anchor keeps at least this weight when merged",
         "source": SOURCE}
-    needs_cls: ClassVar[bool] = True
     segments: int = 8
     tau: float = 0.9
     context_share: float = 0.4
@@ -150,40 +149,15 @@ class FastVID(ClipSelector):
 
     def validate(self):
         super().validate()
-        _check_source(self.source)
         if not (isinstance(self.segments, int) and self.segments >= 1 and isinstance(self.spacing, int)
                 and self.spacing >= 1):
             raise ValueError(f"fastvid segments and spacing must be ints >= 1, got {self.segments!r}, {self.spacing!r}")
         if not 0 <= self.context_share < 1 or not 0 <= self.beta <= 1 or not -1 <= self.tau <= 1:
             raise ValueError("fastvid context_share must lie in [0, 1), beta in [0, 1] and tau in [-1, 1]")
 
-    def tower_layers(self, n_layers, feature_layer):
-        return [feature_layer]
-
     def count(self, per_slice, slices_):  # the nominal budget; score() sets what the segments give
         keep = self.keep if isinstance(self.keep, float) else self.keep / (per_slice * slices_)
         return slices_ * int(per_slice * keep)
 
-    def kept_count(self, layout):
-        from ..errors import NotApplicable
-
-        raise NotApplicable("fastvid's kept count depends on how the clip segments")
-
-    def score(self, ctx):
-        (layer,) = ctx.cls_attention
-        out = []
-        for i, (layout, features) in enumerate(self.clips(ctx)):
-            parts = slices(layout)
-            order = torch.cat(parts)
-            t, n = len(parts), int(parts[0].numel())
-            keep = self.keep if isinstance(self.keep, float) else self.keep / (t * n)
-            frames = features[order.to(features.device)].view(t, n, -1)
-            salience = ctx.cls_attention[layer][i][order].view(t, n)
-            kept, (anchors, merged) = fastvid(frames, salience, keep, self.segments, self.tau, self.context_share,
-                                              self.spacing, self.beta)
-            s = torch.zeros(layout.n)
-            s[order[kept]] = 1.0
-            ctx.budgets[i] = kept.numel()
-            ctx.replacements[i] = (order[anchors], merged) if anchors.numel() else None
-            out.append(s)
-        return out
+    def select(self, frames, salience, keep):
+        return fastvid(frames, salience, keep, self.segments, self.tau, self.context_share, self.spacing, self.beta)

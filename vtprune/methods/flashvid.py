@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from .base import register
-from .cls import SOURCE, _check_source
-from .temporal import ClipSelector, slices
+from .cls import SOURCE
+from .temporal import MergingClip
 
 
 def segment_lengths(means: torch.Tensor, threshold: float, at_least: int) -> list:
@@ -168,7 +168,7 @@ def flashvid(frames: torch.Tensor, salience: torch.Tensor, keep: float, expansio
 
 @register("flashvid")
 @dataclass
-class FlashVID(ClipSelector):
+class FlashVID(MergingClip):
     """FlashVID: per segment of similar slices, tokens chosen by attention and diversity, the rest merged along
     temporal chains and clustered by density peaks (``keep``: the retention ratio r, per slice ``ceil(n r
     expansion)`` before the LLM; its LLM-side stage is ``fastv``)."""
@@ -182,7 +182,6 @@ class FlashVID(ClipSelector):
         "temporal_threshold": "float in [-1, 1]: a token merges into the previous slice's most similar above it",
         "selection": "'attn_div' (attention-weighted max-min diversity) or 'attn_div_v2' (also event relevance)",
         "source": SOURCE}
-    needs_cls: ClassVar[bool] = True
     expansion: float = 1.25
     alpha: float = 0.7
     segment_threshold: float = 0.9
@@ -193,7 +192,6 @@ class FlashVID(ClipSelector):
 
     def validate(self):
         super().validate()
-        _check_source(self.source)
         if not self.expansion >= 1 or not 0 <= self.alpha <= 1:
             raise ValueError(f"flashvid expansion must be >= 1 and alpha in [0, 1], got {self.expansion}, {self.alpha}")
         if isinstance(self.segments, bool) or not isinstance(self.segments, int) or self.segments < 1:
@@ -201,34 +199,10 @@ class FlashVID(ClipSelector):
         if self.selection not in ("attn_div", "attn_div_v2"):
             raise ValueError(f"flashvid selection must be 'attn_div' or 'attn_div_v2', got {self.selection!r}")
 
-    def tower_layers(self, n_layers, feature_layer):
-        return [feature_layer]
-
     def count(self, per_slice, slices_):  # the nominal budget; score() sets what the merging gives
         keep = self.keep if isinstance(self.keep, float) else self.keep / (per_slice * slices_)
         return slices_ * min(per_slice, math.ceil(per_slice * keep * self.expansion))
 
-    def kept_count(self, layout):
-        from ..errors import NotApplicable
-
-        raise NotApplicable("flashvid's kept count depends on how the clip segments and merges")
-
-    def score(self, ctx):
-        (layer,) = ctx.cls_attention
-        out = []
-        for i, (layout, features) in enumerate(self.clips(ctx)):
-            parts = slices(layout)
-            order = torch.cat(parts)
-            t, n = len(parts), int(parts[0].numel())
-            keep = self.keep if isinstance(self.keep, float) else self.keep / (t * n)
-            frames = features[order.to(features.device)].view(t, n, -1)
-            salience = ctx.cls_attention[layer][i][order].view(t, n)
-            kept, (merged, feats) = flashvid(frames.cpu(), salience.cpu(), keep, self.expansion, self.alpha,
-                                             self.segment_threshold, self.segments, self.temporal_threshold,
-                                             self.selection)
-            s = torch.zeros(layout.n)
-            s[order[kept]] = 1.0
-            ctx.budgets[i] = kept.numel()
-            ctx.replacements[i] = (order[merged], feats) if merged.numel() else None
-            out.append(s)
-        return out
+    def select(self, frames, salience, keep):
+        return flashvid(frames, salience, keep, self.expansion, self.alpha, self.segment_threshold, self.segments,
+                        self.temporal_threshold, self.selection)

@@ -60,6 +60,49 @@ class ClipSelector(Selector):
             yield layout, features
 
 
+class MergingClip(ClipSelector):
+    """A clip selector that reads the tower score [CLS] methods read (``source``) as each token's salience
+    and merges tokens (``fastvid``, ``flashvid``): ``select(frames [T, n, D], salience [T, n], keep)`` gives the
+    kept indices into the flattened clip and ``(indices, features)`` of its merged tokens.  Its kept count
+    depends on the clip's content."""
+
+    needs_cls: ClassVar[bool] = True
+
+    def validate(self):
+        from .cls import _check_source
+
+        super().validate()
+        _check_source(getattr(self, "source", None))
+
+    def select(self, frames, salience, keep) -> tuple:
+        raise NotImplementedError
+
+    def tower_layers(self, n_layers, feature_layer):
+        return [feature_layer]
+
+    def kept_count(self, layout):
+        from ..errors import NotApplicable
+
+        raise NotApplicable(f"{self.name}'s kept count depends on how the clip segments and merges")
+
+    def score(self, ctx):
+        (layer,) = ctx.cls_attention
+        out = []
+        for i, (layout, features) in enumerate(self.clips(ctx)):
+            parts = slices(layout)
+            order = torch.cat(parts)
+            t, n = len(parts), int(parts[0].numel())
+            keep = self.keep if isinstance(self.keep, float) else self.keep / (t * n)
+            frames = features[order.to(features.device)].view(t, n, -1).cpu()
+            kept, (merged, feats) = self.select(frames, ctx.cls_attention[layer][i][order].view(t, n).cpu(), keep)
+            s = torch.zeros(layout.n)
+            s[order[kept]] = 1.0
+            ctx.budgets[i] = kept.numel()
+            ctx.replacements[i] = (order[merged], feats) if merged.numel() else None
+            out.append(s)
+        return out
+
+
 def slices(layout) -> list:
     """Per temporal slice, its content tokens' indices in raster order."""
     frames = layout.frames.masked_fill(layout.newline, -1)

@@ -52,6 +52,7 @@ OPTIONS = {
     "uniform_time": {"keep": 0.5},
     "fastvid": {"keep": 0.5},
     "flashvid": {"keep": 0.4, "alpha": 0.5},
+    "holitom": {"keep": 0.4, "contextual_share": 0.5},
     "dycoke": {"keep": 0.5},
     "pdkv": {"layer": 1, "keep": 0.5},
     "pdrop": {"layer_list": [1]},

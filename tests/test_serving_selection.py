@@ -277,4 +277,5 @@ def test_the_readme_lists_what_serving_accepts_per_family():
         anywhere |= accepted
     assert anywhere == set(servable())
     selectors = {n for n in vtprune.methods.available() if get(n).stage == "select"}
-    assert selectors - anywhere == {"cdpruner", "dycoke", "evs", "fastvid", "flashvid", "uniform_time", "vidcom2"}  # the prompt's text; video methods
+    assert selectors - anywhere == {"cdpruner", "dycoke", "evs", "fastvid", "flashvid", "holitom", "uniform_time",
+                                    "vidcom2"}  # the prompt's text; video methods

@@ -126,3 +126,16 @@ def divprune_order(features: torch.Tensor, k: int) -> torch.Tensor:
         order.append(nxt)
         nearest = torch.minimum(nearest, dist[nxt])
     return torch.tensor(order, dtype=torch.long)
+
+
+def density_peaks(x: torch.Tensor, k: int) -> tuple:
+    """DPC-kNN (density peaks with k nearest neighbours) on the rows of ``x`` [m, D]: ``(score [m], d [m, m])``
+    with ``d`` the Euclidean distances / sqrt(D), ``rho = exp(-mean of the k smallest d^2)`` (a row is its own
+    nearest), ``delta`` the distance to the nearest denser row (the largest distance for the densest) and
+    ``score = rho delta``; cluster centres are the highest scores (FastVID, FlashVID, HoliTom)."""
+    m, dim = x.shape
+    d = torch.cdist(x.float()[None], x.float()[None])[0] / math.sqrt(dim)
+    rho = (-(torch.topk(d, k=max(1, min(k, m)), dim=-1, largest=False).values ** 2).mean(-1)).exp()
+    denser = rho[None, :] > rho[:, None]
+    delta = torch.where(denser, d, d.max()).min(-1).values
+    return delta * rho, d

@@ -35,6 +35,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..scoring import density_peaks
 from .base import register
 from .cls import SOURCE
 from .temporal import MergingClip
@@ -64,15 +65,10 @@ def anchor_counts(lengths: list, context: int, p: int) -> list:
 
 
 def density_scores(x: torch.Tensor) -> torch.Tensor:
-    """DPC-kNN score ``rho delta`` of each row of ``x`` [m, D] among the others."""
-    m, dim = x.shape
-    if m == 1:
+    """DPC-kNN score ``rho delta`` of each row of ``x`` [m, D] among the others (4 nearest neighbours)."""
+    if x.shape[0] == 1:
         return torch.ones(1)
-    d = torch.cdist(x.float()[None], x.float()[None])[0] / dim ** 0.5
-    rho = (-(torch.topk(d, k=min(4, m), dim=-1, largest=False).values ** 2).mean(-1)).exp()
-    denser = rho[None, :] > rho[:, None]
-    delta = torch.where(denser, d, d.max()).min(-1).values
-    return delta * rho
+    return density_peaks(x, 4)[0]
 
 
 def merge_into(anchors: torch.Tensor, members: torch.Tensor, beta: float) -> torch.Tensor:

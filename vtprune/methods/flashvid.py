@@ -37,6 +37,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..scoring import density_peaks
 from .base import register
 from .cls import SOURCE
 from .temporal import MergingClip
@@ -83,12 +84,8 @@ def adts(x: torch.Tensor, a: torch.Tensor, k: int, relevance: torch.Tensor | Non
 
 def dpc_clusters(x: torch.Tensor, count: int) -> tuple:
     """Density-peak clustering of ``x`` [m, D] into ``count`` clusters: ``(centres [count], assignment [m])``."""
-    m, dim = x.shape
-    d = torch.cdist(x.float()[None], x.float()[None])[0] / math.sqrt(dim)
-    rho = (-(torch.topk(d, k=min(count, 7, m), dim=-1, largest=False).values ** 2).mean(-1)).exp()
-    denser = rho[None, :] > rho[:, None]
-    delta = torch.where(denser, d, d.max()).min(-1).values
-    centres = torch.sort(delta * rho, descending=True, stable=True).indices[:count]
+    score, d = density_peaks(x, min(count, 7))
+    centres = torch.sort(score, descending=True, stable=True).indices[:count]
     assign = d[:, centres].argmin(-1)
     assign[centres] = torch.arange(centres.numel())
     return centres, assign

@@ -30,6 +30,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..scoring import density_peaks
 from .base import register
 from .cls import SOURCE
 from .temporal import MergingClip
@@ -63,12 +64,9 @@ def static_windows(sim: torch.Tensor, tau: float, longest: int = 1024) -> tuple:
 def density_merge(x: torch.Tensor, count: int, beta: float, k: int = 7) -> tuple:
     """Density-peak centres of ``x`` [m, D] (``count`` of them, ascending) and their merged features:
     ``beta centre + (1 - beta) mean(members)`` (members: the others nearest to it; a centre alone stays)."""
-    m, dim = x.shape
-    d = torch.cdist(x.float()[None], x.float()[None])[0] / math.sqrt(dim)
-    rho = (-(torch.topk(d, k=min(k, count, m), dim=-1, largest=False).values ** 2).mean(-1)).exp()
-    denser = rho[None, :] > rho[:, None]
-    delta = torch.where(denser, d, d.max()).min(-1).values
-    centres = torch.sort(torch.sort(delta * rho, descending=True, stable=True).indices[:count]).values
+    m = x.shape[0]
+    score, d = density_peaks(x, min(k, count))
+    centres = torch.sort(torch.sort(score, descending=True, stable=True).indices[:count]).values
     others = torch.ones(m, dtype=torch.bool)
     others[centres] = False
     assign = d[others][:, centres].argmin(-1)

@@ -63,11 +63,12 @@ def wrapped(model, method="random", **options):
 
 
 def last_kept(model) -> list:
-    """For the last forward pass with images: per sample, per image, the kept token indices.
+    """For the last forward pass with images or videos: per sample, per image or clip (in prompt order), the
+    kept token indices.
 
-    Indices point into the image's visual-token sequence as the stock model feeds it to the LLM
-    (LLaVA-NeXT newline tokens included), ascending; every token for methods that cut nothing
-    before the LLM.  Samples without images get ``[]``.
+    Indices point into the image's (clip's) visual-token sequence as the stock model feeds it to the LLM
+    (LLaVA-NeXT newline tokens included; a clip's slices one after another), ascending; every token for
+    methods that cut nothing before the LLM.  Samples without images or videos get ``[]``.
     """
     return [list(images) for images in record(model).kept]
 
@@ -91,7 +92,8 @@ def stats(model) -> dict:
     """What the wrapped model did in its last forward with images, and in total since ``wrap``.
 
     ``method`` names every wrapped method (``"fastervlm+vhr"``; ``methods`` lists them). Per sample
-    (``samples``) and image: visual tokens in and out of the pre-LLM cut, and per sample
+    (``samples``) and image (``images``) or clip (``videos``, each with ``frames``: its temporal slices'
+    tokens in and out): visual tokens in and out of the pre-LLM cut, and per sample
     ``visual_tokens_per_layer``, the visual tokens each decoder layer saw (less than ``tokens_out``
     after an in-LLM exit).  ``llm_flops_saved``: the share of the language model's per-token work
     (every linear layer; attention's quadratic term not counted) that the forward did not spend

@@ -154,3 +154,22 @@ def test_pdkv_errors_leave_the_model_unwrapped():
         with pytest.raises((ValueError, vtprune.NotApplicable), match=match):
             vtprune.wrap(model, "pdkv", **options)
         assert not vtprune.is_wrapped(model)
+
+
+def test_dycoke_with_pdkv_decodes_alike_on_a_static_cache():
+    """The published pair: the pre-LLM merging and the decode-time choice, on a dynamic and a static cache."""
+    model = tiny_model("qwen2_vl", llm_layers=4)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    inputs = tiny_inputs(model, "qwen2_vl", images_per_row=(1, 0), videos_per_row=(1, 1))
+    outs = []
+    for cache in ({}, {"cache_implementation": "static"}):
+        with vtprune.wrapped(model, ["dycoke", "pdkv"]):
+            with torch.no_grad():
+                outs.append(model.generate(**inputs, max_new_tokens=6, do_sample=False, output_logits=True,
+                                           return_dict_in_generate=True, **cache))
+            stats = vtprune.stats(model)
+        assert stats["visual_tokens_out"] < stats["visual_tokens_in"] and stats["pdkv"]["decode_steps"] == 5
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    for a, b in zip(outs[0].logits, outs[1].logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

@@ -4,7 +4,8 @@
     python scripts/bench_prefill.py --device cuda --dtype bfloat16 --full-depth
 
 Random-weight models are built from configs at the widths of LLaVA-1.5-7B, LLaVA-NeXT-7B,
-Qwen2.5-VL-7B and InternVL3-8B (no download).  On a CPU the towers and LLMs are cut to a few layers
+Qwen2.5-VL-7B (an image, or with ``qwen2.5-vl-7b-video`` a 16-frame clip of 1,568 tokens) and
+InternVL3-8B (no download).  On a CPU the towers and LLMs are cut to a few layers
 (same widths) so that a run takes minutes; ``--full-depth`` keeps every layer (GPU).
 
 For every keep and method it measures, as medians over ``--repeats`` after a warm-up, the wrapped
@@ -42,6 +43,7 @@ SHAPES = {
     "llava-1.5-7b": "llava",
     "llava-next-7b": "llava_next",
     "qwen2.5-vl-7b": "qwen2_5_vl",
+    "qwen2.5-vl-7b-video": "qwen2_5_vl",  # a 16-frame clip at 392 x 392: 8 slices of 14 x 14 tokens
     "internvl3-8b": "internvl",
 }
 
@@ -49,10 +51,10 @@ SHAPES = {
 def build(name, llm_layers, vision_layers, dtype, device):
     import transformers as tf
 
-    if name.startswith("tiny-"):  # vtprune.testing's tiny models (a smoke test of this script)
+    if name.startswith("tiny-"):  # vtprune.testing's tiny models (a smoke test of this script; -video: a clip)
         from vtprune.testing import tiny_model
 
-        model = tiny_model(name[5:]).to(device, dtype)
+        model = tiny_model(name[5:].removesuffix("-video")).to(device, dtype)
         model.generation_config.eos_token_id = None
         model.generation_config.pad_token_id = 0
         return model
@@ -68,7 +70,7 @@ def build(name, llm_layers, vision_layers, dtype, device):
         else:
             pins = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
             config, cls = tf.LlavaNextConfig(**common, image_grid_pinpoints=pins), tf.LlavaNextForConditionalGeneration
-    elif name == "qwen2.5-vl-7b":
+    elif name.startswith("qwen2.5-vl-7b"):
         text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=llm_layers or 28,
                     num_attention_heads=28, num_key_value_heads=4,
                     rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
@@ -97,13 +99,16 @@ def build(name, llm_layers, vision_layers, dtype, device):
 
 
 def inputs_for(name, model, device, dtype):
-    """A one-image prompt at the model's real image size: 20 text tokens, the image, 12 text tokens."""
+    """A one-image (or one-clip) prompt at the model's real image size: 20 text tokens, the image, 12 text
+    tokens."""
     config = model.config
     if name.startswith("tiny-"):
         from vtprune.testing import tiny_inputs
 
-        out = tiny_inputs(model, name[5:])
-        n = int((out["input_ids"][0] == (getattr(config, "image_token_id", None) or config.image_token_index)).sum())
+        family = name[5:].removesuffix("-video")
+        clip = {"images_per_row": (0,), "videos_per_row": (1,)} if name.endswith("-video") else {}
+        out = tiny_inputs(model, family, **clip)
+        n = int((out["input_ids"][0] == visual_token(config, out)).sum())
         return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in out.items()}, n
     gen = torch.Generator().manual_seed(0)
     text = lambda n: torch.randint(10, 1000, (n,), generator=gen).tolist()  # noqa: E731
@@ -120,16 +125,28 @@ def inputs_for(name, model, device, dtype):
         h = w = 56  # 784 patches... 28x28 merged tokens
         pix = {"pixel_values": torch.randn(h * w, 3 * 2 * 14 * 14, generator=gen), "image_grid_thw": torch.tensor([[1, h, w]])}
         n, start, end = h * w // 4, [config.vision_start_token_id], [config.vision_end_token_id]
+    elif name == "qwen2.5-vl-7b-video":
+        t, h, w = 8, 28, 28  # 16 frames of 392 x 392 pixels: 8 temporal slices of 14 x 14 merged tokens
+        pix = {"pixel_values_videos": torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=gen),
+               "video_grid_thw": torch.tensor([[t, h, w]])}
+        n, start, end = t * h * w // 4, [config.vision_start_token_id], [config.vision_end_token_id]
     else:
         tiles = 7
         pix = {"pixel_values": torch.randn(tiles, 3, 448, 448, generator=gen)}
         n, start, end = 256 * tiles, [151665], [151666]
-    image = getattr(config, "image_token_id", None) or config.image_token_index
+    image = visual_token(config, pix)
     ids = [1] + text(20) + start + [image] * n + end + text(12)
     out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long), **pix}
-    if name == "qwen2.5-vl-7b":
-        out["mm_token_type_ids"] = (out["input_ids"] == image).int()
+    if name.startswith("qwen2.5-vl-7b"):
+        out["mm_token_type_ids"] = (out["input_ids"] == image).int() * (2 if "pixel_values_videos" in pix else 1)
     return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in out.items()}, n
+
+
+def visual_token(config, inputs) -> int:
+    """The placeholder token of the prompt's medium (a clip's video token, else the image token)."""
+    if "pixel_values_videos" in inputs:
+        return config.video_token_id
+    return getattr(config, "image_token_id", None) or config.image_token_index
 
 
 def _sync(device):
@@ -173,12 +190,17 @@ def merged_embeds(model, inputs):
     """The stock model's input embeddings with the image features scattered in (no pruning)."""
     with torch.no_grad():
         embeds = model.get_input_embeddings()(inputs["input_ids"])
-        feats = model.model.get_image_features(**{k: v for k, v in inputs.items()
-                                                  if k in ("pixel_values", "image_sizes", "image_grid_thw")})
+        video = "pixel_values_videos" in inputs
+        if video:
+            feats = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+        else:
+            feats = model.model.get_image_features(**{k: v for k, v in inputs.items()
+                                                      if k in ("pixel_values", "image_sizes", "image_grid_thw")})
         feats = feats.pooler_output
         feats = torch.cat(list(feats), 0) if isinstance(feats, (list, tuple)) else feats.reshape(-1, feats.shape[-1])
-        mask = model.model.get_placeholder_mask(inputs["input_ids"], inputs_embeds=embeds, image_features=feats)
-        mask = mask[0] if isinstance(mask, tuple) else mask
+        medium = {"video_features" if video else "image_features": feats}
+        mask = model.model.get_placeholder_mask(inputs["input_ids"], inputs_embeds=embeds, **medium)
+        mask = (mask[1] if video else mask[0]) if isinstance(mask, tuple) else mask
         return embeds.masked_scatter(mask, feats.to(embeds.dtype))
 
 
@@ -189,9 +211,10 @@ def oracle_fn(model, inputs, kept_positions):
             embeds = merged_embeds(model, inputs)
             keep = kept_positions
             kw = {"inputs_embeds": embeds[:, keep], "attention_mask": inputs["attention_mask"][:, keep]}
-            if "image_grid_thw" in inputs:
+            if "image_grid_thw" in inputs or "video_grid_thw" in inputs:
                 pos, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
-                                                    inputs["image_grid_thw"], None, attention_mask=inputs["attention_mask"])
+                                                    inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
+                                                    attention_mask=inputs["attention_mask"])
                 kw["position_ids"] = pos[:, :, keep]
             else:
                 kw["position_ids"] = keep[None]
@@ -261,7 +284,7 @@ def run(args):
         n_layers = model.config.get_text_config().num_hidden_layers
         inputs, n_visual = inputs_for(name, model, device, dtype)
         length = inputs["input_ids"].shape[1]
-        visual = inputs["input_ids"][0] == (getattr(model.config, "image_token_id", None) or model.config.image_token_index)
+        visual = inputs["input_ids"][0] == visual_token(model.config, inputs)
         vis_pos = visual.nonzero().squeeze(1)
         steps = args.decode_tokens
         for keep in args.keep:

@@ -10,6 +10,8 @@ import os
 import pytest
 import torch
 
+from vtprune.budget import tokens_to_keep
+
 SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
 
 
@@ -27,7 +29,7 @@ def _keep_threads():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "qwen2_5_vl-video"])
 def test_bench_prefill_rows(tmp_path, family):
     bench = _load("bench_prefill")
     out = str(tmp_path / "b")
@@ -43,7 +45,7 @@ def test_bench_prefill_rows(tmp_path, family):
             assert math.isfinite(r[key]) and r[key] > 0, (r["method"], key)
     by = {r["method"]: r for r in rows}
     assert by["none"]["visual_out"] == n and by["none"]["ideal_speedup"] == pytest.approx(1.0)
-    assert by["random"]["visual_out"] == by["fastervlm"]["visual_out"] == round(0.25 * n)
+    assert by["random"]["visual_out"] == by["fastervlm"]["visual_out"] == tokens_to_keep(0.25, n)
     assert by["random"]["stage"] == "pre-llm" and by["fastv"]["stage"] == "llm"
     assert by["fastv"]["exit_layer"] == by["exit"]["exit_layer"] == 1  # a 2-layer LLM exits at layer 1
     assert by["exit"]["visual_out"] == 0

@@ -111,3 +111,12 @@ def test_real_width_model_folder_loads_and_has_576_tokens_per_image(tmp_path):
     with torch.no_grad():
         logits = model(**batch).logits
     assert logits.shape[-1] == 64 and torch.isfinite(logits).all()
+
+
+def test_bench_selection_rows():
+    bench = _load("bench_selection")
+    rows = bench.main(["--methods", "random,evs,fastvid,dycoke", "--slices", "4", "--side", "4", "--dim", "16",
+                       "--repeats", "1", "--keep", "0.5"])
+    assert [r["method"] for r in rows] == ["random", "evs", "fastvid", "dycoke"]
+    assert all(r["tokens"] == 64 and 0 < r["kept"] < 64 and r["select_ms"] > 0 for r in rows)
+    assert next(r for r in rows if r["method"] == "evs")["kept"] == 32  # max(n, int(T n keep))

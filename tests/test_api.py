@@ -286,3 +286,12 @@ def test_python_api_mistakes_say_what_was_meant():
     with pytest.raises(ValueError) as err:
         vtprune.wrap(model, "zzzz")
     assert "did you mean" not in str(err.value)  # nothing close: no guess
+
+
+def test_wrap_without_a_method_lists_them_and_leaves_the_model():
+    """No silent default: a wrap names its method."""
+    model = tiny_model("llava")
+    for call in (lambda: vtprune.wrap(model), lambda: vtprune.wrapped(model).__enter__()):
+        with pytest.raises(TypeError, match="needs a method.*fastervlm.*random"):
+            call()
+        assert not vtprune.is_wrapped(model)

@@ -22,14 +22,20 @@ def is_wrapped(model) -> bool:
     return getattr(model, _ATTR, None) is not None
 
 
-def wrap(model, method="random", **options):
+def wrap(model, method=None, **options):
     """Patch ``model`` in place so that it prunes visual tokens; returns the same model.
 
     ``method`` is a registered name (see ``vtprune.methods.available()``), a config object, or a
-    list of them; ``options`` (e.g. ``keep=0.1``) go to every named method that accepts them.
-    Raises ``TypeError`` for an unsupported model or an unknown option, ``ValueError`` for a bad
-    value or a model that is already wrapped; the model is unchanged in every error case.
+    list of them; ``options`` (e.g. ``keep=0.1``) go to every named method that accepts them.  There is
+    no default method: without one, ``TypeError`` lists them.
+    Raises ``TypeError`` for an unsupported model, a missing method or an unknown option, ``ValueError``
+    for a bad value or a model that is already wrapped; the model is unchanged in every error case.
     """
+    if method is None:
+        from .methods import available
+
+        raise TypeError(f"vtprune.wrap needs a method, e.g. vtprune.wrap(model, 'fastervlm', keep=0.25); "
+                        f"registered: {', '.join(available())} (vtprune info --method NAME describes one)")
     if is_wrapped(model):
         raise ValueError("this model is already wrapped by vtprune; call vtprune.unwrap(model) before wrapping again")
     adapter = adapter_for(model)
@@ -53,7 +59,7 @@ def unwrap(model):
 
 
 @contextlib.contextmanager
-def wrapped(model, method="random", **options):
+def wrapped(model, method=None, **options):
     """``with vtprune.wrapped(model, "random", keep=0.25) as m: ...`` — unwrapped on exit."""
     wrap(model, method, **options)
     try:

@@ -295,3 +295,27 @@ def test_wrap_without_a_method_lists_them_and_leaves_the_model():
         with pytest.raises(TypeError, match="needs a method.*fastervlm.*random"):
             call()
         assert not vtprune.is_wrapped(model)
+
+
+def test_an_int_keep_above_the_tokens_keeps_all_and_says_so_once():
+    """No silent cap: one warning per wrap, and ``stats`` marks the image."""
+    import warnings
+
+    model = tiny_model("llava")  # 16 tokens per image
+    inputs = tiny_inputs(model, "llava", images_per_row=(1, 2))
+    with vtprune.wrapped(model, "random", keep=100):
+        with pytest.warns(UserWarning, match="keep=100 asks for more visual tokens"):
+            with torch.no_grad():
+                model(**inputs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # said once: a second forward is quiet
+            with torch.no_grad():
+                model(**inputs)
+        images = [i for s in vtprune.stats(model)["samples"] for i in s["images"]]
+    assert len(images) == 3 and all(i["budget_capped"] and i["tokens_out"] == i["tokens_in"] == 16 for i in images)
+    with vtprune.wrapped(model, "random", keep=8):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with torch.no_grad():
+                model(**inputs)
+        assert not any("budget_capped" in i for s in vtprune.stats(model)["samples"] for i in s["images"])

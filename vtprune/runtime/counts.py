@@ -76,6 +76,8 @@ class Counts:
             item = {"tokens_in": layout.n, "tokens_out": int(kept.numel())}
             if record.summaries is not None:  # tokens_out counts them; summary_tokens says how many
                 item["summary_tokens"] = len(record.summaries[b][i])
+            if record.capped is not None and record.capped[b][i]:
+                item["budget_capped"] = True  # an int keep above its tokens: all kept
             if layout.media == "video":
                 frames, kept_frames = layout.frames, layout.frames[kept]
                 item["frames"] = [{"tokens_in": int((frames == f).sum()), "tokens_out": int((kept_frames == f).sum())}

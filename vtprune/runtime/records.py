@@ -121,6 +121,7 @@ class Forward:
     time_score_s: float = 0.0
     time_gather_s: float = 0.0
     summaries: list | None = None  # per sample, per image: [(index, member indices)] of its summary tokens
+    capped: list | None = None  # per sample, per image: an int keep above its tokens kept them all
     sizes: list | None = None  # per sample, per image: tokens each kept token stands for (size-biased runs)
     weights: torch.Tensor | None = None  # [B, length] log(size) per token of the call (size-biased runs)
     exit: ExitRecord | None = None

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 
 import torch
 
 from ..choose import Seen, choose
+from ..methods.base import budget_of
 from .cut import plan_cut
 from .records import Forward
 
@@ -21,6 +23,7 @@ class Selection:
         self.capture = capture  # the Capture runtime (its tower layers)
         self.generator = torch.Generator().manual_seed(int(getattr(selector, "seed", 0)))
         self.replacements = []  # (row, positions, features): merged tokens (pool) replace their anchors
+        self.warned = False  # an int keep above an image's tokens was reported
 
     def plan(self, visual_mask, media, capture, chunk_mask, embeds):
         """``(cut or None, Forward)``: the cut ``(index, real)`` of this call (None when all is kept).
@@ -46,8 +49,10 @@ class Selection:
         record, drop = self._record(images, [c.kept for c in choices], batch, length, start,
                                     [c.scores for c in choices])
         record.summaries = [[] for _ in range(batch)]
+        record.capped = [[] for _ in range(batch)]
         for img, c in zip(images, choices):
             record.summaries[img.row].append([(pos, members) for pos, members, _ in c.groups])
+            record.capped[img.row].append(self._capped(img.layout))
         if self.selector.weighs and any(c.sizes is not None for c in choices):
             record.sizes = [[] for _ in range(batch)]
             record.weights = torch.zeros(batch, length)
@@ -65,6 +70,21 @@ class Selection:
         record.pad_slots = (~real).sum(1).tolist()
         record.cut = (index, real)
         return (index, real), record
+
+    def _capped(self, layout) -> bool:
+        """Whether an int ``keep`` asks for more tokens than the image (or one of its tiles or frames) has: all
+        are kept, and the first time a wrap sees it, a warning says so (``stats`` marks it per image)."""
+        keep = self.selector.keep
+        if not isinstance(keep, int):
+            return False
+        budget = budget_of(self.selector, layout)
+        capped = any(k < keep for k in budget.values()) if isinstance(budget, dict) else budget < keep
+        if capped and not self.warned:
+            self.warned = True
+            warnings.warn(f"vtprune: {self.selector.name} keep={keep} asks for more visual tokens than an image or "
+                          f"clip ({layout.n_content}) or one of its parts has: all of them are kept (vtprune.stats "
+                          "marks it 'budget_capped'); a float keeps a share instead", UserWarning, stacklevel=2)
+        return capped
 
     def items(self, media, capture) -> list:
         """The :class:`ImageRef` of every image and clip of the call, in prompt order."""

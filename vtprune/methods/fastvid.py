@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..scoring import density_peaks
 from .base import register
 from .cls import SOURCE
-from .temporal import MergingClip
+from .temporal import MergingClip, clip_share
 
 
 def segments(globals_: torch.Tensor, c: int, tau: float) -> list:
@@ -152,7 +152,7 @@ class FastVID(MergingClip):
             raise ValueError("fastvid context_share must lie in [0, 1), beta in [0, 1] and tau in [-1, 1]")
 
     def count(self, per_slice, slices_):  # the nominal budget; score() sets what the segments give
-        keep = self.keep if isinstance(self.keep, float) else self.keep / (per_slice * slices_)
+        keep = clip_share(self.keep, per_slice * slices_)
         return slices_ * int(per_slice * keep)
 
     def select(self, frames, salience, keep):

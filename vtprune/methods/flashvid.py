@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from ..scoring import density_peaks
 from .base import register
 from .cls import SOURCE
-from .temporal import MergingClip
+from .temporal import MergingClip, clip_share
 
 
 def segment_lengths(means: torch.Tensor, threshold: float, at_least: int) -> list:
@@ -197,7 +197,7 @@ class FlashVID(MergingClip):
             raise ValueError(f"flashvid selection must be 'attn_div' or 'attn_div_v2', got {self.selection!r}")
 
     def count(self, per_slice, slices_):  # the nominal budget; score() sets what the merging gives
-        keep = self.keep if isinstance(self.keep, float) else self.keep / (per_slice * slices_)
+        keep = clip_share(self.keep, per_slice * slices_)
         return slices_ * min(per_slice, math.ceil(per_slice * keep * self.expansion))
 
     def select(self, frames, salience, keep):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..scoring import density_peaks
 from .base import register
 from .cls import SOURCE
-from .temporal import MergingClip
+from .temporal import MergingClip, clip_share
 
 
 def static_windows(sim: torch.Tensor, tau: float, longest: int = 1024) -> tuple:
@@ -142,7 +142,7 @@ class HoliTom(MergingClip):
             raise ValueError("holitom tau must lie in [-1, 1], beta in [0, 1] and contextual_share in [0, 1)")
 
     def count(self, per_slice, slices_):  # the nominal budget; score() sets what the windows give
-        keep = self.keep if isinstance(self.keep, float) else self.keep / (per_slice * slices_)
+        keep = clip_share(self.keep, per_slice * slices_)
         return slices_ * math.ceil(per_slice * keep)
 
     def select(self, frames, salience, keep):

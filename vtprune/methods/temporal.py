@@ -33,6 +33,16 @@ from .base import Selector, register
 FIRST = 255.0  # the first slice's score (vLLM's): above every dissimilarity, which lies in [0, 2]
 
 
+def clip_share(keep, total: int) -> float:
+    """``keep`` as a share of a clip's ``total`` tokens (an int ``keep`` counts tokens)."""
+    return keep if isinstance(keep, float) else keep / total
+
+
+def clip_count(keep, total: int) -> int:
+    """``keep`` as a count of a clip's ``total`` tokens: ``int(total keep)`` for a share (vLLM's rounding)."""
+    return int(total * keep) if isinstance(keep, float) else int(keep)
+
+
 class ClipSelector(Selector):
     """A temporal selector: one budget over a clip's frames (``scope`` "image"/"clip"), its kept count
     ``count(tokens per slice, slices)``."""
@@ -92,7 +102,7 @@ class MergingClip(ClipSelector):
             parts = slices(layout)
             order = torch.cat(parts)
             t, n = len(parts), int(parts[0].numel())
-            keep = self.keep if isinstance(self.keep, float) else self.keep / (t * n)
+            keep = clip_share(self.keep, t * n)
             frames = features[order.to(features.device)].view(t, n, -1).cpu()
             kept, (merged, feats) = self.select(frames, ctx.cls_attention[layer][i][order].view(t, n).cpu(), keep)
             s = torch.zeros(layout.n)
@@ -129,8 +139,7 @@ def evs_count(per_slice: int, slices_: int, keep) -> int:
     """The tokens EVS keeps of a clip of ``slices_`` slices of ``per_slice`` tokens: ``max(n, int(T n r))``
     for a fraction ``r``, ``max(n, keep)`` for a count (vLLM's ``compute_retained_tokens_count``)."""
     total = per_slice * slices_
-    wanted = int(total * keep) if isinstance(keep, float) else int(keep)
-    return min(total, max(per_slice, wanted))
+    return min(total, max(per_slice, clip_count(keep, total)))
 
 
 @register("evs")
@@ -171,15 +180,14 @@ def vidcom2_count(per_slice: int, slices_: int, keep) -> int:
     """The tokens VidCom2 keeps of a clip: ``max(T, min(int(T n r), T n))`` (vLLM's count), a count ``keep``
     for an int."""
     total = per_slice * slices_
-    wanted = int(total * keep) if isinstance(keep, float) else int(keep)
-    return max(slices_, min(wanted, total))
+    return max(slices_, min(clip_count(keep, total), total))
 
 
 def vidcom2_kept(frames: torch.Tensor, keep) -> tuple:
     """VidCom2 on a clip's features ``[T, n, D]``: ``(kept [T*n] bool, redundancy [T*n])``."""
     t, n, dim = frames.shape
     flat = frames.reshape(t * n, dim)
-    rate = keep if isinstance(keep, float) else keep / (t * n)
+    rate = clip_share(keep, t * n)
     low = torch.topk(flat.var(dim=0, unbiased=False), k=max(1, int(dim * 0.5)), largest=False).indices
     x = F.normalize(flat.index_select(-1, low).view(t, n, -1), dim=-1)
     v = _gaussians(x, x.mean(dim=(0, 1), keepdim=True))

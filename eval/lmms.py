@@ -181,17 +181,22 @@ def stock_totals() -> dict:
 
 
 def count_visual_tokens(model, totals):
-    """Hook an unwrapped model: add its image tokens per prefill to ``totals``; returns the handle.
+    """Hook an unwrapped model: add its image and video tokens per prefill to ``totals``; returns the handle.
 
     Counted like ``vtprune.stats(model)["totals"]``, so the stock cell of a sweep is comparable.
     """
-    image_id = _image_token_id(model)
+    import torch
+
+    ids_visual = [_image_token_id(model)]
+    video = getattr(model.config, "video_token_id", None) or getattr(model.config, "video_token_index", None)
+    if video is not None:
+        ids_visual.append(video)
 
     def pre(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             return
-        visual = ids == image_id
+        visual = torch.isin(ids, torch.tensor(ids_visual, device=ids.device))
         if visual.any():  # decode steps carry no image tokens
             n = int(visual.sum())
             totals["forwards"] += 1

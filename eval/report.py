@@ -84,14 +84,14 @@ def markdown(records) -> str:
         timing = any("prefill_ms" in r for r in rows)
         metric = rows[0].get("metric", "score")
         lines += [f"## {task} ({metric}, n = {rows[0].get('n')})", ""]
-        head = ["method", "keep", "visual tokens", metric, "Δ random", "Δ pool", "Δ downsample"] + types
+        margins = [b for b in BASELINES if b != "downsample" or any(r.get("delta_downsample") is not None for r in rows)]
+        head = ["method", "keep", "visual tokens", metric] + [f"Δ {b}" for b in margins] + types
         head += ["prefill ms/sample" if timing else "s/sample", "LLM FLOPs saved"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
             flag = " ✗" if r.get("delta_random") is not None and r["delta_random"] <= 0 else ""
             cells = [r["method"], "–" if r["keep"] is None else str(r["keep"]), f"{r['visual_tokens_llm']:.1f}",
-                     _fmt(r["score"]) + flag, _fmt(r.get("delta_random"), signed=True),
-                     _fmt(r.get("delta_pool"), signed=True), _fmt(r.get("delta_downsample"), signed=True)]
+                     _fmt(r["score"]) + flag] + [_fmt(r.get(f"delta_{b}"), signed=True) for b in margins]
             cells += [_fmt(r.get("by_type", {}).get(t)) for t in types]
             speed = r.get("prefill_ms") if timing else (r["seconds"] / r["n"] if r.get("n") else None)
             cells += [_fmt(speed, ".2f"), f"{r.get('llm_flops_saved', 0.0):.0%}"]
@@ -135,6 +135,7 @@ def draw(ax, records, kind="score"):
 
     rows = [r for r in records if r.get("score") is not None and r.get("visual_tokens_llm")]
     timing = any("prefill_ms" in r for r in rows)
+    others = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "stock"]
     for method in dict.fromkeys(r["method"] for r in rows):
         points = sorted((r["visual_tokens_llm"], _y(r, kind, timing), _runs(r, kind, timing))
                         for r in rows if r["method"] == method)
@@ -143,7 +144,7 @@ def draw(ax, records, kind="score"):
             continue
         xs, ys, runs = zip(*points)
         style = {"color": "black", "marker": "*", "markersize": 11, "linestyle": "none"} if method == "stock" \
-            else {"marker": "o"}
+            else _style(others.index(method))
         if kind == "time" and any(runs):
             spread = [[y - min(r or [y]) for y, r in zip(ys, runs)], [max(r or [y]) - y for y, r in zip(ys, runs)]]
             ax.errorbar(xs, ys, yerr=spread, capsize=2.5, elinewidth=0.9, label=method, **style)
@@ -165,6 +166,11 @@ def draw(ax, records, kind="score"):
         ax.annotate(caveat(rows, timing), xy=(0, 0), xycoords="axes fraction", xytext=(0, -32),
                     textcoords="offset points", ha="left", va="top", fontsize=7, color="dimgray")
     return ax
+
+
+def _style(i: int) -> dict:
+    """The i-th method's line: ten colours, then the same colours with another marker and dash."""
+    return {"color": f"C{i % 10}", "marker": "osD^"[i // 10 % 4], "linestyle": ("-", "--", ":", "-.")[i // 10 % 4]}
 
 
 def title(rows) -> str:
@@ -200,8 +206,8 @@ def _tick_labels(ticks):
 
 
 def _model_name(model):
-    if model == "toy":
-        return "toy model"
+    if model in ("toy", "toy-video"):
+        return {"toy": "toy model", "toy-video": "toy video model"}[model]
     return os.path.basename(model.rstrip("/")) if os.path.isdir(model) or model.startswith(("/", ".")) else model
 
 

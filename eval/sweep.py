@@ -6,8 +6,9 @@ stock model (one ``stock`` cell per task); a spec without a ``keep`` option (``v
 ``dyvte``) runs once per task whatever the budgets. Methods with a ``seed`` (``random``) are
 averaged over ``seeds`` runs.
 
-The toy benchmark with the toy model (``--model toy --tasks vtprune_toy``) runs natively: batched,
-and with the prefill time of a fixed batch measured in each cell. Every other (model, task) goes
+The toy benchmarks with their toy models (``--model toy --tasks vtprune_toy``, ``--model toy-video
+--tasks vtprune_toy_video``) run natively: batched, and with the prefill time of a fixed batch measured
+in each cell. Every other (model, task) goes
 through lmms-eval in this process, with one model load re-wrapped per cell (``vtprune.eval.lmms``).
 
 Each finished cell is written to ``OUT/cells/``; a re-run skips cells whose file exists for the
@@ -28,6 +29,8 @@ from vtprune.errors import NotApplicable
 from vtprune.spec import parse_spec, parse_value  # noqa: F401 (the sweep's grammar)
 
 TOY_TASK = "vtprune_toy"
+TOY_VIDEO_TASK = "vtprune_toy_video"
+NATIVE = {"toy": TOY_TASK, "toy-video": TOY_VIDEO_TASK}  # the toy models and the task each runs natively
 
 
 def parse_keeps(text: str) -> list:
@@ -92,19 +95,27 @@ def plan(tasks, specs, keeps) -> list:
 # --------------------------------------------------------------------------------- runners
 
 class ToyRunner:
-    """The toy benchmark on the toy model, natively (batched ``toy.evaluate``)."""
+    """A toy benchmark on its toy model, natively (batched ``toy.evaluate`` / ``toy_video.evaluate``)."""
 
-    def __init__(self, limit=None, batch_size=32, timing_batch=8, device="cpu"):
-        from vtprune import toy
+    def __init__(self, limit=None, batch_size=32, timing_batch=8, device="cpu", video=False):
+        from vtprune import toy, toy_video
 
-        self.model, self.processor = toy.load()
-        self.model.to(device)
-        self.samples = toy.eval_split(n=limit or 400)
+        self.video = video
         self.batch_size = batch_size
-        timing = self.samples[:timing_batch]
-        self.timing_inputs = self.processor(images=[s["image"] for s in timing],
-                                            text=[toy.prompt(s["question"]) for s in timing],
-                                            padding=True, return_tensors="pt").to(device)
+        if video:
+            self.model, self.processor = toy_video.load()
+            self.samples = toy_video.eval_split(n=limit or 400)
+            timing = self.samples[:timing_batch]
+            inputs = toy_video.inputs([s["frames"] for s in timing], [s["question"] for s in timing])
+            self.timing_inputs = {k: v.to(device) for k, v in inputs.items()}
+        else:
+            self.model, self.processor = toy.load()
+            self.samples = toy.eval_split(n=limit or 400)
+            timing = self.samples[:timing_batch]
+            self.timing_inputs = self.processor(images=[s["image"] for s in timing],
+                                                text=[toy.prompt(s["question"]) for s in timing],
+                                                padding=True, return_tensors="pt").to(device)
+        self.model.to(device)
 
     def prefill_ms(self):
         import torch
@@ -126,7 +137,7 @@ class ToyRunner:
 
     def run(self, cell, seed=None):
         import vtprune
-        from vtprune import toy
+        from vtprune import toy, toy_video
         from vtprune.downsample import split as split_downsample
 
         names, options = cell.wrap_args()
@@ -134,10 +145,12 @@ class ToyRunner:
             options["seed"] = seed
         processor = self.processor
         keep, names, options = split_downsample(names, {"keep": 1.0, **options} if "downsample" in names else options)
-        if keep is not None:  # on the processor (LLaVA-1.5 raises: pool stands in)
+        if keep is not None:  # on the processor (LLaVA-1.5 raises: pool stands in; the CLI refuses it on clips)
             processor = vtprune.downsample(processor, keep)
 
         def evaluate():
+            if self.video:
+                return toy_video.evaluate(self.model, self.samples, self.batch_size, progress=False)
             return toy.evaluate(self.model, processor, self.samples, self.batch_size, progress=False)
 
         if not names:
@@ -277,7 +290,7 @@ def _sweep(rank, world, model, tasks, methods, keeps, out, limit, seeds, batch_s
     if rank == 0 and len(todo) < len(cells):
         print(f"vtprune eval: reusing {len(cells) - len(todo)} of {len(cells)} cells finished in {out}/cells "
               f"(same model and limit); {len(todo)} to run", flush=True)
-    native_cells = [c for c in todo if c.task == TOY_TASK and model == "toy" and not use_lmms]
+    native_cells = [c for c in todo if NATIVE.get(model) == c.task and not use_lmms]
     mine = [c for i, c in enumerate(native_cells) if i % world == rank] + [c for c in todo if c not in native_cells]
     runners = {}
     bar = tqdm(total=len(mine), desc="vtprune eval" + (f" rank {rank}" if world > 1 else ""),
@@ -287,7 +300,8 @@ def _sweep(rank, world, model, tasks, methods, keeps, out, limit, seeds, batch_s
         key = "toy" if native else "lmms"
         if key not in runners:
             if native:
-                runners[key] = ToyRunner(limit=limit, batch_size=batch_size, device=device)
+                runners[key] = ToyRunner(limit=limit, batch_size=batch_size, device=device,
+                                         video=model == "toy-video")
             else:
                 paths = list(include_path or [])
                 if TOY_TASK in tasks:

@@ -2,7 +2,7 @@
 
     python scripts/make_notebooks.py          # after editing a cell here
 
-Both notebooks run offline on the shipped toy model (``VTPRUNE_NOTEBOOK_LIMIT`` questions per cell,
+The notebooks run offline on the shipped toy models (``VTPRUNE_NOTEBOOK_LIMIT`` questions per cell,
 default 400: about 4 minutes on one CPU thread); the tests execute them with nbclient on 24. Their
 executed outputs are published under ``docs/notebooks/`` by ``python scripts/render_notebooks.py``
 (re-run it after a change).
@@ -202,6 +202,99 @@ ax.set_title(f"existence probe: toy model, n = {len(probe)}")
 plt.tight_layout()"""),
 ]
 
+VIDEO = [
+    ("md", """\
+# Pruning clips on the toy video model
+
+Accuracy of the temporal methods (`evs`, `vidcom2`, `fastvid`, `flashvid`, `holitom`, `dycoke`) and of image
+selectors applied to whole clips, against the visual tokens per clip the LLM actually sees, next to the
+controls: `random`, `pool`, `uniform_time` (whole temporal slices, evenly spaced) and per-slice `uniform`.
+The model is the shipped toy video model (`vtprune.toy_video`, a tiny Qwen3-VL: 16 frames, 8 temporal
+slices of 16 tokens); its questions need time: what appears for 4 of the 16 frames (its shape, its
+colour, when) next to what stays (a colour, a count). Cells are cached under `OUT`."""),
+    ("code", """\
+import os
+
+import matplotlib.pyplot as plt
+import torch
+
+import vtprune
+from vtprune import toy_video
+
+LIMIT = int(os.environ.get("VTPRUNE_NOTEBOOK_LIMIT", 400))  # questions per cell (the tests use fewer)
+OUT = os.path.join(os.environ.get("VTPRUNE_NOTEBOOK_OUT", "vtprune_notebook_runs"), "video")
+model, _ = toy_video.load()
+samples = toy_video.eval_split(n=LIMIT)
+print(f"toy video model, {toy_video.NUM_VIDEO_TOKENS} visual tokens per clip, {len(samples)} questions")"""),
+    ("code", """\
+from IPython.display import Markdown
+
+from vtprune.eval import sweep
+
+METHODS = ["random", "pool", "uniform_time", "uniform:scope=frame", "evs", "vidcom2", "fastvid", "flashvid",
+           "holitom", "dycoke", "divprune", "fastervlm"]
+KEEPS = [1.0, 0.25, 0.1, 0.05] if LIMIT >= 100 else [1.0, 0.1]  # the tests (LIMIT 24) run one budget
+records = sweep.run(model="toy-video", tasks=["vtprune_toy_video"], methods=METHODS, keeps=KEEPS, out=OUT,
+                    limit=LIMIT, seeds=3)  # random: the mean of 3 seeds
+Markdown(open(os.path.join(OUT, "results.md")).read())"""),
+    ("md", """\
+Accuracy and prefill time per clip against the visual tokens the LLM sees (the stock model is the star
+and the dashed level; timing bars from the fastest to the slowest of 7 repeats)."""),
+    ("code", """\
+from vtprune.eval import report
+
+fig, (acc, speed) = plt.subplots(1, 2, figsize=(12, 4.6))
+report.draw(acc, records, "score")
+report.draw(speed, records, "time")
+plt.tight_layout()"""),
+    ("md", """\
+Per question type at keep 0.1 (13 of 128 tokens per clip). `event` is the mean of the three event
+questions: the object that appears lives in 2 of the 128 tokens, so a method that spends its budget
+on slices that repeat the previous one misses it."""),
+    ("code", """\
+import pandas as pd
+
+EVENTS = list(toy_video.EVENT_TYPES)
+table = pd.DataFrame([{"method": r["method"], "keep": r["keep"], "tokens": r["visual_tokens_llm"],
+                       "event": sum(r["by_type"][t] for t in EVENTS) / len(EVENTS), **r["by_type"],
+                       "overall": r["score"]} for r in records if r.get("by_type")])
+table[(table.keep == 0.1) | (table.method == "stock")].round(3)"""),
+    ("md", """\
+## Which tokens are kept
+
+The first clip at keep 0.1: one row per method, one column per temporal slice (two frames fused by the
+tower); kept tokens outlined, dropped ones dimmed; the event's slices have red labels."""),
+    ("code", """\
+from PIL import Image
+
+from vtprune.viz import overlay
+
+sample = samples[1]  # an event question
+shown = ["random", "uniform_time", "evs", "vidcom2", "fastvid", "flashvid"]
+event = set(toy_video.event_slices(toy_video.eval_clips(LIMIT)[1][0]))
+x = toy_video.inputs([sample["frames"]], [sample["question"]])
+fig, axes = plt.subplots(len(shown), toy_video.SLICES, figsize=(1.3 * toy_video.SLICES, 1.45 * len(shown)))
+for row, method in zip(axes, shown):
+    with vtprune.wrapped(model, method, keep=0.1):
+        with torch.no_grad():
+            answer = model(**x).logits[0, -1].argmax().item()
+        kept = {int(i) for i in vtprune.last_kept(model)[0][0]}
+    words = {i: w for w, i in toy_video.vocab().items()}
+    for s, ax in enumerate(row):
+        per = toy_video.TOKENS_PER_SLICE
+        ids = torch.tensor([i - s * per for i in range(s * per, (s + 1) * per) if i in kept], dtype=torch.long)
+        frame = Image.fromarray(sample["frames"][s * toy_video.TEMPORAL].transpose(1, 2, 0))
+        ax.imshow(overlay(frame, ids, shape=(toy_video.GRID, toy_video.GRID)))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if s == 0:
+            ax.set_ylabel(f"{method}\\n{words[answer]}", fontsize=8)
+        if method == shown[0]:
+            ax.set_title(f"slice {s + 1}", fontsize=8, color="red" if s in event else "black")
+fig.suptitle(f"{sample['question']} (truth: {sample['answer']})", fontsize=9)
+plt.tight_layout()"""),
+]
+
 
 def build(cells):
     nb = nbf.v4.new_notebook()
@@ -212,7 +305,8 @@ def build(cells):
 
 def main():
     os.makedirs(ROOT, exist_ok=True)
-    for name, cells in (("compare_ratios.ipynb", COMPARE), ("hallucination.ipynb", HALLUCINATION)):
+    for name, cells in (("compare_ratios.ipynb", COMPARE), ("hallucination.ipynb", HALLUCINATION),
+                        ("compare_video.ipynb", VIDEO)):
         path = os.path.join(ROOT, name)
         nbf.write(build(cells), path)
         print("wrote", os.path.normpath(path))

@@ -22,7 +22,7 @@ from nbclient import NotebookClient
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(REPO, "notebooks")
-NAMES = ["compare_ratios.ipynb", "hallucination.ipynb"]
+NAMES = ["compare_ratios.ipynb", "hallucination.ipynb", "compare_video.ipynb"]
 
 
 @contextlib.contextmanager
@@ -116,10 +116,23 @@ def markdown(nb, stem, out, note="") -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def _kept_entries(readme, names) -> list:
+    """The index lines of notebooks rendered before and not re-rendered now."""
+    if not os.path.exists(readme):
+        return []
+    with open(readme) as f:
+        lines = [line.rstrip("\n") for line in f if line.startswith("- [")]
+    return [line for line in lines if not any(f"`notebooks/{name}`" in line for name in names)]
+
+
+def _order(line):
+    return next((i for i, name in enumerate(NAMES) if f"`notebooks/{name}`" in line), len(NAMES))
+
+
 def render_all(names=NAMES, out="docs/notebooks", limit=400, runs=None, threads=1) -> dict:
     """Execute ``names``; write ``out/<stem>.md``, its PNGs and ``out/README.md``; ``{name: notebook}``."""
     os.makedirs(out, exist_ok=True)
-    done, index = {}, []
+    done, index = {}, _kept_entries(os.path.join(out, "README.md"), names)
     with tempfile.TemporaryDirectory() as scratch:
         for name in names:
             stem = os.path.splitext(name)[0]
@@ -136,8 +149,9 @@ def render_all(names=NAMES, out="docs/notebooks", limit=400, runs=None, threads=
             index.append(f"- [{title}]({stem}.md) (`notebooks/{name}`, {seconds:.0f} s)")
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write("# Notebooks, executed\n\nThe notebooks under `notebooks/` are committed without outputs; "
-                f"these pages show them run top to bottom on the toy model with {limit} questions per cell "
-                "(regenerate with `python scripts/render_notebooks.py`).\n\n" + "\n".join(index) + "\n")
+                "these pages show them run top to bottom on the toy models "
+                "(regenerate with `python scripts/render_notebooks.py`; each page says how many questions per "
+                "cell it ran).\n\n" + "\n".join(sorted(index, key=_order)) + "\n")
     return done
 
 

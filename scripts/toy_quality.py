@@ -4,9 +4,11 @@
     python scripts/toy_quality.py --methods random,fastervlm,fastervlm:source=received --keep 0.1
     python scripts/toy_quality.py --spec exit layer=1 --spec fastv layer=1 keep=0.25 --spec dyvte weights=toy
     python scripts/toy_quality.py --spec var --spec var tau=4 --spec vhr --spec fastervlm+vhr keep=0.25
+    python scripts/toy_quality.py --video --keep 1.0,0.25,0.1,0.05        # the toy video model (vtprune.toy_video)
 
 Prints a markdown table: accuracy overall and per question type, and the number of visual
-tokens per image the LLM actually saw, for every method x budget (random averaged over seeds);
+tokens per image the LLM actually saw, for every method x budget (random averaged over seeds); with ``--video`` the same on
+the toy video benchmark, per clip, with the event questions' accuracy in their own column;
 for in-LLM methods (``--spec``) also the exit layer(s) and the share of prefill LLM work saved,
 and the prefill time and decode time per token (``--timing-batch`` prompts, 32 greedy tokens)
 relative to the stock model, measured in the same run.
@@ -20,13 +22,40 @@ import json
 import torch
 
 import vtprune
-from vtprune import toy
+from vtprune import toy, toy_video
 from vtprune.spec import parse_spec, split_specs
 
 
-def run(methods, keeps, n, seeds, batch_size):
-    model, processor = toy.load()
-    samples = toy.eval_split(n=n)
+IMAGE_METHODS = "random,uniform,fastervlm,vtc_cls"
+VIDEO_METHODS = ("random,pool,uniform_time,uniform:scope=frame,evs,vidcom2,fastvid,flashvid,holitom,dycoke,divprune,"
+                 "fastervlm")
+
+
+class Bench:
+    """The benchmark a run evaluates: the toy LLaVA on images, or the toy Qwen3-VL on clips."""
+
+    def __init__(self, video: bool, n: int):
+        self.video = video
+        if video:
+            self.model, _ = toy_video.load()
+            self.samples, self.types, self.medium = toy_video.eval_split(n=n), toy_video.QUESTION_TYPES, "videos"
+        else:
+            self.model, self.processor = toy.load()
+            self.samples, self.types, self.medium = toy.eval_split(n=n), toy.QUESTION_TYPES, "images"
+
+    def evaluate(self, batch_size):
+        if self.video:
+            return toy_video.evaluate(self.model, self.samples, batch_size=batch_size, progress=False)
+        return toy.evaluate(self.model, self.processor, self.samples, batch_size=batch_size, progress=False)
+
+    def tokens(self):
+        """Visual tokens per image (clip) the LLM saw in the last batch, their mean."""
+        items = [x for s in vtprune.stats(self.model)["samples"] for x in s.get(self.medium, [])]
+        return round(sum(x["tokens_out"] for x in items) / len(items), 1)
+
+
+def run(methods, keeps, n, seeds, batch_size, video=False):
+    bench = Bench(video, n)
     rows = []
     for keep in keeps:
         for method in methods:
@@ -35,20 +64,19 @@ def run(methods, keeps, n, seeds, batch_size):
             runs = []
             for seed in range(seeds if name == "random" else 1):
                 options = {"keep": keep, **extra, **({"seed": seed} if name == "random" else {})}
-                with vtprune.wrapped(model, names, **options):
-                    result = toy.evaluate(model, processor, samples, batch_size=batch_size, progress=False)
-                    tokens = vtprune.stats(model)["samples"][0]["tokens_out"]
+                with vtprune.wrapped(bench.model, names, **options):
+                    result = bench.evaluate(batch_size)
+                    tokens = bench.tokens()
                 runs.append(result)
             mean = lambda f: sum(f(r) for r in runs) / len(runs)  # noqa: E731
             rows.append({
                 "method": method, "keep": keep, "tokens": tokens, "runs": len(runs),
                 "overall": mean(lambda r: r["overall"]),
-                **{t: mean(lambda r, t=t: r["by_type"].get(t, float("nan"))) for t in toy.QUESTION_TYPES},
+                **({"event": mean(lambda r: r["event"])} if video else {}),
+                **{t: mean(lambda r, t=t: r["by_type"].get(t, float("nan"))) for t in bench.types},
             })
             print(json.dumps(rows[-1]), flush=True)
     return rows
-
-
 
 
 def run_specs(specs, n, batch_size, timing_batch=1, decode_tokens=32):
@@ -130,18 +158,22 @@ def spec_table(rows) -> str:
     return "\n".join(lines)
 
 
-def table(rows) -> str:
-    head = "| keep | visual tokens | method | overall | " + " | ".join(toy.QUESTION_TYPES) + " |"
-    lines = [head, "|" + "---|" * (4 + len(toy.QUESTION_TYPES))]
+def table(rows, video=False) -> str:
+    types = (["event"] if video else []) + list(toy_video.QUESTION_TYPES if video else toy.QUESTION_TYPES)
+    unit = "clip" if video else "image"
+    head = f"| keep | visual tokens per {unit} | method | overall | " + " | ".join(types) + " |"
+    lines = [head, "|" + "---|" * (4 + len(types))]
     for r in rows:
         lines.append(f"| {r['keep']} | {r['tokens']} | {r['method']}{' (%d seeds)' % r['runs'] if r['runs'] > 1 else ''}"
-                     f" | {r['overall']:.3f} | " + " | ".join(f"{r[t]:.3f}" for t in toy.QUESTION_TYPES) + " |")
+                     f" | {r['overall']:.3f} | " + " | ".join(f"{r[t]:.3f}" for t in types) + " |")
     return "\n".join(lines)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="random,uniform,fastervlm,vtc_cls")
+    parser.add_argument("--methods", default=None,
+                        help=f"comma-separated method specs (default: {IMAGE_METHODS}; with --video: {VIDEO_METHODS})")
+    parser.add_argument("--video", action="store_true", help="the toy video benchmark (vtprune.toy_video)")
     parser.add_argument("--keep", default="1.0,0.25,0.1,0.05")
     parser.add_argument("--n", type=int, default=400, help="evaluation questions (default 400)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds for random (default 3)")
@@ -153,13 +185,16 @@ def main():
                         help="evaluate this method with these options instead of the methods x keep grid; repeatable")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.spec and args.video:
+        parser.error("--spec (timings of in-LLM methods) runs on the image toy; use --methods with --video")
     if args.spec:
         rows = run_specs(args.spec, args.n, args.batch_size, args.timing_batch)
         print(spec_table(rows))
     else:
         keeps = [float(k) if "." in k else int(k) for k in args.keep.split(",")]
-        rows = run(split_specs(args.methods), keeps, args.n, args.seeds, args.batch_size)
-        print(table(rows))
+        methods = args.methods or (VIDEO_METHODS if args.video else IMAGE_METHODS)
+        rows = run(split_specs(methods), keeps, args.n, args.seeds, args.batch_size, args.video)
+        print(table(rows, args.video))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -27,3 +27,14 @@ def test_demo_writes_png(tmp_path, capsys):
     with Image.open(out) as image:
         assert image.width > 2 * image.height  # the input and one panel per budget side by side
     assert "keep=0.1" in text and "correct" in text
+
+
+def test_demo_video_writes_png(tmp_path, capsys):
+    out = tmp_path / "demo_video.png"
+    assert main(["demo", "--video", "--keep", "1.0,0.1", "--n", "5", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    with Image.open(out) as image:
+        assert image.width > 2 * image.height  # one row per run, one column per temporal slice
+    assert "trained toy video model" in text and "event questions" in text
+    rows = [line.split() for line in text.splitlines() if line.startswith(("keep=1.0 ", "keep=0.1 "))]
+    assert [float(r[1]) for r in rows] == [128.0, 16.0]  # per clip the LLM saw: evs keeps a whole slice at least

@@ -4,7 +4,7 @@ a failure while running is one line, exit status 1; ``--debug`` shows the traceb
 import pytest
 
 import vtprune
-from vtprune import methods, toy
+from vtprune import methods, toy, toy_video
 from vtprune.cli import main
 from vtprune.eval import sweep
 
@@ -40,6 +40,20 @@ BAD = [
     (["info", "--method", "FASTERVLM"], "did you mean 'fastervlm'"),
     (["calibrate", "var", "--model", "toy", "--images", "/no/such/images"], "no such folder"),
     (["calibrate", "var", "--model", "toy", "--tau", "0"], "--tau must be > 0"),
+    (["eval", "--methods", "fastv:layer=99"], "--methods fastv:layer=99: fastv layer=99 must lie in [1, 2]"),
+    (["eval", "--methods", "random,vhr:layers=[0,7]"], "vhr layers [7] do not exist"),
+    (["eval", "--methods", "zerotuning:heads=[9]", "--model", "toy-video"], "the language model has 4 heads"),
+    (["eval", "--methods", "pdrop:layer_list=[1,5]"], "pdrop layer_list [5] must lie in [1, 2]"),
+    (["eval", "--tasks", "no_such_task"], "lmms-eval has no such task"),
+    (["eval", "--tasks", "mmee"], "did you mean 'mme'"),
+    (["eval", "--model", "toy-video", "--tasks", "vtprune_toy"], "runs its own task natively"),
+    (["eval", "--model", "toy-video", "--lmms"], "runs its own task natively"),
+    (["eval", "--tasks", "vtprune_toy_video"], "use --model toy-video"),
+    (["eval", "--model", "toy-video", "--methods", "downsample"], "clips have one size"),
+    (["demo", "--video", "--method", "downsample"], "clips have one size"),
+    (["demo", "--video", "--method", "evss"], "did you mean 'evs'"),
+    (["calibrate", "var", "--model", "toy-video"], "calibrate reads images"),
+    (["serve", "toy-video"], "does not serve the toy video model"),
     (["nosuchcommand"], "invalid choice"),
 ]
 
@@ -51,8 +65,10 @@ def no_model(monkeypatch):
         raise AssertionError("a model was loaded before the command line was checked")
 
     monkeypatch.setattr(toy, "load", forbidden)
+    monkeypatch.setattr(toy_video, "load", forbidden)
     monkeypatch.setattr(sweep, "run", forbidden)
     monkeypatch.setattr("vtprune.demo.run", forbidden)
+    monkeypatch.setattr("vtprune.demo_video.run", forbidden)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("VTPRUNE_DEBUG", raising=False)
 
@@ -65,6 +81,23 @@ def test_bad_command_is_one_line_and_exit_2(argv, expected, capsys, no_model):
     assert len(lines) == 1 and lines[0].startswith("vtprune: error: "), captured.err
     assert expected in lines[0]
     assert "Traceback" not in captured.err + captured.out
+
+
+def test_a_task_whose_dataset_cannot_be_read_is_named_before_loading(capsys, no_model, monkeypatch):
+    """Offline without a cached copy (HF_HUB_OFFLINE): one line naming the dataset; online, a hub that does
+    not answer gives the same advice."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", "/no/such/cache")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert main(["eval", "--tasks", "mme"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--tasks mme: its dataset " in err and "/MME is not in the local hub cache" in err
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.HfApi.dataset_info", lambda *a, **k: (_ for _ in ()).throw(OSError("no route")))
+    assert main(["eval", "--tasks", "mme"]) == 2
+    assert "the hub did not answer (no route)" in capsys.readouterr().err
 
 
 def test_lmms_eval_missing_is_named(monkeypatch, capsys, no_model):

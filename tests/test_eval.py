@@ -244,6 +244,24 @@ def test_cli_eval_and_toy_task(tmp_path, capsys):
     assert "| random | 0.5 | 128.0 |" in printed and "2 cells" in printed
 
 
+def test_cli_eval_toy_video(tmp_path, capsys):
+    from vtprune.cli import main
+
+    out = tmp_path / "v"
+    assert main(["eval", "--model", "toy-video", "--methods", "evs,uniform_time", "--keep", "1,0.25", "--limit", "10",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "vtprune_toy_video" in printed and "3 cells" in printed
+    cells = {}
+    for path in (out / "cells").glob("*.json"):
+        with open(path) as f:
+            record = json.load(f)
+        cells[record["method"]] = record
+    assert cells["stock"]["visual_tokens_out"] == 128  # per clip: the stock counter sees video tokens
+    assert cells["evs"]["visual_tokens_out"] == cells["uniform_time"]["visual_tokens_out"] == 32
+    assert set(cells["evs"]["by_type"]) == {"color", "event_shape", "event_color", "event_time", "count"}
+
+
 @pytest.mark.parametrize("through_lmms", [False, True])
 def test_two_processes_give_the_one_process_answers(tmp_path, through_lmms):
     """``--num-processes 2`` (torch.distributed.run, gloo): native cells dealt to the ranks, or

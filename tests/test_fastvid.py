@@ -88,6 +88,15 @@ def test_fastvid_equals_the_official_computation(t, n, keep, c, tau):
         assert max(segments(x.mean(1), c, tau)) > 1
 
 
+def test_a_budget_under_one_token_per_frame_keeps_one_salient_token_each():
+    """``int(n keep) = 0`` (16 tokens a frame at keep 0.05): the code keeps nothing; we keep each frame's
+    most salient token."""
+    x = _clip(8, 16, 16, seed=3)
+    a = torch.rand(8, 16, generator=torch.Generator().manual_seed(4))
+    kept, (anchors, _) = fastvid(x, a, 0.05)
+    assert kept.tolist() == [f * 16 + int(a[f].argmax()) for f in range(8)] and anchors.numel() == 0
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_next_video"])
 def test_fastvid_model_equals_the_stock_language_model_fed_its_tokens(family):
     model = tiny_model(family)

@@ -7,7 +7,7 @@ import re
 import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "notebooks")
-NOTEBOOKS = ["compare_ratios.ipynb", "hallucination.ipynb"]
+NOTEBOOKS = ["compare_ratios.ipynb", "hallucination.ipynb", "compare_video.ipynb"]
 
 
 def _required():
@@ -53,6 +53,9 @@ def test_notebook_runs_and_renders(name, tmp_path, monkeypatch):
         assert (tmp_path / "runs" / "results.csv").exists()
         assert "| fastervlm | 0.1 | 26.0 |" in page  # the sweep's table
         assert re.search(r"\| \d+ \| fastervlm \| 0\.1 \| 26\.0 \|", page)  # the per-type DataFrame, as markdown
+    elif name == "compare_video.ipynb":
+        assert "| evs | 0.1 | 16.0 |" in text and "| uniform_time | 0.1 |" in page  # evs: a whole slice at least
+        assert re.search(r"\| \d+ \| evs \| 0\.1 \| 16\.0 \| [0-9.]+ \|", page)  # per type, with the event column
     else:
         assert "fastervlm keep 0.1 + vhr" in text and "false yes, hard negatives" in text and "var (tau 4)" in text
         assert re.search(r"\| fastervlm keep 0\.1 \+ vhr \| [0-9.]+ \|", page)

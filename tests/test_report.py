@@ -85,3 +85,27 @@ def test_cell_record_keeps_every_repeat():
     record = sweep._run_cell(Runner(), sweep.Cell("t", "random", 0.25), seeds=2)
     assert record["prefill_ms_runs"] == [10.0, 11.0, 30.0, 12.0, 13.0, 14.0]
     assert record["prefill_ms"] == 12.5  # the median of all repeats
+
+
+def test_margin_columns_only_for_baselines_that_ran():
+    """A sweep without ``downsample`` cells has no empty "Δ downsample" column; with one, it has."""
+    records = report.add_margins(rows())
+    head = report.markdown(records).splitlines()[2]
+    assert "Δ random" in head and "Δ pool" in head and "Δ downsample" not in head
+    fast = next(r for r in records if r["method"] == "fastervlm" and r["visual_tokens_llm"] == 26)
+    line = next(line for line in report.markdown(records).splitlines() if line.startswith("| fastervlm | 0.1015625 |"))
+    assert line.split(" | ")[4] == f"+{fast['score'] - 0.526:.3f}"  # its margin over random at 26 tokens
+    down = dict(next(r for r in records if r["method"] == "random" and r["visual_tokens_llm"] == 26), method="downsample")
+    head = report.markdown(report.add_margins(records + [down])).splitlines()[2]
+    assert head.split(" | ")[4:7] == ["Δ random", "Δ pool", "Δ downsample"]
+
+
+def test_every_method_has_its_own_line_style():
+    """Twelve methods (a video sweep) on one plot: no two lines look alike (matplotlib cycles ten colours)."""
+    records = []
+    for i in range(12):
+        records += [dict(row, method=f"m{i}") for row in rows() if row["method"] == "random"]
+    acc, _ = axes_of(records + [r for r in rows() if r["method"] == "stock"])
+    looks = [(line.get_color(), line.get_marker(), line.get_linestyle()) for line in acc.get_lines()
+             if line.get_label().startswith("m")]
+    assert len(looks) == 12 and len(set(looks)) == 12

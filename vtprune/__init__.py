@@ -8,8 +8,8 @@ from . import methods
 from .api import is_wrapped, last_kept, record, stats, unwrap, wrap, wrapped
 from .downsample import downsample
 from . import spec
-from .errors import NotApplicable
+from .errors import NotApplicable, OutOfRange
 
 __version__ = "0.1.0"
 
-__all__ = ["NotApplicable", "__version__", "downsample", "is_wrapped", "last_kept", "methods", "record", "spec", "stats", "unwrap", "wrap", "wrapped"]
+__all__ = ["NotApplicable", "OutOfRange", "__version__", "downsample", "is_wrapped", "last_kept", "methods", "record", "spec", "stats", "unwrap", "wrap", "wrapped"]

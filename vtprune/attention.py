@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from .errors import NotApplicable
+from .errors import NotApplicable, OutOfRange
 
 _COUNTER = itertools.count()
 
@@ -29,7 +29,7 @@ def pick_layers(name, chosen, default, n_layers) -> list:
     ids = chosen if chosen is not None else default(n_layers)
     bad = [j for j in ids if not 0 <= j < n_layers]
     if bad:
-        raise NotApplicable(f"{name} layers {bad} do not exist: the language model has {n_layers} decoder layers")
+        raise OutOfRange(f"{name} layers {bad} do not exist: the language model has {n_layers} decoder layers")
     return ids
 
 

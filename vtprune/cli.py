@@ -68,7 +68,10 @@ def _info(args) -> int:
 
 
 def _demo(args) -> int:
-    from vtprune.demo import run
+    if args.video:
+        from vtprune.demo_video import run
+    else:
+        from vtprune.demo import run
 
     return run(keeps=args.keeps, method=args.names[0], n=args.n, out=args.out, seed=args.seed,
                options=args.options or None)
@@ -221,15 +224,20 @@ def _check_device(device: str):
 
 
 def _check_model(model: str) -> str:
-    """``toy``, a model folder, or a hub id whose config resolves; returns the model_type."""
-    from vtprune import toy
+    """``toy``, ``toy-video``, a model folder, or a hub id whose config resolves; returns the model_type."""
+    return _model_config(model).model_type
 
-    if model == "toy":
-        if not os.path.isfile(os.path.join(toy.DEFAULT_PATH, "config.json")):
-            raise UsageError(f"the toy model is missing from this install ({toy.DEFAULT_PATH})")
-        return "llava"
+
+def _model_config(model: str):
+    """The config of ``toy``, ``toy-video``, a model folder, or a hub id (``UsageError`` when it does not resolve)."""
+    from vtprune import toy, toy_video
+
     path = os.path.expanduser(model)
-    if os.path.isdir(path):
+    if model in ("toy", "toy-video"):
+        path = toy.DEFAULT_PATH if model == "toy" else toy_video.DEFAULT_PATH
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UsageError(f"the {model} model is missing from this install ({path})")
+    elif os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise UsageError(f"--model {model}: the folder has no config.json (a saved transformers model has one)")
     elif os.path.exists(path):
@@ -240,15 +248,14 @@ def _check_model(model: str) -> str:
 
     try:
         try:
-            config = AutoConfig.from_pretrained(path, local_files_only=True)
+            return AutoConfig.from_pretrained(path, local_files_only=True)
         except OSError:
             if os.path.isdir(path) or os.environ.get("HF_HUB_OFFLINE") == "1":
                 raise
-            config = AutoConfig.from_pretrained(path)
+            return AutoConfig.from_pretrained(path)
     except Exception as err:  # noqa: BLE001 - any failure to resolve is a bad --model
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"--model {model}: cannot read its config ({first})") from None
-    return config.model_type
 
 
 def _needs(module: str, extra: str, why: str):
@@ -259,7 +266,7 @@ def _needs(module: str, extra: str, why: str):
 
 
 def _check_eval(args):
-    from vtprune.eval.sweep import TOY_TASK
+    from vtprune.eval.sweep import NATIVE, TOY_TASK, TOY_VIDEO_TASK
     from vtprune.spec import split_specs
 
     _positive(args, "limit", "seeds", "batch_size", "num_processes")
@@ -269,18 +276,28 @@ def _check_eval(args):
         raise UsageError("--methods is empty; e.g. --methods random,fastervlm")
     for spec in args.specs:
         _check_spec(spec, args.keeps)
-    args.task_list = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = args.tasks if args.tasks is not None else NATIVE.get(args.model, TOY_TASK)
+    args.task_list = [t.strip() for t in tasks.split(",") if t.strip()]
     if not args.task_list:
         raise UsageError("--tasks is empty; e.g. --tasks vtprune_toy")
+    if args.model == "toy-video" and (args.lmms or args.task_list != [TOY_VIDEO_TASK]):
+        raise UsageError(f"--model toy-video runs its own task natively (--tasks {TOY_VIDEO_TASK}); lmms-eval video "
+                         "tasks on it are not supported yet")
+    if TOY_VIDEO_TASK in args.task_list and args.model != "toy-video":
+        raise UsageError(f"--tasks {TOY_VIDEO_TASK} is the toy video model's task: use --model toy-video")
+    if args.model == "toy-video" and any(n == "downsample" for spec in args.specs for n in spec.split(":")[0].split("+")):
+        raise UsageError("downsample does not apply to the toy video model: its clips have one size "
+                         "(uniform_time or pool stand in for it)")
     _check_device(args.device)
-    model_type = _check_model(args.model)
-    if args.lmms or args.model != "toy" or any(t != TOY_TASK for t in args.task_list):
+    config = _model_config(args.model)
+    lmms = args.model not in NATIVE or args.lmms or any(t != NATIVE[args.model] for t in args.task_list)
+    if lmms:
         _needs("lmms_eval", "eval", "evaluating through lmms-eval (a model other than toy, a task other than "
                f"{TOY_TASK}, or --lmms)")
         from vtprune.eval.lmms import FOR_MODEL_TYPE
 
-        if model_type not in FOR_MODEL_TYPE:
-            raise UsageError(f"--model {args.model}: model_type {model_type!r} is not supported; "
+        if config.model_type not in FOR_MODEL_TYPE:
+            raise UsageError(f"--model {args.model}: model_type {config.model_type!r} is not supported; "
                              f"supported: {', '.join(sorted(FOR_MODEL_TYPE))}")
     pairs = [item for item in args.model_args.split(",") if item] if args.model_args else []
     bad = [item for item in pairs if "=" not in item]
@@ -290,16 +307,29 @@ def _check_eval(args):
     for path in args.include_path or []:
         if not os.path.isdir(path):
             raise UsageError(f"--include-path {path}: no such folder")
+    from vtprune.eval.checks import check_options, check_tasks
+
+    try:
+        check_options(config, args.specs, next((k for k in args.keeps if k != 1.0), 0.5))
+        if lmms and "WORLD_SIZE" not in os.environ:  # under --num-processes the parent checked them
+            check_tasks(args.task_list, args.include_path, skip=(TOY_TASK,))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def _check_demo(args):
     _positive(args, "n")
+    args.method = args.method or ("evs" if args.video else "fastervlm")
+    args.out = args.out or ("vtprune_demo_video.png" if args.video else "vtprune_demo.png")
     args.keeps = _check_keeps(args.keep)
     from vtprune.demo import defaults
 
     args.names, args.options = _check_spec(args.method, args.keeps, defaults)
     if len(args.names) != 1:
         raise UsageError("the demo runs one method at a time; use vtprune eval to combine methods")
+    if args.names == ["downsample"] and args.video:
+        raise UsageError("downsample does not apply to the toy video model: its clips have one size "
+                         "(uniform_time or pool stand in for it)")
     if args.names == ["downsample"]:
         raise UsageError("downsample does not apply to the toy model: LLaVA-1.5 resizes every image to one "
                          "size (pool stands in for it)")
@@ -310,6 +340,8 @@ def _check_demo(args):
 
 def _check_calibrate(args):
     _positive(args, "n", "top")
+    if args.model == "toy-video":
+        raise UsageError("calibrate reads images; use --model toy (or a model folder)")
     if not args.tau > 0:
         raise UsageError(f"--tau must be > 0, got {args.tau}")
     if args.images is not None and not os.path.isdir(args.images):
@@ -328,6 +360,9 @@ def _check_toy_task(args):
 def _check_serve(args):
     import importlib.util
 
+    if args.model == "toy-video":
+        raise UsageError("vtprune serve does not serve the toy video model yet (video requests are not pruned in "
+                         "vLLM yet); try --model toy")
     from vtprune.serving import SERVED_TYPES, check
     from vtprune.spec import parse_spec
 
@@ -406,18 +441,22 @@ def main(argv=None) -> int:
     info.set_defaults(func=_info)
     demo = sub.add_parser("demo", help="run the embedded toy model unpruned and pruned, offline")
     demo.add_argument("--keep", default="1.0,0.25,0.1", help="comma-separated budgets (default: 1.0,0.25,0.1)")
-    demo.add_argument("--method", default="fastervlm",
-                      help="a method, with options as name:opt=value;... (default: fastervlm)")
+    demo.add_argument("--method", default=None,
+                      help="a method, with options as name:opt=value;... (default: fastervlm; evs with --video)")
     demo.add_argument("--n", type=int, default=6, help="number of questions (default: 6)")
-    demo.add_argument("--out", default="vtprune_demo.png", help="where to write the kept-token overlay PNG")
+    demo.add_argument("--out", default=None, help="where to write the kept-token overlay PNG (default: "
+                      "vtprune_demo.png; vtprune_demo_video.png with --video)")
+    demo.add_argument("--video", action="store_true", help="the toy video model (a tiny Qwen3-VL) on clips")
     demo.add_argument("--seed", type=int, default=0, help="seed of the questions")
     demo.set_defaults(func=_demo)
     ev = sub.add_parser("eval", help="sweep methods x budgets on benchmarks; tables, CSV, JSON and plots",
                         description="Run every method at every budget on the tasks (the toy benchmark natively, "
                         "anything else through lmms-eval), resuming finished cells, and write results.json, "
                         "results.csv, results.md and PNG plots to --out.")
-    ev.add_argument("--model", default="toy", help="'toy' (the shipped toy LLaVA) or a model path / hub id")
-    ev.add_argument("--tasks", default="vtprune_toy", help="comma-separated lmms-eval tasks (default: vtprune_toy)")
+    ev.add_argument("--model", default="toy", help="'toy' (the shipped toy LLaVA), 'toy-video' (the shipped toy "
+                    "video model, a Qwen3-VL) or a model path / hub id")
+    ev.add_argument("--tasks", default=None, help="comma-separated lmms-eval tasks (default: vtprune_toy; "
+                    "vtprune_toy_video with --model toy-video)")
     ev.add_argument("--methods", default="random,fastervlm",
                     help="comma-separated method specs: name[+name][:opt=value;...] (default: random,fastervlm)")
     ev.add_argument("--keep", default="1,0.25,0.1,0.05", help="comma-separated budgets; 1 = stock")

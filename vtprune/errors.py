@@ -12,6 +12,12 @@ class NotApplicable(ValueError):
     applicable and goes on, while any other error stops it."""
 
 
+class OutOfRange(NotApplicable):
+    """An option names a layer or a head the model does not have (``fastv:layer=99`` on a 32-layer model):
+    the user's mistake rather than the method's, so ``vtprune eval`` checks it on a weightless copy of the
+    model before loading one, while a sweep records the other ``NotApplicable`` cells and goes on."""
+
+
 def did_you_mean(word, choices) -> str:
     """`` (did you mean 'x'?)`` for the choice closest to ``word`` (case aside), or ``""``: the one suggester of
     the command line and the Python API."""

@@ -255,23 +255,29 @@ def vocab():
     return {w: i for i, w in enumerate(words)}
 
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for m in messages %}"
-    "{% if m['role'] == 'user' %} USER:"
-    "{% if m['content'] is string %} {{ m['content'] }}"
-    "{% else %}"
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %} <image>{% endif %}{% endfor %}"
-    "{% for c in m['content'] %}{% if c['type'] == 'text' %} {{ c['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}"
-    "{% elif m['role'] == 'assistant' %} ASSISTANT:"
-    "{% if m['content'] is string %} {{ m['content'] }}"
-    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'text' %} {{ c['text'] }}{% endif %}{% endfor %}"
-    "{% endif %} {{ eos_token }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
-)
+def chat_template(media: str, placeholder: str) -> str:
+    """The toy models' chat template (``USER: <media> question ASSISTANT: answer </s>``, BOS first), with
+    ``placeholder`` for each content part of type ``media``."""
+    return (
+        "{{ bos_token }}"
+        "{% for m in messages %}"
+        "{% if m['role'] == 'user' %} USER:"
+        "{% if m['content'] is string %} {{ m['content'] }}"
+        "{% else %}"
+        f"{{% for c in m['content'] %}}{{% if c['type'] == '{media}' %}} {placeholder}{{% endif %}}{{% endfor %}}"
+        "{% for c in m['content'] %}{% if c['type'] == 'text' %} {{ c['text'] }}{% endif %}{% endfor %}"
+        "{% endif %}"
+        "{% elif m['role'] == 'assistant' %} ASSISTANT:"
+        "{% if m['content'] is string %} {{ m['content'] }}"
+        "{% else %}{% for c in m['content'] %}{% if c['type'] == 'text' %} {{ c['text'] }}{% endif %}{% endfor %}"
+        "{% endif %} {{ eos_token }}"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+    )
+
+
+CHAT_TEMPLATE = chat_template("image", "<image>")
 
 
 def prompt(question):
@@ -281,16 +287,22 @@ def prompt(question):
 
 def build_tokenizer():
     """Word-level fast tokenizer (whitespace split), `<image>` a special token."""
+    return word_tokenizer(vocab(), ["<image>"], CHAT_TEMPLATE)
+
+
+def word_tokenizer(words: dict, special: list, template: str):
+    """A word-level fast tokenizer over ``words`` (whitespace split; ``<unk> <pad> <s> </s>``), ``special``
+    tokens matched before the split, left padding, the chat ``template``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tk = Tokenizer(models.WordLevel(vocab=vocab(), unk_token="<unk>"))
+    tk = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
                                   bos_token="<s>", eos_token="</s>", padding_side="left",
                                   model_max_length=1024)
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    tok.chat_template = CHAT_TEMPLATE
+    tok.add_special_tokens({"additional_special_tokens": list(special)})
+    tok.chat_template = template
     return tok
 
 
@@ -369,9 +381,14 @@ def evaluate(model, processor, samples, batch_size=32, progress=True):
         predictions += tok.convert_ids_to_tokens(logits.argmax(-1).tolist())
         bar.update(len(batch))
     bar.close()
+    return score(predictions, samples, QUESTION_TYPES)
+
+
+def score(predictions, samples, types) -> dict:
+    """``overall`` accuracy, ``by_type`` (for ``types`` present), ``n`` and the ``predictions``."""
     correct = [p == s["answer"] for p, s in zip(predictions, samples)]
     by_type = {}
-    for t in QUESTION_TYPES:
+    for t in types:
         hits = [c for c, s in zip(correct, samples) if s["type"] == t]
         if hits:
             by_type[t] = sum(hits) / len(hits)

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from ..budget import check_keep, tokens_to_keep
-from ..errors import NotApplicable, did_you_mean
+from ..errors import NotApplicable, OutOfRange, did_you_mean
 from ..scoring import total_budget
 from ..summary import FEATURES, GROUPS
 
@@ -289,7 +289,7 @@ class LayerMethod(Method):
         """The first decoder layer that may lose tokens; raises ``ValueError`` when out of range."""
         low = 1 if self.needs_attention else 0
         if not low <= self.layer < n_layers:
-            raise NotApplicable(f"{self.name} layer={self.layer} must lie in [{low}, {n_layers - 1}] "
+            raise OutOfRange(f"{self.name} layer={self.layer} must lie in [{low}, {n_layers - 1}] "
                              f"(the language model has {n_layers} decoder layers)")
         return self.layer
 

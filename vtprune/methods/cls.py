@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import NotApplicable
+from ..errors import NotApplicable, OutOfRange
 from ..scoring import total_budget
 from .base import Selector, register, tile_budgets
 
@@ -80,7 +80,7 @@ class VTCCLS(Selector):
     def tower_layers(self, n_layers, feature_layer):
         start = max(0, n_layers + self.start_layer) if self.start_layer < 0 else self.start_layer
         if not 0 <= start <= feature_layer:
-            raise NotApplicable(f"vtc_cls start_layer={self.start_layer} must lie before layer {feature_layer} "
+            raise OutOfRange(f"vtc_cls start_layer={self.start_layer} must lie before layer {feature_layer} "
                              f"(the projector reads layer {feature_layer} of {n_layers})")
         return list(range(start, feature_layer + 1))
 

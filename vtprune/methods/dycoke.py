@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import additive_mask, attention_probs
-from ..errors import NotApplicable
+from ..errors import NotApplicable, OutOfRange
 from ..runtime.stage import StageRuntime
 from .base import Method, register
 from .temporal import ClipSelector, slices
@@ -122,7 +122,7 @@ class DecodeKV(StageRuntime):
     def __init__(self, method, n_layers, route):
         self.layer = method.layer if method.layer is not None else max(1, min(3, n_layers - 1))
         if not 1 <= self.layer < n_layers:
-            raise NotApplicable(f"pdkv layer={self.layer} must lie in [1, {n_layers - 1}] (the language model has "
+            raise OutOfRange(f"pdkv layer={self.layer} must lie in [1, {n_layers - 1}] (the language model has "
                                 f"{n_layers} decoder layers)")
         if "flash" in route.original:
             raise NotApplicable("pdkv masks keys in the attention, which flash attention does not take; load the "

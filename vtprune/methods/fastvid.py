@@ -24,7 +24,8 @@ Differences from the official code: the salience is the tower score vtprune read
 reloads SigLIP's attention-pooling head on LLaVA-OneVision and uses the last Qwen ViT block's
 frame-mean query on Qwen2.5-VL); density ties go to the earlier token (the code adds 1e-6 uniform
 noise); a frame asked for more anchors than it has tokens left gives all of them (the code fails
-there); Qwen2.5-VL's second segmentation threshold (0.95) is not applied.
+there); a budget under one token per frame (``int(n r) = 0``, where the code keeps nothing) keeps one
+salient token per frame; Qwen2.5-VL's second segmentation threshold (0.95) is not applied.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def fastvid(frames: torch.Tensor, salience: torch.Tensor, keep: float, c: int = 
     indices into the flattened clip (ascending) and the merged features of its anchors ``(indices, [k, D])``."""
     t, n, dim = frames.shape
     lengths = segments(frames.float().mean(1), c, tau)
-    per_frame = int(n * keep)
+    per_frame = max(1, int(n * keep))  # the code keeps nothing below one token per frame
     salient = per_frame - int(per_frame * d)
     context = per_frame - salient
     counts = anchor_counts(lengths, context, p)
@@ -153,7 +154,7 @@ class FastVID(MergingClip):
 
     def count(self, per_slice, slices_):  # the nominal budget; score() sets what the segments give
         keep = clip_share(self.keep, per_slice * slices_)
-        return slices_ * int(per_slice * keep)
+        return slices_ * max(1, int(per_slice * keep))
 
     def select(self, frames, salience, keep):
         return fastvid(frames, salience, keep, self.segments, self.tau, self.context_share, self.spacing, self.beta)

@@ -17,7 +17,7 @@ import torch
 
 from ..attention import attention_probs
 from ..budget import tokens_to_keep
-from ..errors import NotApplicable
+from ..errors import OutOfRange
 from .base import LayerMethod, indices, register
 
 
@@ -59,7 +59,7 @@ class PDrop(LayerMethod):
             sorted({max(1, n_layers * q // 4) for q in (1, 2, 3)})
         bad = [j for j in layers if not 1 <= j < n_layers]
         if bad:
-            raise NotApplicable(f"pdrop layer_list {bad} must lie in [1, {n_layers - 1}] (the language model has "
+            raise OutOfRange(f"pdrop layer_list {bad} must lie in [1, {n_layers - 1}] (the language model has "
                                 f"{n_layers} decoder layers)")
         return layers
 

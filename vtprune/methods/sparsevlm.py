@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 
 from ..attention import attention_probs
-from ..errors import NotApplicable
+from ..errors import OutOfRange
 from .base import LayerMethod, indices, register
 
 TABLE = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}  # kept per stage of 576
@@ -97,7 +97,7 @@ class SparseVLM(LayerMethod):
         layers = [j + 1 for j in self.locations(n_layers)]
         bad = [j - 1 for j in layers if not 1 <= j < n_layers]
         if bad or not layers:
-            raise NotApplicable(f"sparsevlm pruning_loc {bad or layers} must lie in [0, {n_layers - 2}] (the "
+            raise OutOfRange(f"sparsevlm pruning_loc {bad or layers} must lie in [0, {n_layers - 2}] (the "
                                 f"language model has {n_layers} decoder layers; tokens leave after each)")
         return layers
 

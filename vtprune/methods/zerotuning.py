@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from ..attention import additive_mask, allowed_keys, pick_layers, text_config
-from ..errors import NotApplicable
+from ..errors import NotApplicable, OutOfRange
 from ..runtime.stage import StageRuntime
 from .base import Method, indices, register
 
@@ -64,7 +64,7 @@ class SinkScaling(StageRuntime):
         heads = text_config(model).num_attention_heads
         bad = [h for h in (method.heads or []) if not 0 <= h < heads]
         if bad:
-            raise NotApplicable(f"zerotuning heads {bad} do not exist: the language model has {heads} heads")
+            raise OutOfRange(f"zerotuning heads {bad} do not exist: the language model has {heads} heads")
         self.route = route
         if "flash" in self.route.original:
             raise NotApplicable("zerotuning biases the attention mask, which flash attention does not take; "

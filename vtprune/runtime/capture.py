@@ -15,7 +15,7 @@ import functools
 import torch
 
 from ..budget import tokens_to_keep
-from ..errors import NotApplicable
+from ..errors import OutOfRange
 from .hooks import Installed
 
 
@@ -74,7 +74,7 @@ class Capture:
         layers = self.selector.tower_layers(n, self.adapter.feature_layer())
         for layer in layers:
             if not -n <= layer < n:
-                raise NotApplicable(f"vision-tower layer {layer} is out of range: the tower has {n} layers")
+                raise OutOfRange(f"vision-tower layer {layer} is out of range: the tower has {n} layers")
         self.tower_layers = sorted({layer % n for layer in layers})
         for layer in self.tower_layers:
             sink = functools.partial(lambda layer, scores: self.tower_cls.setdefault(layer, []).append(scores), layer)

@@ -236,10 +236,10 @@ def export_split(out_dir, n=400, seed=1234):
     return path
 
 
-def type_prior(samples):
-    """Accuracy per type of always answering that type's most frequent answer."""
+def type_prior(samples, types=QUESTION_TYPES):
+    """Accuracy per type (of ``types``) of always answering that type's most frequent answer."""
     prior = {}
-    for t in QUESTION_TYPES:
+    for t in types:
         answers = [s["answer"] for s in samples if s["type"] == t]
         if answers:
             prior[t] = max(answers.count(a) for a in set(answers)) / len(answers)

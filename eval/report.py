@@ -120,7 +120,7 @@ def figures(records) -> list:
     out = []
     for task in dict.fromkeys(r["task"] for r in records):
         for kind in ("score", "time"):
-            fig = Figure(figsize=(6.4, 4.4))
+            fig = Figure(figsize=(8.2, 4.4))
             draw(fig.add_subplot(), [r for r in records if r["task"] == task], kind)
             fig.tight_layout()
             out.append((f"{kind}_{task}.png", fig))
@@ -160,7 +160,8 @@ def draw(ax, records, kind="score"):
     ax.set_ylabel(_metric(rows) if kind == "score" else ("prefill ms per sample" if timing else "seconds per sample"))
     ax.set_title(title(rows), fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    # beside the axes, never over a point or an error bar (stock's sits at the right, where "best" put it)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     if kind == "time":
         ax.set_ylim(bottom=0)
         ax.annotate(caveat(rows, timing), xy=(0, 0), xycoords="axes fraction", xytext=(0, -32),

@@ -188,7 +188,7 @@ class LmmsRunner:
         try:
             from lmms_eval.tasks import TaskManager
         except ImportError as err:
-            raise ImportError("lmms-eval tasks need the eval extra: see the README, 'Evaluation'") from err
+            raise ImportError("lmms-eval tasks need the eval extra: see docs/evaluation.md") from err
         from . import lmms
 
         model_args = dict(model_args or {})

@@ -74,13 +74,21 @@ table[(table.keep == 0.1) | (table.method == "stock")].round(3)"""),
     ("md", """\
 ## Which tokens are kept
 
-Dropped patches dimmed, kept patches outlined (`vtprune.viz.overlay`), at keep 0.1."""),
+At keep 0.1 (26 of the 256 tokens): kept tokens outlined, dropped ones dimmed, and the tokens a kept one
+stands for (a `pool` window's other cells) half-dimmed (`vtprune.viz.overlay`)."""),
     ("code", """\
+from matplotlib.patches import Patch
+
 from vtprune.viz import overlay
 
 examples = samples[:3]
 shown = ["random", "pool", "fastervlm", "visionzip"]
-fig, axes = plt.subplots(len(examples), len(shown) + 1, figsize=(2.6 * (len(shown) + 1), 2.7 * len(examples)))
+fig, axes = plt.subplots(len(examples), len(shown) + 1, figsize=(2.6 * (len(shown) + 1), 2.7 * len(examples) + 0.6))
+fig.suptitle("kept tokens at keep 0.1 (26 of 256 per image), toy LLaVA", fontsize=10)
+fig.legend(handles=[Patch(facecolor="#e8d9b8", edgecolor="black", label="kept (outlined)"),
+                    Patch(facecolor="#8b8270", label="merged into a kept token"),
+                    Patch(facecolor="#3a362e", label="dropped (dimmed)")],
+           loc="lower center", ncol=3, fontsize=8, frameon=False)
 for row, sample in zip(axes, examples):
     inputs = processor(images=[sample["image"]], text=[toy.prompt(sample["question"])], return_tensors="pt")
     row[0].imshow(sample["image"])
@@ -93,7 +101,7 @@ for row, sample in zip(axes, examples):
         ax.set_title(f"{method}: {answer} (truth {sample['answer']})", fontsize=7)
 for ax in axes.flat:
     ax.axis("off")
-plt.tight_layout()"""),
+fig.tight_layout(rect=(0, 0.05, 1, 1))"""),
     ("md", """\
 ## A real model
 
@@ -139,7 +147,7 @@ is). We compare the stock model, `vhr` (vision-aware head reinforcement), `var` 
 sink redistribution) and both on top of `fastervlm` pruning.
 
 The toy model is near-perfect on existence already, so this notebook shows the *harness*; on
-the toy model the interventions do not help (the README reports the same). VAR needs massive
+the toy model the interventions do not help (docs/toy.md reports the same). VAR needs massive
 activations: the toy LLM is 128 wide, so |x_d|/RMS(x) ≤ √128 ≈ 11 can never pass the paper's
 tau = 20 and `var` is the stock model there; with `tau=4` (from `vtprune calibrate var`'s peak
 values) almost every visual token counts as a sink, which is not what VAR is about either. On a real

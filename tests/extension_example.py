@@ -1,5 +1,5 @@
-"""A model family and methods of one's own, each added by this one module and nothing else (README,
-"Extending"): ``RenamedLlava``, LLaVA under a name vtprune has never heard of, wrapped in HF and served in
+"""A model family and methods of one's own, each added by this one module and nothing else
+(docs/extending.md): ``RenamedLlava``, LLaVA under a name vtprune has never heard of, wrapped in HF and served in
 vLLM; ``centre``, a pre-LLM selector that keeps the tokens nearest the middle of each grid, in both engines;
 ``every_other``, an in-LLM method that lets every other visual token leave before a decoder layer.
 

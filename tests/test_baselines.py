@@ -25,6 +25,20 @@ def test_pool_windows_equal_adaptive_avg_pool(h, w, k):
     assert all(int(a) == int(m.min()) for a, m in zip(anchors, members))
 
 
+@pytest.mark.parametrize("h,w,k,grid", [(16, 16, 26, (5, 5)), (16, 16, 13, (3, 4)), (16, 16, 128, (8, 16)),
+                                         (24, 24, 58, (7, 8)), (24, 24, 144, (12, 12)), (4, 4, 2, (1, 2)),
+                                         (20, 30, 150, (10, 15))])
+def test_pool_windows_stay_compact(h, w, k, grid):
+    """The most windows no more than twice as long as wide (16 x 16 to 26 tokens: 5 x 5, not 2 x 13 strips of
+    8 x 1.2 cells; to 128: 8 x 16 pairs)."""
+    assert pool_grid(h, w, k) == grid
+    r, c = grid
+    assert 1 / 2 - 1e-9 <= (h / r) / (w / c) <= 2 + 1e-9
+    better = [(a, b) for a in range(1, h + 1) for b in range(1, w + 1)
+              if r * c < a * b <= k and 1 / 2 - 1e-9 <= (h / a) / (w / b) <= 2 + 1e-9]
+    assert not better
+
+
 def test_pool_on_constant_grid_returns_the_constant():
     layout = ImageLayout.from_grids([(6, 6)])
     ctx = ScoreContext(layouts=[layout], budgets=[9], rows=[0], features=[torch.full((36, 4), 2.5)],

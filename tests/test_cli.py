@@ -14,6 +14,25 @@ def test_info_lists_families_methods_and_backend(capsys):
         assert word in out
 
 
+def test_info_gives_each_method_a_whole_sentence(capsys):
+    """Each method's line is the first sentence of its summary, wrapped, never cut (``pdrop`` and
+    ``sparsevlm`` once stopped mid-sentence)."""
+    import re
+
+    import vtprune
+    from vtprune.spec import describe, headline
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    listing = " ".join(out[out.index("methods ("):].split())
+    for name in vtprune.methods.available():
+        sentence = headline(name)
+        assert sentence.endswith((".", ")")) and describe(name)["summary"].startswith(sentence), name
+        assert re.search(re.escape(name) + r" " + re.escape(" ".join(sentence.split())), listing), name
+    assert "PyramidDrop, CVPR 2025" in listing and "SparseVLM, ICML 2025" in listing
+    assert all(len(line) <= 100 for line in out.splitlines() if line.startswith("  "))
+
+
 def test_help_without_command(capsys):
     assert main([]) == 0
     assert "demo" in capsys.readouterr().out

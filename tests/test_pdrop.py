@@ -55,6 +55,8 @@ def test_pdrop_after_a_pre_llm_cut_and_options():
     assert [s["tokens_out"] for s in stats["samples"]] == [8, 16]
     assert stats["samples"][1]["visual_tokens_per_layer"] == [16, 16, 8, 8, 4, 4]
     assert stats["exit"]["visual_tokens_dropped"] == [6, 12]
+    assert stats["exit"]["stages"] == [{"layer": 2, "visual_tokens_dropped": [4, 8]},
+                                       {"layer": 4, "visual_tokens_dropped": [2, 4]}]
     for options, words in [({"ratio": 1.0}, "ratio"), ({"layer_list": [0, 2]}, r"\[0\]"), ({"layer": 2}, "layer_list"),
                            ({"layer_list": [9]}, "must lie in")]:
         with pytest.raises(ValueError, match=words):

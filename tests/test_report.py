@@ -53,6 +53,20 @@ def test_timing_spread_and_caveat():
     assert not score.containers and caption(score) == ""
 
 
+def test_the_legend_covers_no_point_or_bar():
+    """The legend sits beside the axes: its box and the axes' drawing area do not overlap (it once hid the
+    stock error bar, drawn where matplotlib's "best" placed it)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    for fig in dict(report.figures(rows())).values():
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        renderer, ax = canvas.get_renderer(), fig.axes[0]
+        legend, area = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+        assert legend.x0 >= area.x1 and not legend.overlaps(area)
+        assert fig.bbox.contains(legend.x1 - 1, legend.y0 + 1)  # and stays on the figure
+
+
 def test_old_cells_without_repeats_or_config():
     score, timing = axes_of(rows(with_runs=False, config=False))
     assert not timing.containers  # one value per cell: no bars

@@ -249,15 +249,15 @@ def test_serving_keeps_what_the_hf_wrap_keeps_on_llava_next(method):
         check("visionzip", 0.25, {}, "llava_next")
 
 
-def test_the_readme_lists_what_serving_accepts_per_family():
-    """The served-model table in the README names, per family, exactly the registered methods that
+def test_the_docs_list_what_serving_accepts_per_family():
+    """The served-model table (docs/serve.md) names, per family, exactly the registered methods that
     ``check`` accepts there (by their needs); every pre-LLM selector that reads no text is served somewhere."""
     import pathlib
     import re
 
     from vtprune.serving import SERVED_TYPES, servable
 
-    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "serve.md").read_text()
     text = text[text.index("| served model | methods |"):]
     rows = {"llava": "LLaVA-1.5 (", "llava_next": "LLaVA-NeXT (", "internvl": "InternVL, HF format (",
             "qwen2_vl": "Qwen2-VL, Qwen2.5-VL", "qwen2_5_vl": "Qwen2-VL, Qwen2.5-VL", "qwen3_vl": "Qwen2-VL, Qwen2.5-VL"}

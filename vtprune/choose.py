@@ -41,13 +41,15 @@ class Seen:
 class Choice:
     """What a selector keeps of one image: the kept indices (ascending), the scores it ranked by, each
     token's size (the tokens it stands for; None: one each), the summary groups ``[(position, members,
-    feature)]`` and the features that replace kept rows (``(positions, features)``, or None)."""
+    feature)]``, the features that replace kept rows (``(positions, features)``, or None), and what a merging
+    method's tokens stand for (``[(position, member indices)]``: pool's windows)."""
 
     kept: torch.Tensor
     scores: torch.Tensor
     sizes: torch.Tensor | None = None
     groups: list = field(default_factory=list)
     replacement: tuple | None = None
+    members: list = field(default_factory=list)
 
 
 def summary_split(summary: int, budget):
@@ -86,7 +88,8 @@ def choose(selector, images: list, generator: torch.Generator) -> list:
         kept = top_tokens(scores[i], layouts[i], ctx.budgets[i], selector.newlines)
         kept, groups, sizes, summary = summarise_image(selector, layouts[i], img.features, kept, wanted[i],
                                                        ctx.sizes[i])
-        out.append(Choice(kept, scores[i], sizes, groups, summary if summary is not None else ctx.replacements[i]))
+        out.append(Choice(kept, scores[i], sizes, groups, summary if summary is not None else ctx.replacements[i],
+                          ctx.members[i] or []))
     return out
 
 

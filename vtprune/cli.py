@@ -13,6 +13,7 @@ import os
 import platform
 import re
 import sys
+import textwrap
 
 
 class UsageError(Exception):
@@ -51,6 +52,7 @@ def _info(args) -> int:
     from vtprune import methods
     from vtprune.kernels import backend
     from vtprune.patches import supported
+    from vtprune.spec import headline
 
     print(f"vtprune       {vtprune.__version__}")
     print(f"python        {platform.python_version()}")
@@ -58,12 +60,17 @@ def _info(args) -> int:
     print(f"transformers  {transformers.__version__}")
     print(f"kernels       {backend()}")
     print("families:")
-    for family, cls in supported().items():
-        print(f"  {family:<12} {cls}")
+    families = supported()
+    width = max(map(len, families))
+    for family, cls in families.items():
+        print(f"  {family:<{width}} {cls}")
     print("methods (vtprune info --method NAME for options and the paper):")
+    width = max(map(len, methods.available()))
     for name in methods.available():
-        doc = (methods.get(name).__doc__ or "").strip().splitlines()[0]
-        print(f"  {name:<12} {doc}")
+        lines = textwrap.wrap(headline(name), 100 - width - 3) or [""]
+        print(f"  {name:<{width}} {lines[0]}")
+        for line in lines[1:]:
+            print(" " * (width + 3) + line)
     return 0
 
 

@@ -19,6 +19,7 @@ Where a method's own default does nothing on the toy, the demo picks a value (``
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import sys
 import textwrap
 import time
@@ -27,7 +28,7 @@ import torch
 
 from . import methods, toy
 from .api import record, stats, unwrap, wrap
-from .viz import overlay
+from .viz import SUMMARY, overlay
 
 # method -> (options the demo adds unless given, why)
 DEFAULTS = {
@@ -130,12 +131,18 @@ def _load():
         return model.eval(), toy.build_processor(), "untrained toy-shaped LLaVA"
 
 
+REPEATS = 5  # timed prefills per run: the table shows their median and range (one CPU run is noise)
+
+
 def _answer(model, tokenizer, inputs, samples):
+    """Answers, p(truth) and the prefill's times in seconds (``REPEATS`` runs after a warm-up)."""
+    seconds = []
     with torch.no_grad():
         model(**inputs)  # warm-up
-        start = time.perf_counter()
-        logits = model(**inputs).logits[:, -1].float()
-        seconds = time.perf_counter() - start
+        for _ in range(REPEATS):
+            start = time.perf_counter()
+            logits = model(**inputs).logits[:, -1].float()
+            seconds.append(time.perf_counter() - start)
     truth = torch.tensor(tokenizer.convert_tokens_to_ids([s["answer"] for s in samples]))
     p_truth = logits.softmax(-1).gather(1, truth[:, None]).squeeze(1).tolist()
     return tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist()), p_truth, seconds
@@ -161,6 +168,7 @@ def _one(model, processor, samples, inputs, label, name, options, image_token, n
                 "sequence": inputs["input_ids"].shape[1], "per_layer": [[t] * n_layers for t in tokens],
                 "picture": image.convert("RGB"), "caption": f"{tokens[0]} tokens (all)", "saved": 0.0, "stats": {}}
     wrap(model, name, **options)
+    marks = set()
     try:
         answers, p_truth, seconds = _answer(model, processor.tokenizer, inputs, samples)
         info = stats(model)
@@ -169,6 +177,9 @@ def _one(model, processor, samples, inputs, label, name, options, image_token, n
         stage = methods.get(name).stage
         if stage == "select":
             picture, caption = overlay(image, model), f"{tokens} tokens kept"
+            last = record(model)
+            marks = ({"summary"} if any(last.summaries[0]) else set()) | \
+                    ({"merged"} if any(last.summaries[0]) or any(last.merged[0]) else set())
         elif stage == "llm":
             kept = _left_llm(model, inputs, image_token, per_layer[0])
             picture = overlay(image, kept, shape=(toy.GRID, toy.GRID))
@@ -183,7 +194,7 @@ def _one(model, processor, samples, inputs, label, name, options, image_token, n
         unwrap(model)
     return {"label": label, "answers": answers, "p_truth": p_truth, "seconds": seconds, "tokens": tokens,
             "sequence": info["llm_sequence_out"], "per_layer": per_layer, "picture": picture, "caption": caption,
-            "saved": info.get("llm_flops_saved", 0.0), "exit": info.get("exit"),
+            "saved": info.get("llm_flops_saved", 0.0), "exit": info.get("exit"), "marks": marks,
             "stats": info.get(name, {}) if stage == "attention" else {}}
 
 
@@ -207,12 +218,14 @@ def _print(samples, rows, name, stage, n_layers, options):
         marks = [r["answers"][i] + ("" if r["answers"][i] == s["answer"] else "*") for r in rows]
         print(f"{s['question']:<34} {s['answer']:<8} " + " ".join(f"{m:<11}" for m in marks))
     print("(* = wrong)\n")
-    print(f"{'run':<11} {'visual tokens/image':<21} {'LLM sequence':<14} {f'prefill (batch of {n})':<22} "
+    print(f"{'run':<11} {'visual tokens/image':<21} {'LLM sequence':<14} {f'prefill, batch of {n}':<24} "
           f"{'LLM work saved':<16} {'p(truth)':<10} correct")
     for r in rows:
         correct = sum(a == s["answer"] for a, s in zip(r["answers"], samples))
-        print(f"{r['label']:<11} {r['tokens']:<21} {r['sequence']:<14} {r['seconds'] * 1000:>8.1f} ms{'':<11} "
+        print(f"{r['label']:<11} {r['tokens']:<21} {r['sequence']:<14} {_timing(r['seconds']):<24} "
               f"{r['saved']:<16.0%} {sum(r['p_truth']) / n:<10.3f} {correct}/{n}")
+    print(f"(prefill: the median of {REPEATS} runs, their range in brackets; CPU timings are noisy, compare "
+          "within one run)")
     if stage == "llm":
         print(f"\nvisual tokens per decoder layer (layers 0..{n_layers - 1}; "
               f"vtprune.stats(model)['samples'][i]['visual_tokens_per_layer']):")
@@ -223,9 +236,9 @@ def _print(samples, rows, name, stage, n_layers, options):
                     else " | ".join(f"q{i + 1}: {' '.join(map(str, c))}" for i, c in enumerate(layers)))
             print(f"  {r['label']:<11} {text}")
             ex = r.get("exit")
-            if ex and ex.get("layer") is not None:
-                print(f"  {'':<11} exit before layer {ex['layer']}: visual tokens dropped per question "
-                      f"{' '.join(map(str, ex['visual_tokens_dropped']))}")
+            for stage_ in (ex or {}).get("stages") or ([ex] if ex and ex.get("layer") is not None else []):
+                print(f"  {'':<11} {'stage' if ex.get('stages') else 'exit'} before layer {stage_['layer']}: "
+                      f"visual tokens dropped per question {' '.join(map(str, stage_['visual_tokens_dropped']))}")
             if ex and "exit_layers" in ex:
                 print(f"  {'':<11} first layer without visual tokens, per question: "
                       f"{' '.join('never' if j is None else str(j) for j in ex['exit_layers'])}")
@@ -238,6 +251,12 @@ def _print(samples, rows, name, stage, n_layers, options):
         for key, value in entry.items():
             if key != "method":
                 print(f"  {key}: {_values(value)}")
+
+
+def _timing(seconds) -> str:
+    """``12 ms (11-14)``: the median of the runs and their range, in whole milliseconds."""
+    ms = sorted(s * 1000 for s in seconds)
+    return f"{statistics.median(ms):.0f} ms ({ms[0]:.0f}-{ms[-1]:.0f})"
 
 
 def _stat_lines(entry) -> list:
@@ -279,9 +298,15 @@ def _sheet(out, title, notes, samples, rows, input_panel, stage, n_layers, token
         info.text(0, 0.05, "every visual token stays:\nthe method changes attention\n"
                   "(its stats for question 1\nunder its panel)", fontsize=8.5, va="bottom")
     else:
-        legend = [Patch(facecolor="#e8d9b8", edgecolor="white", linewidth=2, label="kept token (outlined)"),
-                  Patch(facecolor="#3a362e", edgecolor="#3a362e",
-                        label="left the LLM (dimmed)" if stage == "llm" else "dropped token (dimmed)")]
+        marks = set().union(*(p.get("marks", set()) for p in panels))
+        legend = [Patch(facecolor="#e8d9b8", edgecolor="white", linewidth=2, label="kept token (outlined)")]
+        if "summary" in marks:
+            legend.append(Patch(facecolor="#e8d9b8", edgecolor=[v / 255 for v in SUMMARY], linewidth=2,
+                                label="summary token (orange)"))
+        if "merged" in marks:
+            legend.append(Patch(facecolor="#8b8270", edgecolor="#8b8270", label="merged into a kept or\nsummary token"))
+        legend.append(Patch(facecolor="#3a362e", edgecolor="#3a362e",
+                            label="left the LLM (dimmed)" if stage == "llm" else "dropped token (dimmed)"))
         info.legend(handles=legend, loc="lower left", fontsize=8.5, facecolor="#a0a0a0", framealpha=1,
                     title="visual tokens", title_fontsize=8.5)
     if stage == "llm":

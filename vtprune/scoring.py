@@ -65,20 +65,26 @@ def total_budget(k) -> int:
     return sum(k.values()) if isinstance(k, dict) else k
 
 
+ASPECT = 2.0  # a pooling window may be at most this much taller than wide, or wider than tall
+
+
 def pool_grid(h: int, w: int, k: int) -> tuple:
     """The r x c window grid for pooling an h x w grid to at most k tokens.
 
-    Among r in 1..h with c = min(w, k // r), the largest r*c; ties go to the aspect closest to h/w.
+    The windows stay compact: among r x c <= k whose window, (h/r) x (w/c) cells, is at most ``ASPECT``
+    (2) times taller than wide or wider than tall, the most windows; ties go to the squarest. A grid
+    so elongated that no window shape qualifies takes the squarest windows there are, then the most.
+    (Counting alone would pool 16 x 16 to 26 tokens as 2 x 13 windows of 8 x 1.2 cells; this gives 5 x 5.)
     """
     k = max(1, min(k, h * w))
     best = None
     for r in range(1, h + 1):
-        c = min(w, k // r)
-        if c < 1:
-            break
-        key = (r * c, -abs(math.log((r / c) / (h / w))))
-        if best is None or key > best[0]:
-            best = (key, (r, c))
+        for c in range(1, min(w, k // r) + 1):
+            skew = abs(math.log((h / r) / (w / c)))
+            fits = skew <= math.log(ASPECT) + 1e-9
+            key = (fits, r * c if fits else -skew, -skew if fits else r * c)
+            if best is None or key > best[0]:
+                best = (key, (r, c))
     return best[1]
 
 

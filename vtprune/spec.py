@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 
 from .errors import did_you_mean
 
@@ -119,6 +120,13 @@ STAGES = {"select": "before the LLM (a selection of each image's visual tokens)"
           "llm": "inside the LLM (visual tokens leave at a decoder layer)",
           "attention": "attention (changes how the LLM attends; no token is dropped)",
           "input": "the processor (a smaller image)"}
+
+
+def headline(name: str) -> str:
+    """The first sentence of a method's summary (its docstring's first paragraph), whole: ``vtprune info``."""
+    summary = describe(name)["summary"]
+    end = re.search(r"\.(?=\s+[A-Z`(]|$)", summary)
+    return summary[:end.end()] if end else summary
 
 
 def describe(name: str) -> dict:

@@ -34,7 +34,7 @@ def test_a_family_and_a_selector_of_ones_own_serve_as_the_hf_wrap(extension, tmp
     batch = processor(images=[s["image"] for s in samples], text=[toy.prompt(s["question"]) for s in samples],
                       return_tensors="pt", padding=True)
     tokens, kept = hf_run(model, batch, "centre", 0.25, positions="renumber")
-    served = serve("centre", 0.25, N, str(folder))
+    served = serve("centre", 0.25, N, str(folder), engine_process=True)  # the extension imported in each process
     assert [until_eos(t) for t in served["tokens"]] == tokens
     assert sorted(map(tuple, served["kept"])) == sorted(map(tuple, kept))
     assert {len(k) for k in kept} == {64}

@@ -95,7 +95,7 @@ print("ONCE OK")
 
 def test_the_plugin_changes_vllm_once_and_only_when_serving():
     """The plugin's one global change to vLLM (the pruned-media flag, and the CPU runner that sets it: see
-    README, "Serving") happens only in a process that serves with vtprune, and a second registration (vLLM
+    docs/serve.md) happens only in a process that serves with vtprune, and a second registration (vLLM
     loads plugins in every process, the serving API registers once more) changes nothing further."""
     done = subprocess.run([sys.executable, "-c", ONCE], capture_output=True, text=True, timeout=300,
                           env={k: v for k, v in os.environ.items() if k != "VTPRUNE_SERVE"})

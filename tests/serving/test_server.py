@@ -1,10 +1,11 @@
 """``vtprune serve``: vLLM's OpenAI-compatible server with a vtprune method answers a chat request with an
-image (serving venv only; skipped where vLLM is not installed)."""
+image, started and asked exactly as docs/serve.md shows (its two shell blocks, on a free port; serving venv
+only; skipped where vLLM is not installed)."""
 
-import base64
-import io
 import json
 import os
+import pathlib
+import re
 import shutil
 import socket
 import subprocess
@@ -24,19 +25,22 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _post(url, payload):
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return json.loads(response.read())
+def _documented():
+    """The serve command and the request (shell blocks) of docs/serve.md."""
+    page = (pathlib.Path(__file__).parents[2] / "docs" / "serve.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", page[page.index("## A server, and a request"):], re.S)
+    return blocks[0].strip(), blocks[1]
 
 
-def test_openai_server_answers_a_chat_request_with_an_image():
+def test_openai_server_answers_the_documented_request(tmp_path):
     from vtprune import toy
 
+    serve, request = _documented()
+    assert serve.startswith("vtprune serve toy ") and "--port 8000" in serve and "127.0.0.1:8000" in request
     port = _free_port()
     vtprune_bin = shutil.which("vtprune", path=os.path.dirname(sys.executable))
-    server = subprocess.Popen([vtprune_bin, "serve", "toy", "--method", "visionzip", "--keep", "0.25", "--port",
-                               str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = [vtprune_bin] + serve.replace("--port 8000", f"--port {port}").split()[1:]
+    server = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300
         while True:
@@ -47,15 +51,14 @@ def test_openai_server_answers_a_chat_request_with_an_image():
             except OSError:
                 assert time.time() < deadline, "the server did not come up in 5 minutes"
                 time.sleep(2)
-        sample = toy.eval_split(n=1)[0]
-        buffer = io.BytesIO()
-        sample["image"].save(buffer, format="PNG")
-        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-        reply = _post(f"http://127.0.0.1:{port}/v1/chat/completions", {
-            "model": "toy", "max_tokens": 4, "temperature": 0.0,
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                      {"type": "text", "text": sample["question"]}]}]})
+        env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+        out = subprocess.run(["bash", "-c", request.replace("127.0.0.1:8000", f"127.0.0.1:{port}")], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=180, env=env)
+        assert out.returncode == 0, out.stderr
+        reply = json.loads(out.stdout)
         answer = reply["choices"][0]["message"]["content"].strip()
+        sample = toy.eval_split(n=1)[0]
+        assert sample["question"] in request  # the documented question is about the documented scene
         answers = {s["answer"] for s in toy.eval_split(n=200)}  # colours, shapes, yes/no, counts
         assert answer and answer.split()[0] in answers, answer
         assert reply["usage"]["prompt_tokens"] < 256 - 100  # 64 of the image's 256 tokens, and the question

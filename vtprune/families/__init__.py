@@ -5,7 +5,7 @@ which architectures it covers, how its visual tokens lie (grids, tiles, newline 
 its vision tower offers ([CLS] or not, where tokens may merge), how it numbers positions and what media it
 takes.  The HF adapter (``vtprune.patches``) and the vLLM binding (``vtprune.serving``) of a family read
 its description; each holds only what is specific to its engine.  A new family is one module here calling
-:func:`register`, plus its bindings (README, "Extending")::
+:func:`register`, plus its bindings (docs/extending.md)::
 
     MYFAMILY = register(Family("myfamily", ("MyForConditionalGeneration",), tower="SigLIP", cls_token=False))
 """

@@ -117,7 +117,8 @@ class ScoreContext:
     ``rows[i]`` is its sample; ``features[i]`` its visual tokens as fed to the LLM ([n, D]).
     A merging method sets ``replacements[i] = (positions, features)`` (merged features that take
     those tokens' places) and ``sizes[i]`` ([n]: how many of the image's tokens each kept token
-    stands for; ``vtprune.summary``).  ``instructions[i]`` ([m, D], methods with ``needs_text``) are
+    stands for; ``vtprune.summary``), and may say what each merged token stands for in ``members[i]``
+    (``[(position, member indices)]``, for pictures: ``vtprune.viz.overlay``).  ``instructions[i]`` ([m, D], methods with ``needs_text``) are
     the language model's input embeddings of image i's instruction: its sample's real text tokens
     after its last image (all of them when none follow).
     ``cls_attention[layer][i]`` is the post-softmax attention of the [CLS] query to the vision-tower
@@ -135,11 +136,13 @@ class ScoreContext:
     tower_sizes: list = dataclasses.field(default_factory=list)
     replacements: list = dataclasses.field(default_factory=list)
     sizes: list = dataclasses.field(default_factory=list)
+    members: list = dataclasses.field(default_factory=list)
     instructions: list = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         self.replacements = [None] * len(self.layouts)
         self.sizes = [None] * len(self.layouts)  # per image: [n] tokens each kept token stands for (merging methods)
+        self.members = [None] * len(self.layouts)  # per image: [(position, member indices)] (merging methods)
 
 
 @dataclass

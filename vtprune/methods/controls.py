@@ -43,10 +43,10 @@ class Pool(Selector):
 
     Each grid (LLaVA image, LLaVA-NeXT base image and crop grid, InternVL tile, Qwen frame) gets a
     share of the budget in proportion to its size and is split into an r x c grid of adaptive
-    windows (the largest such grid with r*c <= its share, aspect kept; window edges as in
-    ``adaptive_avg_pool2d``).  A window's mean feature enters the LLM at the position of the
+    windows (the most windows, r*c <= its share, none more than twice as long as wide:
+    ``vtprune.scoring.pool_grid``; window edges as in ``adaptive_avg_pool2d``).  A window's mean feature enters the LLM at the position of the
     window's first token (its top-left cell); the other tokens of the window are dropped, so
-    positions stay original.  The realized count can be a little under ``keep``.  With
+    positions stay original.  The realized count can be under ``keep``.  With
     ``size_bias=True`` a window's token weighs as many tokens as the window holds.
     """
 
@@ -67,6 +67,7 @@ class Pool(Selector):
             features = ctx.features[i]
             merged = torch.stack([features[m].float().mean(0) for m in members]) if anchors.numel() else None
             ctx.replacements[i] = (anchors, merged) if merged is not None else None
+            ctx.members[i] = list(zip(anchors.tolist(), members))
             ctx.budgets[i] = anchors.numel()
             s = torch.zeros(layout.n)
             s[anchors] = 1.0

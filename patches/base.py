@@ -14,13 +14,16 @@ from vtprune.layout import ImageLayout
 
 class ImageRef(NamedTuple):
     """One image of a forward pass: its sample, its positions in that row, its layout, its LLM
-    input features ([n, D]) and the rows of the vision-tower batch that encoded it (tiles/crops)."""
+    input features ([n, D]), the rows of the vision-tower batch that encoded it (tiles/crops), and the
+    features a family adds to each token inside the LLM ([n, D'], Qwen3-VL's deepstack features side by
+    side; None elsewhere)."""
 
     row: int
     positions: torch.Tensor
     layout: ImageLayout
     features: object
     tiles: list
+    stacked: object = None
 
 
 def scores_on_tokens(tower_scores: torch.Tensor, layout) -> torch.Tensor:
@@ -106,7 +109,8 @@ class Adapter:
                 raise RuntimeError("vtprune: an image's tokens span two samples of the batch")
             tiles = list(range(tile, tile + self.tiles_of(i, capture)))
             tile += len(tiles)
-            out.append(ImageRef(row, seg[:, 1], self.layout(i, n, capture), capture["features"][i], tiles))
+            stacked = capture["stacked"][i] if capture.get("stacked") else None
+            out.append(ImageRef(row, seg[:, 1], self.layout(i, n, capture), capture["features"][i], tiles, stacked))
         return out
 
     def tiles_of(self, i: int, capture: dict) -> int:

@@ -168,6 +168,13 @@ class Qwen25VLAdapter(QwenVLAdapter):
 class Qwen3VLAdapter(QwenVLAdapter):
     facts = QWEN3_VL
 
+    def capture(self, args, kwargs, output, medium="image"):
+        out = super().capture(args, kwargs, output, medium)
+        layers = getattr(output, "deepstack_features", None)  # per deepstack layer, per image [n, D]
+        if layers:
+            out["stacked"] = [torch.cat([layer[i] for layer in layers], -1) for i in range(len(out["features"]))]
+        return out
+
     def first_exit_layer(self):
         # deepstack adds visual features to the hidden states after layers 0..n-1
         return len(self.model.config.vision_config.deepstack_visual_indexes)

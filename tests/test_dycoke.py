@@ -173,3 +173,30 @@ def test_dycoke_with_pdkv_decodes_alike_on_a_static_cache():
     assert torch.equal(outs[0].sequences, outs[1].sequences)
     for a, b in zip(outs[0].logits, outs[1].logits):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_pdkv_follows_beam_search():
+    """Beam search reorders the cache's rows at every step; pdkv's per-row state (the last step's attention,
+    the chosen tokens) follows: each returned beam scores as that sequence decoded alone with pdkv (its log
+    probabilities summed: ``length_penalty=0``)."""
+    model = tiny_model("qwen2_vl", llm_layers=4)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    inputs = tiny_inputs(model, "qwen2_vl", images_per_row=(0,), videos_per_row=(1,), video_specs=[(6, 4, 6)])
+    start = inputs["input_ids"].shape[1]
+    with vtprune.wrapped(model, "pdkv", keep=0.5, threshold=0.999):
+        with torch.no_grad():
+            beams = model.generate(**inputs, num_beams=3, num_return_sequences=3, max_new_tokens=6, do_sample=False,
+                                   length_penalty=0.0, early_stopping=True, output_scores=True,
+                                   return_dict_in_generate=True)
+            alone = []
+            for seq in beams.sequences[:, start:]:
+                forced = model.generate(**inputs, max_new_tokens=6, do_sample=False, output_logits=True,
+                                        return_dict_in_generate=True,
+                                        prefix_allowed_tokens_fn=lambda b, ids, seq=seq: [int(seq[ids.shape[0] - start])])
+                assert torch.equal(forced.sequences[0, start:], seq)
+                alone.append(sum(float(torch.log_softmax(step[0].float(), -1)[int(t)])
+                                 for step, t in zip(forced.logits, seq)))
+        stats = vtprune.stats(model)["pdkv"]
+    assert stats["decode_steps"] > 0
+    torch.testing.assert_close(beams.sequences_scores.float(), torch.tensor(alone), atol=1e-4, rtol=0)

@@ -25,7 +25,8 @@ class Seen:
     ``features``: its LLM-input features [n, D]; ``cls``: ``{tower layer: [n] scores}`` (the tower layers
     a [CLS] method reads, on the image's LLM tokens); ``selected`` / ``sizes``: a merging method's kept
     tower tokens and their sizes, on the LLM tokens; ``instruction``: the embeddings of its prompt's
-    instruction (methods with ``needs_text``); ``row``: its sample in the batch.
+    instruction (methods with ``needs_text``); ``row``: its sample in the batch; ``stacked``: the features the
+    family adds to each token inside the LLM (Qwen3-VL's deepstack features side by side), or None.
     """
 
     layout: ImageLayout
@@ -35,6 +36,7 @@ class Seen:
     selected: torch.Tensor | None = None
     sizes: torch.Tensor | None = None
     instruction: torch.Tensor | None = None
+    stacked: torch.Tensor | None = None
 
 
 @dataclass
@@ -70,7 +72,7 @@ def choose(selector, images: list, generator: torch.Generator) -> list:
     layouts = [img.layout.scoped(selector.scope) for img in images]  # scope="frame": frames are the parts
     budgets, wanted = zip(*[summary_split(selector.summary, selector.budget(layout)) for layout in layouts])
     ctx = ScoreContext(layouts=layouts, budgets=list(budgets), rows=[img.row for img in images],
-                       features=[img.features for img in images], generator=generator,
+                       features=[_scored(selector, img) for img in images], generator=generator,
                        instructions=[img.instruction for img in images] if selector.needs_text else [])
     if images[0].cls is not None:
         ctx.cls_attention = {layer: [img.cls[layer] for img in images] for layer in images[0].cls}
@@ -91,6 +93,14 @@ def choose(selector, images: list, generator: torch.Generator) -> list:
         out.append(Choice(kept, scores[i], sizes, groups, summary if summary is not None else ctx.replacements[i],
                           ctx.members[i] or []))
     return out
+
+
+def _scored(selector, img: Seen):
+    """The features ``selector`` scores ``img`` by: its LLM-input features, and its stacked features beside
+    them where the selector reads those (``score_stacked``) and the family has them."""
+    if not selector.score_stacked or img.stacked is None or img.features is None:
+        return img.features
+    return torch.cat([img.features, img.stacked.to(img.features.device, img.features.dtype)], -1)
 
 
 def top_tokens(scores: torch.Tensor, layout: ImageLayout, k, newlines: str = "rows") -> torch.Tensor:

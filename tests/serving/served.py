@@ -1,11 +1,16 @@
 """Shared by the serving tests: serve one config in a fresh process (``worker.py``) and read its answers; the
 HF reference run."""
 
+import contextlib
 import functools
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 EOS = 3  # the toy tokenizer's end of sequence (the tiny Qwen's too: it extends that tokenizer)
 
@@ -54,3 +59,32 @@ def hf_run(model, batch, method=None, keep=1.0, steps=4, **options):
         if method is not None:
             vtprune.unwrap(model)
     return [until_eos(row.tolist()) for row in out[:, batch["input_ids"].shape[1]:]], kept
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server(args, timeout=300):
+    """``vtprune serve ARGS --port P`` running; yields ``(port, process)`` once ``/v1/models`` answers."""
+    port = free_port()
+    vtprune_bin = shutil.which("vtprune", path=os.path.dirname(sys.executable))
+    process = subprocess.Popen([vtprune_bin, "serve", *args, "--port", str(port)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            assert process.poll() is None, process.stdout.read()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+                break
+            except OSError:
+                assert time.time() < deadline, f"the server did not come up in {timeout} s"
+                time.sleep(2)
+        yield port, process
+    finally:
+        process.terminate()
+        process.wait(timeout=60)

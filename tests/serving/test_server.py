@@ -6,23 +6,15 @@ import json
 import os
 import pathlib
 import re
-import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
 if os.environ.get("VTPRUNE_REQUIRE_VLLM") != "1":  # CI sets it: there a missing vLLM fails the run
     pytest.importorskip("vllm")
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from served import server  # noqa: E402  (after the skip: it needs nothing from vLLM, the tests do)
 
 
 def _documented():
@@ -36,32 +28,16 @@ def test_openai_server_answers_the_documented_request(tmp_path):
     from vtprune import toy
 
     serve, request = _documented()
-    assert serve.startswith("vtprune serve toy ") and "--port 8000" in serve and "127.0.0.1:8000" in request
-    port = _free_port()
-    vtprune_bin = shutil.which("vtprune", path=os.path.dirname(sys.executable))
-    args = [vtprune_bin] + serve.replace("--port 8000", f"--port {port}").split()[1:]
-    server = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 300
-        while True:
-            assert server.poll() is None, server.stdout.read()[-3000:]
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5)
-                break
-            except OSError:
-                assert time.time() < deadline, "the server did not come up in 5 minutes"
-                time.sleep(2)
+    assert serve.startswith("vtprune serve toy ") and serve.endswith(" --port 8000") and "127.0.0.1:8000" in request
+    with server(serve.split()[2:-2]) as (port, _):
         env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
         out = subprocess.run(["bash", "-c", request.replace("127.0.0.1:8000", f"127.0.0.1:{port}")], cwd=tmp_path,
                              capture_output=True, text=True, timeout=180, env=env)
-        assert out.returncode == 0, out.stderr
-        reply = json.loads(out.stdout)
-        answer = reply["choices"][0]["message"]["content"].strip()
-        sample = toy.eval_split(n=1)[0]
-        assert sample["question"] in request  # the documented question is about the documented scene
-        answers = {s["answer"] for s in toy.eval_split(n=200)}  # colours, shapes, yes/no, counts
-        assert answer and answer.split()[0] in answers, answer
-        assert reply["usage"]["prompt_tokens"] < 256 - 100  # 64 of the image's 256 tokens, and the question
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    assert out.returncode == 0, out.stderr
+    reply = json.loads(out.stdout)
+    answer = reply["choices"][0]["message"]["content"].strip()
+    sample = toy.eval_split(n=1)[0]
+    assert sample["question"] in request  # the documented question is about the documented scene
+    answers = {s["answer"] for s in toy.eval_split(n=200)}  # colours, shapes, yes/no, counts
+    assert answer and answer.split()[0] in answers, answer
+    assert reply["usage"]["prompt_tokens"] < 256 - 100  # 64 of the image's 256 tokens, and the question

@@ -114,7 +114,8 @@ class ScoreContext:
     """What a selector may read to score the images of one forward pass.
 
     ``layouts[i]`` and ``budgets[i]`` describe the i-th image of the batch (row-major order);
-    ``rows[i]`` is its sample; ``features[i]`` its visual tokens as fed to the LLM ([n, D]).
+    ``rows[i]`` is its sample; ``features[i]`` its visual tokens as fed to the LLM ([n, D]; for a selector
+    with ``score_stacked``, Qwen3-VL's deepstack features of each token follow them side by side).
     A merging method sets ``replacements[i] = (positions, features)`` (merged features that take
     those tokens' places) and ``sizes[i]`` ([n]: how many of the image's tokens each kept token
     stands for; ``vtprune.summary``), and may say what each merged token stands for in ``members[i]``
@@ -183,6 +184,8 @@ class Selector(Method):
     needs_text: ClassVar[bool] = False  # reads ctx.instructions (the instruction's token embeddings)
     covers_all: ClassVar[bool] = False  # every dropped token is already merged into a kept one (pool, visionzip)
     temporal: ClassVar[bool] = False  # ranks a clip's tokens across its frames (evs, vidcom2, ...): a video method
+    score_stacked: ClassVar[bool] = False  # scores ctx.features with the family's stacked features side by side
+    # (Qwen3-VL's deepstack features), as vLLM's EVS and VidCom2 do
     keep: float = 0.25
     scope: str = "image"
     summary: int = 0

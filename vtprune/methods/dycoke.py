@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import additive_mask, attention_probs
+from ..compat import cache_of
 from ..errors import NotApplicable, OutOfRange
 from ..runtime.stage import StageRuntime
 from .base import Method, register
@@ -135,6 +136,7 @@ class DecodeKV(StageRuntime):
         self.chosen = None  # [B, slots] bool: the visual slots the current step attends to (None: all)
         self.active = False
         self.steps = self.chosen_steps = 0
+        self.followed = None  # the KV cache whose reorder_cache (beam search) also reorders the rows' state
 
     def install(self) -> list:
         self.route.observe(self.layer - 1, self._observe)
@@ -148,12 +150,37 @@ class DecodeKV(StageRuntime):
             visual = call.visual.detach()
             before = torch.zeros(visual.shape[0], call.past, dtype=torch.bool, device=visual.device)
             self.visual, self.previous, self.chosen = torch.cat([before, visual], 1), None, None
+            self._follow(cache_of(call.kwargs))
         self.active = self.visual is not None and q == 1 and not call.fresh \
             and call.embeds.shape[0] == self.visual.shape[0]
 
     def end_call(self, call, output):
         self.active = False
         return None
+
+    def remove(self):
+        self._follow(None)
+
+    def _follow(self, cache):
+        """Beam search reorders the cache's rows between steps (``cache.reorder_cache(beam_idx)``): reorder each
+        row's state with them, through an instance attribute on that cache (removed for the next cache)."""
+        if self.followed is not None and "reorder_cache" in vars(self.followed):
+            del self.followed.reorder_cache
+        self.followed = None
+        if cache is None or not hasattr(cache, "reorder_cache"):
+            return
+        original = cache.reorder_cache
+
+        def reorder_cache(beam_idx, *args, **kwargs):
+            out = original(beam_idx, *args, **kwargs)
+            for name in ("visual", "previous", "chosen"):
+                state = getattr(self, name)
+                if state is not None:
+                    setattr(self, name, state.index_select(0, beam_idx.to(state.device)))
+            return out
+
+        cache.reorder_cache = reorder_cache
+        self.followed = cache
 
     def _observe(self, module, query, key, mask, scaling):
         if not self.active:

@@ -151,12 +151,13 @@ class EVS(ClipSelector):
     Per clip (``scope`` "image"/"clip" only): the score of a token is ``1 - cos`` with the token at the same
     cell of the previous temporal slice, 255 on the first slice; ``max(n, int(T n keep))`` tokens stay (an
     int ``keep``: ``max(n, keep)``).  A still image is one slice: it stays whole, as vLLM leaves images
-    alone.  Differences from vLLM: vLLM scores Qwen3-VL's merger output concatenated with its deepstack
-    features, vtprune the merger output (the LLM-input features, as on Qwen2.5-VL); positions stay as the
-    stock HF model numbers them (vLLM renumbers Qwen2.5-VL's text after the clip).
+    alone.  On Qwen3-VL a token is scored, as vLLM scores it, on its merger output and its deepstack
+    features side by side.  Difference from vLLM: positions stay as the stock HF model numbers them (vLLM
+    renumbers Qwen2.5-VL's text after the clip).
     """
 
     paper: ClassVar[str] = "EVS: Bagrov et al., arXiv 2510.14624 (vLLM --video-pruning-method evs)"
+    score_stacked: ClassVar[bool] = True
 
     def count(self, per_slice, slices_):
         return evs_count(per_slice, slices_, self.keep)
@@ -217,14 +218,15 @@ class VidCom2(ClipSelector):
     """VidCom2 (vLLM's ``vidcom2``): frames unlike the rest of the clip get more of the budget, and each
     keeps its tokens least like the clip's and its frame's mean.
 
-    Per clip (``scope`` "image"/"clip" only), on the LLM-input features: exactly ``max(T, int(T n keep))``
+    Per clip (``scope`` "image"/"clip" only), on the LLM-input features (on Qwen3-VL with the deepstack
+    features side by side, as vLLM scores them): exactly ``max(T, int(T n keep))``
     tokens (an int ``keep``: that count, at least one per frame).  A still image is one frame: its least
     redundant tokens.  Differences from the VidCom2 code: vLLM's exact-count reconciliation (the code keeps
-    the sum of the rounded per-frame budgets), kept tokens in their original order; from vLLM: Qwen3-VL is
-    scored on its merger output (vLLM: merger and deepstack features concatenated).
+    the sum of the rounded per-frame budgets), kept tokens in their original order.
     """
 
     paper: ClassVar[str] = "VidCom2: Liu et al., EMNLP 2025, arXiv 2505.14454 (vLLM --video-pruning-method vidcom2)"
+    score_stacked: ClassVar[bool] = True
 
     def count(self, per_slice, slices_):
         return vidcom2_count(per_slice, slices_, self.keep)

@@ -116,7 +116,7 @@ class Selection:
         """Per image, its ``vtprune.choose.Choice``; a re-used capture re-uses its selection."""
         if capture is not None and "selection" in capture:
             return capture["selection"]
-        seen = [Seen(img.layout, img.features, img.row) for img in images]
+        seen = [Seen(img.layout, img.features, img.row, stacked=img.stacked) for img in images]
         for one, instruction in zip(seen, text() if text is not None else []):
             one.instruction = instruction
         runs = (capture or {}).get("media") or {}  # each medium's tower run

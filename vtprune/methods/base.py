@@ -119,9 +119,9 @@ class ScoreContext:
     A merging method sets ``replacements[i] = (positions, features)`` (merged features that take
     those tokens' places) and ``sizes[i]`` ([n]: how many of the image's tokens each kept token
     stands for; ``vtprune.summary``), and may say what each merged token stands for in ``members[i]``
-    (``[(position, member indices)]``, for pictures: ``vtprune.viz.overlay``).  ``instructions[i]`` ([m, D], methods with ``needs_text``) are
-    the language model's input embeddings of image i's instruction: its sample's real text tokens
-    after its last image (all of them when none follow).
+    (``[(position, member indices)]``, for pictures: ``vtprune.viz.overlay``).  ``instructions[i]``
+    ([m, D], methods with ``needs_text``) are the language model's input embeddings of image i's
+    instruction: its sample's real text tokens after its last image (all of them when none follow).
     ``cls_attention[layer][i]`` is the post-softmax attention of the [CLS] query to the vision-tower
     tokens in tower layer ``layer``, averaged over heads and mapped onto image i's LLM tokens (summed
     over the tower tokens an LLM token merges; 0 for newlines) — for the layers the method asked for.

@@ -44,9 +44,9 @@ class Pool(Selector):
     Each grid (LLaVA image, LLaVA-NeXT base image and crop grid, InternVL tile, Qwen frame) gets a
     share of the budget in proportion to its size and is split into an r x c grid of adaptive
     windows (the most windows, r*c <= its share, none more than twice as long as wide:
-    ``vtprune.scoring.pool_grid``; window edges as in ``adaptive_avg_pool2d``).  A window's mean feature enters the LLM at the position of the
-    window's first token (its top-left cell); the other tokens of the window are dropped, so
-    positions stay original.  The realized count can be under ``keep``.  With
+    ``vtprune.scoring.pool_grid``; window edges as in ``adaptive_avg_pool2d``).  A window's mean feature
+    enters the LLM at the position of the window's first token (its top-left cell); the other tokens of
+    the window are dropped, so positions stay original.  The realized count can be under ``keep``.  With
     ``size_bias=True`` a window's token weighs as many tokens as the window holds.
     """
 

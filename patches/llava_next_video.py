@@ -41,6 +41,9 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         if medium == "image":
             return super().capture(args, kwargs, output, medium)
         out = super(LlavaNextAdapter, self).capture(args, kwargs, output, medium)
+        # transformers < 5.23 returns each clip's frames apart ([frames, n, D]); later releases one row per token
+        out["features"] = [f.flatten(0, -2) for f in out["features"]]
+        out["counts"] = [int(f.shape[0]) for f in out["features"]]
         pixels = kwargs.get("pixel_values_videos", args[0] if args else None)
         out["frames"] = [int(pixels.shape[1])] * int(pixels.shape[0])
         return out

@@ -37,8 +37,9 @@ def _clip_features(model, inputs, stacked=False):
     with torch.no_grad():
         extra = (inputs["video_grid_thw"],) if "video_grid_thw" in inputs else ()
         out = model.model.get_video_features(inputs["pixel_values_videos"], *extra)
+    clip = out.pooler_output[0].flatten(0, -2)  # transformers < 5.23: LLaVA-NeXT-Video's [frames, n, D]
     layers = getattr(out, "deepstack_features", None) if stacked else None
-    return torch.cat([out.pooler_output[0]] + [layer[0] for layer in layers], -1) if layers else out.pooler_output[0]
+    return torch.cat([clip] + [layer[0] for layer in layers], -1) if layers else clip
 
 
 def _repeat_slice(inputs, src, dst):
@@ -363,3 +364,23 @@ def test_frames_to_inputs_without_torchvision():
     vtprune.unwrap(model)
     ref = masked_forward(model, inputs, drop_mask(inputs["input_ids"], kept, video_counts(model, inputs)))
     torch.testing.assert_close(logits[:, -1], ref[:, -1], atol=ATOL, rtol=0)
+
+
+def test_llava_next_video_clips_read_alike_whichever_shape_transformers_returns():
+    """transformers < 5.23 returns a LLaVA-NeXT-Video clip's features frame by frame ([frames, n, D] per clip,
+    in a tuple), later releases one row per token ([clips, frames * n, D]): the capture counts and orders the
+    tokens the same either way (the floor release, 5.18, failed every clip test before)."""
+    from types import SimpleNamespace
+
+    model = tiny_model("llava_next_video")
+    adapter = vtprune.patches.adapter_for(model)
+    inputs = _inputs(model, "llava_next_video", (0,), (1,), False)
+    with torch.no_grad():
+        clips = [c.flatten(0, -2) for c in model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output]
+    frames = inputs["pixel_values_videos"].shape[1]
+    flat = torch.stack(clips)  # the shape of 5.23 on
+    per_frame = tuple(clip.unflatten(0, (frames, -1)) for clip in clips)  # the older shape
+    new = adapter.capture((inputs["pixel_values_videos"],), {}, SimpleNamespace(pooler_output=flat), "video")
+    old = adapter.capture((inputs["pixel_values_videos"],), {}, SimpleNamespace(pooler_output=per_frame), "video")
+    assert old["counts"] == new["counts"] == [flat.shape[1]] * flat.shape[0]
+    assert all(torch.equal(a, b) for a, b in zip(old["features"], new["features"]))

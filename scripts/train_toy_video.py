@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_toy_vlm import lr_at, save_ckpt  # noqa: E402 (the image toy's schedule and checkpoints)
+from train_toy_vlm import lr_at, optimizer_step, save_ckpt  # noqa: E402 (the image toy's schedule, step, checkpoints)
 
 from vtprune import toy_video as tv  # noqa: E402
 
@@ -106,13 +106,7 @@ def train_tower(model, args):
         shapes = torch.cat([labels[i][1] for i in idx])
         loss = sum(F.cross_entropy(h["color"](x), colors) + F.cross_entropy(h["shape"](x), shapes)
                    for h, x in zip(heads, [merged] + list(deep)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        optimizer_step(loss, opt, sched, params, bar, step)
     visual.eval()
     with torch.no_grad():  # held-out token accuracy of the merger head
         test = [tv.make_clip(rng) for _ in range(24)]
@@ -233,13 +227,7 @@ def train_lm(model, clips, feats, args, start_step=0, opt_state=None):
         mask = token_dropout(ids, mask, rng, args.token_dropout)
         model.train()
         loss = lm_loss(model, feats[torch.from_numpy(idx)], ids, mask, pos[:, :len(ids)], rows, at, tgt)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        optimizer_step(loss, opt, sched, params, bar, step)
         done = step + 1
         if done % args.eval_every == 0 or done == args.steps:
             model.eval()

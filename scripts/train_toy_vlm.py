@@ -149,13 +149,7 @@ def train_tower(model, images, scenes, processor, args):
         loss = (F.binary_cross_entropy_with_logits(heads["pairs"](pooled), pairs)
                 + F.cross_entropy(heads["color"](patches).flatten(0, 1), colors.flatten())
                 + F.cross_entropy(heads["shape"](patches).flatten(0, 1), shapes.flatten()))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        optimizer_step(loss, opt, sched, params, bar, step)
     tower.eval()
     print(f"stage 1 done, last loss {loss.item():.4f}", flush=True)
 
@@ -186,6 +180,18 @@ def show_eval(tag, res, prior):
     print(f"[{tag}] overall {res['overall']:.3f} | {parts}", flush=True)
 
 
+def optimizer_step(loss, opt, sched, params, bar, step):
+    """Back-propagate ``loss``, clip the gradients of ``params`` to norm 1, step ``opt`` and ``sched``; every
+    10 steps show the loss on ``bar``."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    if step % 10 == 0:
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+
+
 def save_ckpt(path, model, opt, stage, step):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
@@ -213,13 +219,7 @@ def train_lm(model, feats, scenes, processor, args, start_step=0, opt_state=None
         model.train()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             loss = lm_loss(model, feats[torch.from_numpy(idx)], ids, rows, pos, tgt)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        optimizer_step(loss, opt, sched, params, bar, step)
         done = step + 1
         if done % args.eval_every == 0 or done == args.steps:
             model.eval()

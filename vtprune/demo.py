@@ -211,13 +211,19 @@ def _per_question(value, sample):
     return " ".join(map(str, value)) if sample is None else str(value[sample])
 
 
-def _print(samples, rows, name, stage, n_layers, options):
-    n = len(samples)
-    print(f"{'question':<34} {'truth':<8} " + " ".join(f"{r['label']:<11}" for r in rows))
+def print_answers(samples, rows, columns):
+    """The per-question table: each sample's ``columns`` (``(header, key, width)``), then each run's answer,
+    ``*`` where it is wrong."""
+    print(" ".join(f"{h:<{w}}" for h, _, w in columns) + " " + " ".join(f"{r['label']:<11}" for r in rows))
     for i, s in enumerate(samples):
         marks = [r["answers"][i] + ("" if r["answers"][i] == s["answer"] else "*") for r in rows]
-        print(f"{s['question']:<34} {s['answer']:<8} " + " ".join(f"{m:<11}" for m in marks))
+        print(" ".join(f"{s[k]:<{w}}" for _, k, w in columns) + " " + " ".join(f"{m:<11}" for m in marks))
     print("(* = wrong)\n")
+
+
+def _print(samples, rows, name, stage, n_layers, options):
+    n = len(samples)
+    print_answers(samples, rows, [("question", "question", 34), ("truth", "answer", 8)])
     print(f"{'run':<11} {'visual tokens/image':<21} {'LLM sequence':<14} {f'prefill, batch of {n}':<24} "
           f"{'LLM work saved':<16} {'p(truth)':<10} correct")
     for r in rows:

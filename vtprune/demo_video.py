@@ -16,7 +16,7 @@ import torch
 
 from . import toy_video
 from .api import last_kept, stats, unwrap, wrap
-from .demo import _check, _fmt, _runs
+from .demo import _check, _fmt, _runs, print_answers
 from .errors import NotApplicable
 from .viz import overlay
 
@@ -59,11 +59,7 @@ def _one(model, inputs, samples, label, name, options):
 
 def _print(samples, rows):
     n = len(samples)
-    print(f"{'question':<32} {'type':<12} {'truth':<8} " + " ".join(f"{r['label']:<11}" for r in rows))
-    for i, s in enumerate(samples):
-        marks = [r["answers"][i] + ("" if r["answers"][i] == s["answer"] else "*") for r in rows]
-        print(f"{s['question']:<32} {s['type']:<12} {s['answer']:<8} " + " ".join(f"{m:<11}" for m in marks))
-    print("(* = wrong)\n")
+    print_answers(samples, rows, [("question", "question", 32), ("type", "type", 12), ("truth", "answer", 8)])
     events = [i for i, s in enumerate(samples) if s["type"] in toy_video.EVENT_TYPES]
     print(f"{'run':<11} {'visual tokens/clip':<20} {'p(truth)':<10} {'correct':<9} event questions")
     for r in rows:

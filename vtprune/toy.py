@@ -363,25 +363,37 @@ def evaluate(model, processor, samples, batch_size=32, progress=True):
     The model is called as ``model(**inputs)`` with the processor's left-padded
     batch, so a wrapped (e.g. pruned) model is evaluated exactly the same way.
     """
-    from tqdm.auto import tqdm
-
     tok = processor.tokenizer
     tok.padding_side = "left"
+
+    def batch_inputs(batch):
+        return processor(images=[s["image"] for s in batch], text=[prompt(s["question"]) for s in batch],
+                         padding=True, return_tensors="pt")
+
+    predictions = answers(model, samples, batch_inputs, tok.convert_ids_to_tokens, "pixel_values", batch_size,
+                          progress, "toy eval")
+    return score(predictions, samples, QUESTION_TYPES)
+
+
+def answers(model, samples, batch_inputs, decode, pixels: str, batch_size: int, progress: bool, desc: str) -> list:
+    """The one-word answers of ``samples`` (argmax of the last-position logits), ``batch_size`` at a time:
+    ``batch_inputs(batch)`` builds a batch's model inputs (moved to the model's device, ``pixels`` also to its
+    dtype), ``decode(ids)`` names the predicted tokens."""
+    from tqdm.auto import tqdm
+
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     predictions = []
-    bar = tqdm(total=len(samples), desc="toy eval", disable=not progress)
+    bar = tqdm(total=len(samples), desc=desc, disable=not progress)
     for start in range(0, len(samples), batch_size):
         batch = samples[start:start + batch_size]
-        inputs = processor(images=[s["image"] for s in batch], text=[prompt(s["question"]) for s in batch],
-                           padding=True, return_tensors="pt")
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        logits = model(**inputs).logits[:, -1]
-        predictions += tok.convert_ids_to_tokens(logits.argmax(-1).tolist())
+        x = {k: v.to(device) for k, v in batch_inputs(batch).items()}
+        x[pixels] = x[pixels].to(dtype)
+        logits = model(**x).logits[:, -1]
+        predictions += decode(logits.argmax(-1).tolist())
         bar.update(len(batch))
     bar.close()
-    return score(predictions, samples, QUESTION_TYPES)
+    return predictions
 
 
 def score(predictions, samples, types) -> dict:

@@ -310,21 +310,10 @@ def load(path=None, dtype=torch.float32):
 def evaluate(model, samples, batch_size=16, progress=True) -> dict:
     """Accuracy of one-token answers (argmax of the last-position logits), per question type; the model
     is called as ``model(**inputs(...))``, so a wrapped model is evaluated the same way."""
-    from tqdm.auto import tqdm
-
     words = {i: w for w, i in vocab().items()}
-    dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
-    predictions = []
-    bar = tqdm(total=len(samples), desc="toy video eval", disable=not progress)
-    for start in range(0, len(samples), batch_size):
-        batch = samples[start:start + batch_size]
-        x = inputs([s["frames"] for s in batch], [s["question"] for s in batch])
-        x = {k: v.to(device) for k, v in x.items()}
-        x["pixel_values_videos"] = x["pixel_values_videos"].to(dtype)
-        logits = model(**x).logits[:, -1]
-        predictions += [words[i] for i in logits.argmax(-1).tolist()]
-        bar.update(len(batch))
-    bar.close()
+    predictions = toy.answers(model, samples, lambda batch: inputs([s["frames"] for s in batch],
+                                                                   [s["question"] for s in batch]),
+                              lambda ids: [words[i] for i in ids], "pixel_values_videos", batch_size, progress,
+                              "toy video eval")
     events = [p == s["answer"] for p, s in zip(predictions, samples) if s["type"] in EVENT_TYPES]
     return {**toy.score(predictions, samples, QUESTION_TYPES), "event": sum(events) / max(len(events), 1)}

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_toy_vlm import lr_at, optimizer_step, save_ckpt  # noqa: E402 (the image toy's schedule, step, checkpoints)
+from train_toy_vlm import add_turns, lr_at, optimizer_step, save_ckpt  # noqa: E402 (shared with the image toy)
 
 from vtprune import toy_video as tv  # noqa: E402
 
@@ -147,16 +147,7 @@ def build_sequences(clips, rng, n_questions):
     prefix = tv.prompt_ids("")[:-1]  # "<s> USER: <clip>"
     rows, targets = [], []
     for b, clip in enumerate(clips):
-        ids = list(prefix)
-        for k, q in enumerate(tv.make_questions(clip, rng, n_questions)):
-            if k:
-                ids.append(VOCAB["USER:"])
-            ids += [VOCAB[w] for w in q["question"].split()] + [VOCAB["ASSISTANT:"]]
-            targets.append((b, len(ids) - 1, VOCAB[q["answer"]]))
-            ids.append(VOCAB[q["answer"]])
-            targets.append((b, len(ids) - 1, VOCAB["</s>"]))
-            ids.append(VOCAB["</s>"])
-        rows.append(ids)
+        rows.append(add_turns(list(prefix), tv.make_questions(clip, rng, n_questions), VOCAB, b, targets))
     width = max(max(len(r) for r in rows), len(prefix) + 10 * n_questions)  # a fixed width: faster on CPU
     ids = torch.full((len(rows), width), VOCAB["<pad>"], dtype=torch.long)
     mask = torch.zeros_like(ids)

@@ -105,15 +105,7 @@ def build_sequences(scenes, rng, n_questions):
     rows, targets = [], []
     for b, scene in enumerate(scenes):
         ids = [VOCAB["<s>"], VOCAB["USER:"]] + [VOCAB["<image>"]] * toy.NUM_IMAGE_TOKENS
-        for k, q in enumerate(toy.make_questions(scene, rng, n_questions)):
-            if k:
-                ids.append(VOCAB["USER:"])
-            ids += [VOCAB[w] for w in q["question"].split()] + [VOCAB["ASSISTANT:"]]
-            targets.append((b, len(ids) - 1, VOCAB[q["answer"]]))
-            ids.append(VOCAB[q["answer"]])
-            targets.append((b, len(ids) - 1, VOCAB["</s>"]))
-            ids.append(VOCAB["</s>"])
-        rows.append(ids)
+        rows.append(add_turns(ids, toy.make_questions(scene, rng, n_questions), VOCAB, b, targets))
     # a fixed width: every new input shape costs seconds of kernel set-up on CPU
     width = max(max(len(r) for r in rows), 2 + toy.NUM_IMAGE_TOKENS + 11 * n_questions)
     ids = torch.full((len(rows), width), VOCAB["<pad>"], dtype=torch.long)
@@ -178,6 +170,20 @@ def lm_loss(model, feats, ids, rows, pos, tgt):
 def show_eval(tag, res, prior):
     parts = "  ".join(f"{t} {res['by_type'][t]:.2f} (prior {prior[t]:.2f})" for t in toy.QUESTION_TYPES)
     print(f"[{tag}] overall {res['overall']:.3f} | {parts}", flush=True)
+
+
+def add_turns(ids, questions, vocab, row, targets):
+    """Append one turn per question to ``ids`` (``USER:`` before all but the first, the question, ``ASSISTANT:``,
+    the answer, ``</s>``) and its loss triples ``(row, position, target)`` to ``targets``; returns ``ids``."""
+    for k, q in enumerate(questions):
+        if k:
+            ids.append(vocab["USER:"])
+        ids += [vocab[w] for w in q["question"].split()] + [vocab["ASSISTANT:"]]
+        targets.append((row, len(ids) - 1, vocab[q["answer"]]))
+        ids.append(vocab[q["answer"]])
+        targets.append((row, len(ids) - 1, vocab["</s>"]))
+        ids.append(vocab["</s>"])
+    return ids
 
 
 def optimizer_step(loss, opt, sched, params, bar, step):

@@ -33,11 +33,17 @@ BASES = {
     "vtprune_qwen2_5_vl": ("lmms_eval.models.chat.qwen2_5_vl", "Qwen2_5_VL", True),
     "vtprune_qwen3_vl": ("lmms_eval.models.chat.qwen3_vl", "Qwen3_VL", True),
     "vtprune_internvl_hf": ("lmms_eval.models.chat.internvl_hf", "InternVLHf", True),
+    "vtprune_gemma3": ("lmms_eval.models.simple.gemma3", "Gemma3", False),
+    "vtprune_qwen3_5": ("lmms_eval.models.chat.qwen3_5", "Qwen3_5", True),
+    "vtprune_glm4v": ("lmms_eval.models.simple.glm4v", "GLM4V", False),
 }
 # transformers model_type -> the model id that evaluates it
 FOR_MODEL_TYPE = {
-    "llava": "vtprune_llava_hf", "llava_next": "vtprune_llava_hf", "qwen2_vl": "vtprune_qwen2_vl",
-    "qwen2_5_vl": "vtprune_qwen2_5_vl", "qwen3_vl": "vtprune_qwen3_vl", "internvl": "vtprune_internvl_hf",
+    "llava": "vtprune_llava_hf", "llava_next": "vtprune_llava_hf", "llava_onevision": "vtprune_llava_hf",
+    "qwen2_vl": "vtprune_qwen2_vl",
+    "qwen2_5_vl": "vtprune_qwen2_5_vl", "qwen3_vl": "vtprune_qwen3_vl", "qwen3_vl_moe": "vtprune_qwen3_vl",
+    "internvl": "vtprune_internvl_hf", "gemma3": "vtprune_gemma3", "qwen3_5": "vtprune_qwen3_5",
+    "qwen3_5_moe": "vtprune_qwen3_5", "glm4v": "vtprune_glm4v",
 }
 VTPRUNE_ARGS = ("method", "strict")
 

@@ -165,9 +165,10 @@ class Adapter:
 
         return [k_mod.register_forward_hook(on_keys)]
 
-    def projector_sources(self, n_tower: int, n_projector: int) -> torch.Tensor:
+    def projector_sources(self, n_tower: int, n_projector: int, medium: str = "image") -> torch.Tensor:
         """``[T, k]``: the tower tokens (positions in a tile's tower sequence) that each of the
-        projector's ``n_projector`` input tokens holds.  Default: one each, after leading [CLS]."""
+        projector's ``n_projector`` input tokens holds, in a run encoding ``medium``.  Default: one each,
+        after leading [CLS]."""
         return tower_scores.leading_sources(n_tower, n_projector)
 
     def projector(self):
@@ -196,6 +197,27 @@ class Adapter:
     def install(self, installed):
         """Wrap model methods the family needs wrapped (instance attributes, through ``installed``:
         ``unwrap`` removes them)."""
+
+    def lm_inputs(self, kwargs: dict):
+        """Adjust a language-model call's kwargs before the cut reads them (Gemma 3: the padding mask in place
+        of the masks its model built)."""
+
+    def lm_masks(self, kwargs: dict, call):
+        """Fix the attention masks of a language-model call after the cut (``call``: its
+        ``vtprune.runtime.records.Call``, with ``cut`` and ``changed``)."""
+
+    def mask_cache(self, cache, past: int, q: int):
+        """``cache`` as the mask builders should see it for a call of ``q`` tokens after ``past`` (Gemma 3:
+        every layer as long as the sequence, whatever an in-LLM exit cut)."""
+        return cache
+
+    def exit_refusal(self) -> str | None:
+        """Why in-LLM exits cannot run on this family (None: they can)."""
+        return None
+
+    def exit_limit(self) -> int | None:
+        """The longest sequence in-LLM exits can cut (None: any; Gemma 3: its sliding window)."""
+        return None
 
     def first_exit_layer(self) -> int:
         """The earliest decoder layer before which visual tokens may leave the LLM."""

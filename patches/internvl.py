@@ -61,7 +61,7 @@ class InternVLAdapter(Adapter):
     def projector(self):
         return self.inner.multi_modal_projector
 
-    def projector_sources(self, n_tower, n_projector):
+    def projector_sources(self, n_tower, n_projector, medium="image"):
         children = self.children()
         if children.shape[0] != n_projector or children.numel() + 1 != n_tower:
             raise RuntimeError("vtprune: the InternVL projector input does not line up with the tower's tokens")

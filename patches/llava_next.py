@@ -17,12 +17,15 @@ from .base import Adapter
 from .llava import clip_sites
 
 
-def packed_layout(prov: torch.Tensor, per_tile: int, side: int, skip: int, tiles: int) -> ImageLayout:
+def packed_layout(prov: torch.Tensor, per_tile: int, side: int, skip: int, tiles: int,
+                  tower: int | None = None) -> ImageLayout:
     """The layout of a packed LLaVA-NeXT image of ``tiles`` tiles from its provenance ``prov`` [n]: for each LLM
     token the index (tile x ``per_tile`` + patch) of the projector token it is, -1 for a newline; ``side`` x
-    ``side`` patches per tile, ``skip`` leading tower tokens ([CLS]) per tile."""
+    ``side`` patches per tile, ``skip`` leading tower tokens ([CLS]) per tile, ``tower`` tower tokens per tile
+    (default: the patches and one [CLS])."""
+    tower = side * side + 1 if tower is None else tower
     # tower token of packed index p: tile p // per_tile, position p % per_tile (+1 past [CLS])
-    source = torch.where(prov >= 0, (prov // per_tile) * (side * side + 1) + prov % per_tile + skip, -1)[:, None]
+    source = torch.where(prov >= 0, (prov // per_tile) * tower + prov % per_tile + skip, -1)[:, None]
     if tiles == 1 or per_tile != side * side:
         # single tile (base + one newline) or [CLS] kept: no crop grid to describe
         layout = ImageLayout.flat(prov.numel())

@@ -67,7 +67,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
             return capture["frames"][i]
         return super().tiles_of(i, capture)
 
-    def projector_sources(self, n_tower, n_projector):
+    def projector_sources(self, n_tower, n_projector, medium="image"):
         config = self.model.config
         side = config.vision_config.image_size // config.vision_config.patch_size
         stride = config.spatial_pool_stride
@@ -75,4 +75,4 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
             raise NotApplicable("merging methods (visionzip) merge tower tokens before the projector, and LLaVA-NeXT-"
                                 "Video pools a clip's frames there first, which vtprune does not merge yet: run them "
                                 "on images, or fastervlm/vispruner on clips")
-        return super().projector_sources(n_tower, n_projector)
+        return super().projector_sources(n_tower, n_projector, medium)

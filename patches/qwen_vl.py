@@ -1,4 +1,4 @@
-"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: dynamic-resolution grids, 3-D (mrope) positions, deepstack.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense and MoE): dynamic-resolution grids, 3-D (mrope) positions, deepstack.
 
 An image of patch grid (t, h, w) gives t frames of (h/m) x (w/m) LLM tokens (m = spatial merge
 size), in raster order (Qwen2.5-VL un-permutes its window order before the LLM).  Positions are
@@ -33,7 +33,7 @@ import torch
 
 from vtprune import tower_scores
 from vtprune.errors import NotApplicable
-from vtprune.families.qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_VL, merged_sources
+from vtprune.families.qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_VL, QWEN3_VL_MOE, merged_sources
 from vtprune.layout import ImageLayout
 
 from .base import Adapter
@@ -190,3 +190,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
             rows = kept[vis]
             kwargs["deepstack_visual_embeds"] = [e[rows.to(e.device)] for e in embeds]
         kwargs["visual_pos_masks"] = vis.gather(1, index) & real
+
+
+class Qwen3VLMoeAdapter(Qwen3VLAdapter):
+    facts = QWEN3_VL_MOE  # Qwen3-VL with a mixture-of-experts language model: the same tower, deepstack and positions

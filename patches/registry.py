@@ -7,11 +7,15 @@ known with :func:`register_adapter` (the tree's adapters below; a new family's o
 from __future__ import annotations
 
 from .base import Adapter
+from .gemma3 import Gemma3Adapter
+from .glm4v import Glm4vAdapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_next_video import LlavaNextVideoAdapter
-from .qwen_vl import Qwen3VLAdapter, Qwen25VLAdapter, QwenVLAdapter
+from .llava_onevision import LlavaOnevisionAdapter
+from .qwen3_5 import Qwen35Adapter, Qwen35MoeAdapter
+from .qwen_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter, Qwen25VLAdapter, QwenVLAdapter
 
 _ADAPTERS: list = []
 
@@ -29,7 +33,8 @@ def register_adapter(adapter: type) -> type:
     return adapter
 
 
-for _adapter in (LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, InternVLAdapter, QwenVLAdapter, Qwen25VLAdapter, Qwen3VLAdapter):
+for _adapter in (LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, InternVLAdapter, QwenVLAdapter, Qwen25VLAdapter, Qwen3VLAdapter,
+                 Qwen3VLMoeAdapter, Gemma3Adapter, LlavaOnevisionAdapter, Glm4vAdapter, Qwen35Adapter, Qwen35MoeAdapter):
     register_adapter(_adapter)
 ADAPTERS = tuple(_ADAPTERS)  # the tree's own
 

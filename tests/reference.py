@@ -65,7 +65,8 @@ def image_runs(input_ids: torch.Tensor, video_counts=()) -> list:
 
 
 def video_counts(model, inputs) -> list:
-    """Each video's token count: from ``video_grid_thw`` (Qwen), or frames x pooled grid (LLaVA-NeXT-Video)."""
+    """Each video's token count: from ``video_grid_thw`` (Qwen), or frames x pooled grid (LLaVA-NeXT-Video;
+    LLaVA-OneVision and one newline)."""
     grid = inputs.get("video_grid_thw")
     if grid is not None:
         return (grid.prod(-1) // model.config.vision_config.spatial_merge_size**2).tolist()
@@ -73,6 +74,9 @@ def video_counts(model, inputs) -> list:
     if pixels is None:
         return []
     vision = model.config.vision_config
+    if model.config.model_type == "llava_onevision":  # halved grids, one newline after the last frame
+        side = -(-vision.image_size // vision.patch_size // 2)
+        return [pixels.shape[1] * side * side + 1] * pixels.shape[0]
     side = vision.image_size // vision.patch_size // model.config.spatial_pool_stride
     return [pixels.shape[1] * side * side] * pixels.shape[0]
 
@@ -279,7 +283,13 @@ class BiasedReference:
         pad = torch.cat([pad, torch.ones(batch, length - pad.shape[1], dtype=torch.bool)], 1)
         gone = torch.cat([drop, torch.zeros(batch, length - drop.shape[1], dtype=torch.bool)], 1)
         cols = pad & ~gone
-        allowed = torch.tril(torch.ones(length, length, dtype=torch.bool))[None] & cols[:, None, :]
+        allowed = torch.tril(torch.ones(length, length, dtype=torch.bool))[None]
+        types = self.inputs.get("token_type_ids")
+        if types is not None:  # Gemma 3: the tokens of an image (a run of type 1) see each other both ways
+            image = torch.cat([types.bool(), torch.zeros(batch, length - types.shape[1], dtype=torch.bool)], 1)
+            run = (image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]).long().cumsum(1)
+            allowed = allowed | (image[:, :, None] & image[:, None, :] & (run[:, :, None] == run[:, None, :]))
+        allowed = allowed & cols[:, None, :]
         allowed |= torch.eye(length, dtype=torch.bool)[None]  # padding and dropped rows see themselves
         bias = torch.zeros(batch, length)
         for (row, pos), size in sizes.items():
@@ -370,3 +380,49 @@ def fed_logits(model, fed, drop, replaced) -> torch.Tensor:
         hidden = model.model.language_model(inputs_embeds=embeds, position_ids=fed.get("position_ids"),
                                             attention_mask=(~drop).long()).last_hidden_state
     return model.lm_head(hidden[:, -1])
+
+
+def kept_only(model, inputs, kept, steps: int = 6, video_counts=()):
+    """The stock model fed only the kept tokens: logits of the prompt and ``steps`` greedy tokens with a cache.
+
+    The language model's input of a stock forward (text embeddings, image and video features scattered by the
+    model itself) is gathered at the tokens ``kept`` leaves in (per sample, per image or video), rows left
+    padded to the longest; each keeps its original position (``positions``, as ``generate`` numbers them) and
+    token type (Gemma 3).  Where every layer attends, this equals ``masked_greedy``; a linear-attention layer
+    (Qwen3.5) or a sliding window shorter than the prompt (Gemma 3) tells them apart.
+    """
+    seen = {}
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: seen.update(embeds=k["inputs_embeds"]), with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    embeds, ids = seen["embeds"], inputs["input_ids"]
+    keep = ~drop_mask(ids, kept, video_counts) & _pad_mask(inputs).bool()
+    pos = positions(model, inputs, for_generate=True)
+    rows = [keep[b].nonzero().squeeze(1) for b in range(ids.shape[0])]
+    width = max(r.numel() for r in rows)
+
+    def gather(t, b, r, fill=0):  # t[..., b, r] left padded to width
+        x = t[..., b, :][..., r]
+        return torch.cat([torch.full((*x.shape[:-1], width - r.numel()), fill, dtype=x.dtype), x], -1)
+
+    e = torch.stack([torch.cat([embeds.new_zeros(width - r.numel(), embeds.shape[-1]), embeds[b, r]])
+                     for b, r in enumerate(rows)])
+    p = torch.stack([gather(pos, b, r) for b, r in enumerate(rows)], -2)
+    m = torch.stack([gather(torch.ones_like(ids), b, r) for b, r in enumerate(rows)])
+    extra = {}
+    if inputs.get("token_type_ids") is not None:
+        extra["token_type_ids"] = torch.stack([gather(inputs["token_type_ids"], b, r) for b, r in enumerate(rows)])
+    tokens = []
+    with torch.no_grad():
+        out = model(inputs_embeds=e, attention_mask=m, position_ids=p, use_cache=True, **extra)
+        logits = out.logits
+        for _ in range(steps):
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(tok)
+            m = torch.cat([m, torch.ones_like(tok)], 1)
+            p = p[..., -1:] + 1
+            out = model(input_ids=tok, attention_mask=m, position_ids=p, past_key_values=out.past_key_values,
+                        use_cache=True)
+    return logits, (torch.cat(tokens, 1) if tokens else None)

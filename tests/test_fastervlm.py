@@ -122,7 +122,7 @@ def test_vtc_cls_sums_layers_up_to_the_feature_layer():
     assert not vtprune.is_wrapped(model)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"])
 def test_qwen_substitute_score_equals_recorded_attention(family):
     """Qwen has no [CLS]: the score is the attention each patch receives in the feature layer.
 
@@ -183,6 +183,33 @@ def test_received_attention_source_on_clip_equals_eager():
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="source"):
         vtprune.wrap(model, "fastervlm", source="mean")
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llava_onevision"])
+def test_siglip_substitute_score_sums_the_patches_a_token_pools(family):
+    """SigLIP has no [CLS]: a token's score is the attention its patches receive in the layer the projector
+    reads (eager, heads and queries averaged), summed over the 2 x 2 patches it pools (Gemma 3: 8 x 8 patches
+    averaged into 4 x 4 tokens; LLaVA-OneVision's clip frames: 4 x 4 halved to 2 x 2)."""
+    eager = tiny_model(family, attn_implementation="eager")
+    if family == "gemma3":
+        inputs = tiny_inputs(eager, family)
+        pixels, side = inputs["pixel_values"], 8
+    else:
+        inputs = tiny_inputs(eager, family, images_per_row=(0,), videos_per_row=(1,))
+        pixels, side = inputs["pixel_values_videos"][0], 4
+    with torch.no_grad():
+        attn = eager.model.vision_tower(pixel_values=pixels, output_attentions=True).attentions[-1]
+    per_patch = attn.mean(1).mean(1).view(-1, side // 2, 2, side // 2, 2)  # [frames, i, a, j, b]
+    ref = per_patch.sum((2, 4)).reshape(-1)
+    model = tiny_model(family)
+    with vtprune.wrapped(model, "fastervlm", keep=0.5):
+        with torch.no_grad():
+            model(**inputs)
+        ours = vtprune.record(model).scores[0]
+    if family == "llava_onevision":
+        assert ours[-1] == 0  # the newline after the clip
+        ours = ours[:-1]
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
 
 
 def test_received_attention_strided_queries_approximate_the_full_mean():

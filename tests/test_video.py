@@ -27,8 +27,21 @@ def _inputs(model, family, images, videos, with_mask, **kw):
 
 def _clip(family, frames):
     """(video spec, tokens per frame) of a clip of ``frames`` temporal slices: Qwen 2 x 3 tokens each,
-    LLaVA-NeXT-Video 2 x 2."""
-    return (frames, 4) if family == "llava_next_video" else ((frames, 4, 6), 6)
+    LLaVA-NeXT-Video and LLaVA-OneVision 2 x 2 (the latter and a newline)."""
+    return (frames, 4) if family in ("llava_next_video", "llava_onevision") else ((frames, 4, 6), 6)
+
+
+def _and_newline(family, kept, t, n):
+    """``kept`` (indices into a clip of ``t`` slices of ``n`` tokens) and, for LLaVA-OneVision, the newline after
+    the last slice, kept when its row (the last slice's last 2 tokens) keeps a token."""
+    if family != "llava_onevision":
+        return kept
+    return kept + [t * n] if {t * n - 2, t * n - 1} & set(kept) else kept
+
+
+def _newlines_out(family, clip) -> int:
+    """The clip's kept newline tokens (stats count them in the clip, not in any frame)."""
+    return clip["tokens_out"] - sum(f["tokens_out"] for f in clip["frames"]) if family == "llava_onevision" else 0
 
 
 def _clip_features(model, inputs, stacked=False):
@@ -128,7 +141,8 @@ def test_scope_frame_gives_every_frame_its_share_and_clip_one_budget(family, kee
         with vtprune.wrapped(model, "fastervlm", keep=keep, scope=scope):
             _logits(model, inputs)
             (clip,) = vtprune.stats(model)["samples"][0]["videos"]
-        assert clip["tokens_out"] == sum(f["tokens_out"] for f in clip["frames"]) == tokens_to_keep(keep, 4 * n)
+        content = clip["tokens_out"] - _newlines_out(family, clip)
+        assert content == sum(f["tokens_out"] for f in clip["frames"]) == tokens_to_keep(keep, 4 * n)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
@@ -222,13 +236,14 @@ def test_evs_keeps_the_tokens_that_changed_since_the_previous_frame(family, keep
     features = _clip_features(model, inputs, stacked=True)
     if family == "qwen3_vl" and keep == 0.5:  # scored with the deepstack features, which change the choice here
         assert _evs_reference(_clip_features(model, inputs), 4, n, keep) != _evs_reference(features, 4, n, keep)
+    features = features[:4 * n]  # LLaVA-OneVision: the newline after the clip is not scored
     with vtprune.wrapped(model, "evs", keep=keep):
         _logits(model, inputs)
         image_kept, clip_kept = vtprune.last_kept(model)[0]
         image, = vtprune.stats(model)["samples"][0]["images"]
         (clip,) = vtprune.stats(model)["samples"][0]["videos"]
     assert image["tokens_out"] == image["tokens_in"]  # one slice: whole
-    assert clip_kept.tolist() == _evs_reference(features, 4, n, keep)
+    assert clip_kept.tolist() == _and_newline(family, _evs_reference(features, 4, n, keep), 4, n)
     assert clip["frames"][0]["tokens_out"] == n and clip["frames"][2]["tokens_out"] == 0  # the repeat goes first
 
 
@@ -292,7 +307,7 @@ def test_vidcom2_equals_its_definition_on_the_stock_features(family, keep):
     """On the stock model's own clip features; vLLM's VidCom2 keeps the same tokens
     (tests/serving/test_video_pruners.py).  In float64, as the reference: a softmax at temperature 0.01 turns
     float32 rounding into a different share now and then (vLLM's in float32 agrees with vtprune's in float32)."""
-    model = tiny_model(family).double()
+    model = tiny_model(family, dtype=torch.float64)
     spec, n = _clip(family, 6)
     inputs = _inputs(model, family, (0,), (1,), False, video_specs=[spec])
     features = _clip_features(model, inputs, stacked=True)
@@ -300,8 +315,8 @@ def test_vidcom2_equals_its_definition_on_the_stock_features(family, keep):
         _logits(model, inputs)
         (kept,) = vtprune.last_kept(model)[0]
         (clip,) = vtprune.stats(model)["samples"][0]["videos"]
-    assert kept.tolist() == _vidcom2_reference(features, 6, n, keep)
-    assert clip["tokens_out"] == max(6, int(6 * n * keep)) and all(f["tokens_out"] >= 0 for f in clip["frames"])
+    assert kept.tolist() == _and_newline(family, _vidcom2_reference(features[:6 * n], 6, n, keep), 6, n)
+    assert clip["tokens_out"] - _newlines_out(family, clip) == max(6, int(6 * n * keep)) and all(f["tokens_out"] >= 0 for f in clip["frames"])
 
 
 def test_fastervlm_on_llava_next_video_clips_equals_the_eager_cls_row():

@@ -24,12 +24,22 @@ from .errors import NotApplicable, OutOfRange
 _COUNTER = itertools.count()
 
 
-def pick_layers(name, chosen, default, n_layers) -> list:
-    """The decoder layers an attention intervention acts on: ``chosen`` or ``default(n)``, checked."""
+def pick_layers(name, chosen, default, n_layers, layers=None) -> list:
+    """The decoder layers an attention intervention acts on: ``chosen`` or ``default(n)``, checked.  With the
+    decoder ``layers``, only those that attend (a ``self_attn``): a default skips the others (Qwen3.5's
+    linear-attention layers), a choice naming one raises."""
     ids = chosen if chosen is not None else default(n_layers)
     bad = [j for j in ids if not 0 <= j < n_layers]
     if bad:
         raise OutOfRange(f"{name} layers {bad} do not exist: the language model has {n_layers} decoder layers")
+    if layers is not None:
+        attending = [j for j in range(n_layers) if hasattr(layers[j], "self_attn")]
+        if chosen is None:
+            return [j for j in ids if j in attending]
+        linear = [j for j in ids if j not in attending]
+        if linear:
+            raise ValueError(f"{name} layers {linear} have no attention heads (linear-attention layers): choose among "
+                             f"{attending}")
     return ids
 
 

@@ -24,7 +24,8 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
-FAMILIES = ("llava", "llava_next", "llava_next_video", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("llava", "llava_next", "llava_next_video", "llava_onevision", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
+            "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "gemma3", "glm4v")
 HERE = Path(__file__).resolve().parent
 
 

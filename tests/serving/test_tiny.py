@@ -36,12 +36,14 @@ def tiny(request, built, tmp_path_factory):
 def _build(model_type, folder):
     import tiny_internvl
     import tiny_llava_next
+    import tiny_llava_onevision
     import tiny_qwen
     import transformers as tf
 
     from vtprune import toy
 
-    tiny = {"internvl": tiny_internvl, "llava_next": tiny_llava_next}.get(model_type, tiny_qwen)
+    tiny = {"internvl": tiny_internvl, "llava_next": tiny_llava_next,
+            "llava_onevision": tiny_llava_onevision}.get(model_type, tiny_qwen)
     prompt = tiny.prompt
     folder = tiny.build(folder, model_type) if tiny is tiny_qwen else tiny.build(folder)
     model = tf.AutoModelForImageTextToText.from_pretrained(folder).eval()
@@ -68,6 +70,8 @@ def _build(model_type, folder):
                                               # no [CLS]: the attention each patch receives, over windows too
                                               ("qwen3_vl", "vtc_cls", 0.25),
                                               ("qwen3_vl", "divprune:summary=2", 0.25),
+                                              ("qwen3_vl_moe", "divprune", 0.1),  # the MoE language model
+                                              ("llava_onevision", "divprune", 0.25),  # SigLIP, anyres-max packing
                                               # served by their needs, not by a list (vtprune.serving.check);
                                               # each reads the tower as fastervlm does (the [CLS] or received
                                               # attention of the projector's layer), and more:
@@ -78,24 +82,27 @@ def _build(model_type, folder):
 def test_a_served_tiny_model_keeps_and_answers_as_the_hf_wrap(tiny, method, keep):
     from vtprune.serving import POSITIONS, check
     from vtprune.serving.llava_next import image_layout
+    from vtprune.serving.llava_onevision import image_layout as onevision_layout
     from vtprune.serving.rows import kept_count
     from vtprune.spec import parse_spec
 
     folder, model, batch, model_type = tiny
     name, spec_options = (None, {}) if method is None else (parse_spec(method)[0][0], parse_spec(method)[1])
-    options = {"positions": POSITIONS[model_type], **({"newlines": "all"} if model_type == "llava_next" else {})}
+    newlines = model_type in ("llava_next", "llava_onevision")
+    options = {"positions": POSITIONS[model_type], **({"newlines": "all"} if newlines else {})}
     tokens, kept = hf_run(model, batch, name, keep, steps=STEPS, **options, **spec_options)
     served = serve(method or "random", keep, N, folder)
     assert [until_eos(t) for t in served["tokens"]] == tokens
     if kept is not None:
         assert sorted(map(tuple, served["kept"])) == sorted(map(tuple, kept))
-    # tokens per image: LLaVA-NeXT a 4 x 4 base and 2 x 2 crops packed into 8 rows of 8 and a newline each;
+    # tokens per image: LLaVA-NeXT (and LLaVA-OneVision) a 4 x 4 base and 2 x 2 crops packed into 8 rows of 8 and
+    # a newline each;
     # InternVL 4 crops and a thumbnail of 4 x 4 each; Qwen a 6 x 6 grid of merged tokens
-    shapes = {"llava_next": (88, None, 8), "internvl": (80, [(4, 4)] * 5, 0)}
+    shapes = {"llava_next": (88, None, 8), "llava_onevision": (88, None, 8), "internvl": (80, [(4, 4)] * 5, 0)}
     n, grid, _ = shapes.get(model_type, (36, (6, 6), 0))
+    layouts = {"llava_next": image_layout, "llava_onevision": onevision_layout}
     counted = kept_count(check(name or "random", keep, spec_options, model_type), n, grid,
-                         image_layout(model.config, batch["image_sizes"][0].tolist()) if model_type == "llava_next"
-                         else None)
+                         layouts[model_type](model.config, batch["image_sizes"][0].tolist()) if newlines else None)
     assert kept is None or {len(k) for k in kept} == {counted}  # what the HF wrap kept
     lengths = batch["attention_mask"].sum(1).tolist()
     assert served["prompt_tokens"] == [length - (n - counted) for length in lengths]

@@ -11,6 +11,6 @@ its description; each holds only what is specific to its engine.  A new family i
 """
 
 from .base import Family, feature_layer, get, known, register
-from . import internvl, llava, qwen_vl  # noqa: E402,F401,I001  (the families in the tree register themselves)
+from . import gemma, glm4v, internvl, llava, llava_onevision, qwen_vl  # noqa: E402,F401,I001  (the families in the tree register themselves)
 
 __all__ = ["Family", "feature_layer", "get", "known", "register"]

@@ -144,7 +144,7 @@ class SinkRedistribution(StageRuntime):
     def __init__(self, model, method, layers, route):
         self.model = model
         self.method = method
-        self.layer_ids = pick_layers("var", method.layers, default_layers, len(layers))
+        self.layer_ids = pick_layers("var", method.layers, default_layers, len(layers), layers)
         self.layers = layers
         hidden = text_config(model).hidden_size
         if method.sink_dims is not None:

@@ -68,7 +68,7 @@ def default_layers(n_layers: int) -> list:
 class HeadReinforcement(StageRuntime):
     def __init__(self, model, method, layers, route=None):
         self.method = method
-        self.layer_ids = pick_layers("vhr", method.layers, default_layers, len(layers))
+        self.layer_ids = pick_layers("vhr", method.layers, default_layers, len(layers), layers)
         self.layers = layers
         self.batch = None  # the real batch size while the prefill runs doubled, else None
         self.heads = {}  # layer -> [B, H] bool, fixed at the prefill
@@ -138,6 +138,13 @@ class HeadReinforcement(StageRuntime):
             for layer in getattr(cache, "layers", []):
                 if getattr(layer, "keys", None) is not None and layer.keys.numel():
                     layer.keys, layer.values = layer.keys[:b], layer.values[:b]
+                if hasattr(layer, "recurrent_states"):  # a linear-attention layer's states (Qwen3.5)
+                    rows = torch.arange(b)
+                    for i in range(layer.number_of_states):
+                        for name in ("conv_states", "recurrent_states"):
+                            if getattr(layer, f"is_{name}_initialized")[i]:
+                                state = getattr(layer, name)
+                                state[i] = state[i].index_select(0, rows.to(state[i].device))
         output["last_hidden_state"] = output.last_hidden_state[:b]
         if getattr(output, "hidden_states", None) is not None:
             output["hidden_states"] = tuple(h[:b] for h in output.hidden_states)

@@ -60,7 +60,7 @@ class SinkScaling(StageRuntime):
     def __init__(self, model, method, layers, route):
         self.method = method
         n = len(layers)
-        self.layer_ids = pick_layers("zerotuning", method.layers, lambda n: list(range(n)), n)
+        self.layer_ids = pick_layers("zerotuning", method.layers, lambda n: list(range(n)), n, layers)
         heads = text_config(model).num_attention_heads
         bad = [h for h in (method.heads or []) if not 0 <= h < heads]
         if bad:

@@ -92,7 +92,8 @@ class Capture:
         if features.dim() != 3 or not self.tower_keys or layer not in self.tower_cls:
             return None
         cls, keys = self.tower_cls[layer][-1], self.tower_keys[-1]
-        sources = self.adapter.projector_sources(cls.shape[1], features.shape[1]).to(cls.device)  # [T, k]
+        medium = self.encoding[-1] if self.encoding else "image"
+        sources = self.adapter.projector_sources(cls.shape[1], features.shape[1], medium).to(cls.device)  # [T, k]
         if cls.shape[0] != features.shape[0]:
             raise RuntimeError("vtprune: the projector input does not line up with the tower's tokens")
         merged, self.tower_selected, self.tower_sizes = merge_tiles(self.selector, cls, keys, features, sources)

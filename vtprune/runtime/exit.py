@@ -81,11 +81,16 @@ class LayerExit(StageRuntime):
         self.counts = counts
         self.language_model = adapter.language_model
         self.layers = layers = adapter.language_model.layers
+        refusal = adapter.exit_refusal()
+        if refusal is not None:
+            raise NotApplicable(f"{method.name} cuts visual tokens inside the LLM; {refusal}")
         self.first = method.first_layer(len(layers))
         low = adapter.first_exit_layer()
         if self.first < low:
             raise NotApplicable(f"{method.name} layer={self.first} is too early for {adapter.family}: visual "
                                 f"features are still added to the hidden states up to layer {low - 1}")
+        self.limit = adapter.exit_limit()
+        self.family = adapter.family
         self.dynamic = bool(method.decision_layers(len(layers)))
         self.stage_layers = [] if self.dynamic else method.stage_layers(len(layers))
         self.record = None  # ExitRecord: what left in the last prefill (None: nothing yet)
@@ -142,6 +147,10 @@ class LayerExit(StageRuntime):
                 self.record = ExitRecord(method=self.method.name)
         else:
             self.visual = None
+        if self.limit is not None and (self.visual is not None or self.plans) and call.past + q > self.limit:
+            raise ValueError(f"{self.method.name} cuts visual tokens inside the LLM, which on {self.family} works while "
+                             f"the sequence fits its sliding window ({self.limit} tokens); this one has "
+                             f"{call.past + q}: use a pre-LLM method (e.g. fastervlm, divprune) for longer prompts")
 
     def end_call(self, call, output):
         """Dynamic exits: the layers each row's visual tokens did not run (for ``visual_tokens_llm``)."""

@@ -60,6 +60,8 @@ class Generation:
                 new = mask[:, state.orig_len:] if mask is not None else \
                     torch.ones(embeds.shape[:2], dtype=state.mask.dtype, device=state.mask.device)
                 kwargs["attention_mask"] = torch.cat([state.mask.to(new.device, new.dtype), new], 1)
+            if state is not None and embeds is not None and "past_key_values" in kwargs:
+                kwargs["past_key_values"] = self.precut.adapter.mask_cache(past, state.cache_len, embeds.shape[1])
             out = original(*args, **kwargs)
             made = tuple(out.values()) if isinstance(out, dict) else (out,)
             self.precut.made_masks = tuple(m for m in made if m is not None) if compacted else ()
@@ -69,14 +71,17 @@ class Generation:
 
     def _continue(self, original):
         @functools.wraps(original)  # generate reads its signature
-        def prepare(input_ids, next_sequence_length=None, *args, **kwargs):
+        def prepare(input_ids, *args, **kwargs):
+            # generate passes next_sequence_length by keyword (a family's override may take other
+            # arguments in its place: Gemma 3's use_cache)
+            step = kwargs.get("next_sequence_length")
             past = cache_of(kwargs)
-            state = self.sequences.get(past) if past is not None and next_sequence_length else None
+            state = self.sequences.get(past) if past is not None and step else None
             if state is not None and state.dropped > 0:
                 embeds = kwargs.get("inputs_embeds")
                 total = embeds.shape[1] if embeds is not None and kwargs.get("is_first_iteration") else input_ids.shape[1]
-                if next_sequence_length == total - state.cache_len and total > state.orig_len:
-                    next_sequence_length = total - state.orig_len
-            return original(input_ids, next_sequence_length, *args, **kwargs)
+                if step == total - state.cache_len and total > state.orig_len:
+                    kwargs["next_sequence_length"] = total - state.orig_len
+            return original(input_ids, *args, **kwargs)
 
         return prepare

@@ -61,7 +61,7 @@ class Session:
         self.counts = Counts(model, adapter.language_model)
         self.capture = Capture(adapter, self.selector)
         self.precut = PreCut(adapter, self.selector, self.capture)
-        self.bias = SizeBias(self.selector, len(layers), self.route,
+        self.bias = SizeBias(self.selector, layers, self.route,
                              lambda layer: self.layer_exit.plan_for(layer) if self.layer_exit else None) \
             if self.selector is not None and self.selector.weighs and not self.selector.inert else None
         self.layer_exit = LayerExit(model, adapter, self.layer_method, self.counts, self.route) \
@@ -158,7 +158,9 @@ class Session:
         call = Call(kwargs=kwargs, state=state, fresh=state.orig_len == 0, image_mask=image_mask, media=media,
                     capture=capture)
         q = embeds.shape[1]
+        self.adapter.lm_inputs(kwargs)
         self.precut.begin_call(call)
+        self.adapter.lm_masks(kwargs, call)
         if call.cut is not None:
             self.forward_cut, self.forward_length = call.cut, q
         if image_mask is not None:

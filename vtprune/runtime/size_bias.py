@@ -22,13 +22,14 @@ from .stage import StageRuntime
 
 
 class SizeBias(StageRuntime):
-    def __init__(self, selector, n_layers: int, route, exit_plan=lambda layer: None):
+    def __init__(self, selector, layers, route, exit_plan=lambda layer: None):
         self.selector = selector
         self.route = route
         self.active = None  # [B, cache entries] the biases of the last call's sequence (kept for a backward
         # pass that recomputes the layers: gradient checkpointing)
         self.exit_plan = exit_plan  # layer -> the in-LLM exit's cut where it applies to that layer's keys
-        self.layer_ids = pick_layers(f"{selector.name} bias", selector.bias_layers, lambda n: list(range(n)), n_layers)
+        self.layer_ids = pick_layers(f"{selector.name} bias", selector.bias_layers, lambda n: list(range(n)), len(layers),
+                                     layers)
         if "flash" in route.original:
             raise NotApplicable(f"{selector.name} summary/size_bias adds a bias to the attention mask, which flash "
                                 "attention does not take; load the model with attn_implementation='sdpa' or 'eager'")

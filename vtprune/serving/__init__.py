@@ -8,7 +8,8 @@ worker processes in the environment (``VTPRUNE_SERVE``: the method config as JSO
 (``vtprune.serving.plugin``, entry point ``vllm.general_plugins``) then registers pruned variants of
 vLLM's own model classes, one binding per family (``vtprune.serving.bindings``): LLaVA-1.5
 (``vtprune.serving.llava``), LLaVA-NeXT (``llava_next``: every newline kept), InternVL in HF format
-(``internvl``) and Qwen2-VL, Qwen2.5-VL, Qwen3-VL (``qwen``: images only).  Methods are taken by their
+(``internvl``), LLaVA-OneVision (``llava_onevision``: images, methods that read the features) and Qwen2-VL,
+Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE (``qwen``: images only).  Methods are taken by their
 needs (``check``): every pre-LLM selector whose kept count follows from the image's layout
 (``Selector.kept_count``) and that reads no prompt text, on a family that has what it reads; each also
 with summary tokens and ``size_bias`` (``vtprune.serving.slot_bias``).  Tower scores come from forward hooks on
@@ -28,6 +29,7 @@ import sys
 
 from .. import families
 from ..layout import ImageLayout
+from . import bindings
 from .bindings import served
 from .config import ENV, config_from_env  # noqa: F401  (re-exported)
 
@@ -86,6 +88,10 @@ def check(method: str, keep, options: dict, model_type: str | None = "llava"):
     if family is not None and config.needs_cls and config.tower_score == "cls" and not family.cls_token:
         raise ValueError(f"{method}: the {family.tower} tower has no [CLS] token; it reads the attention each patch "
                          "receives instead (source='received', the default there)")
+    if family is not None and config.needs_cls and not bindings.reads_tower(family.name):
+        raise ValueError(f"{method} reads the vision tower's attention, which vtprune's vLLM binding of {model_type} "
+                         "does not tap yet: serve a method that reads the features (random, uniform, pool, divprune, "
+                         "cdpruner), or run it with the HF wrap")
     if family is not None and config.merges and family.merges_before_projector:
         raise ValueError(f"{method} merges tower tokens before the projector, which the {family.tower} tower's "
                          "patch merger does not take (as on the HF path)")
@@ -127,8 +133,9 @@ def model_dir(model: str) -> str:
 
 
 def clip_keys_for_vllm(weights: dict) -> dict:
-    """A LLaVA / LLaVA-NeXT state dict as transformers 5 saves it (the CLIP tower's keys ``vision_tower.*``)
-    with the keys vLLM's CLIP loads (``vision_tower.vision_model.*``, as older transformers saved them)."""
+    """A LLaVA / LLaVA-NeXT / LLaVA-OneVision state dict as transformers 5 saves it (the CLIP or SigLIP tower's keys
+    ``vision_tower.*``) with the keys vLLM's towers load (``vision_tower.vision_model.*``, as older transformers
+    saved them)."""
     out = {}
     for key, value in weights.items():
         if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):

@@ -12,18 +12,28 @@ import importlib
 import os
 
 EXTENSIONS = "VTPRUNE_EXTENSIONS"
-TREE = ("vtprune.serving.llava", "vtprune.serving.llava_next", "vtprune.serving.internvl", "vtprune.serving.qwen")
+TREE = ("vtprune.serving.llava", "vtprune.serving.llava_next", "vtprune.serving.llava_onevision", "vtprune.serving.internvl",
+        "vtprune.serving.qwen")
 _BUILDERS: dict = {}  # family name -> (Family, build)
 
 
-def bind(family):
-    """Decorator: ``build(config) -> pruned vLLM class`` serves ``family`` (a ``vtprune.families.Family``)."""
+def bind(family, tower: bool = True):
+    """Decorator: ``build(config) -> pruned vLLM class`` serves ``family`` (a ``vtprune.families.Family``);
+    ``tower``: the binding reads the vision tower's attention, for methods that need it."""
 
     def deco(build):
+        build.vtprune_tower = tower
         _BUILDERS[family.name] = (family, build)
         return build
 
     return deco
+
+
+def reads_tower(name: str) -> bool:
+    """Whether the binding of family ``name`` reads the vision tower's attention ([CLS] methods)."""
+    load()
+    entry = _BUILDERS.get(name)
+    return entry is None or getattr(entry[1], "vtprune_tower", True)
 
 
 def load():

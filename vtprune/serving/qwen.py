@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from ..families.qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_VL, merged_sources
+from ..families.qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_VL, QWEN3_VL_MOE, merged_sources
 from .slot_bias import Weighing
 from .bindings import bind
 from .rows import attach, keep_rows, kept_count, layout_of, with_bias
@@ -83,10 +83,11 @@ def token_sources(model, grids) -> list:
     return out
 
 
-CLASSES = {  # model type -> vLLM module and the prefix of its classes
-    "qwen2_vl": ("vllm.model_executor.models.qwen2_vl", "Qwen2VL"),
-    "qwen2_5_vl": ("vllm.model_executor.models.qwen2_5_vl", "Qwen2_5_VL"),
-    "qwen3_vl": ("vllm.model_executor.models.qwen3_vl", "Qwen3VL"),
+CLASSES = {  # model type -> vLLM module, the prefix of its model and info classes, that of its processor's
+    "qwen2_vl": ("vllm.model_executor.models.qwen2_vl", "Qwen2VL", "Qwen2VL"),
+    "qwen2_5_vl": ("vllm.model_executor.models.qwen2_5_vl", "Qwen2_5_VL", "Qwen2_5_VL"),
+    "qwen3_vl": ("vllm.model_executor.models.qwen3_vl", "Qwen3VL", "Qwen3VL"),
+    "qwen3_vl_moe": ("vllm.model_executor.models.qwen3_vl_moe", "Qwen3VLMoe", "Qwen3VL"),  # Qwen3-VL's processor
 }
 
 
@@ -98,12 +99,12 @@ def pruned_qwen(config, model_type: str):
     from vllm.multimodal import MULTIMODAL_REGISTRY
     from vllm.multimodal.processing import PromptReplacement
 
-    module, prefix = CLASSES[model_type]
+    module, prefix, processing = CLASSES[model_type]
     module = importlib.import_module(module)
     Model = getattr(module, f"{prefix}ForConditionalGeneration")
-    Processor = getattr(module, f"{prefix}MultiModalProcessor")
+    Processor = getattr(module, f"{processing}MultiModalProcessor")
     Info = getattr(module, f"{prefix}ProcessingInfo")
-    Dummy = getattr(module, f"{prefix}DummyInputsBuilder")
+    Dummy = getattr(module, f"{processing}DummyInputsBuilder")
 
     class PrunedQwenInfo(Info):
         def get_num_image_tokens(self, *, image_width, image_height, image_processor, mm_kwargs) -> int:
@@ -173,5 +174,5 @@ def pruned_qwen(config, model_type: str):
     return PrunedQwen
 
 
-for _family in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL):
+for _family in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL, QWEN3_VL_MOE):
     bind(_family)(functools.partial(pruned_qwen, model_type=_family.name))

@@ -1,0 +1,90 @@
+"""LLaVA-OneVision in vLLM with vtprune's pre-LLM selection, images only (vLLM refuses a served model's videos up
+front: ``vtprune.serving.refused_media``).
+
+An image is LLaVA-NeXT's layout on a SigLIP tower: its base tile, then its crops packed into one unpadded
+grid with a newline after every row, shrunk by bilinear interpolation past ``anyres_max_9`` (vLLM packs with
+9 whatever the config says).  The layout is read off vLLM's own packing of each patch's (index, row, column)
+(``vtprune.patches.llava_onevision.packed_onevision_layout``, as the HF adapter reads transformers'); every
+newline is kept (``newlines="all"``: vLLM sizes the prompt before the image is encoded) and positions are
+numbered afresh (``positions="renumber"``).  Methods that read the tower's attention are not served here yet.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import torch
+
+from vtprune.patches.llava_onevision import packed_onevision_layout
+
+from ..families.llava_onevision import LLAVA_ONEVISION
+from .bindings import bind
+from .rows import attach, keep_rows, kept_count, with_bias
+from .slot_bias import Weighing
+
+_LAYOUTS = {}  # (what of the config packing reads, image size) -> layout
+
+
+def image_layout(hf, image_size):
+    """The layout of a LLaVA-OneVision image of ``image_size`` (height, width) as vLLM packs it."""
+    from vllm.model_executor.models.llava_onevision import LlavaOnevisionForConditionalGeneration
+
+    vision = hf.vision_config
+    size = tuple(int(v) for v in image_size)
+    key = (vision.image_size, vision.patch_size, str(hf.image_grid_pinpoints), size)
+    if key not in _LAYOUTS:
+        if len(_LAYOUTS) > 1024:
+            _LAYOUTS.clear()
+        packer = types.SimpleNamespace(config=hf)
+
+        def pack(values, newline):
+            return LlavaOnevisionForConditionalGeneration._merge_image_patch_embeddings(
+                packer, torch.tensor(size), values, image_newline=newline, strategy="spatial_unpad")
+
+        _LAYOUTS[key] = packed_onevision_layout(hf, size, sys.modules[LlavaOnevisionForConditionalGeneration.__module__],
+                                                pack)[0]
+    return _LAYOUTS[key]
+
+
+@bind(LLAVA_ONEVISION, tower=False)
+def pruned_llava_onevision(config):
+    from vllm.model_executor.models.llava_onevision import (LlavaOnevisionDummyInputsBuilder,
+                                                            LlavaOnevisionForConditionalGeneration,
+                                                            LlavaOnevisionMultiModalProcessor,
+                                                            LlavaOnevisionProcessingInfo)
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    class PrunedLlavaOnevisionInfo(LlavaOnevisionProcessingInfo):
+        def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+            n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+            layout = image_layout(self.get_hf_config(), (image_height, image_width))
+            if layout.n != n:
+                raise ValueError(f"vtprune: a {image_width} x {image_height} LLaVA-OneVision image packs into {n} "
+                                 f"tokens in vLLM, {layout.n} by its packing of patch indices")
+            return kept_count(config, n, layout=layout)
+
+    @MULTIMODAL_REGISTRY.register_processor(LlavaOnevisionMultiModalProcessor, info=PrunedLlavaOnevisionInfo,
+                                            dummy_inputs=LlavaOnevisionDummyInputsBuilder)
+    class PrunedLlavaOnevision(Weighing, LlavaOnevisionForConditionalGeneration):
+        vtprune_config = config
+
+        def __init__(self, *, vllm_config, prefix: str = ""):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+            attach(self, config)
+
+        def embed_multimodal(self, **kwargs):
+            image_input = self._parse_and_validate_image_input(**kwargs)
+            if image_input is None:
+                return []
+            sizes = image_input.get("image_sizes")
+            out = []
+            for i, rows in enumerate(self._process_image_input(image_input)):
+                layout = image_layout(self.config, sizes[i]) if sizes is not None else None
+                if layout is None or layout.n != rows.shape[0]:
+                    raise ValueError("vtprune serving needs each LLaVA-OneVision image's size to read its packing")
+                out.append(with_bias(*keep_rows(self, config, rows, None, layout=layout)[1:]))
+            return out
+
+    PrunedLlavaOnevision.vtprune_parts = (PrunedLlavaOnevisionInfo,)  # what serving.needs checks against vLLM
+    return PrunedLlavaOnevision

@@ -21,8 +21,11 @@ projector reads its output), summed over the k x k patches a token pools.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
+from vtprune.compat import cache_of
 from vtprune.errors import NotApplicable
 from vtprune.families.gemma import GEMMA3
 from vtprune.layout import ImageLayout
@@ -93,7 +96,7 @@ class Gemma3Adapter(Adapter):
         built, self._built = self._built, None
         if built is None:
             return
-        cache = kwargs.get("past_key_values")
+        cache = cache_of(kwargs)
         q = kwargs["inputs_embeds"].shape[1]
         fits = call.past + q <= self.window()
         if not call.changed and not (fits and _uneven(cache)):
@@ -104,9 +107,11 @@ class Gemma3Adapter(Adapter):
             index, real = call.cut
             types = types.to(index.device).gather(1, index) * real
         cache = self.mask_cache(cache, call.past, q)
-        kwargs["attention_mask"] = type(self.model).create_masks_for_generate(
-            config=self.model.config, inputs_embeds=kwargs["inputs_embeds"], attention_mask=kwargs["attention_mask"],
-            past_key_values=cache, position_ids=kwargs.get("position_ids"), token_type_ids=types)
+        build = type(self.model).create_masks_for_generate
+        cache_key = "cache" if "cache" in inspect.signature(build).parameters else "past_key_values"  # 5.25 renamed it
+        kwargs["attention_mask"] = build(config=self.model.config, inputs_embeds=kwargs["inputs_embeds"],
+                                         attention_mask=kwargs["attention_mask"], position_ids=kwargs.get("position_ids"),
+                                         token_type_ids=types, **{cache_key: cache})
 
     def mask_cache(self, cache, past, q):
         return _Sequence(cache, past) if cache is not None and past + q <= self.window() else cache

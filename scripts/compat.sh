@@ -14,7 +14,7 @@
 #
 # Environment: VTPRUNE_COMPAT_TESTS=all (default; the whole suite, as the README runs it) or
 # `core` (the wrap, the cut, positions, generate modes, caches, summary tokens and bias, exits, videos, the
-# layout, the lmms-eval plugin: ~3 of the suite's ~6 minutes); VTPRUNE_COMPAT_DIR=DIR keeps the venvs there (default: a temp folder,
+# layout, the lmms-eval plugin, the families' own tests: ~5 of the suite's ~11 minutes); VTPRUNE_COMPAT_DIR=DIR keeps the venvs there (default: a temp folder,
 # removed at the end); VTPRUNE_COMPAT_EXTRAS (default dev,triton,eval,notebooks).
 # Prints one line per pair (versions, pytest's closing line, seconds) and exits 1 if any failed.
 set -uo pipefail
@@ -26,7 +26,8 @@ TESTS="${VTPRUNE_COMPAT_TESTS:-all}"
 EXTRAS="${VTPRUNE_COMPAT_EXTRAS:-dev,triton,eval,notebooks}"
 CORE=(tests/test_layout.py tests/test_api.py tests/test_exact.py tests/test_drop_in.py tests/test_model_contract.py
       tests/test_positions.py tests/test_summary.py tests/test_exit.py tests/test_pdrop.py tests/test_vhr.py
-      tests/test_eval.py tests/test_video.py tests/test_toy_video.py)
+      tests/test_eval.py tests/test_video.py tests/test_toy_video.py tests/test_gemma3.py tests/test_glm4v.py
+      tests/test_llava_onevision.py tests/test_qwen3_5.py)
 if [ -n "${VTPRUNE_COMPAT_DIR:-}" ]; then
     BASE="$VTPRUNE_COMPAT_DIR"; mkdir -p "$BASE"
 else

@@ -143,9 +143,16 @@ def masked_greedy(model, inputs, drop, steps: int = 8, plain: bool = False, renu
         pos = torch.arange(mask.shape[1]).expand(mask.shape[0], -1)
     if renumber:
         pos = pos - drop.long().cumsum(-1)
-    tokens = []
     with torch.no_grad():
         out = model(**kw, attention_mask=mask, position_ids=pos, use_cache=True)
+    return greedy_steps(model, out, mask, pos, steps)
+
+
+def greedy_steps(model, out, mask, pos, steps: int):
+    """``steps`` greedy tokens after a prompt's output ``out`` (with its cache), each fed with the grown padding
+    ``mask`` and the next position (every row of ``pos`` one further); None for no step."""
+    tokens = []
+    with torch.no_grad():
         for _ in range(steps):
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(tok)
@@ -153,7 +160,7 @@ def masked_greedy(model, inputs, drop, steps: int = 8, plain: bool = False, renu
             pos = pos[..., -1:] + 1
             out = model(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values,
                         use_cache=True)
-    return torch.cat(tokens, 1)
+    return torch.cat(tokens, 1) if tokens else None
 
 
 def masked_loss(model, inputs, drop, labels):
@@ -414,15 +421,6 @@ def kept_only(model, inputs, kept, steps: int = 6, video_counts=()):
     extra = {}
     if inputs.get("token_type_ids") is not None:
         extra["token_type_ids"] = torch.stack([gather(inputs["token_type_ids"], b, r) for b, r in enumerate(rows)])
-    tokens = []
     with torch.no_grad():
         out = model(inputs_embeds=e, attention_mask=m, position_ids=p, use_cache=True, **extra)
-        logits = out.logits
-        for _ in range(steps):
-            tok = out.logits[:, -1].argmax(-1, keepdim=True)
-            tokens.append(tok)
-            m = torch.cat([m, torch.ones_like(tok)], 1)
-            p = p[..., -1:] + 1
-            out = model(input_ids=tok, attention_mask=m, position_ids=p, past_key_values=out.past_key_values,
-                        use_cache=True)
-    return logits, (torch.cat(tokens, 1) if tokens else None)
+    return out.logits, greedy_steps(model, out, m, p, steps)

@@ -4,7 +4,7 @@ Pruned clips against the stock model with the dropped tokens masked, positions k
 
 import pytest
 import torch
-from reference import greedy_model
+from reference import greedy_model, greedy_steps
 
 import vtprune
 from vtprune.testing import IMAGE_TOKEN, VISION_END, VISION_START
@@ -49,18 +49,9 @@ def _reference(model, inputs, kept, steps):
     text = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     pos = torch.cat([text[None], vision])
     kw = {k: v for k, v in inputs.items() if k != "attention_mask"}
-    tokens = []
     with torch.no_grad():
         out = model(**kw, attention_mask=mask, position_ids=pos, use_cache=True)
-        logits = out.logits
-        for _ in range(steps):
-            tok = out.logits[:, -1].argmax(-1, keepdim=True)
-            tokens.append(tok)
-            mask = torch.cat([mask, torch.ones_like(tok)], 1)
-            pos = pos[..., -1:] + 1
-            out = model(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values,
-                        use_cache=True)
-    return logits, torch.cat(tokens, 1) if tokens else None
+    return out.logits, greedy_steps(model, out, mask, pos, steps)
 
 
 @pytest.mark.parametrize("rows", [[(3, 4, 6)], [(3, 4, 6), (2, 4, 4)]])

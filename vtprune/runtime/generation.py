@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from ..compat import cache_of
+from ..compat import CACHE_KEYS, cache_of
 from .hooks import Installed
 
 
@@ -60,8 +60,9 @@ class Generation:
                 new = mask[:, state.orig_len:] if mask is not None else \
                     torch.ones(embeds.shape[:2], dtype=state.mask.dtype, device=state.mask.device)
                 kwargs["attention_mask"] = torch.cat([state.mask.to(new.device, new.dtype), new], 1)
-            if state is not None and embeds is not None and "past_key_values" in kwargs:
-                kwargs["past_key_values"] = self.precut.adapter.mask_cache(past, state.cache_len, embeds.shape[1])
+            key = next((k for k in CACHE_KEYS if kwargs.get(k) is not None), None)  # its name moved in 5.25
+            if state is not None and embeds is not None and key is not None:
+                kwargs[key] = self.precut.adapter.mask_cache(past, state.cache_len, embeds.shape[1])
             out = original(*args, **kwargs)
             made = tuple(out.values()) if isinstance(out, dict) else (out,)
             self.precut.made_masks = tuple(m for m in made if m is not None) if compacted else ()

@@ -4,8 +4,8 @@
     python scripts/bench_prefill.py --device cuda --dtype bfloat16 --full-depth
 
 Random-weight models are built from configs at the widths of LLaVA-1.5-7B, LLaVA-NeXT-7B,
-Qwen2.5-VL-7B (an image, or with ``qwen2.5-vl-7b-video`` a 16-frame clip of 1,568 tokens) and
-InternVL3-8B (no download).  On a CPU the towers and LLMs are cut to a few layers
+Qwen2.5-VL-7B (an image, or with ``qwen2.5-vl-7b-video`` a 16-frame clip of 1,568 tokens), InternVL3-8B,
+Gemma-3-4B and LLaVA-OneVision-7B (no download).  On a CPU the towers and LLMs are cut to a few layers
 (same widths) so that a run takes minutes; ``--full-depth`` keeps every layer (GPU).
 
 For every keep and method it measures, as medians over ``--repeats`` after a warm-up, the wrapped
@@ -45,6 +45,8 @@ SHAPES = {
     "qwen2.5-vl-7b": "qwen2_5_vl",
     "qwen2.5-vl-7b-video": "qwen2_5_vl",  # a 16-frame clip at 392 x 392: 8 slices of 14 x 14 tokens
     "internvl3-8b": "internvl",
+    "gemma-3-4b": "gemma3",  # SigLIP at 896 pixels pooled to 256 tokens; 5 sliding-window layers in 6
+    "llava-onevision-7b": "llava_onevision",  # a 768 x 768 image: a 27 x 27 base tile, 2 x 2 crops, newlines
 }
 
 
@@ -81,6 +83,26 @@ def build(name, llm_layers, vision_layers, dtype, device):
         config = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=151655,
                                      video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
         cls = tf.Qwen2_5_VLForConditionalGeneration
+    elif name == "gemma-3-4b":
+        vision = tf.SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=vision_layers or 27,
+                                       num_attention_heads=16, image_size=896, patch_size=14)
+        text = tf.Gemma3TextConfig(vocab_size=262208, hidden_size=2560, intermediate_size=10240,
+                                   num_hidden_layers=llm_layers or 34, num_attention_heads=8, num_key_value_heads=4,
+                                   head_dim=256, query_pre_attn_scalar=256, sliding_window=1024)
+        config = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256,
+                                 image_token_index=262144, boi_token_index=255999, eoi_token_index=256000)
+        cls = tf.Gemma3ForConditionalGeneration
+    elif name == "llava-onevision-7b":
+        vision = tf.SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=vision_layers or 26,
+                                       num_attention_heads=16, image_size=384, patch_size=14)
+        text = tf.Qwen2Config(vocab_size=152128, hidden_size=3584, intermediate_size=18944,
+                              num_hidden_layers=llm_layers or 28, num_attention_heads=28, num_key_value_heads=4)
+        pins = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+        config = tf.LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=151646,
+                                         video_token_index=151647, vision_feature_layer=-1,
+                                         vision_feature_select_strategy="full", image_grid_pinpoints=pins,
+                                         vision_aspect_ratio="anyres_max_9")
+        cls = tf.LlavaOnevisionForConditionalGeneration
     else:
         vision = tf.InternVLVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers or 24,
                                          num_attention_heads=16, image_size=448, patch_size=14)
@@ -115,12 +137,17 @@ def inputs_for(name, model, device, dtype):
     if name == "llava-1.5-7b":
         pix = {"pixel_values": torch.randn(1, 3, 336, 336, generator=gen)}
         n, start, end = 576, [], []
-    elif name == "llava-next-7b":
-        pix = {"pixel_values": torch.randn(1, 5, 3, 336, 336, generator=gen), "image_sizes": torch.tensor([[672, 672]])}
+    elif name in ("llava-next-7b", "llava-onevision-7b"):
+        side = config.vision_config.image_size
+        pix = {"pixel_values": torch.randn(1, 5, 3, side, side, generator=gen),
+               "image_sizes": torch.tensor([[2 * side, 2 * side]])}
         with torch.no_grad():
             n = model.model.get_image_features(pixel_values=pix["pixel_values"].to(device, dtype),
                                                image_sizes=pix["image_sizes"]).pooler_output[0].shape[0]
         start, end = [], []
+    elif name == "gemma-3-4b":
+        pix = {"pixel_values": torch.randn(1, 3, 896, 896, generator=gen)}
+        n, start, end = 256, [config.boi_token_index], [config.eoi_token_index]
     elif name == "qwen2.5-vl-7b":
         h = w = 56  # 784 patches... 28x28 merged tokens
         pix = {"pixel_values": torch.randn(h * w, 3 * 2 * 14 * 14, generator=gen), "image_grid_thw": torch.tensor([[1, h, w]])}
@@ -139,6 +166,8 @@ def inputs_for(name, model, device, dtype):
     out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long), **pix}
     if name.startswith("qwen2.5-vl-7b"):
         out["mm_token_type_ids"] = (out["input_ids"] == image).int() * (2 if "pixel_values_videos" in pix else 1)
+    if name == "gemma-3-4b":  # its image tokens attend both ways
+        out["token_type_ids"] = (out["input_ids"] == image).long()
     return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in out.items()}, n
 
 
@@ -331,9 +360,15 @@ def run(args):
                 if steps > 0 and not stock:
                     embeds = merged_embeds(model, inputs)[:, kept_positions]
                     kept_mask = inputs["attention_mask"][:, kept_positions]
-                    oracle_decode = decode_speed(
-                        lambda n, lp: model.generate(inputs_embeds=embeds, attention_mask=kept_mask, max_new_tokens=n,
-                                                     do_sample=False, logits_processor=lp), steps, args.repeats, device)
+                    try:
+                        oracle_decode = decode_speed(
+                            lambda n, lp: model.generate(inputs_embeds=embeds, attention_mask=kept_mask,
+                                                         max_new_tokens=n, do_sample=False, logits_processor=lp),
+                            steps, args.repeats, device)
+                    except ValueError as err:  # Gemma 3's generate takes no inputs_embeds: no oracle decode
+                        if "inputs_embeds" not in str(err):
+                            raise
+                        oracle_decode = None
                 row = {
                     "model": name, "method": method, "keep": 0.0 if method == "exit" else keep, "stage": "llm" if in_llm else "pre-llm",
                     "exit_layer": exit_layer, "llm_layers": n_layers, "visual_in": n_visual, "visual_out": n_final,

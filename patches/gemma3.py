@@ -93,6 +93,8 @@ class Gemma3Adapter(Adapter):
             kwargs["attention_mask"] = self._inner_call[0]
 
     def lm_masks(self, kwargs, call):
+        """Gemma3Model's masks back where nothing changed; else built anew over the tokens the call keeps (their
+        token types, the cache as long as the sequence: ``mask_cache``)."""
         built, self._built = self._built, None
         if built is None:
             return
@@ -119,7 +121,8 @@ class Gemma3Adapter(Adapter):
     def window(self) -> int:
         """The sliding window of the language model's sliding layers (tokens)."""
         text = self.model.config.get_text_config()
-        return text.sliding_window if "sliding_attention" in (text.layer_types or ()) else 1 << 62
+        window = getattr(text, "sliding_window", None)
+        return window if window and "sliding_attention" in (text.layer_types or ()) else 1 << 62
 
     def exit_limit(self):
         return self.window()

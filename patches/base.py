@@ -144,6 +144,7 @@ class Adapter:
         keys, each tile attending within itself.  Read from the q/k projections' outputs, so the tower
         keeps its SDPA/flash attention.  Returns the hook handles.
         """
+        self.refuse_cls(kind)
         q_mod, k_mod, heads, scale = self.cls_sites()[layer]
         box = {}
 
@@ -154,6 +155,12 @@ class Adapter:
 
         return [q_mod.register_forward_hook(lambda module, args, out: box.update(q=out)),
                 k_mod.register_forward_hook(on_keys)]
+
+    def refuse_cls(self, kind: str):
+        """``NotApplicable`` for the [CLS] score on a tower without a [CLS] token (the family's facts)."""
+        if kind == "cls" and self.facts is not None and not self.facts.cls_token:
+            raise NotApplicable(f"{self.family}'s {self.facts.tower} tower has no [CLS] token: [CLS]-attention methods "
+                                "read the attention each patch receives instead (source='received', the default here)")
 
     def hook_keys(self, layer: int, sink) -> list:
         """Hook tower layer ``layer`` so that each run calls ``sink(keys)``: its keys averaged over heads,

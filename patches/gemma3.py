@@ -26,7 +26,6 @@ import inspect
 import torch
 
 from vtprune.compat import cache_of
-from vtprune.errors import NotApplicable
 from vtprune.families.gemma import GEMMA3
 from vtprune.layout import ImageLayout
 
@@ -50,6 +49,7 @@ class Gemma3Adapter(Adapter):
         super().__init__(model)
         self._inner_call = None  # the 2-D mask and token_type_ids of the running Gemma3Model call
         self._built = None  # the masks Gemma3Model built for the language-model call now running
+        self._cache_key = None  # the name create_masks_for_generate gives its cache argument
 
     # ------------------------------------------------------------------ layout and tower
     def layout(self, i, n, capture):
@@ -67,12 +67,6 @@ class Gemma3Adapter(Adapter):
 
     def feature_layer(self):
         return self.tower_depth() - 1  # the projector pools the last layer's (post-normed) output
-
-    def hook_tower(self, layer, sink, kind="received"):
-        if kind != "received":
-            raise NotApplicable(f"{self.family}'s SigLIP tower has no [CLS] token: [CLS]-attention methods read "
-                                "the attention each patch receives instead (source='received', the default here)")
-        return super().hook_tower(layer, sink, kind)
 
     # ------------------------------------------------------------------ masks
     def install(self, installed):
@@ -110,7 +104,9 @@ class Gemma3Adapter(Adapter):
             types = types.to(index.device).gather(1, index) * real
         cache = self.mask_cache(cache, call.past, q)
         build = type(self.model).create_masks_for_generate
-        cache_key = "cache" if "cache" in inspect.signature(build).parameters else "past_key_values"  # 5.25 renamed it
+        if self._cache_key is None:  # 5.25 renamed the argument
+            self._cache_key = "cache" if "cache" in inspect.signature(build).parameters else "past_key_values"
+        cache_key = self._cache_key
         kwargs["attention_mask"] = build(config=self.model.config, inputs_embeds=kwargs["inputs_embeds"],
                                          attention_mask=kwargs["attention_mask"], position_ids=kwargs.get("position_ids"),
                                          token_type_ids=types, **{cache_key: cache})

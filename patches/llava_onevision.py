@@ -113,12 +113,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         vision = self.model.config.vision_config
         return vision.image_size // vision.patch_size
 
-    def hook_tower(self, layer, sink, kind="received"):
-        if kind != "received":
-            raise NotApplicable(f"{self.family}'s SigLIP tower has no [CLS] token: [CLS]-attention methods read "
-                                "the attention each patch receives instead (source='received', the default here)")
-        return super().hook_tower(layer, sink, kind)
-
     def _entry(self, i, n, capture):
         key = (capture["image_sizes"][i], capture["patched"][i], n)
         if key not in self._cache:

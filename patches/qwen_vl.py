@@ -32,7 +32,6 @@ import sys
 import torch
 
 from vtprune import tower_scores
-from vtprune.errors import NotApplicable
 from vtprune.families.qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_VL, QWEN3_VL_MOE, merged_sources
 from vtprune.layout import ImageLayout
 
@@ -99,9 +98,7 @@ class QwenVLAdapter(Adapter):
         """The ``vtprune.tower_scores`` formula ``kind`` on the block's queries and keys, read from its
         fused ``qkv`` output with the block's own rotary embedding applied; each ``cu_seqlens`` segment
         (an image in a full-attention block, a window otherwise) attends within itself."""
-        if kind != "received":
-            raise NotApplicable(f"{self.family}'s vision tower has no [CLS] token: [CLS]-attention methods read "
-                                "the attention each patch receives instead (source='received', the default here)")
+        self.refuse_cls(kind)
         attn = self._blocks()[layer].attn
         rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
         box = {}

@@ -139,12 +139,7 @@ class HeadReinforcement(StageRuntime):
                 if getattr(layer, "keys", None) is not None and layer.keys.numel():
                     layer.keys, layer.values = layer.keys[:b], layer.values[:b]
                 if hasattr(layer, "recurrent_states"):  # a linear-attention layer's states (Qwen3.5)
-                    rows = torch.arange(b)
-                    for i in range(layer.number_of_states):
-                        for name in ("conv_states", "recurrent_states"):
-                            if getattr(layer, f"is_{name}_initialized")[i]:
-                                state = getattr(layer, name)
-                                state[i] = state[i].index_select(0, rows.to(state[i].device))
+                    layer.reorder_cache(torch.arange(b))
         output["last_hidden_state"] = output.last_hidden_state[:b]
         if getattr(output, "hidden_states", None) is not None:
             output["hidden_states"] = tuple(h[:b] for h in output.hidden_states)

@@ -36,6 +36,7 @@ BASES = {
     "vtprune_gemma3": ("lmms_eval.models.simple.gemma3", "Gemma3", False),
     "vtprune_qwen3_5": ("lmms_eval.models.chat.qwen3_5", "Qwen3_5", True),
     "vtprune_glm4v": ("lmms_eval.models.simple.glm4v", "GLM4V", False),
+    "vtprune_gemma4": ("lmms_eval.models.simple.gemma4", "Gemma4", False),
 }
 # transformers model_type -> the model id that evaluates it
 FOR_MODEL_TYPE = {
@@ -43,7 +44,7 @@ FOR_MODEL_TYPE = {
     "qwen2_vl": "vtprune_qwen2_vl",
     "qwen2_5_vl": "vtprune_qwen2_5_vl", "qwen3_vl": "vtprune_qwen3_vl", "qwen3_vl_moe": "vtprune_qwen3_vl",
     "internvl": "vtprune_internvl_hf", "gemma3": "vtprune_gemma3", "qwen3_5": "vtprune_qwen3_5",
-    "qwen3_5_moe": "vtprune_qwen3_5", "glm4v": "vtprune_glm4v",
+    "qwen3_5_moe": "vtprune_qwen3_5", "glm4v": "vtprune_glm4v", "gemma4": "vtprune_gemma4",
 }
 VTPRUNE_ARGS = ("method", "strict")
 

@@ -51,6 +51,9 @@ class Adapter:
     classes: ClassVar[tuple] = ()
     default_score: ClassVar[str] = "cls"  # what [CLS]-attention methods read unless told (``source``)
     flat_positions: ClassVar[bool] = True  # 1-D position ids (False: Qwen's (t, h, w) mrope rows)
+    # a decoder layer's inputs besides the hidden states that run along the sequence (positional indices or
+    # keyword names): an in-LLM exit cuts them with the tokens (Gemma 4's per-layer inputs)
+    sequence_inputs: ClassVar[tuple] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -229,6 +232,11 @@ class Adapter:
     def first_exit_layer(self) -> int:
         """The earliest decoder layer before which visual tokens may leave the LLM."""
         return 0
+
+    def last_exit_layer(self) -> int | None:
+        """The latest decoder layer before which visual tokens may leave the LLM (None: any; Gemma 4: the first
+        layer whose keys and values later layers reuse)."""
+        return None
 
     def reset(self):
         """Undo what ``after_cut`` changed (called by ``unwrap``)."""

@@ -44,6 +44,7 @@ def pooled_sources(patches: int, side: int) -> torch.Tensor:
 
 class Gemma3Adapter(Adapter):
     facts = GEMMA3
+    types_key = "token_type_ids"  # the model's argument that marks image tokens (Gemma 4: mm_token_type_ids)
 
     def __init__(self, model):
         super().__init__(model)
@@ -76,7 +77,7 @@ class Gemma3Adapter(Adapter):
     def _on_inner(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")
         self._inner_call = None if isinstance(mask, dict) or (mask is not None and mask.dim() != 2) else \
-            (mask, kwargs.get("token_type_ids"))
+            (mask, kwargs.get(self.types_key))
 
     def lm_inputs(self, kwargs):
         """The language model gets the 2-D mask ``Gemma3Model`` was given (the cut reads a padding mask) in
@@ -109,7 +110,7 @@ class Gemma3Adapter(Adapter):
         cache_key = self._cache_key
         kwargs["attention_mask"] = build(config=self.model.config, inputs_embeds=kwargs["inputs_embeds"],
                                          attention_mask=kwargs["attention_mask"], position_ids=kwargs.get("position_ids"),
-                                         token_type_ids=types, **{cache_key: cache})
+                                         **{self.types_key: types, cache_key: cache})
 
     def mask_cache(self, cache, past, q):
         return _Sequence(cache, past) if cache is not None and past + q <= self.window() else cache
@@ -132,7 +133,8 @@ def _uneven(cache) -> bool:
     layers = getattr(cache, "layers", None)
     if not layers:
         return False
-    return len({layer.get_seq_length() for layer in layers}) > 1
+    return len({layer.get_seq_length() for layer in layers if hasattr(layer, "get_seq_length")}) > 1  # (Gemma 4's
+    # shared layers hold none)
 
 
 class _Sequence:

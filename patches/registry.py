@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .base import Adapter
 from .gemma3 import Gemma3Adapter
+from .gemma4 import Gemma4Adapter
 from .glm4v import Glm4vAdapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
@@ -34,7 +35,8 @@ def register_adapter(adapter: type) -> type:
 
 
 for _adapter in (LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, InternVLAdapter, QwenVLAdapter, Qwen25VLAdapter, Qwen3VLAdapter,
-                 Qwen3VLMoeAdapter, Gemma3Adapter, LlavaOnevisionAdapter, Glm4vAdapter, Qwen35Adapter, Qwen35MoeAdapter):
+                 Qwen3VLMoeAdapter, Gemma3Adapter, LlavaOnevisionAdapter, Glm4vAdapter, Qwen35Adapter, Qwen35MoeAdapter,
+                 Gemma4Adapter):
     register_adapter(_adapter)
 ADAPTERS = tuple(_ADAPTERS)  # the tree's own
 

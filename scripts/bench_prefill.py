@@ -47,6 +47,10 @@ SHAPES = {
     "internvl3-8b": "internvl",
     "gemma-3-4b": "gemma3",  # SigLIP at 896 pixels pooled to 256 tokens; 5 sliding-window layers in 6
     "llava-onevision-7b": "llava_onevision",  # a 768 x 768 image: a 27 x 27 base tile, 2 x 2 crops, newlines
+    # transformers' Gemma4Config defaults (its docs: "similar to google/gemma-4-e2b-it"), per-layer inputs; a
+    # 768 x 720 image at the 280-token budget: 48 x 45 patches pooled 3 x 3 into 16 x 15 tokens
+    "gemma-4-e2b": "gemma4",
+    "gemma-4-e2b-video": "gemma4",  # 32 frames at the video budget of 70 tokens: 21 x 30 patches, 7 x 10 tokens each
 }
 
 
@@ -92,6 +96,11 @@ def build(name, llm_layers, vision_layers, dtype, device):
         config = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256,
                                  image_token_index=262144, boi_token_index=255999, eoi_token_index=256000)
         cls = tf.Gemma3ForConditionalGeneration
+    elif name.startswith("gemma-4-e2b"):
+        vision = tf.Gemma4VisionConfig(num_hidden_layers=vision_layers or 16)
+        text = tf.Gemma4TextConfig(num_hidden_layers=llm_layers or 30)
+        config = tf.Gemma4Config(text_config=text, vision_config=vision, audio_config=None)
+        cls = tf.Gemma4ForConditionalGeneration
     elif name == "llava-onevision-7b":
         vision = tf.SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=vision_layers or 26,
                                        num_attention_heads=16, image_size=384, patch_size=14)
@@ -148,6 +157,29 @@ def inputs_for(name, model, device, dtype):
     elif name == "gemma-3-4b":
         pix = {"pixel_values": torch.randn(1, 3, 896, 896, generator=gen)}
         n, start, end = 256, [config.boi_token_index], [config.eoi_token_index]
+    elif name.startswith("gemma-4-e2b"):
+        video = name.endswith("-video")
+        frames, (h, w), budget = (32, (21, 30), 630) if video else (1, (48, 45), 2520)
+        patch = config.vision_config.patch_size
+        x, y = torch.meshgrid(torch.arange(w), torch.arange(h), indexing="xy")
+        positions = torch.full((frames, budget, 2), -1, dtype=torch.long)
+        positions[:, :h * w] = torch.stack([x, y], -1).reshape(-1, 2)
+        pixels = torch.zeros(frames, budget, 3 * patch * patch)
+        pixels[:, :h * w] = torch.rand(frames, h * w, 3 * patch * patch, generator=gen)
+        per_frame = h * w // config.vision_config.pooling_kernel_size ** 2
+        if video:
+            pix = {"pixel_values_videos": pixels, "video_position_ids": positions,
+                   "num_frames_per_video": torch.tensor([frames])}
+            clip = []
+            for _ in range(frames):  # a timestamp, then the frame's tokens between boi and eoi
+                clip += text(2) + [config.boi_token_id] + [config.video_token_id] * per_frame + [config.eoi_token_id]
+            ids = [2] + text(20) + clip + text(12)
+            out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long), **pix}
+            out["mm_token_type_ids"] = (out["input_ids"] == config.video_token_id).int() * 2
+            return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in out.items()}, \
+                frames * per_frame
+        pix = {"pixel_values": pixels, "image_position_ids": positions}
+        n, start, end = per_frame, [config.boi_token_id], [config.eoi_token_id]
     elif name == "qwen2.5-vl-7b":
         h = w = 56  # 784 patches... 28x28 merged tokens
         pix = {"pixel_values": torch.randn(h * w, 3 * 2 * 14 * 14, generator=gen), "image_grid_thw": torch.tensor([[1, h, w]])}
@@ -168,6 +200,8 @@ def inputs_for(name, model, device, dtype):
         out["mm_token_type_ids"] = (out["input_ids"] == image).int() * (2 if "pixel_values_videos" in pix else 1)
     if name == "gemma-3-4b":  # its image tokens attend both ways
         out["token_type_ids"] = (out["input_ids"] == image).long()
+    if name.startswith("gemma-4"):
+        out["mm_token_type_ids"] = (out["input_ids"] == image).int()
     return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in out.items()}, n
 
 
@@ -221,14 +255,19 @@ def merged_embeds(model, inputs):
         embeds = model.get_input_embeddings()(inputs["input_ids"])
         video = "pixel_values_videos" in inputs
         if video:
-            feats = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+            extra = (inputs["video_position_ids"], inputs["num_frames_per_video"]) if "video_position_ids" in inputs \
+                else (inputs["video_grid_thw"],)
+            feats = model.model.get_video_features(inputs["pixel_values_videos"], *extra)
         else:
-            feats = model.model.get_image_features(**{k: v for k, v in inputs.items()
-                                                      if k in ("pixel_values", "image_sizes", "image_grid_thw")})
+            feats = model.model.get_image_features(**{k: v for k, v in inputs.items() if k in (
+                "pixel_values", "image_sizes", "image_grid_thw", "image_position_ids")})
         feats = feats.pooler_output
         feats = torch.cat(list(feats), 0) if isinstance(feats, (list, tuple)) else feats.reshape(-1, feats.shape[-1])
-        medium = {"video_features" if video else "image_features": feats}
-        mask = model.model.get_placeholder_mask(inputs["input_ids"], inputs_embeds=embeds, **medium)
+        if model.config.model_type == "gemma4":  # its placeholder mask takes no features
+            mask = model.model.get_placeholder_mask(inputs["input_ids"], inputs_embeds=embeds)
+        else:
+            medium = {"video_features" if video else "image_features": feats}
+            mask = model.model.get_placeholder_mask(inputs["input_ids"], inputs_embeds=embeds, **medium)
         mask = (mask[1] if video else mask[0]) if isinstance(mask, tuple) else mask
         return embeds.masked_scatter(mask, feats.to(embeds.dtype))
 
@@ -247,6 +286,10 @@ def oracle_fn(model, inputs, kept_positions):
                 kw["position_ids"] = pos[:, :, keep]
             else:
                 kw["position_ids"] = keep[None]
+            if model.config.model_type == "gemma4":  # the kept tokens' per-layer inputs (placeholders count as pad)
+                lm, ids = model.model.language_model, inputs["input_ids"]
+                visual = (ids == model.config.image_token_id) | (ids == model.config.video_token_id)
+                kw["per_layer_inputs"] = lm.get_per_layer_inputs(ids.masked_fill(visual, model.config.text_config.pad_token_id))[:, keep]
             out = model.model.language_model(**kw)
             return model.lm_head(out.last_hidden_state[:, -1:])
     return run
@@ -365,7 +408,7 @@ def run(args):
                             lambda n, lp: model.generate(inputs_embeds=embeds, attention_mask=kept_mask,
                                                          max_new_tokens=n, do_sample=False, logits_processor=lp),
                             steps, args.repeats, device)
-                    except ValueError as err:  # Gemma 3's generate takes no inputs_embeds: no oracle decode
+                    except (ValueError, RuntimeError) as err:  # Gemma 3/4's generate takes no such inputs_embeds
                         if "inputs_embeds" not in str(err):
                             raise
                         oracle_decode = None

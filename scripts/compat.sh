@@ -27,7 +27,7 @@ EXTRAS="${VTPRUNE_COMPAT_EXTRAS:-dev,triton,eval,notebooks}"
 CORE=(tests/test_layout.py tests/test_api.py tests/test_exact.py tests/test_drop_in.py tests/test_model_contract.py
       tests/test_positions.py tests/test_summary.py tests/test_exit.py tests/test_pdrop.py tests/test_vhr.py
       tests/test_eval.py tests/test_video.py tests/test_toy_video.py tests/test_gemma3.py tests/test_glm4v.py
-      tests/test_llava_onevision.py tests/test_qwen3_5.py)
+      tests/test_llava_onevision.py tests/test_qwen3_5.py tests/test_gemma4.py)
 if [ -n "${VTPRUNE_COMPAT_DIR:-}" ]; then
     BASE="$VTPRUNE_COMPAT_DIR"; mkdir -p "$BASE"
 else

@@ -70,6 +70,9 @@ def video_counts(model, inputs) -> list:
     grid = inputs.get("video_grid_thw")
     if grid is not None:
         return (grid.prod(-1) // model.config.vision_config.spatial_merge_size**2).tolist()
+    if inputs.get("num_frames_per_video") is not None:  # Gemma 4: each frame's real patches pooled k x k
+        per_frame = (inputs["video_position_ids"] >= 0).all(-1).sum(-1) // model.config.vision_config.pooling_kernel_size**2
+        return [int(part.sum()) for part in torch.split(per_frame, inputs["num_frames_per_video"].tolist())]
     pixels = inputs.get("pixel_values_videos")
     if pixels is None:
         return []
@@ -191,9 +194,11 @@ class LayerMasked:
         hidden = args[0] if args else kwargs["hidden_states"]
         q = hidden.shape[1]
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past = cache.get_seq_length(module.self_attn.layer_idx) if cache is not None else 0
-        kv = past + q
+        shared = getattr(module.self_attn, "is_kv_shared_layer", False)  # Gemma 4: reads an earlier layer's cache
+        past = 0 if cache is None else cache.get_seq_length(0) - q if shared else \
+            cache.get_seq_length(module.self_attn.layer_idx)  # (layer 0 has stored this call's tokens already)
         mask = kwargs.get("attention_mask")
+        kv = mask.shape[-1] if mask is not None else past + q
         if mask is None:
             rows = torch.arange(q)[:, None] + past
             mask = (torch.arange(kv)[None, :] <= rows)[None, None]
@@ -282,17 +287,25 @@ class BiasedReference:
             model(**inputs)
         handle.remove()
         self.embeds = seen["inputs_embeds"].clone()
-        self.extra = {k: seen[k] for k in ("visual_pos_masks", "deepstack_visual_embeds") if seen.get(k) is not None}
+        self.extra = {k: seen[k] for k in ("visual_pos_masks", "deepstack_visual_embeds", "per_layer_inputs")
+                      if seen.get(k) is not None}
 
     def _mask(self, drop, sizes, length):
+        """The 4-D mask; Gemma 4 (image blocks on its sliding layers only): one per layer type."""
+        types = self.inputs.get("mm_token_type_ids")
+        if self.model.config.model_type == "gemma4" and types is not None:
+            return {"full_attention": self._mask_of(drop, sizes, length, None),
+                    "sliding_attention": self._mask_of(drop, sizes, length, (types > 0).long())}
+        return self._mask_of(drop, sizes, length, self.inputs.get("token_type_ids"))
+
+    def _mask_of(self, drop, sizes, length, types):
         batch = drop.shape[0]
         pad = _pad_mask(self.inputs).bool()
         pad = torch.cat([pad, torch.ones(batch, length - pad.shape[1], dtype=torch.bool)], 1)
         gone = torch.cat([drop, torch.zeros(batch, length - drop.shape[1], dtype=torch.bool)], 1)
         cols = pad & ~gone
         allowed = torch.tril(torch.ones(length, length, dtype=torch.bool))[None]
-        types = self.inputs.get("token_type_ids")
-        if types is not None:  # Gemma 3: the tokens of an image (a run of type 1) see each other both ways
+        if types is not None:  # Gemma 3 and 4: the tokens of an image (a run of type 1) see each other both ways
             image = torch.cat([types.bool(), torch.zeros(batch, length - types.shape[1], dtype=torch.bool)], 1)
             run = (image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]).long().cumsum(1)
             allowed = allowed | (image[:, :, None] & image[:, None, :] & (run[:, :, None] == run[:, None, :]))
@@ -342,6 +355,9 @@ class BiasedReference:
             tokens.append(tok)
             embeds = torch.cat([embeds, self.model.get_input_embeddings()(tok)], 1)
             pos = torch.cat([pos, pos[..., -1:] + 1], -1)
+            if "per_layer_inputs" in extra:  # Gemma 4: each token's own per-layer embeddings
+                lm = self.model.model.language_model
+                extra["per_layer_inputs"] = torch.cat([extra["per_layer_inputs"], lm.get_per_layer_inputs(tok)], 1)
             if "visual_pos_masks" in extra:
                 vis = extra["visual_pos_masks"]
                 extra["visual_pos_masks"] = torch.cat([vis, torch.zeros_like(vis[:, :1])], 1)
@@ -400,7 +416,7 @@ def kept_only(model, inputs, kept, steps: int = 6, video_counts=()):
     """
     seen = {}
     handle = model.model.language_model.register_forward_pre_hook(
-        lambda m, a, k: seen.update(embeds=k["inputs_embeds"]), with_kwargs=True)
+        lambda m, a, k: seen.update(embeds=k["inputs_embeds"], per_layer=k.get("per_layer_inputs")), with_kwargs=True)
     with torch.no_grad():
         model(**inputs)
     handle.remove()
@@ -419,8 +435,13 @@ def kept_only(model, inputs, kept, steps: int = 6, video_counts=()):
     p = torch.stack([gather(pos, b, r) for b, r in enumerate(rows)], -2)
     m = torch.stack([gather(torch.ones_like(ids), b, r) for b, r in enumerate(rows)])
     extra = {}
-    if inputs.get("token_type_ids") is not None:
-        extra["token_type_ids"] = torch.stack([gather(inputs["token_type_ids"], b, r) for b, r in enumerate(rows)])
+    for key in ("token_type_ids", "mm_token_type_ids" if model.config.model_type == "gemma4" else None):
+        if key is not None and inputs.get(key) is not None:
+            extra[key] = torch.stack([gather(inputs[key], b, r) for b, r in enumerate(rows)])
+    if seen["per_layer"] is not None:  # Gemma 4: the kept tokens' per-layer embeddings
+        per_layer = seen["per_layer"]
+        extra["per_layer_inputs"] = torch.stack([torch.cat([per_layer.new_zeros(width - r.numel(), *per_layer.shape[2:]),
+                                                            per_layer[b, r]]) for b, r in enumerate(rows)])
     with torch.no_grad():
         out = model(inputs_embeds=e, attention_mask=m, position_ids=p, use_cache=True, **extra)
     return out.logits, greedy_steps(model, out, m, p, steps)

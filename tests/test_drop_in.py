@@ -223,7 +223,7 @@ def test_shift_labels(family):
 def test_get_image_features_keeps_its_return_type(family):
     model = _model(family)
     inputs = tiny_inputs(model, family)
-    keys = {"pixel_values", "image_sizes", "image_grid_thw"}
+    keys = {"pixel_values", "image_sizes", "image_grid_thw", "image_position_ids"}
     pix = {k: v for k, v in inputs.items() if k in keys}
     for return_dict in (True, False, None):
         kw = {} if return_dict is None else {"return_dict": return_dict}

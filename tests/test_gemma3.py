@@ -7,7 +7,7 @@ their original positions (not the stock model with the dropped tokens masked, wh
 
 import pytest
 import torch
-from reference import drop_mask, kept_only, masked_forward
+from reference import LayerMasked, drop_mask, kept_only, masked_forward, masked_greedy
 
 import vtprune
 from vtprune.testing import IMAGE_TOKEN, tiny_inputs, tiny_model
@@ -84,3 +84,35 @@ def test_exit_refuses_a_sequence_longer_than_the_window():
                 model(**inputs)
     with vtprune.wrapped(model, "fastv", layer=1, keep=0.5), torch.no_grad():  # within the window: it runs
         model(**tiny_inputs(model, "gemma3", images_per_row=(0,)))
+
+
+def test_an_exit_gives_each_later_layer_type_its_own_inputs():
+    """After an exit at layer 1 of a sliding/full/sliding/full model, every later layer gets the cut mask and
+    rotary embeddings of its own type (Gemma's local and global RoPE differ): the released models mix five
+    sliding layers to one full."""
+    import transformers as tf
+
+    from vtprune.testing import tiny_config
+
+    config = tiny_config("gemma3")
+    config.text_config.num_hidden_layers = 4
+    config.text_config.layer_types = ["sliding_attention", "full_attention"] * 2
+    torch.manual_seed(0)
+    model = tf.Gemma3ForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.05)
+    inputs = tiny_inputs(model, "gemma3", images_per_row=(1, 2))
+    with vtprune.wrapped(model, "fastv", layer=1, keep=0.25):
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            drop = vtprune.record(model).exit.drop.clone()
+            tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+            drop_generate = vtprune.record(model).exit.drop.clone()
+    none = torch.zeros_like(drop)
+    with LayerMasked(model, 1, drop):
+        ref = masked_forward(model, inputs, none)
+    with LayerMasked(model, 1, drop_generate):
+        ref_tokens = masked_greedy(model, inputs, none, steps=6)
+    torch.testing.assert_close(logits[:, -1], ref[:, -1], atol=1e-5, rtol=0)
+    assert torch.equal(tokens, ref_tokens)

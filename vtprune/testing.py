@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 FAMILIES = ("llava", "llava_next", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "gemma3",
-            "llava_onevision", "glm4v")
+            "llava_onevision", "glm4v", "gemma4")
 
 IMAGE_TOKEN = 100
 VIDEO_TOKEN = 101
@@ -36,9 +36,32 @@ SLIDING_WINDOW = 512  # Gemma 3's: longer than the tiny prompts (``tiny_model(..
 _QWEN_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
 
 
-def tiny_config(family: str):
-    """Config of a tiny random model of ``family`` (one of ``FAMILIES``)."""
+GEMMA4_PATCHES = 64  # a tiny Gemma 4 image's patch budget: every image padded to it, as its processor pads
+
+
+def tiny_config(family: str, **text):
+    """Config of a tiny random model of ``family`` (one of ``FAMILIES``); ``text``: Gemma 4 text-config
+    settings (``num_hidden_layers``: sliding and full layers alternate, the last full;
+    ``num_kv_shared_layers``; ``hidden_size_per_layer_input``: 0 for none; ``use_bidirectional_attention``)."""
     import transformers as tf
+
+    if family == "gemma4":  # 4 x 4-pixel patches pooled 2 x 2 at the image's aspect ratio; per-layer inputs of width 8
+        layers = text.pop("num_hidden_layers", 2)
+        settings = dict(_TEXT, head_dim=8, global_head_dim=16, sliding_window=SLIDING_WINDOW, num_hidden_layers=layers,
+                        layer_types=["full_attention" if (layers - i) % 2 == 1 else "sliding_attention"
+                                     for i in range(layers)],
+                        vocab_size_per_layer_input=_TEXT["vocab_size"], hidden_size_per_layer_input=8,
+                        use_bidirectional_attention="vision")
+        settings.update(text)
+        vision = tf.Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=4, head_dim=8, patch_size=4, pooling_kernel_size=2,
+                                       position_embedding_size=32, rope_parameters={"rope_type": "axial",
+                                                                                    "rope_theta": 100.0})
+        return tf.Gemma4Config(text_config=tf.Gemma4TextConfig(**settings), vision_config=vision, audio_config=None,
+                               image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, audio_token_id=102,
+                               boi_token_id=110, eoi_token_id=111, boa_token_id=112, eoa_token_index=113)
+    if text:
+        raise ValueError(f"text-config settings are for gemma4, not {family}")
 
     if family in ("llava", "llava_next", "llava_next_video"):
         vision = tf.CLIPVisionConfig(
@@ -140,6 +163,7 @@ _CLASSES = {
     "glm4v": "Glm4vForConditionalGeneration",
     "qwen3_5": "Qwen3_5ForConditionalGeneration",
     "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
+    "gemma4": "Gemma4ForConditionalGeneration",
 }
 
 
@@ -151,10 +175,10 @@ def tiny_model(family: str, seed: int = 0, attn_implementation: str = "sdpa", ll
     (torch's grouped matmul takes no float64)."""
     import transformers as tf
 
-    config = tiny_config(family)
+    config = tiny_config(family, **({} if family != "gemma4" or llm_layers is None else {"num_hidden_layers": llm_layers}))
     if sliding_window is not None:
         config.get_text_config().sliding_window = sliding_window
-    if llm_layers is not None:
+    if llm_layers is not None and family != "gemma4":
         text = config.get_text_config()
         text.num_hidden_layers = llm_layers
         if getattr(text, "layer_types", None) is not None:
@@ -178,6 +202,7 @@ _DEFAULT_IMAGE = {
     "llava": None, "llava_next": (50, 100), "llava_next_video": (50, 100), "internvl": 3,
     "qwen2_vl": (8, 8), "qwen2_5_vl": (8, 8), "qwen3_vl": (8, 8), "qwen3_vl_moe": (8, 8), "gemma3": None,
     "llava_onevision": (50, 100), "glm4v": (8, 8), "qwen3_5": (8, 8), "qwen3_5_moe": (8, 8),
+    "gemma4": (8, 8),
 }
 
 
@@ -189,6 +214,15 @@ def _pixels(family, config, spec, gen):
         return {"pixel_values": torch.randn(1, 5, 3, 56, 56, generator=gen), "image_sizes": torch.tensor([spec])}
     if family == "internvl":
         return {"pixel_values": torch.randn(spec, 3, 56, 56, generator=gen)}
+    if family == "gemma4":  # (h, w) patches in raster order with their (x, y), padded to the budget with (-1, -1)
+        h, w = spec
+        p = config.vision_config.patch_size
+        pixels = torch.zeros(1, GEMMA4_PATCHES, 3 * p * p)
+        pixels[0, :h * w] = torch.rand(h * w, 3 * p * p, generator=gen)
+        x, y = torch.meshgrid(torch.arange(w), torch.arange(h), indexing="xy")
+        positions = torch.full((1, GEMMA4_PATCHES, 2), -1, dtype=torch.long)
+        positions[0, :h * w] = torch.stack([x, y], -1).reshape(-1, 2)
+        return {"pixel_values": pixels, "image_position_ids": positions}
     v = config.vision_config
     h, w = spec
     dim = 3 * v.temporal_patch_size * v.patch_size**2
@@ -202,6 +236,8 @@ def _n_image_tokens(model, family, pix):
         return model.config.mm_tokens_per_image
     if family == "internvl":
         return model.config.image_seq_length * pix["pixel_values"].shape[0]
+    if family == "gemma4":
+        return int((pix["image_position_ids"] >= 0).all(-1).sum()) // model.config.vision_config.pooling_kernel_size**2
     if family in ("llava_next", "llava_next_video", "llava_onevision"):
         with torch.no_grad():
             out = model.model.get_image_features(pixel_values=pix["pixel_values"], image_sizes=pix["image_sizes"])
@@ -219,16 +255,23 @@ def _merge_pixels(family, parts):
     return out
 
 
-VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_next_video", "llava_onevision")
+VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_next_video", "llava_onevision", "gemma4")
 # families whose linear-attention layers read every token: their reference is the stock model fed only the kept
 # tokens, not the masked one (tests/test_qwen3_5.py); images and videos
 KEPT_ONLY_FAMILIES = ("qwen3_5", "qwen3_5_moe")
 DEFAULT_VIDEO = {"qwen2_vl": (3, 4, 6), "qwen2_5_vl": (3, 4, 6), "qwen3_vl": (3, 4, 6), "qwen3_vl_moe": (3, 4, 6),
                  "qwen3_5": (3, 4, 6), "qwen3_5_moe": (3, 4, 6),  # (t, h, w) patches: 3 x 2 x 3
-                 "llava_next_video": 3, "llava_onevision": 3}  # frames of 2 x 2 pooled tokens
+                 "llava_next_video": 3, "llava_onevision": 3,  # frames of 2 x 2 pooled tokens
+                 "gemma4": (3, 4, 6)}  # (frames, h, w) patches: 3 frames of 2 x 3 pooled tokens
 
 
 def _video_pixels(family, config, spec, gen):
+    if family == "gemma4":  # each frame as an image of (h, w) patches; the clip's frame count beside
+        t, h, w = spec
+        frames = [_pixels(family, config, (h, w), gen) for _ in range(t)]
+        return {"pixel_values_videos": torch.cat([f["pixel_values"] for f in frames]),
+                "video_position_ids": torch.cat([f["image_position_ids"] for f in frames]),
+                "num_frames_per_video": torch.tensor([t])}
     if family in ("llava_next_video", "llava_onevision"):
         size = config.vision_config.image_size
         return {"pixel_values_videos": torch.randn(1, spec, 3, size, size, generator=gen)}
@@ -249,6 +292,12 @@ def _video_ids(family, config, spec, gen) -> list:
         side = -(-config.vision_config.image_size // config.vision_config.patch_size // 2)
         return [110] + [VIDEO_TOKEN] * (spec * side * side + 1) + [111]
     t, h, w = spec
+    if family == "gemma4":  # per frame: a timestamp (two text tokens), then the frame's tokens between boi and eoi
+        k = config.vision_config.pooling_kernel_size
+        ids = []
+        for _ in range(t):
+            ids += torch.randint(3, 90, (2,), generator=gen).tolist() + [110] + [VIDEO_TOKEN] * (h * w // k**2) + [111]
+        return ids
     per_frame = (h // config.vision_config.spatial_merge_size) * (w // config.vision_config.spatial_merge_size)
     if family in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"):
         ids = []
@@ -312,7 +361,7 @@ def tiny_inputs(model, family: str, images_per_row=(1,), text_lens=None, image_s
     inputs.update(_merge_pixels(family, [_video_pixels(family, config, spec, gen) for spec in video_specs]))
     if family == "gemma3":  # what its processor returns: 1 on image tokens (they attend both ways within an image)
         inputs["token_type_ids"] = (input_ids == IMAGE_TOKEN).long()
-    if _mrope(family):
+    if _mrope(family) or family == "gemma4":
         inputs["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).int() + 2 * (input_ids == VIDEO_TOKEN).int()
     return inputs
 

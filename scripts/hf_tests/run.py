@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 FAMILIES = ("llava", "llava_next", "llava_next_video", "llava_onevision", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
-            "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "gemma3", "glm4v")
+            "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "gemma3", "glm4v", "gemma4")
 HERE = Path(__file__).resolve().parent
 
 

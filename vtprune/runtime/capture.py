@@ -51,6 +51,7 @@ class Capture:
         self.encoding = []  # the media being encoded now (Qwen3-VL encodes a video through get_image_features)
         self.pending_masks = {}  # medium -> [B, q] bool: where its tokens are in the next call
         self.pending = {}  # medium -> the capture of its last tower run
+        self.untold = set()  # media whose pending masks the model computed before encoding (Gemma 4)
         self.last = None  # the last captures (re-used when the same features are scattered again)
 
     def install(self) -> list:
@@ -124,11 +125,24 @@ class Capture:
 
     def _after_placeholder(self, args, kwargs, out):
         masks = out if isinstance(out, tuple) else (out,)
-        for i, medium in enumerate(MEDIA[:len(masks)]):  # (input_ids, inputs_embeds, image_features, video_features)
-            if kwargs.get(f"{medium}_features", args[2 + i] if len(args) > 2 + i else None) is None:
-                continue
+        # (input_ids, inputs_embeds, image_features, video_features); Gemma 4 passes no features (it asks before
+        # encoding): there a medium's mask counts where it has tokens
+        told = len(args) > 2 or any(key.endswith("_features") for key in kwargs)
+        self.untold = set() if told else set(MEDIA)
+        for i, medium in enumerate(MEDIA[:len(masks)]):
             mask = masks[i]
+            if told and kwargs.get(f"{medium}_features", args[2 + i] if len(args) > 2 + i else None) is None:
+                continue
+            if not told and (torch.compiler.is_compiling() or not bool(mask.any())):
+                continue  # (compiled: the session's hooks step aside or refuse)
             self.pending_masks[medium] = mask[..., 0] if mask.dim() == 3 else mask
+
+    def _fits_last(self, medium, mask) -> bool:
+        """Whether ``mask`` holds the last encoded ``medium``'s tokens (a whole number of copies: beams)."""
+        if self.last is None or medium not in self.last["media"]:
+            return False
+        total, features = int(mask.sum()), sum(self.last["media"][medium]["counts"])
+        return total > 0 and features > 0 and total % features == 0
 
     def take(self, batch: int, q: int):
         """``(visual_mask [B, q] or None, {medium: [B, q] mask}, captures or None)`` for the language-model
@@ -138,7 +152,10 @@ class Capture:
         Without a fresh tower run the last captures are used: ``generate`` without a cache scatters the
         same features again at every step."""
         masks, self.pending_masks = self.pending_masks, {}
-        masks = {m: v for m, v in masks.items() if tuple(v.shape) == (batch, q)}
+        # a mask the model computed before encoding counts where that medium was encoded (a generated token may
+        # equal the image token)
+        masks = {m: v for m, v in masks.items() if tuple(v.shape) == (batch, q)
+                 and (m not in self.untold or m in self.pending or self._fits_last(m, v))}
         if not masks:
             return None, {}, None
         if self.pending:

@@ -46,10 +46,17 @@ class Counts:
         """KV-cache bytes of one token over all the language model's layers (keys and values)."""
         config = text_config(self.model)
         heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         itemsize = next(self.language_model.parameters()).element_size()
-        return 2 * self.n_layers * kv_heads * head_dim * itemsize
+        modes = getattr(config, "kv_sharing_modes", None) or [None] * self.n_layers  # Gemma 4: "reuse" stores none
+        total = 0
+        for i in range(self.n_layers):
+            if modes[i] == "reuse":
+                continue
+            layer = _layer_config(config, i)  # Gemma 4's full layers have their own head size
+            kv_heads = getattr(layer, "num_key_value_heads", None) or heads
+            head_dim = getattr(layer, "head_dim", None) or config.hidden_size // heads
+            total += 2 * kv_heads * head_dim * itemsize
+        return total
 
     def per_layer(self, record) -> list:
         """Per sample, the visual tokens each decoder layer saw in the last prefill (after every exit)."""
@@ -123,3 +130,14 @@ class Counts:
         if record is None:
             out["forwards_with_images"] = 0
         return out
+
+
+def _layer_config(config, i: int):
+    """Decoder layer ``i``'s view of ``config`` where layers differ (transformers' per-layer configs), else it."""
+    layers = getattr(config, "per_layer_config", None)
+    if layers is None:
+        return config
+    try:
+        return layers[i]
+    except (IndexError, KeyError, TypeError):
+        return config

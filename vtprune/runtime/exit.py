@@ -89,6 +89,15 @@ class LayerExit(StageRuntime):
         if self.first < low:
             raise NotApplicable(f"{method.name} layer={self.first} is too early for {adapter.family}: visual "
                                 f"features are still added to the hidden states up to layer {low - 1}")
+        high = adapter.last_exit_layer()
+        latest = max(method.decision_layers(len(layers))) + 1 if method.decision_layers(len(layers)) else \
+            max(method.stage_layers(len(layers)))
+        if high is not None and latest > high:
+            raise NotApplicable(f"{method.name} cuts visual tokens before layer {latest}, too late for {adapter.family}: "
+                                f"its layers from {len(layers) - adapter.model.config.get_text_config().num_kv_shared_layers} "
+                                f"on reuse the keys and values of layers from {high} on, which must hold the same "
+                                f"tokens; cut at layer {high} or earlier")
+        self.sequence_inputs = adapter.sequence_inputs
         self.limit = adapter.exit_limit()
         self.family = adapter.family
         self.dynamic = bool(method.decision_layers(len(layers)))
@@ -214,9 +223,16 @@ class LayerExit(StageRuntime):
         plan = self.plan_for(i)
         if plan is not None:
             prefill = plan["call"] == self.calls
-            if plan["k"] not in self.cache:
-                self.cache[plan["k"]] = cut_kwargs(kwargs, prefill, plan, self.past, self.q)
-            kwargs.update(self.cache[plan["k"]])
+            # layers of one type get the same mask and position embeddings (Gemma's sliding and full layers differ)
+            key = (plan["k"], id(kwargs.get("attention_mask")), id(kwargs.get("position_embeddings")))
+            rows = hidden.shape[1] if prefill and i > plan["k"] and hidden.shape[1] < plan["index"].shape[1] else None
+            if rows is not None:  # the model runs only the prefill's last rows here (Gemma 4's shared layers)
+                key = (*key, rows)
+            if key not in self.cache:
+                self.cache[key] = cut_kwargs(kwargs, prefill, plan, self.past, self.q, rows)
+            kwargs.update(self.cache[key])
+            if prefill and self.sequence_inputs:
+                args = self._cut_sequence_inputs(args, kwargs, plan, rows)
             if prefill and i == plan["k"]:  # the stage's first layer in the prefill: cut the hidden states
                 hidden = gather_seq(hidden, plan["step"].to(hidden.device))
                 if plan["merged"]:
@@ -232,6 +248,24 @@ class LayerExit(StageRuntime):
                                                    hidden.shape[1], self.past)
             return args, kwargs
         return None
+
+    def _cut_sequence_inputs(self, args, kwargs, plan, rows):
+        """The layer's other inputs that run along the prefill (``Adapter.sequence_inputs``), cut with it."""
+        index = plan["index"]
+        args = list(args)
+        for where in self.sequence_inputs:
+            box, name = (args, where) if isinstance(where, int) else (kwargs, where)
+            if isinstance(where, int) and where >= len(args):
+                continue
+            t = box[name] if isinstance(where, int) else box.get(name)
+            if t is None:
+                continue
+            if rows is None:
+                box[name] = gather_seq(t, index.to(t.device))
+            elif not bool((index[:, -rows:].cpu() == torch.arange(plan["length"] - rows, plan["length"])).all()):
+                raise ValueError("the prompt ends with visual tokens that left the language model; end it with text "
+                                 "(as chat templates do) or use a pre-LLM method")
+        return tuple(args)
 
     def _make_plan(self, hidden, k):
         """Stage ``k``'s cut: the method decides on the visual tokens still in the sequence; ``step`` gathers

@@ -11,22 +11,25 @@ from ..attention import allowed_keys
 from ..compat import cache_of
 
 
-def cut_kwargs(kwargs, prefill: bool, plan, past: int, q: int) -> dict:
+def cut_kwargs(kwargs, prefill: bool, plan, past: int, q: int, rows: int | None = None) -> dict:
     """The attention mask, position embeddings and ids for the layers of ``plan`` (a stage's cut) in a call
-    of ``q`` tokens after ``past`` cached ones (``prefill``: the call that made the plan)."""
+    of ``q`` tokens after ``past`` cached ones (``prefill``: the call that made the plan; ``rows``: the model
+    runs these layers on the prefill's last ``rows`` queries only, and sliced their mask and position
+    embeddings so)."""
     index, real = plan["index"], plan["real"]
     out = {}
     mask = kwargs.get("attention_mask")
+    q_index = None
     if prefill:
+        q_index = index if rows is None else index[:, -rows:]
         pe = kwargs.get("position_embeddings")
-        if pe is not None:
+        if pe is not None and rows is None:
             out["position_embeddings"] = tuple(gather_seq(t, index.to(t.device)) for t in pe)
         pos = kwargs.get("position_ids")
         if pos is not None:
-            out["position_ids"] = gather_positions(pos, index)
-        q_index = index
-    else:
-        q_index = None
+            out["position_ids"] = gather_positions(pos, q_index)
+        if rows is not None:
+            q_index = None  # the mask's rows are the prefill's last ones already
     if mask is not None and mask.dim() == 4:
         kv = mask.shape[-1]
         filled = past + q  # a static cache's mask is wider: unfilled slots follow
@@ -46,6 +49,8 @@ def cut_kwargs(kwargs, prefill: bool, plan, past: int, q: int) -> dict:
         out["attention_mask"] = m
     elif mask is None and not bool(real.all()):
         out["attention_mask"] = fresh_mask(real, prefill, plan, past, q)
+        if prefill and rows is not None:
+            out["attention_mask"] = out["attention_mask"][:, :, -rows:]
     elif mask is not None:
         raise ValueError("vtprune's in-LLM exit needs a 4-D attention mask or none (SDPA/eager); "
                          f"got a {mask.dim()}-D mask")

@@ -63,6 +63,9 @@ class Gemma4Adapter(Gemma3Adapter):
         out["positions"] = positions.detach().cpu() if positions is not None else None
         if medium == "video":  # a clip's frames are consecutive rows of the tower batch
             frames = kwargs.get("num_frames_per_video", args[2] if len(args) > 2 else None)
+            if positions is not None and positions.dim() == 4:  # transformers < 5.19: [clips, frames, patches, 2]
+                frames = [positions.shape[1]] * positions.shape[0]
+                out["positions"] = out["positions"].flatten(0, 1)
             out["frames"] = [int(f) for f in frames] if frames is not None else [1] * len(out["counts"])
         return out
 
@@ -144,6 +147,23 @@ class Gemma4Adapter(Gemma3Adapter):
             kwargs["per_layer_inputs"] = gather_seq(per_layer, index)
 
     def last_exit_layer(self):
-        text = self.model.config.get_text_config()
-        stores = [i for i, mode in enumerate(text.kv_sharing_modes) if mode == "store"]
-        return min(stores) if stores else None
+        modes = kv_sharing_modes(self.model.config.get_text_config())
+        if "reuse" not in modes:  # (later releases mark store layers whether or not any layer reuses them)
+            return None
+        return min(i for i, mode in enumerate(modes) if mode == "store")
+
+
+def kv_sharing_modes(text) -> list:
+    """Per decoder layer: "reuse" (attends with an earlier layer's keys and values), "store" (the last layer of its
+    type before those) or None — the config's own list where it has one (transformers >= 5.19), else the same rule
+    computed."""
+    modes = getattr(text, "kv_sharing_modes", None)
+    if modes is not None:
+        return list(modes)
+    n, shared = text.num_hidden_layers, getattr(text, "num_kv_shared_layers", 0) or 0
+    out = [None if i < n - shared else "reuse" for i in range(n)]
+    if shared:
+        before = text.layer_types[:n - shared]
+        for kind in set(text.layer_types):
+            out[len(before) - 1 - before[::-1].index(kind)] = "store"
+    return out

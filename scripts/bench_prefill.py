@@ -289,7 +289,7 @@ def oracle_fn(model, inputs, kept_positions):
             if model.config.model_type == "gemma4":  # the kept tokens' per-layer inputs (placeholders count as pad)
                 lm, ids = model.model.language_model, inputs["input_ids"]
                 visual = (ids == model.config.image_token_id) | (ids == model.config.video_token_id)
-                kw["per_layer_inputs"] = lm.get_per_layer_inputs(ids.masked_fill(visual, model.config.text_config.pad_token_id))[:, keep]
+                kw["per_layer_inputs"] = lm.get_per_layer_inputs(ids.masked_fill(visual, model.config.text_config.pad_token_id), None)[:, keep]
             out = model.model.language_model(**kw)
             return model.lm_head(out.last_hidden_state[:, -1:])
     return run

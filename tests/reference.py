@@ -70,8 +70,10 @@ def video_counts(model, inputs) -> list:
     grid = inputs.get("video_grid_thw")
     if grid is not None:
         return (grid.prod(-1) // model.config.vision_config.spatial_merge_size**2).tolist()
-    if inputs.get("num_frames_per_video") is not None:  # Gemma 4: each frame's real patches pooled k x k
+    if inputs.get("video_position_ids") is not None:  # Gemma 4: each frame's real patches pooled k x k
         per_frame = (inputs["video_position_ids"] >= 0).all(-1).sum(-1) // model.config.vision_config.pooling_kernel_size**2
+        if per_frame.dim() == 2:  # transformers < 5.19: [clips, frames]
+            return per_frame.sum(1).tolist()
         return [int(part.sum()) for part in torch.split(per_frame, inputs["num_frames_per_video"].tolist())]
     pixels = inputs.get("pixel_values_videos")
     if pixels is None:
@@ -357,7 +359,7 @@ class BiasedReference:
             pos = torch.cat([pos, pos[..., -1:] + 1], -1)
             if "per_layer_inputs" in extra:  # Gemma 4: each token's own per-layer embeddings
                 lm = self.model.model.language_model
-                extra["per_layer_inputs"] = torch.cat([extra["per_layer_inputs"], lm.get_per_layer_inputs(tok)], 1)
+                extra["per_layer_inputs"] = torch.cat([extra["per_layer_inputs"], lm.get_per_layer_inputs(tok, None)], 1)
             if "visual_pos_masks" in extra:
                 vis = extra["visual_pos_masks"]
                 extra["visual_pos_masks"] = torch.cat([vis, torch.zeros_like(vis[:, :1])], 1)

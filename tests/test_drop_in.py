@@ -10,6 +10,7 @@ the default path (itself tested against the masked reference in ``test_exact``) 
 
 import pytest
 import torch
+import transformers
 from reference import drop_mask, masked_greedy, masked_loss
 
 import vtprune
@@ -93,6 +94,8 @@ def test_static_cache(family):
     stock = _generate(model, inputs, **static)
     with vtprune.wrapped(model, "random", keep=1.0):
         assert torch.equal(_generate(model, inputs, **static), stock)
+    if not torch.equal(_generate(model, inputs, **static, num_beams=2), _generate(model, inputs, do_sample=False, num_beams=2)):
+        pytest.skip(f"stock {family} beams differ with a static cache on transformers {transformers.__version__}")
     for method, options in [("uniform", dict(keep=0.5)), ("fastv", dict(layer=1, keep=0.5)),
                             (["uniform", "exit"], dict(keep=0.5, layer=1))]:
         with vtprune.wrapped(model, method, **options):

@@ -120,6 +120,9 @@ def test_serving_errors_and_the_toy_folder(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="reads the prompt's instruction"):
         check("cdpruner", 0.25, {}, "llava")
     assert check("uniform", 0.25, {"summary": 2, "size_bias": True}).weighs
+    with pytest.raises(ValueError, match="sliding-window layers"):  # vLLM's biased attention takes no window
+        check("pool", 0.25, {"size_bias": True}, "gemma4")
+    assert check("pool", 0.25, {}, "gemma4").positions == "renumber"
     with pytest.raises(ValueError, match="keep"):
         check("uniform", 1.5, {})
     monkeypatch.setenv("VTPRUNE_CACHE", str(tmp_path))
@@ -261,7 +264,7 @@ def test_the_docs_list_what_serving_accepts_per_family():
     text = text[text.index("| served model | methods |"):]
     rows = {"llava": "LLaVA-1.5 (", "llava_next": "LLaVA-NeXT (", "internvl": "InternVL, HF format (",
             "qwen2_vl": "Qwen2-VL, Qwen2.5-VL", "qwen2_5_vl": "Qwen2-VL, Qwen2.5-VL", "qwen3_vl": "Qwen2-VL, Qwen2.5-VL",
-            "qwen3_vl_moe": "Qwen2-VL, Qwen2.5-VL", "llava_onevision": "LLaVA-OneVision ("}
+            "qwen3_vl_moe": "Qwen2-VL, Qwen2.5-VL", "llava_onevision": "LLaVA-OneVision (", "gemma4": "Gemma 4 ("}
     assert set(rows) == set(SERVED_TYPES)
     anywhere = set()
     for model_type, start in rows.items():

@@ -49,8 +49,9 @@ def _clip_features(model, inputs, stacked=False):
     deepstack features side by side, as vLLM's ``evs`` and ``vidcom2`` score a clip there."""
     with torch.no_grad():
         extra = (inputs["video_grid_thw"],) if "video_grid_thw" in inputs else ()
-        if "video_position_ids" in inputs:  # Gemma 4
-            extra = (inputs["video_position_ids"], inputs["num_frames_per_video"])
+        if "video_position_ids" in inputs:  # Gemma 4 (before transformers 5.19 without the frame counts)
+            extra = (inputs["video_position_ids"],) + ((inputs["num_frames_per_video"],)
+                                                       if "num_frames_per_video" in inputs else ())
         out = model.model.get_video_features(inputs["pixel_values_videos"], *extra)
     clip = out.pooler_output[0].flatten(0, -2)  # transformers < 5.23: LLaVA-NeXT-Video's [frames, n, D]
     layers = getattr(out, "deepstack_features", None) if stacked else None
@@ -62,8 +63,11 @@ def _repeat_slice(inputs, src, dst):
     pixels = inputs["pixel_values_videos"]
     if pixels.dim() == 5:
         pixels[:, dst] = pixels[:, src]
-    elif "video_position_ids" in inputs:  # Gemma 4: a frame a row
-        pixels[dst] = pixels[src]
+    elif "video_position_ids" in inputs:  # Gemma 4: a frame a row (before 5.19: [clips, frames, ...])
+        if pixels.dim() == 4:
+            pixels[:, dst] = pixels[:, src]
+        else:
+            pixels[dst] = pixels[src]
     else:
         n = int(inputs["video_grid_thw"][0, 1:].prod())
         pixels[dst * n:(dst + 1) * n] = pixels[src * n:(src + 1) * n]

@@ -269,9 +269,11 @@ def _video_pixels(family, config, spec, gen):
     if family == "gemma4":  # each frame as an image of (h, w) patches; the clip's frame count beside
         t, h, w = spec
         frames = [_pixels(family, config, (h, w), gen) for _ in range(t)]
-        return {"pixel_values_videos": torch.cat([f["pixel_values"] for f in frames]),
-                "video_position_ids": torch.cat([f["image_position_ids"] for f in frames]),
-                "num_frames_per_video": torch.tensor([t])}
+        pixels = torch.cat([f["pixel_values"] for f in frames])
+        positions = torch.cat([f["image_position_ids"] for f in frames])
+        if not _frames_apart():  # transformers < 5.19: [clips, frames, patches, ...]
+            return {"pixel_values_videos": pixels[None], "video_position_ids": positions[None]}
+        return {"pixel_values_videos": pixels, "video_position_ids": positions, "num_frames_per_video": torch.tensor([t])}
     if family in ("llava_next_video", "llava_onevision"):
         size = config.vision_config.image_size
         return {"pixel_values_videos": torch.randn(1, spec, 3, size, size, generator=gen)}
@@ -279,6 +281,15 @@ def _video_pixels(family, config, spec, gen):
     t, h, w = spec
     dim = 3 * v.temporal_patch_size * v.patch_size**2
     return {"pixel_values_videos": torch.randn(t * h * w, dim, generator=gen), "video_grid_thw": torch.tensor([spec])}
+
+
+def _frames_apart() -> bool:
+    """Whether the installed Gemma 4 takes a batch's video frames in one row each, with each clip's frame count."""
+    import inspect
+
+    import transformers as tf
+
+    return "num_frames_per_video" in inspect.signature(tf.Gemma4Model.get_video_features).parameters
 
 
 def _video_ids(family, config, spec, gen) -> list:

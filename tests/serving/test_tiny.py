@@ -1,8 +1,9 @@
-"""vtprune inside vLLM on tiny random LLaVA-NeXT, InternVL, Qwen2-VL, Qwen2.5-VL and Qwen3-VL models
+"""vtprune inside vLLM on tiny random LLaVA-NeXT, LLaVA-OneVision, InternVL, Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE) and
+Gemma 4 models
 (serving venv): the processor's kept placeholder count, the kept rows and their positions.  Reference:
 the HF model wrapped with the same method and the ``positions`` vLLM matches — Qwen: ``"original"``
 (kept tokens at their (t, h, w) mrope positions as EVS rewrites them, the text after the image at its
-unpruned positions; Qwen3-VL with its deepstack features cut alike); LLaVA-NeXT and InternVL:
+unpruned positions; Qwen3-VL with its deepstack features cut alike); LLaVA-NeXT, InternVL and Gemma 4:
 ``"renumber"`` (1-D positions numbered afresh; their tiny models are built so that the two numberings
 answer differently; LLaVA-NeXT with ``newlines="all"``) — token for token, which a wrong position
 breaks."""
@@ -34,6 +35,7 @@ def tiny(request, built, tmp_path_factory):
 
 
 def _build(model_type, folder):
+    import tiny_gemma4
     import tiny_internvl
     import tiny_llava_next
     import tiny_llava_onevision
@@ -43,14 +45,14 @@ def _build(model_type, folder):
     from vtprune import toy
 
     tiny = {"internvl": tiny_internvl, "llava_next": tiny_llava_next,
-            "llava_onevision": tiny_llava_onevision}.get(model_type, tiny_qwen)
+            "llava_onevision": tiny_llava_onevision, "gemma4": tiny_gemma4}.get(model_type, tiny_qwen)
     prompt = tiny.prompt
     folder = tiny.build(folder, model_type) if tiny is tiny_qwen else tiny.build(folder)
     model = tf.AutoModelForImageTextToText.from_pretrained(folder).eval()
     processor = tf.AutoProcessor.from_pretrained(folder)
     samples = toy.eval_split(n=N)
-    batch = processor(images=[s["image"] for s in samples], text=[prompt(s["question"]) for s in samples],
-                      return_tensors="pt", padding=True)
+    images = [[s["image"]] if model_type == "gemma4" else s["image"] for s in samples]  # (Gemma 4's: per prompt)
+    batch = processor(images=images, text=[prompt(s["question"]) for s in samples], return_tensors="pt", padding=True)
     return folder, model, batch, model_type
 
 
@@ -72,6 +74,10 @@ def _build(model_type, folder):
                                               ("qwen3_vl", "divprune:summary=2", 0.25),
                                               ("qwen3_vl_moe", "divprune", 0.1),  # the MoE language model
                                               ("llava_onevision", "divprune", 0.25),  # SigLIP, anyres-max packing
+                                              # per-layer inputs and shared keys and values, windows on the
+                                              # aspect ratio's grid
+                                              ("gemma4", None, 1.0), ("gemma4", "divprune", 0.25),
+                                              ("gemma4", "pool", 0.25),
                                               # served by their needs, not by a list (vtprune.serving.check);
                                               # each reads the tower as fastervlm does (the [CLS] or received
                                               # attention of the projector's layer), and more:
@@ -97,8 +103,10 @@ def test_a_served_tiny_model_keeps_and_answers_as_the_hf_wrap(tiny, method, keep
         assert sorted(map(tuple, served["kept"])) == sorted(map(tuple, kept))
     # tokens per image: LLaVA-NeXT (and LLaVA-OneVision) a 4 x 4 base and 2 x 2 crops packed into 8 rows of 8 and
     # a newline each;
-    # InternVL 4 crops and a thumbnail of 4 x 4 each; Qwen a 6 x 6 grid of merged tokens
-    shapes = {"llava_next": (88, None, 8), "llava_onevision": (88, None, 8), "internvl": (80, [(4, 4)] * 5, 0)}
+    # InternVL 4 crops and a thumbnail of 4 x 4 each; Qwen a 6 x 6 grid of merged tokens; Gemma 4 an 8 x 8 grid (the
+    # 224-pixel toy images at a budget of 70 tokens)
+    shapes = {"llava_next": (88, None, 8), "llava_onevision": (88, None, 8), "internvl": (80, [(4, 4)] * 5, 0),
+              "gemma4": (64, (8, 8), 0)}
     n, grid, _ = shapes.get(model_type, (36, (6, 6), 0))
     layouts = {"llava_next": image_layout, "llava_onevision": onevision_layout}
     counted = kept_count(check(name or "random", keep, spec_options, model_type), n, grid,

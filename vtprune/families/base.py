@@ -22,7 +22,8 @@ class Family:
     cannot act; ``tiles``: an image may be several tower passes (crops, tiles); ``newlines``: a row
     separator token ends every row of an image's tokens; ``unpadded``: some tower tokens of a tile never
     reach the language model (LLaVA-NeXT's unpadding); ``positions``: ``"1d"`` or ``"mrope"`` ((t, h, w)
-    rows); ``media``: what the model takes (``"image"``, ``"video"``).
+    rows); ``media``: what the model takes (``"image"``, ``"video"``); ``sliding_window``: language-model layers
+    attend within a window (Gemma).
     """
 
     name: str
@@ -35,6 +36,7 @@ class Family:
     unpadded: bool = False
     positions: str = "1d"
     media: tuple = ("image",)
+    sliding_window: bool = False
 
     @property
     def default_score(self) -> str:

@@ -16,6 +16,6 @@ frames encoded as images, each frame's tokens between its timestamp and the next
 from .base import Family, register
 
 GEMMA3 = register(Family("gemma3", ("Gemma3ForConditionalGeneration",), tower="SigLIP", cls_token=False,
-                         merges_before_projector=True))
+                         merges_before_projector=True, sliding_window=True))
 GEMMA4 = register(Family("gemma4", ("Gemma4ForConditionalGeneration",), tower="Gemma 4 ViT", cls_token=False,
-                         merges_before_projector=True, media=("image", "video")))
+                         merges_before_projector=True, media=("image", "video"), sliding_window=True))

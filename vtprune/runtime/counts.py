@@ -47,7 +47,7 @@ class Counts:
         config = text_config(self.model)
         heads = config.num_attention_heads
         itemsize = next(self.language_model.parameters()).element_size()
-        modes = getattr(config, "kv_sharing_modes", None) or [None] * self.n_layers  # Gemma 4: "reuse" stores none
+        modes = _sharing(config, self.n_layers)  # Gemma 4: a "reuse" layer stores none
         total = 0
         for i in range(self.n_layers):
             if modes[i] == "reuse":
@@ -141,3 +141,12 @@ def _layer_config(config, i: int):
         return layers[i]
     except (IndexError, KeyError, TypeError):
         return config
+
+
+def _sharing(config, n: int) -> list:
+    """Per decoder layer, whether it keeps keys and values of its own (Gemma 4's shared layers do not)."""
+    if getattr(config, "num_kv_shared_layers", 0):
+        from vtprune.patches.gemma4 import kv_sharing_modes
+
+        return kv_sharing_modes(config)
+    return [None] * n

@@ -92,6 +92,10 @@ def check(method: str, keep, options: dict, model_type: str | None = "llava"):
         raise ValueError(f"{method} reads the vision tower's attention, which vtprune's vLLM binding of {model_type} "
                          "does not tap yet: serve a method that reads the features (random, uniform, pool, divprune, "
                          "cdpruner), or run it with the HF wrap")
+    if family is not None and config.weighs and family.sliding_window:
+        raise ValueError(f"{method} with summary tokens or size_bias adds a bias inside vLLM's attention, which vtprune "
+                         f"serving does not do on {model_type}'s sliding-window layers: serve it without them, or run "
+                         "it with the HF wrap")
     if family is not None and config.merges and family.merges_before_projector:
         raise ValueError(f"{method} merges tower tokens before the projector, which the {family.tower} tower's "
                          "patch merger does not take (as on the HF path)")

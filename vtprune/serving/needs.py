@@ -33,6 +33,9 @@ NEEDS = (
     ("vllm.model_executor.layers.attention.attention", "Attention"),
     ("vllm.model_executor.models.utils", "extract_layer_index"),
     ("vllm.model_executor.models.llava_next", "get_anyres_image_grid_shape"),
+    ("vllm.model_executor.models.gemma4_mm", "Gemma4ProcessingInfo._compute_num_soft_tokens"),
+    ("vllm.model_executor.models.gemma4_mm", "Gemma4ForConditionalGeneration._parse_and_validate_multimodal_inputs"),
+    ("vllm.model_executor.models.gemma4_mm", "Gemma4ForConditionalGeneration._process_image_input"),
 )
 
 

@@ -233,9 +233,9 @@ class Adapter:
         """The earliest decoder layer before which visual tokens may leave the LLM."""
         return 0
 
-    def last_exit_layer(self) -> int | None:
-        """The latest decoder layer before which visual tokens may leave the LLM (None: any; Gemma 4: the first
-        layer whose keys and values later layers reuse)."""
+    def last_exit_layer(self) -> tuple | None:
+        """``(layer, why)``: the latest decoder layer before which visual tokens may leave the LLM, and why (None:
+        any; Gemma 4: the first layer whose keys and values later layers reuse)."""
         return None
 
     def reset(self):

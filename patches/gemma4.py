@@ -130,6 +130,20 @@ class Gemma4Adapter(Gemma3Adapter):
                 attn.k_norm.register_forward_hook(on_keys)]
 
     # ------------------------------------------------------------------ language model
+    def install(self, installed):
+        super().install(installed)
+        installed.add(self.language_model.register_forward_hook(self._last_rows, with_kwargs=True))
+
+    @staticmethod
+    def _last_rows(module, args, kwargs, output):
+        """The language model's output cut to the ``logits_to_keep`` last rows: ``Gemma4ForConditionalGeneration``
+        cuts it only when it is as long as the prompt (else it takes it for cut already), and a pruned one is not."""
+        keep = kwargs.get("logits_to_keep", 0)
+        hidden = getattr(output, "last_hidden_state", None)
+        if isinstance(keep, int) and keep > 0 and hidden is not None and hidden.shape[1] > keep:
+            output.last_hidden_state = hidden[:, -keep:]
+        return output
+
     def _on_inner(self, module, args, kwargs):
         super()._on_inner(module, args, kwargs)
         self._numbered = kwargs.get("position_ids") is None
@@ -150,7 +164,9 @@ class Gemma4Adapter(Gemma3Adapter):
         modes = kv_sharing_modes(self.model.config.get_text_config())
         if "reuse" not in modes:  # (later releases mark store layers whether or not any layer reuses them)
             return None
-        return min(i for i, mode in enumerate(modes) if mode == "store")
+        store = min(i for i, mode in enumerate(modes) if mode == "store")
+        return store, (f"its layers from {modes.index('reuse')} on reuse the keys and values of layers from {store} on, "
+                       "which must hold the same tokens")
 
 
 def kv_sharing_modes(text) -> list:

@@ -269,6 +269,8 @@ def merged_embeds(model, inputs):
             medium = {"video_features" if video else "image_features": feats}
             mask = model.model.get_placeholder_mask(inputs["input_ids"], inputs_embeds=embeds, **medium)
         mask = (mask[1] if video else mask[0]) if isinstance(mask, tuple) else mask
+        if mask.dim() == 2:  # (Gemma 4's is per token)
+            mask = mask[..., None].expand_as(embeds)
         return embeds.masked_scatter(mask, feats.to(embeds.dtype))
 
 

@@ -477,3 +477,17 @@ def test_beams_with_tower_scores_and_summary_tokens(family):
     assert out.shape[0] == 2 and len(beams) == 4
     for b, row in enumerate(beams):
         assert [k.tolist() for k in row] == [k.tolist() for k in greedy[b // 2]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_to_keep_on_a_pruned_sequence(family):
+    """``logits_to_keep=1`` (what ``generate`` asks) gives the stock model's one row on a pruned sequence too."""
+    model = _model(family)
+    inputs = tiny_inputs(model, family, images_per_row=(1, 2))
+    with torch.no_grad():
+        stock = model(**inputs, logits_to_keep=1).logits
+        with vtprune.wrapped(model, "uniform", keep=0.5):
+            pruned = model(**inputs, logits_to_keep=1).logits
+            full = model(**inputs).logits
+    assert pruned.shape == stock.shape == (2, 1, stock.shape[-1])
+    torch.testing.assert_close(pruned[:, -1], full[:, -1], atol=ATOL, rtol=0)

@@ -15,8 +15,8 @@ from vtprune.testing import IMAGE_TOKEN, tiny_inputs, tiny_model
 WINDOW = 12  # shorter than every prompt below (two images of 16 tokens)
 
 
-def _model(window=WINDOW):
-    model = tiny_model("gemma3", sliding_window=window)
+def _model(window=WINDOW, family="gemma3"):
+    model = tiny_model(family, sliding_window=window)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
@@ -24,9 +24,10 @@ def _model(window=WINDOW):
 
 @pytest.mark.parametrize("rows,with_mask", [((2,), False), ((1, 2), True)])
 @pytest.mark.parametrize("method,keep", [("random", 0.5), ("divprune", 0.25)])
-def test_sliding_window_counts_kept_tokens(rows, with_mask, method, keep):
-    model = _model()
-    inputs = tiny_inputs(model, "gemma3", images_per_row=rows, with_mask=with_mask)
+@pytest.mark.parametrize("family", ["gemma3", "gemma4"])  # (Gemma 4: with its per-layer inputs cut alike)
+def test_sliding_window_counts_kept_tokens(rows, with_mask, method, keep, family):
+    model = _model(family=family)
+    inputs = tiny_inputs(model, family, images_per_row=rows, with_mask=with_mask)
     assert inputs["input_ids"].shape[1] > 2 * WINDOW
     with vtprune.wrapped(model, method, keep=keep):
         with torch.no_grad():

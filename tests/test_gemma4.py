@@ -165,29 +165,6 @@ def test_received_score_is_the_attention_real_patches_receive():
         torch.testing.assert_close(ours[i], per_patch[layout.source].sum(1), atol=1e-6, rtol=1e-5)
 
 
-def test_sliding_window_counts_kept_tokens():
-    """As on Gemma 3 (tests/test_gemma3.py): with a window shorter than the prompt the cut equals the stock model
-    fed only the kept tokens (and their per-layer inputs) at their original positions."""
-    from reference import kept_only
-
-    model = tiny_model("gemma4", sliding_window=12)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    inputs = _inputs(model, (1, 2), True)
-    assert inputs["input_ids"].shape[1] > 2 * 12
-    with vtprune.wrapped(model, "divprune", keep=0.25):
-        with torch.no_grad():
-            logits = model(**inputs).logits
-        kept = vtprune.last_kept(model)
-        tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1]:]
-        kept_generate = vtprune.last_kept(model)
-    ref_logits, _ = kept_only(model, inputs, kept, steps=0)
-    torch.testing.assert_close(logits[:, -1], ref_logits[:, -1], atol=ATOL, rtol=0)
-    assert torch.equal(tokens, kept_only(model, inputs, kept_generate)[1])
-    masked = masked_forward(model, inputs, drop_mask(inputs["input_ids"], kept))
-    assert (masked[:, -1] - logits[:, -1]).abs().max() > 1e-3
-
-
 def test_a_generated_image_token_is_text():
     """Gemma 4 finds image tokens before it encodes: a decode step whose token equals the image token is not an
     image (the stock model scatters nothing there either)."""
@@ -198,3 +175,4 @@ def test_a_generated_image_token_is_text():
         step = model(input_ids=torch.tensor([[IMAGE_TOKEN]]), past_key_values=out.past_key_values, use_cache=True)
         assert torch.isfinite(step.logits).all()
         assert vtprune.stats(model)["totals"]["forwards"] == 1
+

@@ -264,7 +264,8 @@ def test_the_docs_list_what_serving_accepts_per_family():
     text = text[text.index("| served model | methods |"):]
     rows = {"llava": "LLaVA-1.5 (", "llava_next": "LLaVA-NeXT (", "internvl": "InternVL, HF format (",
             "qwen2_vl": "Qwen2-VL, Qwen2.5-VL", "qwen2_5_vl": "Qwen2-VL, Qwen2.5-VL", "qwen3_vl": "Qwen2-VL, Qwen2.5-VL",
-            "qwen3_vl_moe": "Qwen2-VL, Qwen2.5-VL", "llava_onevision": "LLaVA-OneVision (", "gemma4": "Gemma 4 ("}
+            "qwen3_vl_moe": "Qwen2-VL, Qwen2.5-VL", "qwen3_5": "Qwen2-VL, Qwen2.5-VL", "qwen3_5_moe": "Qwen2-VL, Qwen2.5-VL",
+            "llava_onevision": "LLaVA-OneVision (", "gemma4": "Gemma 4 ("}
     assert set(rows) == set(SERVED_TYPES)
     anywhere = set()
     for model_type, start in rows.items():

@@ -21,9 +21,9 @@ def test_every_pruned_class_fits_the_installed_vllm(method):
     classes = pruned_classes(check(method, 0.5, {}, None))
     assert set(classes) == set(SERVED)
     parts = [p for cls in classes.values() for p in (cls, *cls.vtprune_parts)]
-    # nine model classes (LLaVA, LLaVA-NeXT, LLaVA-OneVision, InternVL, the four Qwen, Gemma 4), their processing
-    # infos, five processors (InternVL and the four Qwen)
-    assert len(parts) == 9 + 9 + 5
+    # eleven model classes (LLaVA, LLaVA-NeXT, LLaVA-OneVision, InternVL, the six Qwen, Gemma 4), their processing
+    # infos, seven processors (InternVL and the six Qwen)
+    assert len(parts) == 11 + 11 + 7
     assert needs.missing_names() == [] and needs.stale_overrides(parts) == []
 
 

@@ -115,3 +115,27 @@ def test_a_served_tiny_model_keeps_and_answers_as_the_hf_wrap(tiny, method, keep
     lengths = batch["attention_mask"].sum(1).tolist()
     assert served["prompt_tokens"] == [length - (n - counted) for length in lengths]
     assert counted < n or method is None
+
+
+@pytest.mark.parametrize("tiny", ["qwen3_5"], indirect=True)
+def test_qwen3_5_served_in_bf16_keeps_and_answers_as_the_hf_wrap(tiny):
+    """Qwen3.5: vLLM's CPU build runs its linear-attention layers in bf16 only (and a head 128 wide), so the HF wrap
+    runs in bf16 too. The kept tokens (``uniform``: the layout's, not the features') and the prompt lengths are
+    the HF wrap's, and so is every answer's first token, which reads the whole pruned prefill at its mrope
+    positions; later tokens may part on bf16 rounding (stock, unpruned: 15 of 16 answers agree on 4 tokens)."""
+    import torch
+
+    from vtprune.serving import check
+    from vtprune.serving.rows import kept_count
+
+    folder, model, batch, _ = tiny
+    model.to(torch.bfloat16)
+    tokens, kept = hf_run(model, batch, "uniform", 0.25, steps=STEPS, positions="original")
+    served = serve("uniform", 0.25, N, folder)
+    assert sorted(map(tuple, served["kept"])) == sorted(map(tuple, kept))
+    answers = [until_eos(t) for t in served["tokens"]]
+    assert [a[:1] for a in answers] == [t[:1] for t in tokens]
+    assert sum(a == t for a, t in zip(answers, tokens)) >= N - 3
+    counted = kept_count(check("uniform", 0.25, {}, "qwen3_5"), 36, (6, 6))
+    assert counted == 9 and {len(k) for k in kept} == {counted}
+    assert served["prompt_tokens"] == [length - (36 - counted) for length in batch["attention_mask"].sum(1).tolist()]

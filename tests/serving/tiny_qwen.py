@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-PATCH = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16, "qwen3_vl_moe": 16}  # 12 x 12 patches, merged 2 x 2: 6 x 6 LLM tokens
+PATCH = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16, "qwen3_vl_moe": 16, "qwen3_5": 16}  # 12 x 12 patches, merged 2 x 2: 6 x 6 LLM tokens
 SPECIAL = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
@@ -47,6 +47,15 @@ def build(folder: str, model_type: str = "qwen2_5_vl", seed: int = 0) -> str:
             model_class, config_class = tf.Qwen3VLMoeForConditionalGeneration, tf.Qwen3VLMoeConfig
         config = config_class(text_config=dict(text, head_dim=32), vision_config=vision, **ids,
                               tie_word_embeddings=False)
+    elif model_type == "qwen3_5":  # a linear-attention (Gated DeltaNet) layer, then a full-attention one
+        rope = dict(text["rope_parameters"], mrope_interleaved=True, partial_rotary_factor=0.5, mrope_section=[4, 2, 2])
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=128, intermediate_size=64, num_heads=4, patch_size=16,
+                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16)
+        text = dict(text, head_dim=32, rope_parameters=rope, layer_types=["linear_attention", "full_attention"],
+                    linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=2,
+                    linear_num_value_heads=4)
+        config = tf.Qwen3_5Config(text_config=text, vision_config=vision, **ids, tie_word_embeddings=False)
+        model_class, processor_class = tf.Qwen3_5ForConditionalGeneration, tf.Qwen3VLProcessor
     elif model_type == "qwen2_5_vl":
         vision = dict(depth=2, hidden_size=32, out_hidden_size=128, intermediate_size=64, num_heads=4, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
@@ -64,7 +73,7 @@ def build(folder: str, model_type: str = "qwen2_5_vl", seed: int = 0) -> str:
     pixels = (12 * patch) ** 2
     image = tf.Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=patch, merge_size=2,
                                      temporal_patch_size=2)
-    video_class = tf.Qwen3VLVideoProcessor if model_type.startswith("qwen3_vl") else tf.Qwen2VLVideoProcessor
+    video_class = tf.Qwen3VLVideoProcessor if model_type.startswith("qwen3") else tf.Qwen2VLVideoProcessor
     video = video_class(min_pixels=pixels, max_pixels=pixels, patch_size=patch, merge_size=2, temporal_patch_size=2)
     processor = processor_class(image_processor=image, tokenizer=tokenizer, video_processor=video,
                                        chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")

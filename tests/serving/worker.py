@@ -28,7 +28,7 @@ def main():
         tiny_llava_onevision if "llava_onevision" in model else tiny_gemma4 if "gemma4" in model else tiny_qwen
     like_toy = model == "toy" or "renamed" in model  # the toy under another name (tests/extension_example.py)
     prompt = toy.prompt if like_toy else tiny.prompt
-    options = {} if model == "toy" else {"dtype": "float32", "max_model_len": 512}
+    options = {} if model == "toy" else {"dtype": "bfloat16" if "qwen3_5" in model else "float32", "max_model_len": 512}
     samples = toy.eval_split(n=n)
     names, spec_options = parse_spec(method)  # a method spec: "fastervlm:summary=4;size_bias=true"
     llm = LLM(model, method=names[0], keep=keep, enforce_eager=True, options=spec_options, **options)

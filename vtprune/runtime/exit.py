@@ -89,14 +89,12 @@ class LayerExit(StageRuntime):
         if self.first < low:
             raise NotApplicable(f"{method.name} layer={self.first} is too early for {adapter.family}: visual "
                                 f"features are still added to the hidden states up to layer {low - 1}")
-        high = adapter.last_exit_layer()
+        ceiling = adapter.last_exit_layer()
         latest = max(method.decision_layers(len(layers))) + 1 if method.decision_layers(len(layers)) else \
             max(method.stage_layers(len(layers)))
-        if high is not None and latest > high:
+        if ceiling is not None and latest > ceiling[0]:
             raise NotApplicable(f"{method.name} cuts visual tokens before layer {latest}, too late for {adapter.family}: "
-                                f"its layers from {len(layers) - adapter.model.config.get_text_config().num_kv_shared_layers} "
-                                f"on reuse the keys and values of layers from {high} on, which must hold the same "
-                                f"tokens; cut at layer {high} or earlier")
+                                f"{ceiling[1]}; cut at layer {ceiling[0]} or earlier")
         self.sequence_inputs = adapter.sequence_inputs
         self.limit = adapter.exit_limit()
         self.family = adapter.family

@@ -1,5 +1,5 @@
-"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL in vLLM with vtprune's pre-LLM selection, positions as EVS (vLLM's
-video pruning) keeps them.
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5 (dense and MoE) in vLLM with vtprune's pre-LLM selection, positions as
+EVS (vLLM's video pruning) keeps them.
 
 The processor emits the kept number of image placeholders (``kept_count`` on the image's merged-token
 grid); the multimodal embedding returns the kept rows with four extra channels, the kept tokens'
@@ -13,7 +13,9 @@ Qwen3-VL's deepstack features ride in the same rows and are cut with them; the m
 features, as on the HF path.  [CLS] methods read the attention each patch receives (``tap_qwen``: no
 [CLS] in these towers; ``source="received"``, the HF path's default here).  Images only: vLLM refuses video requests for a served Qwen model
 (``limit_mm_per_prompt`` video 0).  The position channels travel in the rows' dtype, as EVS's do (exact
-in bf16 up to 256 merged tokens a side).
+in bf16 up to 256 merged tokens a side).  Qwen3.5's linear-attention layers read only the kept tokens in vLLM as
+on the HF path (its reference there is the stock model fed the kept tokens); vLLM's CPU build runs them in bf16
+only.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import functools
 
 import torch
 
-from ..families.qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_VL, QWEN3_VL_MOE, merged_sources
+from ..families.qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_5, QWEN3_5_MOE, QWEN3_VL, QWEN3_VL_MOE, merged_sources
 from .slot_bias import Weighing
 from .bindings import bind
 from .rows import attach, keep_rows, kept_count, layout_of, with_bias
@@ -88,6 +90,8 @@ CLASSES = {  # model type -> vLLM module, the prefix of its model and info class
     "qwen2_5_vl": ("vllm.model_executor.models.qwen2_5_vl", "Qwen2_5_VL", "Qwen2_5_VL"),
     "qwen3_vl": ("vllm.model_executor.models.qwen3_vl", "Qwen3VL", "Qwen3VL"),
     "qwen3_vl_moe": ("vllm.model_executor.models.qwen3_vl_moe", "Qwen3VLMoe", "Qwen3VL"),  # Qwen3-VL's processor
+    "qwen3_5": ("vllm.model_executor.models.qwen3_5", "Qwen3_5", "Qwen3VL"),  # (vLLM's CPU build: bf16 only)
+    "qwen3_5_moe": ("vllm.model_executor.models.qwen3_5", "Qwen3_5Moe", "Qwen3VL"),
 }
 
 
@@ -174,5 +178,5 @@ def pruned_qwen(config, model_type: str):
     return PrunedQwen
 
 
-for _family in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL, QWEN3_VL_MOE):
+for _family in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL, QWEN3_VL_MOE, QWEN3_5, QWEN3_5_MOE):
     bind(_family)(functools.partial(pruned_qwen, model_type=_family.name))

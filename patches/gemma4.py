@@ -1,5 +1,5 @@
 """Gemma 4 (``Gemma4ForConditionalGeneration``): a tower at the image's own aspect ratio, average-pooled k x k
-into a grid of tokens, and a language model with three things of its own.
+into a grid of tokens, and a language model with Gemma 3's masks and two things of its own.
 
 * **The tower.**  An image is a sequence of patches, each with its (x, y), padded with (-1, -1) to the
   batch's longest; the pooler averages each k x k block of the grid into one token, in raster order of the
@@ -17,6 +17,10 @@ into a grid of tokens, and a language model with three things of its own.
   keys and values of the last earlier layer of their type (the "store" layers).  An in-LLM exit must happen at
   or before the first store layer, so that a sharing layer and the layer it reads hold the same tokens
   (``last_exit_layer``).
+
+A clip is its frames pooled as images, one tower row each, its tokens between timestamps.  And where the sequence
+is shorter than the prompt, ``Gemma4ForConditionalGeneration`` takes it for one it cut itself and runs its
+vocabulary head over every row, whatever ``logits_to_keep`` asks: the adapter hands it the last rows.
 """
 
 from __future__ import annotations
@@ -24,10 +28,10 @@ from __future__ import annotations
 import sys
 
 import torch
-from vtprune.kernels import gather_seq
 
 from vtprune import tower_scores
 from vtprune.families.gemma import GEMMA4
+from vtprune.kernels import gather_seq
 from vtprune.layout import ImageLayout
 
 from .gemma3 import Gemma3Adapter
@@ -55,6 +59,10 @@ class Gemma4Adapter(Gemma3Adapter):
     facts = GEMMA4
     types_key = "mm_token_type_ids"
     sequence_inputs = (1,)  # a decoder layer's per_layer_input (positional) runs along the sequence
+
+    def __init__(self, model):
+        super().__init__(model)
+        self._numbered = False  # the running Gemma4Model call numbered positions itself
 
     def capture(self, args, kwargs, output, medium="image"):
         out = super().capture(args, kwargs, output, medium)
@@ -152,7 +160,7 @@ class Gemma4Adapter(Gemma3Adapter):
         """As Gemma 3; and where the caller gave no positions, ``Gemma4Model`` numbered them from the cache's length,
         which a cut shortened: the language model gets none, and the cut numbers them from the sequence's."""
         super().lm_inputs(kwargs)
-        if getattr(self, "_numbered", False) and self._inner_call is not None:
+        if self._numbered and self._inner_call is not None:
             kwargs["position_ids"] = None
 
     def cut_extra(self, kwargs, index, real):

@@ -133,8 +133,8 @@ def _uneven(cache) -> bool:
     layers = getattr(cache, "layers", None)
     if not layers:
         return False
-    return len({layer.get_seq_length() for layer in layers if hasattr(layer, "get_seq_length")}) > 1  # (Gemma 4's
-    # shared layers hold none)
+    # (Gemma 4's shared layers hold no cache of their own)
+    return len({layer.get_seq_length() for layer in layers if hasattr(layer, "get_seq_length")}) > 1
 
 
 class _Sequence:

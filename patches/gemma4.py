@@ -169,25 +169,10 @@ class Gemma4Adapter(Gemma3Adapter):
             kwargs["per_layer_inputs"] = gather_seq(per_layer, index)
 
     def last_exit_layer(self):
-        modes = kv_sharing_modes(self.model.config.get_text_config())
-        if "reuse" not in modes:  # (later releases mark store layers whether or not any layer reuses them)
+        attention = [layer.self_attn for layer in self.language_model.layers]
+        reuse = [i for i, attn in enumerate(attention) if getattr(attn, "is_kv_shared_layer", False)]
+        if not reuse:  # (later releases mark store layers whether or not any layer reuses them)
             return None
-        store = min(i for i, mode in enumerate(modes) if mode == "store")
-        return store, (f"its layers from {modes.index('reuse')} on reuse the keys and values of layers from {store} on, "
+        store = min(i for i, attn in enumerate(attention) if getattr(attn, "store_full_length_kv", False))
+        return store, (f"its layers from {reuse[0]} on reuse the keys and values of layers from {store} on, "
                        "which must hold the same tokens")
-
-
-def kv_sharing_modes(text) -> list:
-    """Per decoder layer: "reuse" (attends with an earlier layer's keys and values), "store" (the last layer of its
-    type before those) or None — the config's own list where it has one (transformers >= 5.19), else the same rule
-    computed."""
-    modes = getattr(text, "kv_sharing_modes", None)
-    if modes is not None:
-        return list(modes)
-    n, shared = text.num_hidden_layers, getattr(text, "num_kv_shared_layers", 0) or 0
-    out = [None if i < n - shared else "reuse" for i in range(n)]
-    if shared:
-        before = text.layer_types[:n - shared]
-        for kind in set(text.layer_types):
-            out[len(before) - 1 - before[::-1].index(kind)] = "store"
-    return out

@@ -176,3 +176,15 @@ def test_a_generated_image_token_is_text():
         assert torch.isfinite(step.logits).all()
         assert vtprune.stats(model)["totals"]["forwards"] == 1
 
+
+
+def test_kv_bytes_count_the_layers_that_store_keys():
+    """A pre-LLM cut saves each dropped token's keys and values in every layer that stores its own: in the E2B-like
+    model layers 4 and 5 reuse those of layers 2 and 3 and store none; full layers are 16 wide, sliding ones 8."""
+    model = _model(**VARIANTS["shared_kv"])
+    inputs = _inputs(model, (1,), False)
+    with vtprune.wrapped(model, "uniform", keep=0.5), torch.no_grad():
+        model(**inputs)
+        stats = vtprune.stats(model)
+    per_token = 2 * 2 * (8 + 16 + 8 + 16) * 4  # keys and values x 2 KV heads x the 4 storing layers' widths x fp32
+    assert stats["kv_bytes_saved"] == per_token * (stats["llm_sequence_in"] - stats["llm_sequence_out"])

@@ -47,11 +47,10 @@ class Counts:
         config = text_config(self.model)
         heads = config.num_attention_heads
         itemsize = next(self.language_model.parameters()).element_size()
-        modes = _sharing(config, self.n_layers)  # Gemma 4: a "reuse" layer stores none
         total = 0
-        for i in range(self.n_layers):
-            if modes[i] == "reuse":
-                continue
+        for i, decoder in enumerate(self.language_model.layers):
+            if getattr(getattr(decoder, "self_attn", None), "is_kv_shared_layer", False):
+                continue  # Gemma 4: it attends with an earlier layer's keys and values and stores none
             layer = _layer_config(config, i)  # Gemma 4's full layers have their own head size
             kv_heads = getattr(layer, "num_key_value_heads", None) or heads
             head_dim = getattr(layer, "head_dim", None) or config.hidden_size // heads
@@ -142,11 +141,3 @@ def _layer_config(config, i: int):
     except (IndexError, KeyError, TypeError):
         return config
 
-
-def _sharing(config, n: int) -> list:
-    """Per decoder layer, whether it keeps keys and values of its own (Gemma 4's shared layers do not)."""
-    if getattr(config, "num_kv_shared_layers", 0):
-        from vtprune.patches.gemma4 import kv_sharing_modes
-
-        return kv_sharing_modes(config)
-    return [None] * n

@@ -90,15 +90,15 @@ class LayerExit(StageRuntime):
             raise NotApplicable(f"{method.name} layer={self.first} is too early for {adapter.family}: visual "
                                 f"features are still added to the hidden states up to layer {low - 1}")
         ceiling = adapter.last_exit_layer()
-        latest = max(method.decision_layers(len(layers))) + 1 if method.decision_layers(len(layers)) else \
-            max(method.stage_layers(len(layers)))
+        decisions = method.decision_layers(len(layers))
+        latest = max(decisions) + 1 if decisions else max(method.stage_layers(len(layers)))
         if ceiling is not None and latest > ceiling[0]:
             raise NotApplicable(f"{method.name} cuts visual tokens before layer {latest}, too late for {adapter.family}: "
                                 f"{ceiling[1]}; cut at layer {ceiling[0]} or earlier")
         self.sequence_inputs = adapter.sequence_inputs
         self.limit = adapter.exit_limit()
         self.family = adapter.family
-        self.dynamic = bool(method.decision_layers(len(layers)))
+        self.dynamic = bool(decisions)
         self.stage_layers = [] if self.dynamic else method.stage_layers(len(layers))
         self.record = None  # ExitRecord: what left in the last prefill (None: nothing yet)
         self.prefill_visual = None  # [B] visual tokens per row of the current prefill

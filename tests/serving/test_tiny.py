@@ -1,7 +1,7 @@
-"""vtprune inside vLLM on tiny random LLaVA-NeXT, LLaVA-OneVision, InternVL, Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE) and
-Gemma 4 models
+"""vtprune inside vLLM on tiny random LLaVA-NeXT, LLaVA-OneVision, InternVL, Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE),
+GLM-4.1V and Gemma 4 models
 (serving venv): the processor's kept placeholder count, the kept rows and their positions.  Reference:
-the HF model wrapped with the same method and the ``positions`` vLLM matches — Qwen: ``"original"``
+the HF model wrapped with the same method and the ``positions`` vLLM matches — Qwen and GLM-4.1V: ``"original"``
 (kept tokens at their (t, h, w) mrope positions as EVS rewrites them, the text after the image at its
 unpruned positions; Qwen3-VL with its deepstack features cut alike); LLaVA-NeXT, InternVL and Gemma 4:
 ``"renumber"`` (1-D positions numbered afresh; their tiny models are built so that the two numberings
@@ -36,6 +36,7 @@ def tiny(request, built, tmp_path_factory):
 
 def _build(model_type, folder):
     import tiny_gemma4
+    import tiny_glm4v
     import tiny_internvl
     import tiny_llava_next
     import tiny_llava_onevision
@@ -45,7 +46,8 @@ def _build(model_type, folder):
     from vtprune import toy
 
     tiny = {"internvl": tiny_internvl, "llava_next": tiny_llava_next,
-            "llava_onevision": tiny_llava_onevision, "gemma4": tiny_gemma4}.get(model_type, tiny_qwen)
+            "llava_onevision": tiny_llava_onevision, "gemma4": tiny_gemma4,
+            "glm4v": tiny_glm4v}.get(model_type, tiny_qwen)
     prompt = tiny.prompt
     folder = tiny.build(folder, model_type) if tiny is tiny_qwen else tiny.build(folder)
     model = tf.AutoModelForImageTextToText.from_pretrained(folder).eval()
@@ -78,6 +80,10 @@ def _build(model_type, folder):
                                               # aspect ratio's grid
                                               ("gemma4", None, 1.0), ("gemma4", "divprune", 0.25),
                                               ("gemma4", "pool", 0.25),
+                                              # GLM-4.1V: Qwen's binding, its placeholders numbered from the
+                                              # image grid; the tower's received attention
+                                              ("glm4v", None, 1.0), ("glm4v", "divprune", 0.25),
+                                              ("glm4v", "fastervlm", 0.25),
                                               # served by their needs, not by a list (vtprune.serving.check);
                                               # each reads the tower as fastervlm does (the [CLS] or received
                                               # attention of the projector's layer), and more:

@@ -15,12 +15,13 @@ features, as on the HF path.  [CLS] methods read the attention each patch receiv
 (``limit_mm_per_prompt`` video 0).  The position channels travel in the rows' dtype, as EVS's do (exact
 in bf16 up to 256 merged tokens a side).  Qwen3.5's linear-attention layers read only the kept tokens in vLLM as
 on the HF path (its reference there is the stock model fed the kept tokens); vLLM's CPU build runs them in bf16
-only.
+only.  GLM-4.1V shares this binding (``vtprune.serving.glm4v``).
 """
 
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import torch
 
@@ -40,15 +41,15 @@ def image_positions(t: int, h: int, w: int, kept: torch.Tensor) -> torch.Tensor:
 
 
 def tap_qwen(model, config):
-    """Hook the vision blocks of vLLM's Qwen ``model`` for a [CLS] method: no [CLS] there, so the score is the
-    attention each patch receives (``source="received"``, as on the HF path), from the queries and keys the
+    """Hook the vision blocks of vLLM's Qwen (or GLM-4.1V) ``model`` for a [CLS] method: no [CLS] there, so the score
+    is the attention each patch receives (``source="received"``, as on the HF path), from the queries and keys the
     block's attention reads (rotary applied) and its ``cu_seqlens`` segments (images or windows)."""
     from .tower import TowerTap
 
     blocks = model.visual.blocks
     tap = TowerTap(config, len(blocks), len(blocks) - 1, default_score=QWEN2_VL.default_score)
     if tap.kind != "received":
-        raise ValueError(f"{config.name}: the Qwen vision tower has no [CLS] token; it reads the attention each patch "
+        raise ValueError(f"{config.name}: this vision tower has no [CLS] token; it reads the attention each patch "
                          "receives instead (source='received', the default here)")
     if getattr(model, "use_data_parallel", False):
         raise ValueError(f"{config.name} reads the vision tower's attention over each image; vLLM shards the tower's "
@@ -92,14 +93,29 @@ CLASSES = {  # model type -> vLLM module, the prefix of its model and info class
     "qwen3_vl_moe": ("vllm.model_executor.models.qwen3_vl_moe", "Qwen3VLMoe", "Qwen3VL"),  # Qwen3-VL's processor
     "qwen3_5": ("vllm.model_executor.models.qwen3_5", "Qwen3_5", "Qwen3VL"),  # (vLLM's CPU build: bf16 only)
     "qwen3_5_moe": ("vllm.model_executor.models.qwen3_5", "Qwen3_5Moe", "Qwen3VL"),
+    "glm4v": ("vllm.model_executor.models.glm4_1v", "Glm4v", "Glm4v"),  # (vtprune.serving.glm4v)
 }
 
 
-def pruned_qwen(config, model_type: str):
+def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
+    """Qwen2.5-VL's ``recompute_mrope_positions`` (EVS's: four channels) on this model's media tokens; GLM-4.1V names
+    its media-start token ``image_start_token_id``."""
+    from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+
+    config = self.config
+    start = getattr(config, "vision_start_token_id", None)
+    tokens = SimpleNamespace(image_token_id=config.image_token_id, video_token_id=config.video_token_id,
+                             vision_start_token_id=config.image_start_token_id if start is None else start)
+    return Qwen2_5_VLForConditionalGeneration.recompute_mrope_positions(SimpleNamespace(config=tokens), input_ids,
+                                                                        multimodal_embeddings, mrope_positions,
+                                                                        num_computed_tokens)
+
+
+def pruned_qwen(config, model_type: str, mixin: type | None = None):
+    """The pruned vLLM class of ``model_type`` (a key of ``CLASSES``); ``mixin``'s methods come before the model's."""
     import importlib
 
     from vllm.model_executor.models.interfaces import SupportsMultiModalPruning
-    from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
     from vllm.multimodal import MULTIMODAL_REGISTRY
     from vllm.multimodal.processing import PromptReplacement
 
@@ -111,9 +127,10 @@ def pruned_qwen(config, model_type: str):
     Dummy = getattr(module, f"{processing}DummyInputsBuilder")
 
     class PrunedQwenInfo(Info):
-        def get_num_image_tokens(self, *, image_width, image_height, image_processor, mm_kwargs) -> int:
-            size, n = self._get_vision_info(image_width=image_width, image_height=image_height, num_frames=1,
-                                            image_processor=image_processor, mm_kwargs=mm_kwargs)
+        def get_num_image_tokens(self, *, image_width, image_height, **kwargs) -> int:
+            if not kwargs:  # GLM-4.1V's: its processor's pixel budget, not the processor and its options
+                kwargs = {"max_image_pixels": self._get_image_max_pixels()}
+            size, n = self._get_vision_info(image_width=image_width, image_height=image_height, num_frames=1, **kwargs)
             vision = self.get_hf_config().vision_config
             cell = vision.patch_size * vision.spatial_merge_size
             return kept_count(config, n, (size.height // cell, size.width // cell))
@@ -134,9 +151,9 @@ def pruned_qwen(config, model_type: str):
             return updates
 
     @MULTIMODAL_REGISTRY.register_processor(PrunedQwenProcessor, info=PrunedQwenInfo, dummy_inputs=Dummy)
-    class PrunedQwen(Weighing, Model, SupportsMultiModalPruning):
+    class PrunedQwen(Weighing, *(mixin,) * (mixin is not None), Model, SupportsMultiModalPruning):
         vtprune_config = config
-        recompute_mrope_positions = Qwen2_5_VLForConditionalGeneration.recompute_mrope_positions
+        recompute_mrope_positions = recompute_mrope_positions
 
         def __init__(self, *, vllm_config, prefix: str = ""):
             super().__init__(vllm_config=vllm_config, prefix=prefix)

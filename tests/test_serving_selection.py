@@ -139,7 +139,7 @@ def test_serving_errors_and_the_toy_folder(tmp_path, monkeypatch):
     assert check_architecture(folder) == "llava"  # the toy is a LLaVA-1.5
     other = tmp_path / "qwen"
     other.mkdir()
-    (other / "config.json").write_text('{"architectures": ["Gemma3ForConditionalGeneration"]}')
+    (other / "config.json").write_text('{"architectures": ["PaliGemmaForConditionalGeneration"]}')
     with pytest.raises(ValueError, match="prunes LlavaForConditionalGeneration"):
         check_architecture(str(other))
     (other / "config.json").write_text('{"architectures": ["Qwen2_5_VLForConditionalGeneration"]}')
@@ -265,7 +265,8 @@ def test_the_docs_list_what_serving_accepts_per_family():
     rows = {"llava": "LLaVA-1.5 (", "llava_next": "LLaVA-NeXT (", "internvl": "InternVL, HF format (",
             "qwen2_vl": "Qwen2-VL, Qwen2.5-VL", "qwen2_5_vl": "Qwen2-VL, Qwen2.5-VL", "qwen3_vl": "Qwen2-VL, Qwen2.5-VL",
             "qwen3_vl_moe": "Qwen2-VL, Qwen2.5-VL", "qwen3_5": "Qwen2-VL, Qwen2.5-VL", "qwen3_5_moe": "Qwen2-VL, Qwen2.5-VL",
-            "llava_onevision": "LLaVA-OneVision (", "gemma4": "Gemma 4 (", "glm4v": "GLM-4.1V ("}
+            "llava_onevision": "LLaVA-OneVision (", "gemma4": "Gemma 4 (", "glm4v": "GLM-4.1V (",
+            "gemma3": "Gemma 3 ("}
     assert set(rows) == set(SERVED_TYPES)
     anywhere = set()
     for model_type, start in rows.items():

@@ -21,9 +21,9 @@ def test_every_pruned_class_fits_the_installed_vllm(method):
     classes = pruned_classes(check(method, 0.5, {}, None))
     assert set(classes) == set(SERVED)
     parts = [p for cls in classes.values() for p in (cls, *cls.vtprune_parts)]
-    # twelve model classes (LLaVA, LLaVA-NeXT, LLaVA-OneVision, InternVL, the six Qwen, GLM-4.1V, Gemma 4), their
-    # processing infos, eight processors (InternVL, the six Qwen and GLM-4.1V)
-    assert len(parts) == 12 + 12 + 8
+    # thirteen model classes (LLaVA, LLaVA-NeXT, LLaVA-OneVision, InternVL, the six Qwen, GLM-4.1V, Gemma 3 and 4),
+    # their processing infos, eight processors (InternVL, the six Qwen and GLM-4.1V)
+    assert len(parts) == 13 + 13 + 8
     assert needs.missing_names() == [] and needs.stale_overrides(parts) == []
 
 

@@ -1,9 +1,9 @@
 """vtprune inside vLLM on tiny random LLaVA-NeXT, LLaVA-OneVision, InternVL, Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE),
-GLM-4.1V and Gemma 4 models
+GLM-4.1V, Gemma 3 and Gemma 4 models
 (serving venv): the processor's kept placeholder count, the kept rows and their positions.  Reference:
 the HF model wrapped with the same method and the ``positions`` vLLM matches — Qwen and GLM-4.1V: ``"original"``
 (kept tokens at their (t, h, w) mrope positions as EVS rewrites them, the text after the image at its
-unpruned positions; Qwen3-VL with its deepstack features cut alike); LLaVA-NeXT, InternVL and Gemma 4:
+unpruned positions; Qwen3-VL with its deepstack features cut alike); LLaVA-NeXT, InternVL, Gemma 3 and Gemma 4:
 ``"renumber"`` (1-D positions numbered afresh; their tiny models are built so that the two numberings
 answer differently; LLaVA-NeXT with ``newlines="all"``) — token for token, which a wrong position
 breaks."""
@@ -35,6 +35,7 @@ def tiny(request, built, tmp_path_factory):
 
 
 def _build(model_type, folder):
+    import tiny_gemma3
     import tiny_gemma4
     import tiny_glm4v
     import tiny_internvl
@@ -47,14 +48,18 @@ def _build(model_type, folder):
 
     tiny = {"internvl": tiny_internvl, "llava_next": tiny_llava_next,
             "llava_onevision": tiny_llava_onevision, "gemma4": tiny_gemma4,
-            "glm4v": tiny_glm4v}.get(model_type, tiny_qwen)
+            "gemma3": tiny_gemma3, "glm4v": tiny_glm4v}.get(model_type, tiny_qwen)
     prompt = tiny.prompt
     folder = tiny.build(folder, model_type) if tiny is tiny_qwen else tiny.build(folder)
     model = tf.AutoModelForImageTextToText.from_pretrained(folder).eval()
     processor = tf.AutoProcessor.from_pretrained(folder)
     samples = toy.eval_split(n=N)
-    images = [[s["image"]] if model_type == "gemma4" else s["image"] for s in samples]  # (Gemma 4's: per prompt)
+    gemma = model_type in ("gemma3", "gemma4")
+    images = [[s["image"]] if gemma else s["image"] for s in samples]  # (Gemma's: per prompt)
     batch = processor(images=images, text=[prompt(s["question"]) for s in samples], return_tensors="pt", padding=True)
+    # vLLM's CPU attention runs Gemma 3's image tokens causally (no bidirectional blocks, stock or pruned): so does
+    # transformers without the token types that mark them
+    batch.pop("token_type_ids", None)
     return folder, model, batch, model_type
 
 
@@ -80,6 +85,9 @@ def _build(model_type, folder):
                                               # aspect ratio's grid
                                               ("gemma4", None, 1.0), ("gemma4", "divprune", 0.25),
                                               ("gemma4", "pool", 0.25),
+                                              # Gemma 3: a square grid of pooled tokens, positions numbered afresh
+                                              ("gemma3", None, 1.0), ("gemma3", "divprune", 0.25),
+                                              ("gemma3", "pool", 0.25),
                                               # GLM-4.1V: Qwen's binding, its placeholders numbered from the
                                               # image grid; the tower's received attention
                                               ("glm4v", None, 1.0), ("glm4v", "divprune", 0.25),
@@ -112,7 +120,7 @@ def test_a_served_tiny_model_keeps_and_answers_as_the_hf_wrap(tiny, method, keep
     # InternVL 4 crops and a thumbnail of 4 x 4 each; Qwen a 6 x 6 grid of merged tokens; Gemma 4 an 8 x 8 grid (the
     # 224-pixel toy images at a budget of 70 tokens)
     shapes = {"llava_next": (88, None, 8), "llava_onevision": (88, None, 8), "internvl": (80, [(4, 4)] * 5, 0),
-              "gemma4": (64, (8, 8), 0)}
+              "gemma4": (64, (8, 8), 0), "gemma3": (16, (4, 4), 0)}
     n, grid, _ = shapes.get(model_type, (36, (6, 6), 0))
     layouts = {"llava_next": image_layout, "llava_onevision": onevision_layout}
     counted = kept_count(check(name or "random", keep, spec_options, model_type), n, grid,
@@ -145,3 +153,37 @@ def test_qwen3_5_served_in_bf16_keeps_and_answers_as_the_hf_wrap(tiny):
     counted = kept_count(check("uniform", 0.25, {}, "qwen3_5"), 36, (6, 6))
     assert counted == 9 and {len(k) for k in kept} == {counted}
     assert served["prompt_tokens"] == [length - (36 - counted) for length in batch["attention_mask"].sum(1).tolist()]
+
+
+PAN = """
+import json, os, sys
+from vtprune.serving import ENV, check
+os.environ[ENV] = json.dumps(check("pool", 0.25, {}, "gemma3").to_dict())
+from vtprune.serving.plugin import register
+register()
+from vllm.config import ModelConfig
+from vllm.multimodal import MULTIMODAL_REGISTRY
+info = MULTIMODAL_REGISTRY.create_processor(ModelConfig(model=sys.argv[1], dtype="float32", max_model_len=512)).info
+hf = info.get_hf_processor()
+print("placeholders", info.get_num_image_tokens(image_width=112, image_height=112, processor=hf, mm_kwargs={}))
+try:
+    info.get_num_image_tokens(image_width=1200, image_height=400, processor=hf, mm_kwargs={"do_pan_and_scan": True})
+except ValueError as err:
+    print("refused", err)
+"""
+
+
+@pytest.mark.parametrize("tiny", ["gemma3"], indirect=True)
+def test_gemma3_serves_whole_images_and_refuses_pan_and_scan_crops(tiny):
+    """Processor level (a process of its own: vLLM keeps one input processor per process): a Gemma 3 image's 16
+    tokens become the 4 that ``pool`` keeps; a request that asks for pan-and-scan crops (which the served binding
+    does not lay out) is refused by name."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", PAN, tiny[0]], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"))
+    lines = done.stdout.splitlines()
+    assert "placeholders 4" in lines, done.stderr[-2000:]
+    refused = [line for line in lines if line.startswith("refused")]
+    assert refused and "3 pan-and-scan crops" in refused[0] and "do_pan_and_scan=False" in refused[0]

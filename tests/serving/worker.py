@@ -1,6 +1,6 @@
 """Serve a model ("toy", or a tiny folder from ``tiny_qwen``, ``tiny_internvl`` ("internvl" in its path),
 ``tiny_llava_next`` ("llava_next" in its path), ``tiny_llava_onevision`` ("llava_onevision"), ``tiny_gemma4``
-("gemma4"), ``tiny_glm4v`` ("glm4v") or a renamed toy ("renamed" in its path)) with one vtprune config in this
+("gemma4"), ``tiny_gemma3`` ("gemma3"), ``tiny_glm4v`` ("glm4v") or a renamed toy ("renamed" in its path)) with one vtprune config in this
 process; print one JSON line: the answers, their tokens, prompt lengths and each image's kept indices (read
 off the served model)."""
 
@@ -19,6 +19,7 @@ def main():
     from vtprune.spec import parse_spec
 
     sys.path.insert(0, os.path.dirname(__file__))
+    import tiny_gemma3
     import tiny_gemma4
     import tiny_glm4v
     import tiny_internvl
@@ -27,7 +28,7 @@ def main():
     import tiny_qwen
 
     tiny = tiny_internvl if "internvl" in model else tiny_llava_next if "llava_next" in model else \
-        tiny_llava_onevision if "llava_onevision" in model else tiny_gemma4 if "gemma4" in model else \
+        tiny_llava_onevision if "llava_onevision" in model else tiny_gemma4 if "gemma4" in model else tiny_gemma3 if "gemma3" in model else \
         tiny_glm4v if "glm4v" in model else tiny_qwen
     like_toy = model == "toy" or "renamed" in model  # the toy under another name (tests/extension_example.py)
     prompt = toy.prompt if like_toy else tiny.prompt

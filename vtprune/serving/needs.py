@@ -112,7 +112,7 @@ def check(classes=()) -> None:
     """Raise ``VLLMMismatch`` (one line) unless the installed vLLM has all the plugin uses; ``classes``:
     the pruned classes about to be registered (each model class with its ``vtprune_parts``)."""
     try:
-        import vllm
+        import vllm  # noqa: F401  (present at all)
     except ImportError as err:
         raise VLLMMismatch(f"vtprune serving needs vLLM {SUPPORTED} (tested: {TESTED}): build the serving venv "
                            "with `bash scripts/vllm_cpu_env.sh DIR`") from err

@@ -424,6 +424,8 @@ def _serve(args) -> int:
                     "--limit-mm-per-prompt", '{"image": 1}', "--served-model-name", "toy"]
     elif refused_media(args.model_type):  # vLLM refuses video requests up front
         command += ["--limit-mm-per-prompt", json.dumps(refused_media(args.model_type))]
+    if args.request_keep:  # vLLM refuses a request's mm_processor_kwargs without it
+        command.append("--trust-request-mm-kwargs")
     command += args.vllm_args
     print("vtprune serve: " + " ".join(command), flush=True)
     os.execvpe(command[0], command, env)
@@ -505,6 +507,10 @@ def main(argv=None) -> int:
     serve.add_argument("--keep", default="1.0", help="budget: a fraction in (0, 1] or a token count (default: 1.0)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--request-keep", action="store_true",
+                       help="let a request ask for its own keep, at most --keep: \"mm_processor_kwargs\": {\"vtprune\": "
+                       "{\"keep\": 0.1}} (adds vLLM's --trust-request-mm-kwargs, which lets requests pass the HF "
+                       "processor's options too)")
     serve.set_defaults(func=_serve)
     try:
         if argv[:1] == ["serve"]:  # what vtprune does not know goes to vLLM's server

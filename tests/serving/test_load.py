@@ -1,7 +1,8 @@
 """A bounded load test of ``vtprune serve`` on the toy model, with faults: a few hundred chat requests at
 concurrency 8, a share of them bad (corrupt or non-image data, too many images, a prompt past the context,
-malformed JSON, an unknown model), the rest valid (1x1 and very large images among them). Every valid
-request is answered, every bad one gets a 4xx, the server is healthy afterwards and its memory flat."""
+malformed JSON, an unknown model, a budget of its own above the server's or malformed), the rest valid (1x1 and
+very large images among them, some with a budget of their own). Every valid request is answered, with the image
+tokens its budget keeps, every bad one gets a 4xx, the server is healthy afterwards and its memory flat."""
 
 import base64
 import io
@@ -28,9 +29,15 @@ def _png(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _chat(images, text, model="toy"):
+def _chat(images, text, model="toy", keep=None):
     content = [{"type": "image_url", "image_url": {"url": url}} for url in images] + [{"type": "text", "text": text}]
-    return {"model": model, "max_tokens": 2, "temperature": 0.0, "messages": [{"role": "user", "content": content}]}
+    body = {"model": model, "max_tokens": 2, "temperature": 0.0, "messages": [{"role": "user", "content": content}]}
+    if keep is not None:  # the request's own budget (vtprune serve --request-keep)
+        body["mm_processor_kwargs"] = {"vtprune": {"keep": keep}}
+    return body
+
+
+OWN = {11: 0.1, 31: 16}  # sample -> a request's own keep, on every other request of that sample
 
 
 def _requests():
@@ -49,13 +56,16 @@ def _requests():
             url = _png(Image.new("RGB", (1, 1), (200, 30, 30)))
         elif i % 40 == 23:
             url = _png(s["image"].resize((2048, 2048)))
-        out.append(("valid", json.dumps(_chat([url], s["question"])).encode(), True))
+        keep = OWN.get(i % 40) if i % 80 < 40 else None
+        out.append((f"valid {i % 40} {keep}", json.dumps(_chat([url], s["question"], keep=keep)).encode(), True))
     bad = {
         "corrupt image": lambda: _chat(["data:image/png;base64," + base64.b64encode(os.urandom(300)).decode()], "what ?"),
         "not an image": lambda: _chat(["data:image/png;base64," + base64.b64encode(b"plain text").decode()], "what ?"),
         "too many images": lambda: _chat(urls[:3], "what color is the square ?"),
         "past the context": lambda: _chat(urls[:1], " ".join(["what color is the square ?"] * 200)),
         "unknown model": lambda: _chat(urls[:1], "what ?", model="no-such-model"),
+        "a keep above the server's": lambda: _chat(urls[:1], "what ?", keep=0.5),
+        "a keep out of range": lambda: _chat(urls[:1], "what ?", keep=-3),
     }
     for i in range(BAD):
         kind = list(bad) + ["malformed JSON"]
@@ -89,7 +99,7 @@ def test_the_server_answers_valid_requests_and_refuses_bad_ones_under_load():
 
     answers = {s["answer"] for s in toy.eval_split(n=200)}
     requests = _requests()
-    with server(["toy", "--method", "fastervlm", "--keep", "0.25"]) as (port, process):
+    with server(["toy", "--method", "fastervlm", "--keep", "0.25", "--request-keep"]) as (port, process):
         with ThreadPoolExecutor(CONCURRENCY) as pool:  # warm-up: the first requests grow caches once
             list(pool.map(lambda r: _post(port, r[1]), requests[:32]))
         before = _rss(process.pid)
@@ -115,5 +125,9 @@ def test_the_server_answers_valid_requests_and_refuses_bad_ones_under_load():
     for (kind, _, valid), (status, _) in zip(requests, results):
         if not valid:
             refused.setdefault(kind, set()).add(status)
-    assert len(refused) == 6 and all(codes <= {400, 404, 413, 422} for codes in refused.values()), refused
+    assert len(refused) == 8 and all(codes <= {400, 404, 413, 422} for codes in refused.values()), refused
+    assert refused["a keep above the server's"] == refused["a keep out of range"] == {400}
+    prompt = {kind: reply["usage"]["prompt_tokens"] for (kind, _, valid), (_, reply) in zip(requests, results) if valid}
+    for sample, keep in OWN.items():  # the same question and image at its own keep: 64 image tokens less those kept
+        assert prompt[f"valid {sample} None"] - prompt[f"valid {sample} {keep}"] == 64 - {0.1: 26, 16: 16}[keep]
     assert after < before * 1.1 + 64 * 2**20, (before, after)  # flat: no growth with the requests served

@@ -15,6 +15,7 @@ import math
 from ..families.gemma import GEMMA3
 from ..layout import ImageLayout
 from .bindings import bind
+from .request_keep import budgeted
 from .rows import attach, keep_rows, kept_count, with_bias
 from .slot_bias import Weighing
 
@@ -56,7 +57,8 @@ def pruned_gemma3(config):
                                              mm_kwargs=mm_kwargs)
             return kept_count(config, n, layout=image_layout(self.get_hf_config()))
 
-    @MULTIMODAL_REGISTRY.register_processor(Gemma3MultiModalProcessor, info=PrunedGemma3Info,
+    Processor = budgeted(Gemma3MultiModalProcessor, config)  # a request's own keep (vtprune.serving.request_keep)
+    @MULTIMODAL_REGISTRY.register_processor(Processor, info=PrunedGemma3Info,
                                             dummy_inputs=Gemma3DummyInputsBuilder)
     class PrunedGemma3(Weighing, Gemma3ForConditionalGeneration):
         vtprune_config = config
@@ -72,5 +74,5 @@ def pruned_gemma3(config):
             return [with_bias(*keep_rows(self, config, rows, None, layout=image_layout(self.config))[1:])
                     for rows in self._process_image_input(given)]
 
-    PrunedGemma3.vtprune_parts = (PrunedGemma3Info,)  # what serving.needs checks against vLLM
+    PrunedGemma3.vtprune_parts = (PrunedGemma3Info, Processor)  # what serving.needs checks against vLLM
     return PrunedGemma3

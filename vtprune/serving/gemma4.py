@@ -20,6 +20,7 @@ from vtprune.patches.gemma4 import pooled_layout
 from ..families.gemma import GEMMA4
 from ..layout import ImageLayout
 from .bindings import bind
+from .request_keep import budgeted
 from .rows import attach, keep_rows, kept_count, with_bias
 from .slot_bias import Weighing
 
@@ -58,7 +59,8 @@ def pruned_gemma4(config):
             ids = [hf.boi_token_id] + [processor.image_token_id] * kept + [hf.eoi_token_id]
             return PromptUpdateDetails.select_token_id(ids, processor.image_token_id)
 
-    @MULTIMODAL_REGISTRY.register_processor(Gemma4MultiModalProcessor, info=PrunedGemma4Info,
+    Processor = budgeted(Gemma4MultiModalProcessor, config)  # a request's own keep (vtprune.serving.request_keep)
+    @MULTIMODAL_REGISTRY.register_processor(Processor, info=PrunedGemma4Info,
                                             dummy_inputs=Gemma4DummyInputsBuilder)
     class PrunedGemma4(Weighing, Gemma4ForConditionalGeneration):
         vtprune_config = config
@@ -85,5 +87,5 @@ def pruned_gemma4(config):
                     out.append(with_bias(*keep_rows(self, config, rows, None, layout=layout)[1:]))
             return out
 
-    PrunedGemma4.vtprune_parts = (PrunedGemma4Info,)  # what serving.needs checks against vLLM
+    PrunedGemma4.vtprune_parts = (PrunedGemma4Info, Processor)  # what serving.needs checks against vLLM
     return PrunedGemma4

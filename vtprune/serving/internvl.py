@@ -14,6 +14,7 @@ from vtprune.patches.internvl import shuffle_children, tile_grids, tile_layout
 from ..families.internvl import INTERNVL
 from .slot_bias import Weighing
 from .bindings import bind
+from .request_keep import budgeted
 from .rows import attach, keep_rows, kept_count, with_bias
 
 
@@ -79,7 +80,8 @@ def pruned_internvl(config):
                 updates.append(update)
             return updates
 
-    @MULTIMODAL_REGISTRY.register_processor(PrunedInternVLProcessor, info=PrunedInternVLInfo,
+    Processor = budgeted(PrunedInternVLProcessor, config)  # a request's own keep (vtprune.serving.request_keep)
+    @MULTIMODAL_REGISTRY.register_processor(Processor, info=PrunedInternVLInfo,
                                             dummy_inputs=InternS1DummyInputsBuilder)
     class PrunedInternVL(Weighing, InternS1ForConditionalGeneration):
         vtprune_config = config
@@ -105,5 +107,5 @@ def pruned_internvl(config):
                 start += tiles
             return out
 
-    PrunedInternVL.vtprune_parts = (PrunedInternVLInfo, PrunedInternVLProcessor)  # checked by serving.needs
+    PrunedInternVL.vtprune_parts = (PrunedInternVLInfo, Processor)  # checked by serving.needs
     return PrunedInternVL

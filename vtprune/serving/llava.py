@@ -7,6 +7,7 @@ from ..families import feature_layer
 from ..families.llava import LLAVA
 from .slot_bias import Weighing
 from .bindings import bind
+from .request_keep import budgeted
 from .rows import attach, keep_rows, kept_count, with_bias
 
 
@@ -55,7 +56,8 @@ def pruned_llava(config):
             n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
             return kept_count(config, n)
 
-    @MULTIMODAL_REGISTRY.register_processor(LlavaMultiModalProcessor, info=PrunedLlavaInfo,
+    Processor = budgeted(LlavaMultiModalProcessor, config)  # a request's own keep (vtprune.serving.request_keep)
+    @MULTIMODAL_REGISTRY.register_processor(Processor, info=PrunedLlavaInfo,
                                             dummy_inputs=LlavaDummyInputsBuilder)
     class PrunedLlava(Weighing, LlavaForConditionalGeneration):
         vtprune_config = config
@@ -75,5 +77,5 @@ def pruned_llava(config):
                 out.append(with_bias(*keep_rows(self, config, f, tap.image(i, f.shape[0]) if tap else None)[1:]))
             return out
 
-    PrunedLlava.vtprune_parts = (PrunedLlavaInfo,)  # what serving.needs checks against vLLM
+    PrunedLlava.vtprune_parts = (PrunedLlavaInfo, Processor)  # what serving.needs checks against vLLM
     return PrunedLlava

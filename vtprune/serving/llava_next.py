@@ -24,6 +24,7 @@ from ..families.llava import LLAVA_NEXT
 from .slot_bias import Weighing
 from .bindings import bind
 from .llava import tap_clip
+from .request_keep import budgeted
 from .rows import attach, keep_rows, kept_count, with_bias
 
 
@@ -74,7 +75,8 @@ def pruned_llava_next(config):
                                  f"in vLLM, {layout.n} by its packing of patch indices")
             return kept_count(config, n, layout=layout)
 
-    @MULTIMODAL_REGISTRY.register_processor(LlavaNextMultiModalProcessor, info=PrunedLlavaNextInfo,
+    Processor = budgeted(LlavaNextMultiModalProcessor, config)  # a request's own keep (vtprune.serving.request_keep)
+    @MULTIMODAL_REGISTRY.register_processor(Processor, info=PrunedLlavaNextInfo,
                                             dummy_inputs=LlavaDummyInputsBuilder)
     class PrunedLlavaNext(Weighing, LlavaNextForConditionalGeneration):
         vtprune_config = config
@@ -104,5 +106,5 @@ def pruned_llava_next(config):
                 start += tiles[i] if tiles is not None else 0
             return out
 
-    PrunedLlavaNext.vtprune_parts = (PrunedLlavaNextInfo,)  # what serving.needs checks against vLLM
+    PrunedLlavaNext.vtprune_parts = (PrunedLlavaNextInfo, Processor)  # what serving.needs checks against vLLM
     return PrunedLlavaNext

@@ -20,6 +20,7 @@ from vtprune.patches.llava_onevision import packed_onevision_layout
 
 from ..families.llava_onevision import LLAVA_ONEVISION
 from .bindings import bind
+from .request_keep import budgeted
 from .rows import attach, keep_rows, kept_count, with_bias
 from .slot_bias import Weighing
 
@@ -64,7 +65,8 @@ def pruned_llava_onevision(config):
                                  f"tokens in vLLM, {layout.n} by its packing of patch indices")
             return kept_count(config, n, layout=layout)
 
-    @MULTIMODAL_REGISTRY.register_processor(LlavaOnevisionMultiModalProcessor, info=PrunedLlavaOnevisionInfo,
+    Processor = budgeted(LlavaOnevisionMultiModalProcessor, config)  # a request's own keep
+    @MULTIMODAL_REGISTRY.register_processor(Processor, info=PrunedLlavaOnevisionInfo,
                                             dummy_inputs=LlavaOnevisionDummyInputsBuilder)
     class PrunedLlavaOnevision(Weighing, LlavaOnevisionForConditionalGeneration):
         vtprune_config = config
@@ -86,5 +88,5 @@ def pruned_llava_onevision(config):
                 out.append(with_bias(*keep_rows(self, config, rows, None, layout=layout)[1:]))
             return out
 
-    PrunedLlavaOnevision.vtprune_parts = (PrunedLlavaOnevisionInfo,)  # what serving.needs checks against vLLM
+    PrunedLlavaOnevision.vtprune_parts = (PrunedLlavaOnevisionInfo, Processor)  # what serving.needs checks against vLLM
     return PrunedLlavaOnevision

@@ -28,6 +28,7 @@ import torch
 from ..families.qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_5, QWEN3_5_MOE, QWEN3_VL, QWEN3_VL_MOE, merged_sources
 from .slot_bias import Weighing
 from .bindings import bind
+from .request_keep import budgeted
 from .rows import attach, keep_rows, kept_count, layout_of, with_bias
 
 
@@ -150,7 +151,8 @@ def pruned_qwen(config, model_type: str, mixin: type | None = None):
                 updates.append(update)
             return updates
 
-    @MULTIMODAL_REGISTRY.register_processor(PrunedQwenProcessor, info=PrunedQwenInfo, dummy_inputs=Dummy)
+    Processor = budgeted(PrunedQwenProcessor, config)  # a request's own keep (vtprune.serving.request_keep)
+    @MULTIMODAL_REGISTRY.register_processor(Processor, info=PrunedQwenInfo, dummy_inputs=Dummy)
     class PrunedQwen(Weighing, *(mixin,) * (mixin is not None), Model, SupportsMultiModalPruning):
         vtprune_config = config
         recompute_mrope_positions = recompute_mrope_positions
@@ -191,7 +193,7 @@ def pruned_qwen(config, model_type: str, mixin: type | None = None):
             return out
 
     PrunedQwen.__name__ = PrunedQwen.__qualname__ = f"Pruned{prefix}"
-    PrunedQwen.vtprune_parts = (PrunedQwenInfo, PrunedQwenProcessor)  # what serving.needs checks against vLLM
+    PrunedQwen.vtprune_parts = (PrunedQwenInfo, Processor)  # what serving.needs checks against vLLM
     return PrunedQwen
 
 

@@ -9,6 +9,7 @@ import torch
 
 from ..choose import Seen, choose
 from ..layout import ImageLayout
+from . import request_keep
 
 
 def layout_of(n: int, grid=None) -> ImageLayout:
@@ -28,8 +29,9 @@ def layout_of(n: int, grid=None) -> ImageLayout:
 def kept_count(config, n: int, grid=None, layout=None) -> int:
     """How many of an image's ``n`` tokens (on ``grid``, or a full ``layout``) the served method keeps
     (``Selector.kept_count``): a function of the image's layout and ``keep`` only, as vLLM sizes a prompt
-    before the image is encoded."""
-    return config.kept_count(layout if layout is not None else layout_of(n, grid))
+    before the image is encoded; the ``keep`` of the request being processed where it gives one
+    (``vtprune.serving.request_keep``)."""
+    return request_keep.kept_count(config, layout if layout is not None else layout_of(n, grid))
 
 
 def select(config, features: torch.Tensor, generator, tower: dict | None = None, grid=None, layout=None) -> tuple:
@@ -72,7 +74,11 @@ def attach(model, config):
 
 
 def keep_rows(model, config, rows: torch.Tensor, tower=None, grid=None, layout=None) -> tuple:
-    """``select`` for a served ``model`` (``attach``-ed): its generator, its log of kept indices."""
+    """``select`` for a served ``model`` (``attach``-ed): its generator, its log of kept indices, the next image's
+    budget where its request gave one (``Weighing.embed_multimodal`` queues them)."""
+    budgets = getattr(model, "vtprune_budgets", None)
+    if budgets:
+        config = budgets.popleft()
     kept, rows, bias = select(config, rows, model.vtprune_generator, tower, grid, layout)
     model.vtprune_kept.append(kept.tolist())
     return kept, rows, bias

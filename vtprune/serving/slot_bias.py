@@ -13,11 +13,28 @@ backend only (the kernel takes no per-key bias); its cache layout is checked on 
 
 from __future__ import annotations
 
+import collections
+import functools
+
 import torch
 
 
 class Weighing:
-    """Mixed in first: strips the bias column off the multimodal embeddings before vLLM merges them."""
+    """Mixed in first: strips the bias column off the multimodal embeddings before vLLM merges them, and queues
+    each image's budget (``vtprune.serving.request_keep``) for ``keep_rows``."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("embed_multimodal")
+        if own is not None:  # a binding's: its images' budgets first
+            @functools.wraps(own)
+            def embed_multimodal(self, **inputs):
+                from .request_keep import FIELD, decode
+
+                self.vtprune_budgets = collections.deque(decode(self.vtprune_config, inputs.pop(FIELD, None)))
+                return own(self, **inputs)
+
+            cls.embed_multimodal = embed_multimodal
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *args, is_multimodal=None, **kwargs):
         bias = getattr(self, "vtprune_bias", None)

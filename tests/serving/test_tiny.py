@@ -81,13 +81,15 @@ def _build(model_type, folder):
                                               ("qwen3_vl", "divprune:summary=2", 0.25),
                                               ("qwen3_vl_moe", "divprune", 0.1),  # the MoE language model
                                               ("llava_onevision", "divprune", 0.25),  # SigLIP, anyres-max packing
+                                              ("llava_onevision", "fastervlm", 0.25),  # its received attention
                                               # per-layer inputs and shared keys and values, windows on the
                                               # aspect ratio's grid
                                               ("gemma4", None, 1.0), ("gemma4", "divprune", 0.25),
                                               ("gemma4", "pool", 0.25),
                                               # Gemma 3: a square grid of pooled tokens, positions numbered afresh
                                               ("gemma3", None, 1.0), ("gemma3", "divprune", 0.25),
-                                              ("gemma3", "pool", 0.25),
+                                              ("gemma3", "pool", 0.25), ("gemma3", "fastervlm", 0.25),
+                                              ("gemma3", "holov", 0.25),  # SigLIP's received attention
                                               # GLM-4.1V: Qwen's binding, its placeholders numbered from the
                                               # image grid; the tower's received attention
                                               ("glm4v", None, 1.0), ("glm4v", "divprune", 0.25),

@@ -5,12 +5,15 @@ projector): the prompt's image sequence keeps ``kept_count`` of them and the ima
 that grid.  Positions are numbered afresh (vLLM numbers the shortened prompt: ``positions="renumber"`` on the HF
 wrap).  An image's tokens attend to each other both ways on vLLM's GPU attention backends (``mm_prefix``: the
 kept tokens' block, as the HF wrap rebuilds Gemma's masks over them); vLLM's CPU attention has no such blocks and
-runs them causally, stock or pruned alike.  Methods that read the tower's attention are not served here yet.
+runs them causally, stock or pruned alike.  [CLS] methods read the attention each patch receives in SigLIP's last
+layer (no [CLS] there; ``source="received"``, the HF path's default), summed over the patches each token pools.
 """
 
 from __future__ import annotations
 
 import math
+
+from vtprune.patches.gemma3 import pooled_sources
 
 from ..families.gemma import GEMMA3
 from ..layout import ImageLayout
@@ -21,12 +24,29 @@ from .slot_bias import Weighing
 
 
 def image_layout(config) -> ImageLayout:
-    """The square grid of one Gemma 3 image's ``mm_tokens_per_image`` tokens."""
+    """The square grid of one Gemma 3 image's ``mm_tokens_per_image`` tokens, each pooling a block of the tower's
+    patches (``source``, as the HF adapter lays it out)."""
     side = math.isqrt(config.mm_tokens_per_image)
-    return ImageLayout.from_grids([(side, side)])
+    layout = ImageLayout.from_grids([(side, side)])
+    layout.source = pooled_sources(config.vision_config.image_size // config.vision_config.patch_size, side)
+    return layout
 
 
-@bind(GEMMA3, tower=False)
+def tap_siglip(model, config):
+    """Hook the SigLIP tower of vLLM's Gemma 3 ``model`` for a [CLS] method: the attention each patch receives in
+    the layer the projector pools (its last)."""
+    from .tower import TowerTap, hook_qkv
+
+    layers = model.vision_tower.vision_model.encoder.layers
+    tap = TowerTap(config, len(layers), len(layers) - 1, default_score=GEMMA3.default_score)
+    if tap.kind != "received":
+        raise ValueError(f"{config.name}: the SigLIP tower has no [CLS] token; it reads the attention each patch "
+                         "receives instead (source='received', the default here)")
+    hook_qkv(tap, config, layers)
+    return tap
+
+
+@bind(GEMMA3)
 def pruned_gemma3(config):
     from vllm.model_executor.models.gemma3_mm import (Gemma3DummyInputsBuilder, Gemma3ForConditionalGeneration,
                                                       Gemma3MultiModalProcessor, Gemma3ProcessingInfo)
@@ -66,13 +86,21 @@ def pruned_gemma3(config):
         def __init__(self, *, vllm_config, prefix: str = ""):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             attach(self, config)
+            self.vtprune_tap = tap_siglip(self, config) if config.needs_cls else None
 
         def embed_multimodal(self, **kwargs):
             given = self._parse_and_validate_image_input(**kwargs)
             if given is None:
                 return []
-            return [with_bias(*keep_rows(self, config, rows, None, layout=image_layout(self.config))[1:])
-                    for rows in self._process_image_input(given)]
+            tap = self.vtprune_tap
+            if tap is not None:
+                tap.clear()
+            out = []
+            for i, rows in enumerate(self._process_image_input(given)):  # (one tower image each: no crops)
+                layout = image_layout(self.config)
+                tower = tap.tiles(i, 1, layout) if tap is not None else None
+                out.append(with_bias(*keep_rows(self, config, rows, tower, layout=layout)[1:]))
+            return out
 
     PrunedGemma3.vtprune_parts = (PrunedGemma3Info, Processor)  # what serving.needs checks against vLLM
     return PrunedGemma3

@@ -14,7 +14,7 @@ from .rows import attach, keep_rows, kept_count, with_bias
 def tap_clip(model, config):
     """Hook the CLIP tower of vLLM's LLaVA ``model`` for a [CLS] method: a ``TowerTap`` fed by the
     fused q/k/v projection of every layer the method reads (and the projector, for merging)."""
-    from .tower import TowerTap
+    from .tower import TowerTap, hook_qkv
 
     hf = model.config
     n = hf.vision_config.num_hidden_layers
@@ -23,22 +23,7 @@ def tap_clip(model, config):
     if tower is None or not hasattr(tower, "pre_layrnorm"):
         raise ValueError(f"{config.name} reads a CLIP tower's [CLS] attention; this LLaVA's tower is "
                          f"{type(model.vision_tower).__name__}")
-    layers = tower.encoder.layers
-    for layer in tap.layers:
-        if layer >= len(layers):
-            raise ValueError(f"{config.name} reads vision-tower layer {layer}, past the {len(layers)} layers vLLM "
-                             "builds for the layer the projector reads")
-        attn = layers[layer].self_attn
-        if attn.num_heads_per_partition != attn.num_heads:
-            raise ValueError(f"{config.name} averages the tower's attention over all heads; vLLM splits them over "
-                             "tensor-parallel ranks here: serve it with tensor_parallel_size=1 or "
-                             "mm_encoder_tp_mode='data'")
-
-        def on_qkv(module, args, out, layer=layer, heads=attn.num_heads, scale=attn.scale):
-            q, k, _ = out[0].chunk(3, dim=-1)
-            tap.on_qkv(layer, q, k, heads, scale)
-
-        attn.qkv_proj.register_forward_hook(on_qkv)
+    hook_qkv(tap, config, tower.encoder.layers)
     if config.merges:
         model.multi_modal_projector.register_forward_pre_hook(
             lambda module, args: (tap.on_projector(args[0]), *args[1:]))

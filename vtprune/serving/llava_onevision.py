@@ -6,7 +6,9 @@ grid with a newline after every row, shrunk by bilinear interpolation past ``any
 9 whatever the config says).  The layout is read off vLLM's own packing of each patch's (index, row, column)
 (``vtprune.patches.llava_onevision.packed_onevision_layout``, as the HF adapter reads transformers'); every
 newline is kept (``newlines="all"``: vLLM sizes the prompt before the image is encoded) and positions are
-numbered afresh (``positions="renumber"``).  Methods that read the tower's attention are not served here yet.
+numbered afresh (``positions="renumber"``).  [CLS] methods read the attention each patch receives in the SigLIP
+layer the projector reads (no [CLS] there: ``source="received"``, the HF path's default), per tile, mapped onto the
+tokens by the layout's sources (an interpolated token: the patch nearest to where it samples), as on the HF path.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from vtprune.patches.llava_onevision import packed_onevision_layout
 
+from ..families import feature_layer
 from ..families.llava_onevision import LLAVA_ONEVISION
 from .bindings import bind
 from .request_keep import budgeted
@@ -48,7 +51,22 @@ def image_layout(hf, image_size):
     return _LAYOUTS[key]
 
 
-@bind(LLAVA_ONEVISION, tower=False)
+def tap_siglip(model, config):
+    """Hook the SigLIP tower of vLLM's LLaVA-OneVision ``model`` for a [CLS] method: the attention each patch
+    receives in the layer the projector reads, per tile."""
+    from .tower import TowerTap, hook_qkv
+
+    hf = model.config
+    n = hf.vision_config.num_hidden_layers
+    tap = TowerTap(config, n, feature_layer(hf.vision_feature_layer, n), default_score=LLAVA_ONEVISION.default_score)
+    if tap.kind != "received":
+        raise ValueError(f"{config.name}: the SigLIP tower has no [CLS] token; it reads the attention each patch "
+                         "receives instead (source='received', the default here)")
+    hook_qkv(tap, config, model.vision_tower.vision_model.encoder.layers)
+    return tap
+
+
+@bind(LLAVA_ONEVISION)
 def pruned_llava_onevision(config):
     from vllm.model_executor.models.llava_onevision import (LlavaOnevisionDummyInputsBuilder,
                                                             LlavaOnevisionForConditionalGeneration,
@@ -74,18 +92,26 @@ def pruned_llava_onevision(config):
         def __init__(self, *, vllm_config, prefix: str = ""):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             attach(self, config)
+            self.vtprune_tap = tap_siglip(self, config) if config.needs_cls else None
 
         def embed_multimodal(self, **kwargs):
             image_input = self._parse_and_validate_image_input(**kwargs)
             if image_input is None:
                 return []
+            tap = self.vtprune_tap
+            if tap is not None:
+                tap.clear()
             sizes = image_input.get("image_sizes")
-            out = []
+            pixels = image_input.get("pixel_values")
+            tiles = [int(p.shape[0]) for p in pixels] if pixels is not None else None  # the tower batch, in order
+            out, start = [], 0
             for i, rows in enumerate(self._process_image_input(image_input)):
                 layout = image_layout(self.config, sizes[i]) if sizes is not None else None
                 if layout is None or layout.n != rows.shape[0]:
                     raise ValueError("vtprune serving needs each LLaVA-OneVision image's size to read its packing")
-                out.append(with_bias(*keep_rows(self, config, rows, None, layout=layout)[1:]))
+                tower = tap.tiles(start, tiles[i], layout) if tap is not None else None
+                out.append(with_bias(*keep_rows(self, config, rows, tower, layout=layout)[1:]))
+                start += tiles[i] if tiles is not None else 0
             return out
 
     PrunedLlavaOnevision.vtprune_parts = (PrunedLlavaOnevisionInfo, Processor)  # what serving.needs checks against vLLM

@@ -18,6 +18,26 @@ from ..runtime.capture import merge_tiles
 from ..tower_scores import SCORES, head_mean, leading_sources, per_tile
 
 
+def hook_qkv(tap, config, layers):
+    """Feed ``tap`` from the fused q/k/v projection (``self_attn.qkv_proj``) of the vLLM tower ``layers`` (CLIP's or
+    SigLIP's encoder layers) the method reads."""
+    for layer in tap.layers:
+        if layer >= len(layers):
+            raise ValueError(f"{config.name} reads vision-tower layer {layer}, past the {len(layers)} layers vLLM "
+                             "builds for the layer the projector reads")
+        attn = layers[layer].self_attn
+        if attn.num_heads_per_partition != attn.num_heads:
+            raise ValueError(f"{config.name} averages the tower's attention over all heads; vLLM splits them over "
+                             "tensor-parallel ranks here: serve it with tensor_parallel_size=1 or "
+                             "mm_encoder_tp_mode='data'")
+
+        def on_qkv(module, args, out, layer=layer, heads=attn.num_heads, scale=attn.scale):
+            q, k, _ = out[0].chunk(3, dim=-1)
+            tap.on_qkv(layer, q, k, heads, scale)
+
+        attn.qkv_proj.register_forward_hook(on_qkv)
+
+
 class TowerTap:
     def __init__(self, config, n_layers: int, feature_layer: int, default_score: str = "cls"):
         self.config = config

@@ -53,7 +53,8 @@ BAD = [
     (["demo", "--video", "--method", "downsample"], "clips have one size"),
     (["demo", "--video", "--method", "evss"], "did you mean 'evs'"),
     (["calibrate", "var", "--model", "toy-video"], "calibrate reads images"),
-    (["serve", "toy-video"], "does not serve the toy video model"),
+    (["serve", "toy", "--method", "evs"], "evs ranks a video's tokens across its frames"),
+    (["serve", "toy-video", "--method", "evs", "--video-pruning-rate", "0.5"], "leave them out"),
     (["nosuchcommand"], "invalid choice"),
 ]
 

@@ -367,9 +367,6 @@ def _check_toy_task(args):
 def _check_serve(args):
     import importlib.util
 
-    if args.model == "toy-video":
-        raise UsageError("vtprune serve does not serve the toy video model yet (video requests are not pruned in "
-                         "vLLM yet); try --model toy")
     from vtprune.serving import SERVED_TYPES, check
     from vtprune.spec import parse_spec
 
@@ -383,9 +380,10 @@ def _check_serve(args):
         check(names[0], keeps[0], options, None)
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from None
-    if importlib.util.find_spec("vllm") is None:
-        raise UsageError("vtprune serve needs vLLM: build the serving venv (bash scripts/vllm_cpu_env.sh DIR) and run "
-                         "DIR/bin/vtprune serve there")
+    given = [a.split("=")[0] for a in args.vllm_args]
+    if "--video-pruning-rate" in given or "--video-pruning-method" in given:
+        raise UsageError("--video-pruning-rate/--video-pruning-method: vtprune prunes a served model's videos by "
+                         "--method and --keep (vLLM's EVS would not run); leave them out")
     model_type = _check_model(args.model)
     if model_type not in SERVED_TYPES:
         raise UsageError(f"--model {args.model} is a {model_type!r} model; vtprune serving runs "
@@ -394,6 +392,9 @@ def _check_serve(args):
         args.config = check(names[0], keeps[0], options, model_type)
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from None
+    if importlib.util.find_spec("vllm") is None:
+        raise UsageError("vtprune serve needs vLLM: build the serving venv (bash scripts/vllm_cpu_env.sh DIR) and run "
+                         "DIR/bin/vtprune serve there")
     args.model_type = model_type
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must lie in 1..65535, got {args.port}")
@@ -422,6 +423,9 @@ def _serve(args) -> int:
     if args.model == "toy":
         command += ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
                     "--limit-mm-per-prompt", '{"image": 1}', "--served-model-name", "toy"]
+    elif args.model == "toy-video":
+        command += ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
+                    "--limit-mm-per-prompt", '{"image": 0, "video": 1}', "--served-model-name", "toy-video"]
     elif refused_media(args.model_type):  # vLLM refuses video requests up front
         command += ["--limit-mm-per-prompt", json.dumps(refused_media(args.model_type))]
     if args.request_keep:  # vLLM refuses a request's mm_processor_kwargs without it

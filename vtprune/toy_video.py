@@ -225,6 +225,18 @@ def prompt(question: str) -> str:
     return f"<s> USER: {VISION_START}{VIDEO_PAD}{VISION_END} {question} ASSISTANT:"
 
 
+def served_prompt(question: str) -> str:
+    """:func:`prompt` as a served processor takes it (``vtprune serve toy-video``): the clip named by its bare video
+    token, which transformers 5's processor expands into every slice's timestamp, start, tokens and end."""
+    return f"<s> USER: {VIDEO_PAD} {question} ASSISTANT:"
+
+
+def video_metadata() -> dict:
+    """What vLLM is told of a toy clip (its frames come as they are: no sampling, no resize)."""
+    return {"fps": FPS, "frames_indices": list(range(FRAMES)), "total_num_frames": FRAMES, "duration": FRAMES / FPS,
+            "video_backend": "opencv"}
+
+
 def prompt_ids(question: str) -> list:
     """Token ids of :func:`prompt` with the clip expanded (what the model is fed)."""
     v = vocab()

@@ -36,24 +36,30 @@ from .config import ENV, config_from_env  # noqa: F401  (re-exported)
 # how vLLM positions a pruned prompt, as the HF wrap's ``positions`` option names it: 1-D positions (LLaVA,
 # LLaVA-NeXT, InternVL) are numbered afresh; mrope positions (Qwen) are rewritten as EVS does (the original ones)
 POSITIONS_OF = {"1d": "renumber", "mrope": "original"}
-MEDIA = ("image",)  # what the bindings prune; vLLM refuses a served model's other media up front
 SERVED = {arch: family.name for arch, family in served().items()}  # the tree's: architecture -> model_type
 SERVED_TYPES = tuple(sorted(set(SERVED.values())))
 POSITIONS = {name: POSITIONS_OF[families.get(name).positions] for name in SERVED_TYPES}
 
 
 def refused_media(model_type: str | None) -> dict:
-    """``{medium: 0}`` for what a served ``model_type`` model takes but the bindings do not prune (vLLM's
+    """``{medium: 0}`` for what a served ``model_type`` model takes but its binding does not prune (vLLM's
     ``limit_mm_per_prompt``: it refuses such requests up front)."""
-    return {m: 0 for m in families.get(model_type).media if m not in MEDIA} if model_type else {}
+    if not model_type:
+        return {}
+    pruned = bindings.media(model_type)
+    return {m: 0 for m in families.get(model_type).media if m not in pruned}
 
 
 def servable() -> list:
-    """The registered methods vLLM can serve somewhere: pre-LLM selectors that read no prompt text."""
+    """The registered methods vLLM can serve somewhere: pre-LLM selectors that read no prompt text (video methods that
+    keep a clip's tokens as they are)."""
     from .. import methods
 
+    from .qwen_video import servable as clip_servable
+
     return [name for name in methods.available() if methods.get(name).stage == "select"
-            and not methods.get(name).needs_text and not methods.get(name).temporal]
+            and not methods.get(name).needs_text
+            and not (methods.get(name).temporal and clip_servable(methods.get(name)()))]  # (merging clip methods)
 
 
 def check(method: str, keep, options: dict, model_type: str | None = "llava"):
@@ -68,9 +74,10 @@ def check(method: str, keep, options: dict, model_type: str | None = "llava"):
     if cls.stage != "select":
         raise ValueError(f"vtprune serving runs pre-LLM selectors ({', '.join(servable())}); {method} acts "
                          f"{STAGES.get(cls.stage, 'elsewhere')}, which vtprune serving does not reach yet")
-    if cls.temporal:
-        raise ValueError(f"vtprune serving prunes images; {method} ranks a video's tokens across its frames (for "
-                         f"videos in vLLM, its own --video-pruning-method evs|vidcom2 serves Qwen2.5-VL and Qwen3-VL)")
+    if cls.temporal and model_type is not None and "video" not in bindings.media(model_type):
+        videos = ", ".join(sorted(n for n in SERVED_TYPES if "video" in bindings.media(n)))
+        raise ValueError(f"vtprune serving prunes {model_type}'s images; {method} ranks a video's tokens across its "
+                         f"frames: vtprune serves videos on {videos}")
     if cls.needs_text:
         raise ValueError(f"vtprune serving cannot run {method}: it reads the prompt's instruction, and vLLM encodes "
                          "an image (and caches its embedding) apart from the prompt")
@@ -99,6 +106,11 @@ def check(method: str, keep, options: dict, model_type: str | None = "llava"):
     if family is not None and config.merges and family.merges_before_projector:
         raise ValueError(f"{method} merges tower tokens before the projector, which the {family.tower} tower's "
                          "patch merger does not take (as on the HF path)")
+    if cls.temporal and model_type is not None:
+        from .qwen_video import servable as clip_servable
+
+        if why := clip_servable(config):
+            raise ValueError(f"vtprune serving cannot run {method} on a clip: {why}")
     try:  # on an image laid out as the family lays one out
         config.kept_count(family.example_layout() if family is not None else ImageLayout.from_grids([(4, 4)]))
     except NotApplicable as err:
@@ -114,7 +126,10 @@ STAGES = {"llm": "inside the language model", "attention": "on the language mode
 
 def model_dir(model: str) -> str:
     """A folder vLLM loads: ``"toy"`` becomes a copy of the shipped toy model with the vision tower's keys
-    named as vLLM's CLIP expects and without the DyVTE routers (vLLM loads every safetensors file)."""
+    named as vLLM's CLIP expects and without the DyVTE routers (vLLM loads every safetensors file);
+    ``"toy-video"`` one of the toy video model with its processor (``toy_video_dir``)."""
+    if model == "toy-video":
+        return toy_video_dir()
     if model != "toy":
         return model
     import shutil
@@ -133,6 +148,39 @@ def model_dir(model: str) -> str:
         if not name.endswith(".safetensors"):
             shutil.copy(os.path.join(DEFAULT_PATH, name), out)
     save_file(clip_keys_for_vllm(load_file(source)), marker)
+    return out
+
+
+def toy_video_dir() -> str:
+    """The toy video model (a tiny Qwen3-VL) with the processor vLLM runs it through: 128 x 128 frames at 1 fps
+    as they are (16-pixel patches, 2 frames a temporal slice, merged 2 x 2), normalised as it was trained, and
+    a chat template that names a clip by its bare video token (transformers 5's processor adds each frame's
+    timestamp and start and end tokens, as the toy's training prompts have them: ``toy_video.served_prompt``)."""
+    import shutil
+
+    import transformers as tf
+
+    from .. import toy_video as tv
+
+    out = os.path.join(os.path.expanduser(os.environ.get("VTPRUNE_CACHE", "~/.cache/vtprune")), "toy_video_vllm")
+    marker = os.path.join(out, "video_preprocessor_config.json")
+    source = os.path.join(tv.DEFAULT_PATH, "model.safetensors")
+    if os.path.exists(marker) and os.path.getmtime(marker) >= os.path.getmtime(source):
+        return out
+    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(tv.DEFAULT_PATH):
+        shutil.copy(os.path.join(tv.DEFAULT_PATH, name), out)
+    pixels = tv.FRAMES * tv.FRAME * tv.FRAME
+    half = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    image = tf.Qwen2VLImageProcessor(patch_size=tv.PATCH, merge_size=tv.MERGE, temporal_patch_size=tv.TEMPORAL,
+                                     min_pixels=tv.FRAME ** 2, max_pixels=tv.FRAME ** 2, **half)
+    video = tf.Qwen3VLVideoProcessor(size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=tv.PATCH,
+                                     merge_size=tv.MERGE, temporal_patch_size=tv.TEMPORAL, do_sample_frames=False,
+                                     fps=tv.FPS, **half)
+    template = tv.CHAT_TEMPLATE.replace(f"{tv.VISION_START}{tv.VIDEO_PAD}{tv.VISION_END}", tv.VIDEO_PAD)
+    processor = tf.Qwen3VLProcessor(image_processor=image, tokenizer=tf.AutoTokenizer.from_pretrained(out),
+                                    video_processor=video, chat_template=template)
+    processor.save_pretrained(out)
     return out
 
 
@@ -177,6 +225,9 @@ def LLM(model, method: str = "random", keep=1.0, **kwargs):
     ``kwargs`` go to ``vllm.LLM`` (method options go in ``options=``)."""
     options = kwargs.pop("options", {}) or {}
     check(method, keep, options, None)  # a bad method or budget says so before the toy folder is written
+    if kwargs.get("video_pruning_rate"):
+        raise ValueError("video_pruning_rate: vtprune prunes a served model's videos by its own method and keep "
+                         "(vLLM's EVS would not run); leave it out")
     folder = os.path.expanduser(model_dir(model))
     model_type = check_architecture(folder)
     config = check(method, keep, options, model_type)
@@ -196,6 +247,10 @@ def LLM(model, method: str = "random", keep=1.0, **kwargs):
         kwargs.setdefault("dtype", "float32")
         kwargs.setdefault("max_model_len", 512)
         kwargs.setdefault("limit_mm_per_prompt", {"image": 1})
+    if model == "toy-video":
+        kwargs.setdefault("dtype", "float32")
+        kwargs.setdefault("max_model_len", 1024)
+        kwargs.setdefault("limit_mm_per_prompt", {"image": 0, "video": 1})
     if refused_media(model_type):  # vLLM refuses the media the bindings do not prune (videos) up front
         kwargs["limit_mm_per_prompt"] = {**kwargs.get("limit_mm_per_prompt", {}), **refused_media(model_type)}
     return vllm.LLM(model=folder, **kwargs)

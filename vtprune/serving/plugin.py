@@ -27,6 +27,16 @@ def register():
 
         is_multimodal_pruning_enabled.vtprune = True
         MultiModalConfig.is_multimodal_pruning_enabled = is_multimodal_pruning_enabled
+    # vLLM's Qwen3-VL lays a pruned clip out (its placeholders, its frames' positions) only under a video-pruning
+    # spec; vtprune's count and selection stand in for EVS's there (vtprune.serving.qwen_video), so the rate
+    # named here is never used
+    spec = MultiModalConfig.get_video_pruning_spec
+    if not getattr(spec, "vtprune", False):
+        def get_video_pruning_spec(self):
+            return spec(self) or ("evs", 0.5)
+
+        get_video_pruning_spec.vtprune = True
+        MultiModalConfig.get_video_pruning_spec = get_video_pruning_spec
     _cpu_runner_reads_the_flag()
 
 

@@ -21,12 +21,12 @@ only.  GLM-4.1V shares this binding (``vtprune.serving.glm4v``).
 from __future__ import annotations
 
 import functools
-from types import SimpleNamespace
 
 import torch
 
 from ..families.qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_5, QWEN3_5_MOE, QWEN3_VL, QWEN3_VL_MOE, merged_sources
 from .slot_bias import Weighing
+from . import qwen_video
 from .bindings import bind
 from .request_keep import budgeted
 from .rows import attach, keep_rows, kept_count, layout_of, with_bias
@@ -98,18 +98,43 @@ CLASSES = {  # model type -> vLLM module, the prefix of its model and info class
 }
 
 
+VIDEO_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")  # videos through vLLM's EVS path (qwen_video)
+
+
 def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
-    """Qwen2.5-VL's ``recompute_mrope_positions`` (EVS's: four channels) on this model's media tokens; GLM-4.1V names
-    its media-start token ``image_start_token_id``."""
-    from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+    """EVS's rewrite of the mrope positions of this model's media (vLLM's ``recompute_mrope_positions``): vtprune's
+    image rows carry four position channels (Qwen2.5-VL's: the text after an image continues at its extent, as
+    transformers numbers it), vLLM's clip rows five (Qwen3-VL's: timestamps and each frame's start ride along).
+    GLM-4.1V names its media-start token ``image_start_token_id``."""
+    from vllm.multimodal.video_prune.evs import recompute_mrope_positions as recompute
 
     config = self.config
     start = getattr(config, "vision_start_token_id", None)
-    tokens = SimpleNamespace(image_token_id=config.image_token_id, video_token_id=config.video_token_id,
-                             vision_start_token_id=config.image_start_token_id if start is None else start)
-    return Qwen2_5_VLForConditionalGeneration.recompute_mrope_positions(SimpleNamespace(config=tokens), input_ids,
-                                                                        multimodal_embeddings, mrope_positions,
-                                                                        num_computed_tokens)
+    width = self.vtprune_width
+    rows, channels = [], []
+    for mm in multimodal_embeddings:
+        k = mm.shape[1] - width
+        if k not in (4, 5):
+            raise RuntimeError(f"vtprune: a media embedding of width {mm.shape[1]} for features of width {width}")
+        rows.append(mm[:, :-k])
+        channels.append(mm[:, -k:].permute(1, 0).long())
+    device = multimodal_embeddings[0].device if len(multimodal_embeddings) else mrope_positions.device
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+    with _sync_allowed():
+        positions, delta = recompute(ids, channels, mrope_positions, num_computed_tokens,
+                                     config.image_start_token_id if start is None else start, config.image_token_id,
+                                     config.video_token_id)
+    return rows, positions, delta
+
+
+def _sync_allowed():
+    try:
+        from vllm.utils.gpu_sync_debug import gpu_sync_allowed
+    except ImportError:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return gpu_sync_allowed()
 
 
 def pruned_qwen(config, model_type: str, mixin: type | None = None):
@@ -122,6 +147,8 @@ def pruned_qwen(config, model_type: str, mixin: type | None = None):
 
     module, prefix, processing = CLASSES[model_type]
     module = importlib.import_module(module)
+    if model_type in VIDEO_TYPES:
+        qwen_video.install()
     Model = getattr(module, f"{prefix}ForConditionalGeneration")
     Processor = getattr(module, f"{processing}MultiModalProcessor")
     Info = getattr(module, f"{prefix}ProcessingInfo")
@@ -161,14 +188,30 @@ def pruned_qwen(config, model_type: str, mixin: type | None = None):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             attach(self, config)
             self.vtprune_tap = tap_qwen(self, config) if config.needs_cls else None
+            hf = self.config  # a media row: the features (and deepstack's), the bias column, the position channels
+            deepstack = getattr(hf.vision_config, "deepstack_visual_indexes", None) or ()
+            self.vtprune_width = hf.get_text_config().hidden_size * (1 + len(deepstack)) + int(config.weighs)
 
         def embed_multimodal(self, **kwargs):
-            inputs = self._parse_and_validate_multimodal_inputs(**kwargs)  # Qwen2-VL's keys are plural
-            if "video" in inputs or "videos" in inputs:
-                raise ValueError("vtprune serving prunes images; this Qwen model was given a video")
-            if not inputs:
-                return []
-            image_input = inputs.get("image", inputs.get("images"))
+            out = []
+            for modality, given in self._parse_and_validate_multimodal_inputs(**kwargs).items():  # in their order
+                if modality in ("image", "images"):  # (Qwen2-VL's keys are plural)
+                    out += self._vtprune_images(given)
+                elif model_type in VIDEO_TYPES:
+                    out += self._vtprune_clips(given)
+                else:
+                    raise ValueError(f"vtprune serving prunes this {model_type} model's images; it was given a video")
+            return out
+
+        def _vtprune_clips(self, given):
+            """vLLM's own video path (EVS's placeholders and positions) with vtprune's selection (``qwen_video``)."""
+            token = qwen_video.MODEL.set(self)
+            try:
+                return list(self._postprocess_video_embeds_evs(self._process_video_input(given), given))
+            finally:
+                qwen_video.MODEL.reset(token)
+
+        def _vtprune_images(self, image_input):
             merge = self.visual.spatial_merge_size
             width = getattr(self, "visual_dim", None)  # Qwen3-VL: the deepstack features follow in each row
             tap = self.vtprune_tap
@@ -198,4 +241,5 @@ def pruned_qwen(config, model_type: str, mixin: type | None = None):
 
 
 for _family in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL, QWEN3_VL_MOE, QWEN3_5, QWEN3_5_MOE):
-    bind(_family)(functools.partial(pruned_qwen, model_type=_family.name))
+    bind(_family, media=("image", "video") if _family.name in VIDEO_TYPES else ("image",))(
+        functools.partial(pruned_qwen, model_type=_family.name))

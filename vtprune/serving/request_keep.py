@@ -24,7 +24,9 @@ import torch
 
 KEY = "vtprune"  # the request's mm_processor_kwargs key
 FIELD = "vtprune_keep"  # each image item's budget: [numerator, denominator, is a count]
+FIELD_VIDEO = "vtprune_keep_video"  # each video item's (vtprune.serving.qwen_video)
 _current = contextvars.ContextVar("vtprune_request_keep", default=None)
+_served = contextvars.ContextVar("vtprune_served", default=None)
 
 
 def parse(config, given):
@@ -58,6 +60,11 @@ def _with_keep(text: str, keep):
 def current(config):
     """The config of the request being processed, ``config`` (the server's) outside one or where it asks for none."""
     return _current.get() or config
+
+
+def serving():
+    """The server's config while a vtprune-served processor processes a request, else None."""
+    return _served.get()
 
 
 def kept_count(config, layout) -> int:
@@ -100,22 +107,26 @@ def budgeted(Processor, config):
     class Budgeted(Processor):
         def apply(self, inputs, timing_ctx):
             token = _current.set(parse(config, (inputs.hf_processor_mm_kwargs or {}).get(KEY)))
+            served = _served.set(config)
             try:
                 return super().apply(inputs, timing_ctx)
             finally:
+                _served.reset(served)
                 _current.reset(token)
 
-        def _call_hf_processor(self, hf_data, hf_kwargs):
-            out = super()._call_hf_processor(hf_data, {k: v for k, v in hf_kwargs.items() if k != KEY})
-            images = hf_data.get("images")
-            n = 0 if images is None else len(images) if isinstance(images, (list, tuple)) else 1
-            if n:
-                out[FIELD] = encode(current(config)).repeat(n, 1)
+        def _apply_hf_processor_main(self, mm_items, hf_kwargs):
+            out = super()._apply_hf_processor_main(mm_items=mm_items,
+                                                   hf_kwargs={k: v for k, v in hf_kwargs.items() if k != KEY})
+            for modality, field in (("image", FIELD), ("video", FIELD_VIDEO)):
+                n = len(mm_items[modality]) if modality in mm_items else 0
+                if n:
+                    out[field] = encode(current(config)).repeat(n, 1)
             return out
 
         def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
             fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
             fields[FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+            fields[FIELD_VIDEO] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
             return fields
 
     Budgeted.__name__ = Budgeted.__qualname__ = f"Budgeted{Processor.__name__}"

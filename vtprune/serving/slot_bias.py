@@ -29,9 +29,11 @@ class Weighing:
         if own is not None:  # a binding's: its images' budgets first
             @functools.wraps(own)
             def embed_multimodal(self, **inputs):
-                from .request_keep import FIELD, decode
+                from .request_keep import FIELD, FIELD_VIDEO, decode
 
                 self.vtprune_budgets = collections.deque(decode(self.vtprune_config, inputs.pop(FIELD, None)))
+                self.vtprune_video_budgets = collections.deque(decode(self.vtprune_config,
+                                                                      inputs.pop(FIELD_VIDEO, None)))
                 return own(self, **inputs)
 
             cls.embed_multimodal = embed_multimodal

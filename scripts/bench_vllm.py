@@ -5,6 +5,12 @@
     DIR/bin/python scripts/bench_vllm.py --method "divprune,divprune:summary=4" --keeps 1,0.1
     DIR/bin/python scripts/bench_vllm.py --model FOLDER --dtype bfloat16   # a served model folder (real widths:
                                                                            # scripts/real_width_model.py)
+    DIR/bin/python scripts/bench_vllm.py --video                # the toy video model: vLLM's own evs and vidcom2
+                                                                # (--video-pruning-rate) against vtprune's methods
+
+``--video``: the toy video model's clips (8 temporal slices of 4 x 4 tokens), stock vLLM unpruned and with its own
+``--video-pruning-method evs|vidcom2`` at the rate ``1 - keep``, and vLLM serving vtprune's ``--method``s (default
+``evs,divprune,dycoke``) at each keep; accuracy per question type on the ``--n`` clips of the throughput batch.
 
 Runs in the serving venv (``bash scripts/vllm_cpu_env.sh DIR``).  Every (method, keep) is served in its own
 process (vLLM keeps a model's input processor per process).  For each concurrency ``c`` (``--concurrency``,
@@ -62,6 +68,78 @@ def worker(spec, keep, n, concurrency, model="toy", dtype=None):
             "prompt_tokens": len(outs[0].prompt_token_ids)}
 
 
+def video_worker(engine, spec, keep, n, concurrency):
+    """One row of the head to head on the toy video model: ``engine`` "vllm" (stock vLLM; ``spec`` "none", "evs" or
+    "vidcom2", vLLM's own pruning at rate 1 - keep) or "vtprune" (vLLM serving vtprune's ``spec``)."""
+    import numpy as np
+    from vllm import LLM as VLLM
+    from vllm import SamplingParams
+
+    from vtprune import toy_video as tv
+    from vtprune.serving import LLM, toy_video_dir
+    from vtprune.spec import parse_spec
+
+    timed = min(n, 16)
+    samples = tv.eval_split(n=n + timed + 2)
+    requests = [{"prompt": tv.served_prompt(s["question"]),
+                 "multi_modal_data": {"video": (np.ascontiguousarray(s["frames"].transpose(0, 2, 3, 1)),
+                                                tv.video_metadata())}} for s in samples]
+    requests, first, warm = requests[:n], requests[n:n + timed], requests[n + timed:]
+    samples = samples[:n]
+    common = dict(enforce_eager=True, max_num_seqs=concurrency, dtype="float32", max_model_len=1024,
+                  limit_mm_per_prompt={"image": 0, "video": 1})
+    if engine == "vllm":
+        pruning = {} if spec == "none" else {"video_pruning_rate": 1 - keep, "video_pruning_method": spec}
+        llm = VLLM(model=toy_video_dir(), **common, **pruning)
+    else:
+        (method,), options = parse_spec(spec)
+        llm = LLM("toy-video", method=method, keep=keep, options=options, **common)
+    llm.generate(warm, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)  # warm-up
+    ttft = []
+    if concurrency == 1:
+        for r in first:
+            start = time.perf_counter()
+            llm.generate([r], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+            ttft.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    outs = llm.generate(requests, SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+    wall = time.perf_counter() - start
+    right = {}
+    for o, s in zip(outs, samples):
+        right.setdefault(s["type"], []).append(o.outputs[0].text.split()[:1] == [s["answer"]])
+    return {"engine": engine, "method": spec, "keep": keep, "concurrency": concurrency, "n": n,
+            "requests_per_s": n / wall, "ttft_ms": 1000 * statistics.median(ttft) if ttft else None,
+            "accuracy": sum(map(sum, right.values())) / n,
+            "by_type": {t: sum(v) / len(v) for t, v in sorted(right.items())},
+            "prompt_tokens": statistics.mean(len(o.prompt_token_ids) for o in outs)}
+
+
+def run_video(engine, spec, keep, n, concurrency):
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    out = subprocess.run([sys.executable, __file__, "--video-worker", engine, spec, str(keep), str(n),
+                          str(concurrency)], capture_output=True, text=True, env=env, timeout=1800)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        raise RuntimeError(f"{engine} {spec} keep={keep}: the serving process failed:\n{out.stderr[-2000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def video_table(rows) -> str:
+    base = {r["concurrency"]: r for r in rows if r["method"] == "none"}
+    types = sorted({t for r in rows for t in r["by_type"]})
+    lines = ["| engine | method | keep | prompt tokens | concurrency | requests/s | vs stock | TTFT ms | vs stock | "
+             "accuracy | " + " | ".join(types) + " |", "|---" * (10 + len(types)) + "|"]
+    for r in rows:
+        b = base.get(r["concurrency"])
+        speed = f"{r['requests_per_s'] / b['requests_per_s']:.2f}x" if b else "-"
+        ttft = f"{r['ttft_ms']:.1f}" if r["ttft_ms"] is not None else "-"
+        ttft_ratio = f"{b['ttft_ms'] / r['ttft_ms']:.2f}x" if b and r["ttft_ms"] and b["ttft_ms"] else "-"
+        per_type = " | ".join(f"{r['by_type'].get(t, float('nan')):.3f}" for t in types)
+        lines.append(f"| {r['engine']} | {r['method']} | {r['keep']} | {r['prompt_tokens']:.1f} | {r['concurrency']} | "
+                     f"{r['requests_per_s']:.2f} | {speed} | {ttft} | {ttft_ratio} | {r['accuracy']:.3f} | {per_type} |")
+    return "\n".join(lines)
+
+
 def run_one(method, keep, n, concurrency, model="toy", dtype=None):
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     out = subprocess.run([sys.executable, __file__, "--worker", method, str(keep), str(n), str(concurrency), model,
@@ -89,22 +167,33 @@ def table(rows) -> str:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--video-worker"]:
+        engine, spec, keep, n, concurrency = argv[1], argv[2], float(argv[3]), int(argv[4]), int(argv[5])
+        print("RESULT " + json.dumps(video_worker(engine, spec, keep, n, concurrency)), flush=True)
+        return None
     if argv[:1] == ["--worker"]:
         method, keep, n, concurrency = argv[1], float(argv[2]), int(argv[3]), int(argv[4])
         print("RESULT " + json.dumps(worker(method, keep, n, concurrency, argv[5], argv[6] or None)), flush=True)
         return None
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--method", default="divprune",
+    parser.add_argument("--method", default=None,
                         help="served methods, comma-separated, each with options: random, uniform, pool, divprune, "
-                             "fastervlm, vtc_cls, visionzip, e.g. 'divprune:summary=4' (default divprune)")
+                             "fastervlm, vtc_cls, visionzip, e.g. 'divprune:summary=4' (default divprune; with "
+                             "--video evs,divprune,dycoke)")
     parser.add_argument("--model", default="toy", help="'toy' (default) or a served model folder")
     parser.add_argument("--dtype", help="vLLM's dtype (default: the toy's float32, the folder's own otherwise)")
-    parser.add_argument("--keeps", default="1,0.25,0.1,0.05")
-    parser.add_argument("--concurrency", default="1,8")
-    parser.add_argument("--n", type=int, default=32, help="questions per batch (default 32)")
+    parser.add_argument("--keeps", default=None, help="default 1,0.25,0.1,0.05 (--video: 0.25,0.1)")
+    parser.add_argument("--concurrency", default=None, help="default 1,8 (--video: 1,8,32)")
+    parser.add_argument("--n", type=int, default=None, help="questions per batch (default 32; --video: 160)")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--video", action="store_true", help="the toy video model: vLLM's own evs and vidcom2 "
+                        "against vtprune's --method")
     args = parser.parse_args(argv)
     rows = []
+    if args.video:
+        return video_main(args)
+    args.method, args.keeps = args.method or "divprune", args.keeps or "1,0.25,0.1,0.05"
+    args.concurrency, args.n = args.concurrency or "1,8", args.n or 32
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     for keep in [float(k) for k in args.keeps.split(",")]:
         for method in (methods if keep != 1.0 else ["random"]):
@@ -112,6 +201,26 @@ def main(argv=None):
                 rows.append(run_one(method, keep, args.n, c, args.model, args.dtype))
                 print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+def video_main(args):
+    methods, keeps = args.method or "evs,divprune,dycoke", args.keeps or "0.25,0.1"
+    concurrency = [int(c) for c in (args.concurrency or "1,8,32").split(",")]
+    n = args.n or 160
+    runs = [("vllm", "none", 1.0)]
+    for keep in [float(k) for k in keeps.split(",")]:
+        runs += [("vllm", "evs", keep), ("vllm", "vidcom2", keep)]
+        runs += [("vtprune", m.strip(), keep) for m in methods.split(",") if m.strip()]
+    rows = []
+    for engine, spec, keep in runs:
+        for c in concurrency:
+            rows.append(run_video(engine, spec, keep, n, c))
+            print(json.dumps(rows[-1]), flush=True)
+    print(video_table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -1,6 +1,8 @@
 """The serving plugin's selection (``vtprune.serving.llava``) equals the HF wrap's on the toy model, and the
 toy folder vLLM loads: tested without vLLM (the plugin itself runs in the serving venv: tests/serving)."""
 
+import re
+
 import pytest
 import torch
 
@@ -285,3 +287,32 @@ def test_the_docs_list_what_serving_accepts_per_family():
     assert anywhere == set(servable())
     selectors = {n for n in vtprune.methods.available() if get(n).stage == "select"}
     assert selectors - anywhere == {"cdpruner", "fastvid", "flashvid", "holitom"}  # the prompt's text; clips merged
+
+
+def test_a_request_budget_is_checked_and_travels_exactly():
+    """A request's own keep (vtprune.serving.request_keep, no vLLM needed): checked by name and range, at most the
+    server's count, and carried as integers that give back the same budget (1 token and 1.0 of them apart)."""
+    from vtprune.layout import ImageLayout
+    from vtprune.serving import request_keep
+
+    server = check("uniform", 0.25, {}, "llava")
+    assert request_keep.parse(server, None) is None
+    for given, words in [({"keep": 0}, "must be >= 1"), ({"keep": "all"}, "keep must be a float"),
+                         ({"budget": 0.1}, "takes {'keep': K}"), (0.1, "takes {'keep': K}")]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            request_keep.parse(server, given)
+    for keep in (0.1, 1, 1.0, 0.25, 7, 1 / 3):
+        asked = request_keep.with_keep(server, keep)
+        assert asked.keep == keep and type(asked.keep) is type(keep) and asked.name == "uniform"
+        (back,) = request_keep.decode(server, request_keep.encode(asked)[None])
+        assert back.keep == keep and type(back.keep) is type(keep)
+    layout = ImageLayout.from_grids([(16, 16)])
+    token = request_keep._current.set(request_keep.with_keep(server, 0.1))
+    try:
+        assert request_keep.kept_count(server, layout) == 26
+        request_keep._current.set(request_keep.with_keep(server, 0.5))
+        with pytest.raises(ValueError, match="keeps 128 of an image's 256 tokens, more than the server's keep=0.25"):
+            request_keep.kept_count(server, layout)
+    finally:
+        request_keep._current.reset(token)
+    assert request_keep.kept_count(server, layout) == 64  # outside a request: the server's

@@ -39,7 +39,6 @@ NEEDS = (
     ("vllm.model_executor.layers.attention.attention", "Attention"),
     ("vllm.model_executor.models.utils", "extract_layer_index"),
     ("vllm.model_executor.models.llava_next", "get_anyres_image_grid_shape"),
-    ("vllm.model_executor.models.qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration.recompute_mrope_positions"),
     ("vllm.model_executor.models.qwen2_5_vl", "Qwen2_5_VLProcessingInfo._get_vision_info"),
     ("vllm.model_executor.models.glm4_1v", "Glm4vProcessingInfo._get_vision_info"),
     ("vllm.model_executor.models.glm4_1v", "Glm4vProcessingInfo._get_image_max_pixels"),

@@ -6,17 +6,17 @@ grid); the multimodal embedding returns the kept rows with four extra channels, 
 mrope (t, h, w) offsets within the image and the image's position extent, which vLLM's model runner
 turns into positions (``recompute_mrope_positions``, enabled by the plugin): kept tokens keep their
 original (t, h, w) positions and the text after the image keeps its unpruned positions — the HF
-wrap's default, ``positions="original"``.  Every pruned class uses Qwen2.5-VL's
-``recompute_mrope_positions`` (four channels): vLLM's Qwen2-VL has no EVS, and Qwen3-VL's five-channel
-variant continues the text after the largest *kept* position, not the image's extent as HF does.
+wrap's default, ``positions="original"``.  The rewrite is EVS's (``vllm.multimodal.video_prune.evs``) with
+Qwen2.5-VL's four channels for images on every class: vLLM's Qwen2-VL has no EVS, and Qwen3-VL's five-channel
+variant continues the text after an image at its largest *kept* position, not at its extent as HF does.
 Qwen3-VL's deepstack features ride in the same rows and are cut with them; the method scores the main
 features, as on the HF path.  [CLS] methods read the attention each patch receives (``tap_qwen``: no
-[CLS] in these towers; ``source="received"``, the HF path's default here).  Videos: on the Qwen3-VL family through
-vLLM's own pruned-clip path (``vtprune.serving.qwen_video``; its rows carry Qwen3-VL's five channels); Qwen2-VL and
-Qwen2.5-VL serve images only (vLLM refuses their video requests up front).  The position channels travel in the rows' dtype, as EVS's do (exact
-in bf16 up to 256 merged tokens a side).  Qwen3.5's linear-attention layers read only the kept tokens in vLLM as
-on the HF path (its reference there is the stock model fed the kept tokens); vLLM's CPU build runs them in bf16
-only.  GLM-4.1V shares this binding (``vtprune.serving.glm4v``).
+[CLS] in these towers; ``source="received"``, the HF path's default here).  Videos: on the Qwen3-VL family
+through vLLM's own pruned-clip path (``vtprune.serving.qwen_video``; its rows carry Qwen3-VL's five channels);
+Qwen2-VL and Qwen2.5-VL serve images only (vLLM refuses their video requests up front).  The position channels
+travel in the rows' dtype, as EVS's do (exact in bf16 up to 256 merged tokens a side).  Qwen3.5's linear-attention
+layers read only the kept tokens in vLLM as on the HF path (its reference there is the stock model fed the kept
+tokens); vLLM's CPU build runs them in bf16 only.  GLM-4.1V shares this binding (``vtprune.serving.glm4v``).
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@
 vLLM hands a request's ``mm_processor_kwargs`` to the model's multimodal processor, which sizes the prompt, and
 not to the model, which embeds the image.  So the processor (``budgeted``) reads the option, checks it (a
 ``ValueError`` before the request is scheduled: HTTP 400 from the server, raised by ``generate`` offline), sizes
-the prompt by it (``kept_count`` reads ``current``) and adds to every image item one more field, the item's
-``keep`` as integers (``FIELD``: vLLM casts floating tensors to the model's dtype, which would round 0.1); the
-model (``Weighing.embed_multimodal``) turns the fields back into configs that ``keep_rows`` takes in order, one
-per image.  The option enters each image's hash, so vLLM's encoder and prefix caches keep budgets apart.
+the prompt by it (``kept_count`` reads ``current``) and adds to every image and video item one more field, the
+item's ``keep`` as integers (``FIELD``, ``FIELD_VIDEO``: vLLM casts floating tensors to the model's dtype, which
+would round 0.1); the model (``Weighing`` wraps each binding's ``embed_multimodal``) turns the fields back into
+configs that ``keep_rows`` (and a clip's selection) take in order, one per item.  The option enters each image's hash, so vLLM's encoder and prefix caches keep budgets apart.
 
 A request may keep fewer tokens than the server's ``keep``, not more: vLLM sizes its encoder cache and its
 profiling run by the server's count.  The server needs vLLM's ``--trust-request-mm-kwargs`` to accept the field
@@ -50,7 +50,7 @@ def with_keep(config, keep):
         raise ValueError(f"mm_processor_kwargs['{KEY}']['keep']: {err}") from None
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=256, typed=True)  # (typed: keep=1, one token, is not keep=1.0, all of them)
 def _with_keep(text: str, keep):
     from ..methods import from_dict
 

@@ -89,6 +89,11 @@ def video_worker(engine, spec, keep, n, concurrency):
     common = dict(enforce_eager=True, max_num_seqs=concurrency, dtype="float32", max_model_len=1024,
                   limit_mm_per_prompt={"image": 0, "video": 1})
     if engine == "vllm":
+        from vtprune.serving.plugin import _cpu_runner_reads_the_flag
+
+        # vLLM's CPU runner never sets its pruned-media flag (its GPU runner does), and its own EVS then fails on a
+        # Qwen3-VL clip: set as the GPU runner sets it, as vtprune's plugin does (the engine runs in this process)
+        _cpu_runner_reads_the_flag()
         pruning = {} if spec == "none" else {"video_pruning_rate": 1 - keep, "video_pruning_method": spec}
         llm = VLLM(model=toy_video_dir(), **common, **pruning)
     else:
@@ -115,7 +120,8 @@ def video_worker(engine, spec, keep, n, concurrency):
 
 
 def run_video(engine, spec, keep, n, concurrency):
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+               VLLM_ENABLE_V1_MULTIPROCESSING="0")  # every row's engine in its worker's process
     out = subprocess.run([sys.executable, __file__, "--video-worker", engine, spec, str(keep), str(n),
                           str(concurrency)], capture_output=True, text=True, env=env, timeout=1800)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]

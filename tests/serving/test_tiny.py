@@ -189,3 +189,77 @@ def test_gemma3_serves_whole_images_and_refuses_pan_and_scan_crops(tiny):
     assert "placeholders 4" in lines, done.stderr[-2000:]
     refused = [line for line in lines if line.startswith("refused")]
     assert refused and "3 pan-and-scan crops" in refused[0] and "do_pan_and_scan=False" in refused[0]
+
+
+MIXED = """
+import json, sys
+import numpy as np
+sys.path.insert(0, sys.argv[5])
+from vllm import SamplingParams
+from vtprune import toy
+from vtprune.serving import LLM
+folder, method, keep, media = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+samples = toy.eval_split(n=6)
+llm = LLM(folder, method=method, keep=keep, enforce_eager=True, dtype="float32", max_model_len=1024,
+          limit_mm_per_prompt={"image": 2, "video": 1} if media == "clip" else {"image": 2})
+requests = []
+for i, s in enumerate(samples):
+    other = samples[(i + 1) % len(samples)]
+    if media == "clip":
+        clip = np.stack([np.asarray(samples[(i + k) % len(samples)]["image"].resize((64, 64))) for k in range(4)])
+        meta = {"fps": 2.0, "frames_indices": list(range(4)), "total_num_frames": 4, "duration": 2.0,
+                "video_backend": "opencv"}
+        data = {"image": s["image"], "video": (clip, meta)}
+    else:
+        data = {"image": [s["image"], other["image"]]}
+    requests.append({"prompt": json.loads(sys.argv[6])[i], "multi_modal_data": data,
+                     "mm_processor_kwargs": {"do_sample_frames": False}})
+outs = llm.generate(requests, SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs],
+                              "prompt_tokens": [len(o.prompt_token_ids) for o in outs]}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("model_type,media,method,keep", [("qwen2_5_vl", "images", "divprune", 0.25),
+                                                          ("qwen3_vl", "clip", "divprune", 0.25),
+                                                          ("qwen3_vl", "clip", "evs", 0.25)])
+def test_several_media_in_one_prompt_serve_as_the_hf_wrap(tmp_path, model_type, media, method, keep):
+    """Two pruned images in one prompt, and an image then a clip (with the clip's own start and end tokens around its
+    frames, as transformers 5's processor keeps them): vLLM numbers such a prompt from each image's whole grid and
+    rewrites the kept tokens' positions image by image and clip by clip; token for token as the HF wrap."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+    import tiny_qwen
+    import transformers as tf
+
+    from vtprune import toy
+
+    folder = tiny_qwen.build(str(tmp_path / model_type), model_type)
+    model = tf.AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = tf.AutoProcessor.from_pretrained(folder)
+    samples = toy.eval_split(n=6)
+    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    if media == "clip":
+        prompts = [image + "<|vision_start|><|video_pad|><|vision_end|>" + s["question"] for s in samples]
+        clips = [np.stack([np.asarray(samples[(i + k) % 6]["image"].resize((64, 64))) for k in range(4)])
+                 for i in range(6)]
+        batch = processor(text=prompts, images=[s["image"] for s in samples], videos=clips,
+                          video_metadata=[{"fps": 2.0, "frames_indices": list(range(4)), "total_num_frames": 4}] * 6,
+                          videos_kwargs={"do_sample_frames": False}, return_tensors="pt", padding=True)
+    else:
+        prompts = [image + image + s["question"] for s in samples]
+        batch = processor(text=prompts, images=[[s["image"], samples[(i + 1) % 6]["image"]]
+                                                for i, s in enumerate(samples)], return_tensors="pt", padding=True)
+    tokens, _ = hf_run(model, batch, method, keep, steps=STEPS, positions="original")
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    out = subprocess.run([sys.executable, "-c", MIXED, folder, method, str(keep), media, os.path.dirname(__file__),
+                          json.dumps(prompts)], capture_output=True, text=True, env=env, timeout=600)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, out.stderr[-3000:]
+    served = json.loads(lines[-1][len("RESULT "):])
+    assert [until_eos(t) for t in served["tokens"]] == tokens
+    full = batch["attention_mask"].sum(1).tolist()
+    assert all(p < n for p, n in zip(served["prompt_tokens"], full))  # pruned

@@ -120,12 +120,49 @@ def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_posi
         rows.append(mm[:, :-k])
         channels.append(mm[:, -k:].permute(1, 0).long())
     device = multimodal_embeddings[0].device if len(multimodal_embeddings) else mrope_positions.device
+    start = config.image_start_token_id if start is None else start
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+    # transformers 5's Qwen3-VL processor keeps a clip's own start and end tokens around its frames (each frame's
+    # timestamp, start, tokens and end): EVS's rewrite would take that outer start for the first frame's; it is
+    # text here (a start token followed by neither a media token nor an end token)
+    after = torch.cat([ids[1:], ids[:1]])
+    media = (after == config.image_token_id) | (after == config.video_token_id) | (after == _end_token(config))
+    ids = torch.where((ids == start) & ~media, torch.full_like(ids, -1), ids)
     with _sync_allowed():
-        positions, delta = recompute(ids, channels, mrope_positions, num_computed_tokens,
-                                     config.image_start_token_id if start is None else start, config.image_token_id,
-                                     config.video_token_id)
+        positions, delta = recompute(ids, channels, mrope_positions, num_computed_tokens, start,
+                                     config.image_token_id, config.video_token_id)
     return rows, positions, delta
+
+
+def _end_token(config) -> int:
+    end = getattr(config, "vision_end_token_id", None)
+    return config.image_end_token_id if end is None else end
+
+
+def restored_images(hf, input_tokens: list, mm_features) -> tuple:
+    """``(tokens, features, ours)``: ``input_tokens`` with each image's run of placeholders filled up to its whole
+    grid, its ``mm_features`` placed on them, and which of the tokens are the prompt's own."""
+    import dataclasses
+
+    merge = hf.vision_config.spatial_merge_size
+    tokens, ours, features, start, shift = [], [], [], 0, 0
+    for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+        where, missing = feature.mm_position, 0
+        if feature.modality == "image":
+            t, h, w = (int(v) for v in feature.data["image_grid_thw"].data.tolist())
+            missing = t * h * w // merge ** 2 - where.get_num_embeds()
+        end = where.offset + where.length
+        tokens += input_tokens[start:end] + [hf.image_token_id] * missing
+        ours += [True] * (end - start) + [False] * missing
+        is_embed = where.is_embed
+        if is_embed is not None and missing:
+            is_embed = torch.cat([is_embed, torch.ones(missing, dtype=torch.bool)])
+        features.append(dataclasses.replace(feature, mm_position=dataclasses.replace(
+            where, offset=where.offset + shift, length=where.length + missing, is_embed=is_embed)))
+        shift, start = shift + missing, end
+    tokens += input_tokens[start:]
+    ours += [True] * (len(input_tokens) - start)
+    return tokens, features, ours
 
 
 def _sync_allowed():
@@ -138,8 +175,8 @@ def _sync_allowed():
     return gpu_sync_allowed()
 
 
-def pruned_qwen(config, model_type: str, mixin: type | None = None):
-    """The pruned vLLM class of ``model_type`` (a key of ``CLASSES``); ``mixin``'s methods come before the model's."""
+def pruned_qwen(config, model_type: str):
+    """The pruned vLLM class of ``model_type`` (a key of ``CLASSES``)."""
     import importlib
 
     from vllm.model_executor.models.interfaces import SupportsMultiModalPruning
@@ -181,9 +218,22 @@ def pruned_qwen(config, model_type: str, mixin: type | None = None):
 
     Processor = budgeted(PrunedQwenProcessor, config)  # a request's own keep (vtprune.serving.request_keep)
     @MULTIMODAL_REGISTRY.register_processor(Processor, info=PrunedQwenInfo, dummy_inputs=Dummy)
-    class PrunedQwen(Weighing, *(mixin,) * (mixin is not None), Model, SupportsMultiModalPruning):
+    class PrunedQwen(Weighing, Model, SupportsMultiModalPruning):
         vtprune_config = config
         recompute_mrope_positions = recompute_mrope_positions
+
+        def get_mrope_input_positions(self, input_tokens, mm_features):
+            """vLLM's numbering of the prompt before the rewrite, on the prompt with each image's placeholders
+            restored to its whole grid (vLLM numbers an image from its grid, whatever its placeholders), the
+            restored ones then dropped: the text after an image at its unpruned positions, what the rewrite gives
+            too (and what a prefix-cache hit past the image keeps); the kept tokens' own positions come with the
+            rewrite."""
+            tokens, features, ours = restored_images(self.config, list(input_tokens), mm_features)
+            positions, _ = super().get_mrope_input_positions(tokens, features)
+            # (vLLM numbers a clip whose kept tokens are lumped together past the prompt's end; its rewrite renumbers
+            # a clip's tokens and what follows from the clip's own rows)
+            positions = positions[:, :len(tokens)][:, torch.tensor(ours)]
+            return positions, int(positions.max()) + 1 - len(input_tokens)
 
         def __init__(self, *, vllm_config, prefix: str = ""):
             super().__init__(vllm_config=vllm_config, prefix=prefix)

@@ -15,6 +15,7 @@ import re
 import shlex
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -129,11 +130,21 @@ def _vllm_stand_in(monkeypatch):
     calls = []
 
     def bound(*args, **kwargs):
-        inspect.signature(real).bind(*args, **kwargs)
         call = inspect.signature(real).bind(*args, **kwargs)
         call.apply_defaults()
-        serving.check(call.arguments["method"], call.arguments["keep"], {}, "llava")
+        model_type = {"toy-video": "qwen3_vl"}.get(call.arguments["model"], "llava")
+        config = serving.check(call.arguments["method"], call.arguments["keep"], {}, model_type)
         calls.append(call.arguments)
+
+        def generate(requests, *rest, **options):  # each request's own budget checked as the processor checks it
+            for request in requests:
+                assert request["multi_modal_data"]
+                request_keep.parse(config, request.get("mm_processor_kwargs", {}).get(request_keep.KEY))
+            return []
+
+        return types.SimpleNamespace(generate=generate)
+
+    from vtprune.serving import request_keep
 
     monkeypatch.setattr(serving, "LLM", bound)
     yield calls

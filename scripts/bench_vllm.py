@@ -32,9 +32,24 @@ import sys
 import time
 
 
-def worker(spec, keep, n, concurrency, model="toy", dtype=None):
+def run_timed(llm, warm, first, requests, concurrency) -> tuple:
+    """``(outputs, wall seconds, first-token seconds)``: ``requests`` answered at once (4 tokens each) after a
+    warm-up, and at concurrency 1 each of ``first`` asked for one token alone."""
     from vllm import SamplingParams
 
+    llm.generate(warm, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)  # warm-up
+    ttft = []
+    if concurrency == 1:
+        for r in first:
+            start = time.perf_counter()
+            llm.generate([r], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+            ttft.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    outs = llm.generate(requests, SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+    return outs, time.perf_counter() - start, ttft
+
+
+def worker(spec, keep, n, concurrency, model="toy", dtype=None):
     from vtprune import toy
     from vtprune.serving import LLM
     from vtprune.spec import parse_spec
@@ -52,16 +67,7 @@ def worker(spec, keep, n, concurrency, model="toy", dtype=None):
         extra["dtype"] = dtype
     llm = LLM(model, method=method, keep=keep, options=options, enforce_eager=True, max_num_seqs=concurrency,
               **extra)
-    llm.generate(warm, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)  # warm-up
-    ttft = []
-    if concurrency == 1:
-        for r in first:
-            start = time.perf_counter()
-            llm.generate([r], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
-            ttft.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    outs = llm.generate(requests, SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
-    wall = time.perf_counter() - start
+    outs, wall, ttft = run_timed(llm, warm, first, requests, concurrency)
     right = sum(o.outputs[0].text.split()[:1] == [s["answer"]] for o, s in zip(outs, samples))
     return {"method": spec, "keep": keep, "concurrency": concurrency, "n": n, "requests_per_s": n / wall,
             "ttft_ms": 1000 * statistics.median(ttft) if ttft else None, "accuracy": right / n,
@@ -73,7 +79,6 @@ def video_worker(engine, spec, keep, n, concurrency):
     "vidcom2", vLLM's own pruning at rate 1 - keep) or "vtprune" (vLLM serving vtprune's ``spec``)."""
     import numpy as np
     from vllm import LLM as VLLM
-    from vllm import SamplingParams
 
     from vtprune import toy_video as tv
     from vtprune.serving import LLM, toy_video_dir
@@ -99,16 +104,7 @@ def video_worker(engine, spec, keep, n, concurrency):
     else:
         (method,), options = parse_spec(spec)
         llm = LLM("toy-video", method=method, keep=keep, options=options, **common)
-    llm.generate(warm, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)  # warm-up
-    ttft = []
-    if concurrency == 1:
-        for r in first:
-            start = time.perf_counter()
-            llm.generate([r], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
-            ttft.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    outs = llm.generate(requests, SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
-    wall = time.perf_counter() - start
+    outs, wall, ttft = run_timed(llm, warm, first, requests, concurrency)
     right = {}
     for o, s in zip(outs, samples):
         right.setdefault(s["type"], []).append(o.outputs[0].text.split()[:1] == [s["answer"]])

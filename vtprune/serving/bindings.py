@@ -13,8 +13,7 @@ import os
 
 EXTENSIONS = "VTPRUNE_EXTENSIONS"
 TREE = ("vtprune.serving.llava", "vtprune.serving.llava_next", "vtprune.serving.llava_onevision",
-        "vtprune.serving.internvl",
-        "vtprune.serving.qwen", "vtprune.serving.glm4v", "vtprune.serving.gemma3",
+        "vtprune.serving.internvl", "vtprune.serving.qwen", "vtprune.serving.glm4v", "vtprune.serving.gemma3",
         "vtprune.serving.gemma4")
 _BUILDERS: dict = {}  # family name -> (Family, build)
 

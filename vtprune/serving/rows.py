@@ -75,7 +75,7 @@ def attach(model, config):
 
 def keep_rows(model, config, rows: torch.Tensor, tower=None, grid=None, layout=None) -> tuple:
     """``select`` for a served ``model`` (``attach``-ed): its generator, its log of kept indices, the next image's
-    budget where its request gave one (``Weighing.embed_multimodal`` queues them)."""
+    budget where its request gave one (``Weighing`` queues them as each binding's ``embed_multimodal`` starts)."""
     budgets = getattr(model, "vtprune_budgets", None)
     if budgets:
         config = budgets.popleft()

@@ -21,6 +21,7 @@ from .bindings import bind
 from .request_keep import budgeted
 from .rows import attach, keep_rows, kept_count, with_bias
 from .slot_bias import Weighing
+from .tower import tap_received
 
 
 def image_layout(config) -> ImageLayout:
@@ -30,20 +31,6 @@ def image_layout(config) -> ImageLayout:
     layout = ImageLayout.from_grids([(side, side)])
     layout.source = pooled_sources(config.vision_config.image_size // config.vision_config.patch_size, side)
     return layout
-
-
-def tap_siglip(model, config):
-    """Hook the SigLIP tower of vLLM's Gemma 3 ``model`` for a [CLS] method: the attention each patch receives in
-    the layer the projector pools (its last)."""
-    from .tower import TowerTap, hook_qkv
-
-    layers = model.vision_tower.vision_model.encoder.layers
-    tap = TowerTap(config, len(layers), len(layers) - 1, default_score=GEMMA3.default_score)
-    if tap.kind != "received":
-        raise ValueError(f"{config.name}: the SigLIP tower has no [CLS] token; it reads the attention each patch "
-                         "receives instead (source='received', the default here)")
-    hook_qkv(tap, config, layers)
-    return tap
 
 
 @bind(GEMMA3)
@@ -86,7 +73,9 @@ def pruned_gemma3(config):
         def __init__(self, *, vllm_config, prefix: str = ""):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             attach(self, config)
-            self.vtprune_tap = tap_siglip(self, config) if config.needs_cls else None
+            layers = self.vision_tower.vision_model.encoder.layers  # the projector pools the last one's output
+            self.vtprune_tap = tap_received(config, layers, len(layers), len(layers) - 1,
+                                            GEMMA3.default_score) if config.needs_cls else None
 
         def embed_multimodal(self, **kwargs):
             given = self._parse_and_validate_image_input(**kwargs)

@@ -26,6 +26,7 @@ from .bindings import bind
 from .request_keep import budgeted
 from .rows import attach, keep_rows, kept_count, with_bias
 from .slot_bias import Weighing
+from .tower import tap_received
 
 _LAYOUTS = {}  # (what of the config packing reads, image size) -> layout
 
@@ -49,21 +50,6 @@ def image_layout(hf, image_size):
         _LAYOUTS[key] = packed_onevision_layout(hf, size, sys.modules[LlavaOnevisionForConditionalGeneration.__module__],
                                                 pack)[0]
     return _LAYOUTS[key]
-
-
-def tap_siglip(model, config):
-    """Hook the SigLIP tower of vLLM's LLaVA-OneVision ``model`` for a [CLS] method: the attention each patch
-    receives in the layer the projector reads, per tile."""
-    from .tower import TowerTap, hook_qkv
-
-    hf = model.config
-    n = hf.vision_config.num_hidden_layers
-    tap = TowerTap(config, n, feature_layer(hf.vision_feature_layer, n), default_score=LLAVA_ONEVISION.default_score)
-    if tap.kind != "received":
-        raise ValueError(f"{config.name}: the SigLIP tower has no [CLS] token; it reads the attention each patch "
-                         "receives instead (source='received', the default here)")
-    hook_qkv(tap, config, model.vision_tower.vision_model.encoder.layers)
-    return tap
 
 
 @bind(LLAVA_ONEVISION)
@@ -92,7 +78,10 @@ def pruned_llava_onevision(config):
         def __init__(self, *, vllm_config, prefix: str = ""):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             attach(self, config)
-            self.vtprune_tap = tap_siglip(self, config) if config.needs_cls else None
+            hf, n = self.config, self.config.vision_config.num_hidden_layers
+            self.vtprune_tap = tap_received(config, self.vision_tower.vision_model.encoder.layers, n,
+                                            feature_layer(hf.vision_feature_layer, n),
+                                            LLAVA_ONEVISION.default_score) if config.needs_cls else None
 
         def embed_multimodal(self, **kwargs):
             image_input = self._parse_and_validate_image_input(**kwargs)

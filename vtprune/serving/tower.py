@@ -38,6 +38,17 @@ def hook_qkv(tap, config, layers):
         attn.qkv_proj.register_forward_hook(on_qkv)
 
 
+def tap_received(config, layers, n_layers: int, feature_layer: int, default_score: str):
+    """A ``TowerTap`` on a tower without [CLS] (SigLIP's: Gemma 3, LLaVA-OneVision), fed by ``hook_qkv``: the attention
+    each patch receives, in ``layers`` (vLLM's) of a tower of ``n_layers`` whose projector reads ``feature_layer``."""
+    tap = TowerTap(config, n_layers, feature_layer, default_score=default_score)
+    if tap.kind != "received":
+        raise ValueError(f"{config.name}: the SigLIP tower has no [CLS] token; it reads the attention each patch "
+                         "receives instead (source='received', the default here)")
+    hook_qkv(tap, config, layers)
+    return tap
+
+
 class TowerTap:
     def __init__(self, config, n_layers: int, feature_layer: int, default_score: str = "cls"):
         self.config = config

@@ -7,6 +7,8 @@
                                                                            # scripts/real_width_model.py)
     DIR/bin/python scripts/bench_vllm.py --video                # the toy video model: vLLM's own evs and vidcom2
                                                                 # (--video-pruning-rate) against vtprune's methods
+    DIR/bin/python scripts/bench_vllm.py --video --model FOLDER --dtype bfloat16 --n 32   # the toy clips on a Qwen3-VL
+                                                                # folder (real widths: real_width_model.py --family)
 
 ``--video``: the toy video model's clips (8 temporal slices of 4 x 4 tokens), stock vLLM unpruned and with its own
 ``--video-pruning-method evs|vidcom2`` at the rate ``1 - keep``, and vLLM serving vtprune's ``--method``s (default
@@ -49,6 +51,25 @@ def run_timed(llm, warm, first, requests, concurrency) -> tuple:
     return outs, time.perf_counter() - start, ttft
 
 
+def model_type(model: str) -> str:
+    """The ``model_type`` of a served folder's config ("toy" for the toy, "toy-video" for the toy video model)."""
+    if model in ("toy", "toy-video"):
+        return model
+    with open(os.path.join(model, "config.json")) as f:
+        return json.load(f)["model_type"]
+
+
+def image_prompt(question: str, model: str) -> str:
+    """A toy question about one image, as ``model``'s processor takes it: the toy's ``<image>`` prompt, or a Qwen
+    folder of ``real_width_model.py`` (the toy video model's words and vision tokens)."""
+    from vtprune import toy
+    from vtprune import toy_video as tv
+
+    if model_type(model).startswith("qwen"):
+        return f"<s> USER: {tv.VISION_START}{tv.IMAGE_PAD}{tv.VISION_END} {question} ASSISTANT:"
+    return toy.prompt(question)
+
+
 def worker(spec, keep, n, concurrency, model="toy", dtype=None):
     from vtprune import toy
     from vtprune.serving import LLM
@@ -58,11 +79,14 @@ def worker(spec, keep, n, concurrency, model="toy", dtype=None):
     # prefix is reused between the two (a smaller pruned output fits more images in vLLM's encoder cache)
     timed = min(n, 16)
     samples = toy.eval_split(n=n + timed + 2)
-    requests = [{"prompt": toy.prompt(s["question"]), "multi_modal_data": {"image": s["image"]}} for s in samples]
+    requests = [{"prompt": image_prompt(s["question"], model), "multi_modal_data": {"image": s["image"]}}
+                for s in samples]
     requests, first, warm = requests[:n], requests[n:n + timed], requests[n + timed:]
     samples = samples[:n]
     (method,), options = parse_spec(spec)
     extra = {} if model == "toy" else {"max_model_len": 4096, "limit_mm_per_prompt": {"image": 1}}
+    if model_type(model).startswith("qwen"):
+        extra["limit_mm_per_prompt"]["video"] = 0
     if dtype:
         extra["dtype"] = dtype
     llm = LLM(model, method=method, keep=keep, options=options, enforce_eager=True, max_num_seqs=concurrency,
@@ -74,9 +98,10 @@ def worker(spec, keep, n, concurrency, model="toy", dtype=None):
             "prompt_tokens": len(outs[0].prompt_token_ids)}
 
 
-def video_worker(engine, spec, keep, n, concurrency):
-    """One row of the head to head on the toy video model: ``engine`` "vllm" (stock vLLM; ``spec`` "none", "evs" or
-    "vidcom2", vLLM's own pruning at rate 1 - keep) or "vtprune" (vLLM serving vtprune's ``spec``)."""
+def video_worker(engine, spec, keep, n, concurrency, model="toy-video", dtype=None):
+    """One row of the head to head on the toy video model's clips: ``engine`` "vllm" (stock vLLM; ``spec`` "none",
+    "evs" or "vidcom2", vLLM's own pruning at rate 1 - keep) or "vtprune" (vLLM serving vtprune's ``spec``), on the
+    toy video model or a Qwen3-VL ``model`` folder (``real_width_model.py``) in ``dtype``."""
     import numpy as np
     from vllm import LLM as VLLM
 
@@ -91,7 +116,8 @@ def video_worker(engine, spec, keep, n, concurrency):
                                                 tv.video_metadata())}} for s in samples]
     requests, first, warm = requests[:n], requests[n:n + timed], requests[n + timed:]
     samples = samples[:n]
-    common = dict(enforce_eager=True, max_num_seqs=concurrency, dtype="float32", max_model_len=1024,
+    folder = toy_video_dir() if model == "toy-video" else model
+    common = dict(enforce_eager=True, max_num_seqs=concurrency, dtype=dtype or "float32", max_model_len=1024,
                   limit_mm_per_prompt={"image": 0, "video": 1})
     if engine == "vllm":
         from vtprune.serving.plugin import _cpu_runner_reads_the_flag
@@ -100,10 +126,10 @@ def video_worker(engine, spec, keep, n, concurrency):
         # Qwen3-VL clip: set as the GPU runner sets it, as vtprune's plugin does (the engine runs in this process)
         _cpu_runner_reads_the_flag()
         pruning = {} if spec == "none" else {"video_pruning_rate": 1 - keep, "video_pruning_method": spec}
-        llm = VLLM(model=toy_video_dir(), **common, **pruning)
+        llm = VLLM(model=folder, **common, **pruning)
     else:
         (method,), options = parse_spec(spec)
-        llm = LLM("toy-video", method=method, keep=keep, options=options, **common)
+        llm = LLM(model, method=method, keep=keep, options=options, **common)
     outs, wall, ttft = run_timed(llm, warm, first, requests, concurrency)
     right = {}
     for o, s in zip(outs, samples):
@@ -115,11 +141,12 @@ def video_worker(engine, spec, keep, n, concurrency):
             "prompt_tokens": statistics.mean(len(o.prompt_token_ids) for o in outs)}
 
 
-def run_video(engine, spec, keep, n, concurrency):
+def run_video(engine, spec, keep, n, concurrency, model="toy-video", dtype=None):
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                VLLM_ENABLE_V1_MULTIPROCESSING="0")  # every row's engine in its worker's process
     out = subprocess.run([sys.executable, __file__, "--video-worker", engine, spec, str(keep), str(n),
-                          str(concurrency)], capture_output=True, text=True, env=env, timeout=1800)
+                          str(concurrency), model, dtype or ""], capture_output=True, text=True, env=env,
+                         timeout=3600)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
         raise RuntimeError(f"{engine} {spec} keep={keep}: the serving process failed:\n{out.stderr[-2000:]}")
@@ -127,12 +154,12 @@ def run_video(engine, spec, keep, n, concurrency):
 
 
 def video_table(rows) -> str:
-    base = {r["concurrency"]: r for r in rows if r["method"] == "none"}
+    base = {(r["concurrency"], r.get("run", 0)): r for r in rows if r["method"] == "none"}
     types = sorted({t for r in rows for t in r["by_type"]})
     lines = ["| engine | method | keep | prompt tokens | concurrency | requests/s | vs stock | TTFT ms | vs stock | "
              "accuracy | " + " | ".join(types) + " |", "|---" * (10 + len(types)) + "|"]
     for r in rows:
-        b = base.get(r["concurrency"])
+        b = base.get((r["concurrency"], r.get("run", 0)))
         speed = f"{r['requests_per_s'] / b['requests_per_s']:.2f}x" if b else "-"
         ttft = f"{r['ttft_ms']:.1f}" if r["ttft_ms"] is not None else "-"
         ttft_ratio = f"{b['ttft_ms'] / r['ttft_ms']:.2f}x" if b and r["ttft_ms"] and b["ttft_ms"] else "-"
@@ -171,7 +198,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--video-worker"]:
         engine, spec, keep, n, concurrency = argv[1], argv[2], float(argv[3]), int(argv[4]), int(argv[5])
-        print("RESULT " + json.dumps(video_worker(engine, spec, keep, n, concurrency)), flush=True)
+        model, dtype = (argv[6], argv[7] or None) if len(argv) > 7 else ("toy-video", None)
+        print("RESULT " + json.dumps(video_worker(engine, spec, keep, n, concurrency, model, dtype)), flush=True)
         return None
     if argv[:1] == ["--worker"]:
         method, keep, n, concurrency = argv[1], float(argv[2]), int(argv[3]), int(argv[4])
@@ -182,12 +210,15 @@ def main(argv=None):
                         help="served methods, comma-separated, each with options: random, uniform, pool, divprune, "
                              "fastervlm, vtc_cls, visionzip, e.g. 'divprune:summary=4' (default divprune; with "
                              "--video evs,divprune,dycoke)")
-    parser.add_argument("--model", default="toy", help="'toy' (default) or a served model folder")
+    parser.add_argument("--model", default=None, help="'toy' (default; --video: 'toy-video') or a served model folder "
+                        "(--video: a Qwen3-VL one)")
     parser.add_argument("--dtype", help="vLLM's dtype (default: the toy's float32, the folder's own otherwise)")
     parser.add_argument("--keeps", default=None, help="default 1,0.25,0.1,0.05 (--video: 0.25,0.1)")
     parser.add_argument("--concurrency", default=None, help="default 1,8 (--video: 1,8,32)")
     parser.add_argument("--n", type=int, default=None, help="questions per batch (default 32; --video: 160)")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--repeat", type=int, default=1, help="--video: rounds of every configuration, alternating "
+                        "(the toy's rows move by up to 25%% between runs)")
     parser.add_argument("--video", action="store_true", help="the toy video model: vLLM's own evs and vidcom2 "
                         "against vtprune's --method")
     args = parser.parse_args(argv)
@@ -195,7 +226,7 @@ def main(argv=None):
     if args.video:
         return video_main(args)
     args.method, args.keeps = args.method or "divprune", args.keeps or "1,0.25,0.1,0.05"
-    args.concurrency, args.n = args.concurrency or "1,8", args.n or 32
+    args.concurrency, args.n, args.model = args.concurrency or "1,8", args.n or 32, args.model or "toy"
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     for keep in [float(k) for k in args.keeps.split(",")]:
         for method in (methods if keep != 1.0 else ["random"]):
@@ -218,10 +249,11 @@ def video_main(args):
         runs += [("vllm", "evs", keep), ("vllm", "vidcom2", keep)]
         runs += [("vtprune", m.strip(), keep) for m in methods.split(",") if m.strip()]
     rows = []
-    for engine, spec, keep in runs:
-        for c in concurrency:
-            rows.append(run_video(engine, spec, keep, n, c))
-            print(json.dumps(rows[-1]), flush=True)
+    for run in range(args.repeat):  # every configuration once per round, one after the other (their order
+        for c in concurrency:  # alternates the engines, so that a slow spell of the machine hits all alike)
+            for engine, spec, keep in runs:
+                rows.append(dict(run_video(engine, spec, keep, n, c, args.model or "toy-video", args.dtype), run=run))
+                print(json.dumps(rows[-1]), flush=True)
     print(video_table(rows))
     if args.json:
         with open(args.json, "w") as f:

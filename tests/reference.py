@@ -447,3 +447,37 @@ def kept_only(model, inputs, kept, steps: int = 6, video_counts=()):
     with torch.no_grad():
         out = model(inputs_embeds=e, attention_mask=m, position_ids=p, use_cache=True, **extra)
     return out.logits, greedy_steps(model, out, m, p, steps)
+
+
+class Merge:
+    """At layer ``k`` of a full-length prefill, the hidden state at ``slot`` becomes the mean over ``members``."""
+
+    def __init__(self, model, k, row, slot, members, length):
+        self.handle = model.model.language_model.layers[k].register_forward_pre_hook(self._hook, with_kwargs=True)
+        self.row, self.slot, self.members, self.length = row, slot, members, length
+
+    def _hook(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[1] < self.length:  # a decode step: the prefill's keys are cached
+            return None
+        hidden = hidden.clone()
+        hidden[self.row, self.slot] = hidden[self.row, self.members].mean(0)
+        return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def merged_and_masked(model, record, length):
+    """Context manager: the stock model with an in-LLM record's merges (each slot's hidden state the mean of its
+    members at its layer, on a full-length prefill) and its stages' tokens masked from their layers on."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    for k, row, slot, members in record.exit.merged:  # merges first: they act on layer k's input
+        stack.enter_context(Merge(model, k, row, slot, members, length))
+    stack.enter_context(staged_masks(model, record.exit.stages))
+    return stack

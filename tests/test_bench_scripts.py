@@ -120,3 +120,15 @@ def test_bench_selection_rows():
     assert [r["method"] for r in rows] == ["random", "evs", "fastvid", "dycoke"]
     assert all(r["tokens"] == 64 and 0 < r["kept"] < 64 and r["select_ms"] > 0 for r in rows)
     assert next(r for r in rows if r["method"] == "evs")["kept"] == 32  # max(n, int(T n keep))
+
+
+def test_the_video_table_compares_each_row_with_the_unpruned_row_of_its_round():
+    bench = _load("bench_vllm")
+    row = dict(engine="vllm", keep=1.0, concurrency=8, n=4, ttft_ms=None, accuracy=1.0, by_type={"count": 1.0},
+               prompt_tokens=168)
+    rows = [dict(row, method="none", requests_per_s=10.0, run=0), dict(row, method="none", requests_per_s=20.0, run=1),
+            dict(row, engine="vtprune", method="evs", keep=0.25, requests_per_s=15.0, run=0, prompt_tokens=72),
+            dict(row, engine="vtprune", method="evs", keep=0.25, requests_per_s=15.0, run=1, prompt_tokens=72)]
+    lines = bench.video_table(rows).splitlines()
+    assert "| vtprune | evs | 0.25 | 72.0 | 8 | 15.00 | 1.50x |" in lines[4]
+    assert "| vtprune | evs | 0.25 | 72.0 | 8 | 15.00 | 0.75x |" in lines[5]

@@ -96,6 +96,19 @@ def test_kv_cache_is_short_from_layer_k(family):
     assert cache.layers[1].keys.shape[-2] == length - int(visual.min())
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "internvl", "gemma3", "llava_onevision"])
+@pytest.mark.parametrize("rows,with_mask", LAYOUTS[:2])
+def test_exit_before_layer_0_is_masked_there_and_cut_from_layer_1(family, rows, with_mask):
+    """A stage before layer 0 keeps layer 0's cache whole (the sequence's bookkeeping reads it): generate runs, and
+    equals the stock model with the visual tokens masked from layer 0 on."""
+    model = greedy_model(family)
+    inputs = tiny_inputs(model, family, images_per_row=rows, with_mask=with_mask)
+    logits, drop, tokens, _, stats = _run(model, inputs, "exit", layer=0)
+    visual = inputs["input_ids"] == IMAGE_TOKEN
+    assert torch.equal(drop, visual) and stats["samples"][-1]["visual_tokens_per_layer"][0] == 0
+    _assert_layer_masked(model, inputs, logits, tokens, visual, visual, layer=0)
+
+
 def test_compose_pre_llm_cut_and_exit():
     model = greedy_model("llava")
     inputs = tiny_inputs(model, "llava", images_per_row=(1, 2))

@@ -57,6 +57,7 @@ OPTIONS = {
     "pdkv": {"layer": 1, "keep": 0.5},
     "pdrop": {"layer_list": [1]},
     "sparsevlm": {"pruning_loc": [0]},
+    "framefusion": {"cost": 0.6},
     "exit": {"layer": 1},
     "fastv": {"layer": 1, "keep": 0.5},
     "dart": {"layer": 1, "keep": 0.5, "pivot_image": 2, "pivot_text": 2},

@@ -2,12 +2,11 @@
 tokens masked from its layer on and each merged token's hidden state replaced there by its cluster's
 mean (hooks on the stock model, no vtprune code)."""
 
-import contextlib
 import math
 
 import pytest
 import torch
-from reference import masked_forward, masked_greedy, staged_masks
+from reference import masked_forward, masked_greedy, merged_and_masked
 
 import vtprune
 from vtprune.methods.sparsevlm import TABLE, dpc_knn
@@ -19,36 +18,6 @@ def _model(family, layers=4):
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
-
-
-class Merge:
-    """At layer ``k`` of a full-length prefill, the hidden state at ``slot`` becomes the mean over ``members``."""
-
-    def __init__(self, model, k, row, slot, members, length):
-        self.handle = model.model.language_model.layers[k].register_forward_pre_hook(self._hook, with_kwargs=True)
-        self.row, self.slot, self.members, self.length = row, slot, members, length
-
-    def _hook(self, module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if hidden.shape[1] < self.length:  # a decode step: the prefill's keys are cached
-            return None
-        hidden = hidden.clone()
-        hidden[self.row, self.slot] = hidden[self.row, self.members].mean(0)
-        return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
-def _reference(model, record, length):
-    stack = contextlib.ExitStack()
-    for k, row, slot, members in record.exit.merged:  # merges first: they act on layer k's input
-        stack.enter_context(Merge(model, k, row, slot, members, length))
-    stack.enter_context(staged_masks(model, record.exit.stages))
-    return stack
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -76,10 +45,10 @@ def test_sparsevlm_equals_masked_and_merged_reference(family, rows, with_mask):
     assert per_layer == expected
     none = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
     length = inputs["input_ids"].shape[1]
-    with _reference(model, record, length):
+    with merged_and_masked(model, record, length):
         ref = masked_forward(model, inputs, none)
     torch.testing.assert_close(logits[:, -1], ref[:, -1], atol=1e-5, rtol=0)
-    with _reference(model, generated, length):
+    with merged_and_masked(model, generated, length):
         assert torch.equal(tokens, masked_greedy(model, inputs, none, steps=6))
 
 

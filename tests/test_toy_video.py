@@ -131,8 +131,9 @@ def test_pruned_toy_video_is_the_stock_model_with_dropped_tokens_masked(toy_vide
     assert torch.equal(_until_eos(tokens), want_tokens[:, :n]) and (want_tokens[:, n:] == tv.vocab()["<pad>"]).all()
 
 
-def test_the_docs_table_is_the_committed_sweep():
-    """docs/video.md's table of the toy video sweep is ``report.markdown`` of the committed JSON: its numbers
+@pytest.mark.parametrize("sweep", ["toy_video_2026-12-06.json", "toy_video_framefusion_2026-12-07.json"])
+def test_the_docs_table_is_the_committed_sweep(sweep):
+    """docs/video.md's tables of the toy video sweeps are ``report.markdown`` of the committed JSON: their numbers
     are generated, not typed."""
     import json
     import os
@@ -140,7 +141,7 @@ def test_the_docs_table_is_the_committed_sweep():
     from vtprune.eval import report
 
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs")
-    with open(os.path.join(root, "bench", "toy_video_2026-12-06.json")) as f:
+    with open(os.path.join(root, "bench", sweep)) as f:
         records = json.load(f)
     with open(os.path.join(root, "video.md")) as f:
         page = f.read()

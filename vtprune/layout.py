@@ -61,6 +61,18 @@ class ImageLayout:
         frames[self.newline] = -1
         return dataclasses.replace(self, tile=frames)
 
+    def cells(self) -> torch.Tensor:
+        """Per token, its cell: a clip's tokens at one (row, column) of its frames share one across frames;
+        every other token (a still image's, a newline, a token outside the grids) has its own.  Values lie in
+        ``[0, rows x columns + n)``."""
+        width = int(self.col.max()) + 1 if self.n else 1
+        span = (int(self.row.max()) + 1) * width if self.n else 0
+        own = span + torch.arange(self.n)
+        if self.frame is None or self.media != "video":
+            return own
+        shared = (self.frame >= 0) & (self.grid >= 0) & ~self.newline
+        return torch.where(shared, self.row * width + self.col, own)
+
     @property
     def n(self) -> int:
         return self.grid.numel()

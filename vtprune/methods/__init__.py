@@ -20,6 +20,7 @@ from .controls import DivPrune, Downsample, Pool, Random, Uniform
 from .dycoke import PDKV, DyCoke
 from .fastvid import FastVID
 from .flashvid import FlashVID
+from .framefusion import FrameFusion
 from .holitom import HoliTom
 from .holov import HoloV
 from .layer import DART, DyVTE, Exit, FastV
@@ -31,6 +32,6 @@ from .vispruner import VisPruner
 from .vhr import VHR
 from .zerotuning import ZeroTuning
 
-__all__ = ["CDPruner", "DART", "DivPrune", "Downsample", "DyCoke", "DyVTE", "EVS", "Exit", "FastV", "FastVID", "FasterVLM", "FlashVID", "HoliTom", "HoloV", "LayerMethod", "Method",
+__all__ = ["CDPruner", "DART", "DivPrune", "Downsample", "DyCoke", "DyVTE", "EVS", "Exit", "FastV", "FastVID", "FasterVLM", "FlashVID", "FrameFusion", "HoliTom", "HoloV", "LayerMethod", "Method",
            "PDKV", "PDrop", "Pool", "Random", "ScoreContext", "Selector", "SparseVLM", "Uniform", "UniformTime", "VAR", "VHR", "VTCCLS",
            "VidCom2", "VisPruner", "VisionZip", "ZeroTuning", "available", "from_dict", "get", "register", "resolve"]

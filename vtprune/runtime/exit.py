@@ -18,6 +18,10 @@ the visual tokens still in the sequence, and that stage's cut composes with the 
 plan addresses the prefill as it entered the language model, so a layer's KV cache holds exactly
 the tokens that reached its stage.
 
+A stage before layer 0 (``exit`` at layer 0, ``framefusion``'s merge on the input embeddings) masks its tokens in
+layer 0 (prefill and decode steps) and cuts them from layer 1 on: layer 0's cache keeps the whole prompt, as the
+sequence bookkeeping (``vtprune.runtime.sequences``) reads it.
+
 Methods never see this runtime: they read a :class:`LayerView` (read-only) and return what leaves.
 """
 
@@ -32,7 +36,7 @@ from vtprune.kernels import gather_seq
 
 from .cut import plan_cut
 from ..errors import NotApplicable
-from .exit_inputs import cut_kwargs, mask_exited
+from .exit_inputs import cut_kwargs, cut_sequence_inputs, first_layer_attention, first_layer_mask, mask_exited
 from .records import ExitRecord
 from .stage import StageRuntime
 
@@ -42,7 +46,10 @@ class LayerView:
     """What an in-LLM method reads when it decides (``observe``, ``drop``, ``decide``, ``compact_here``).
 
     ``visual`` / ``text`` [B, L]: the prefill's visual and real text tokens as it entered the language model
-    (after the pre-LLM cut); ``embeds``: its input embeddings; ``stage``: the layer before which tokens
+    (after the pre-LLM cut); ``embeds``: its input embeddings; ``cells`` [B, L] (methods with ``needs_cells``):
+    each visual token's cell (``ImageLayout.cells``: a clip's tokens at one spot of its frames share one),
+    unique per image and clip of a row, -1 for text; ``memo``: a dict that lives for one prefill, for
+    methods that carry state from stage to stage; ``stage``: the layer before which tokens
     now leave, one of ``stage_layers``; ``index`` / ``real`` [B, L']: which prefill positions the layers
     see after the earlier stages' cuts (None before the first); ``scores``: what the method's ``observe``
     returned for layer ``stage - 1``; ``keys`` / ``hidden``: that layer's keys and output, over the
@@ -63,6 +70,45 @@ class LayerView:
     keys: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     compact_from: int | None = None
+    cells: torch.Tensor | None = None
+    memo: dict | None = None
+
+
+def visual_cells(forward, visual: torch.Tensor) -> torch.Tensor:
+    """[B, L] long: per position of a prefill (``visual`` [B, L]: its visual tokens after the pre-LLM cut) the
+    cell its visual token shows (``ImageLayout.cells``, offset per image and clip of the row), -1 for text."""
+    out = torch.full(visual.shape, -1, dtype=torch.long)
+    for b in range(visual.shape[0]):
+        where = visual[b].detach().cpu().nonzero().squeeze(1)
+        keys, base = [], 0
+        for layout, kept in zip(forward.layouts[b], forward.kept[b]):
+            cells = layout.cells()
+            keys.append(cells[kept] + base)
+            base += int(cells.max()) + 1 if cells.numel() else 0
+        keys = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.long)
+        if keys.numel() != where.numel():
+            raise RuntimeError(f"vtprune: row {b} has {where.numel()} visual tokens in the language model, its images "
+                               f"{keys.numel()}")
+        out[b, where] = keys
+    return out
+
+
+def merged_states(hidden, merges):
+    """``hidden`` with ``merges`` ``[(row, slot, feature)]`` written in (a copy; ``hidden`` itself when none)."""
+    if not merges:
+        return hidden
+    hidden = hidden.clone()
+    for b, slot, feature in merges:
+        hidden[b, slot] = feature.to(hidden.dtype)
+    return hidden
+
+
+def with_hidden(args, kwargs, hidden):
+    """A layer's positional arguments with ``hidden`` as its hidden states (or ``kwargs`` given it)."""
+    if args:
+        return (hidden, *args[1:])
+    kwargs["hidden_states"] = hidden
+    return args
 
 
 class LayerExit(StageRuntime):
@@ -112,6 +158,8 @@ class LayerExit(StageRuntime):
         self.compact_from = None  # dynamic methods: the layer from which the whole batch has exited
         self.cache = {}  # per call: the cut kwargs of each stage's layers
         self.scores = self.keys = None  # what observe returned for layer k-1, and that layer's keys
+        self.cells = None  # [B, L] each visual token's cell in the current prefill (methods with needs_cells)
+        self.memo = {}  # a method's state across the stages of the current prefill
         self.past = self.q = 0
 
     def install(self) -> list:
@@ -121,7 +169,8 @@ class LayerExit(StageRuntime):
             handles.append(self.layers[j].register_forward_hook(functools.partial(self._post_layer, j)))
         if self.method.needs_attention:
             for k in self.stage_layers:
-                self.route.observe(k - 1, functools.partial(self.observe, k))
+                if k >= 1:  # (a stage before layer 0 has no earlier attention)
+                    self.route.observe(k - 1, functools.partial(self.observe, k))
         return handles
 
     def view(self, **fields) -> LayerView:
@@ -130,7 +179,8 @@ class LayerExit(StageRuntime):
         return LayerView(n_layers=len(self.layers), stage_layers=tuple(self.stage_layers),
                          language_model=self.language_model, visual=self.visual, text=self.text, embeds=self.embeds,
                          index=last["index"] if last else None, real=last["real"] if last else None,
-                         scores=self.scores, keys=self.keys, compact_from=self.compact_from, **fields)
+                         scores=self.scores, keys=self.keys, compact_from=self.compact_from, cells=self.cells,
+                         memo=self.memo, **fields)
 
     # ------------------------------------------------------------------ per call
     def begin_call(self, call):
@@ -148,6 +198,10 @@ class LayerExit(StageRuntime):
             self.visual = visual if visual is not None and bool(visual.any()) else None
             self.seq_visual, self.text = self.visual, call.text()
             self.embeds = call.embeds if self.visual is not None else None  # the prefill's input (sparsevlm)
+            self.memo = {}
+            self.cells = None
+            if self.visual is not None and getattr(self.method, "needs_cells", False):
+                self.cells = visual_cells(call.forward, self.visual)
             if self.visual is not None:
                 self.exit_at = torch.full((visual.shape[0],), len(self.layers), device=visual.device)
                 self.prefill_visual = visual.sum(1)
@@ -176,9 +230,11 @@ class LayerExit(StageRuntime):
     def observe(self, k, module, query, key, mask, scaling):
         """Layer k-1's attention (routed) before stage ``k`` is cut: the attention paid to each token."""
         if self.visual is None or k in self.decided or key.shape[2] < query.shape[2] \
-                or query.shape[2] != self._width():
+                or query.shape[2] != self._width(k - 1):
             return
         key = key[:, :, :query.shape[2]]  # the prefill's keys (a static cache returns its unfilled slots too)
+        if k == 1 and self._masked_first() is not None:  # layer 0 ran on every token: what stage 1 sees of it
+            query, key, mask = first_layer_attention(self.plans[0], query, key, mask)
         self.keys = key.detach()
         self.scores = self.method.observe(self.view(stage=k), query, key, mask, scaling)
 
@@ -200,8 +256,16 @@ class LayerExit(StageRuntime):
                 chosen = plan
         return chosen
 
-    def _width(self) -> int:
-        """The prefill's length as the layers now see it (after the stages cut so far)."""
+    def _masked_first(self):
+        """The plan of a stage before layer 0 in the current prefill (masked there, cut from layer 1), or None."""
+        plan = self.plans[0] if self.plans else None
+        return plan if plan is not None and plan["k"] == 0 and plan["call"] == self.calls else None
+
+    def _width(self, layer: int | None = None) -> int:
+        """The prefill's length as the layers now see it (after the stages cut so far; ``layer`` 0 under a stage
+        before it: the whole prompt)."""
+        if layer == 0 and self._masked_first() is not None:
+            return self.q
         return self.plans[-1]["index"].shape[1] if self.plans else self.q
 
     def _wants_stage(self, i) -> bool:
@@ -213,11 +277,20 @@ class LayerExit(StageRuntime):
 
     def _pre_layer(self, i, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
-        if self._wants_stage(i):
-            self.decided.add(i)
-            plan = self._make_plan(hidden, i)
-            if plan is not None:
-                self.plans.append(plan)
+        if i == 0:
+            self._stage(hidden, 0)
+        first = self.plans[0] if self.plans and self.plans[0]["k"] == 0 else None
+        if first is not None and i == 0:
+            prefill = first["call"] == self.calls
+            if prefill and first["merged"]:
+                hidden = merged_states(hidden, [(b, position, feature) for b, _, feature, position in first["merged"]])
+                args = with_hidden(args, kwargs, hidden)
+            return args, first_layer_mask(first, kwargs, hidden.shape[1], self.past)
+        if first is not None and i == 1 and first["call"] == self.calls and hidden.shape[1] == first["length"]:
+            hidden = gather_seq(hidden, first["step"].to(hidden.device))  # the tokens masked in layer 0 leave
+            args = with_hidden(args, kwargs, hidden)
+        if i > 0:
+            self._stage(hidden, i)
         plan = self.plan_for(i)
         if plan is not None:
             prefill = plan["call"] == self.calls
@@ -230,16 +303,11 @@ class LayerExit(StageRuntime):
                 self.cache[key] = cut_kwargs(kwargs, prefill, plan, self.past, self.q, rows)
             kwargs.update(self.cache[key])
             if prefill and self.sequence_inputs:
-                args = self._cut_sequence_inputs(args, kwargs, plan, rows)
-            if prefill and i == plan["k"]:  # the stage's first layer in the prefill: cut the hidden states
+                args = cut_sequence_inputs(self.sequence_inputs, args, kwargs, plan, rows)
+            if prefill and i == plan["k"] and i > 0:  # the stage's first layer in the prefill: cut the hidden states
                 hidden = gather_seq(hidden, plan["step"].to(hidden.device))
-                if plan["merged"]:
-                    hidden = hidden.clone()
-                    for b, slot, feature in plan["merged"]:
-                        hidden[b, slot] = feature.to(hidden.dtype)
-                args = (hidden, *args[1:]) if args else args
-                if not args:
-                    kwargs["hidden_states"] = hidden
+                hidden = merged_states(hidden, [(b, slot, feature) for b, slot, feature, _ in plan["merged"]])
+                args = with_hidden(args, kwargs, hidden)
             return args, kwargs
         if self.exit_at is not None and self.seq_visual is not None and bool((self.exit_at < i).any()):
             kwargs["attention_mask"] = mask_exited(kwargs.get("attention_mask"), self.seq_visual, self.exit_at < i,
@@ -247,23 +315,13 @@ class LayerExit(StageRuntime):
             return args, kwargs
         return None
 
-    def _cut_sequence_inputs(self, args, kwargs, plan, rows):
-        """The layer's other inputs that run along the prefill (``Adapter.sequence_inputs``), cut with it."""
-        index = plan["index"]
-        args = list(args)
-        for where in self.sequence_inputs:
-            box, name = (args, where) if isinstance(where, int) else (kwargs, where)
-            if isinstance(where, int) and where >= len(args):
-                continue
-            t = box[name] if isinstance(where, int) else box.get(name)
-            if t is None:
-                continue
-            if rows is None:
-                box[name] = gather_seq(t, index.to(t.device))
-            elif not bool((index[:, -rows:].cpu() == torch.arange(plan["length"] - rows, plan["length"])).all()):
-                raise ValueError("the prompt ends with visual tokens that left the language model; end it with text "
-                                 "(as chat templates do) or use a pre-LLM method")
-        return tuple(args)
+    def _stage(self, hidden, i):
+        """Stage ``i``'s decision, when the current prefill reaches it (its plan joins ``plans``)."""
+        if self._wants_stage(i):
+            self.decided.add(i)
+            plan = self._make_plan(hidden, i)
+            if plan is not None:
+                self.plans.append(plan)
 
     def _make_plan(self, hidden, k):
         """Stage ``k``'s cut: the method decides on the visual tokens still in the sequence; ``step`` gathers
@@ -292,7 +350,7 @@ class LayerExit(StageRuntime):
         merged = []  # (row, slot in the cut sequence, feature): merged tokens replace kept ones' hidden states
         for b, pos, feature, members in merges:
             slot = int((step[b] == pos).nonzero()[0, 0])
-            merged.append((b, slot, feature))
+            merged.append((b, slot, feature, int(pos)))
             self.record.merged.append((k, b, int(index[b, pos]), index[b, members.to(index.device)].tolist()))
         return {"index": index.gather(1, step), "real": real.gather(1, step) & step_real, "step": step,
-                "length": length, "k": k, "call": self.calls, "merged": merged}
+                "length": length, "k": k, "call": self.calls, "merged": merged, "drop": original}

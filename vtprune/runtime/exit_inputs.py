@@ -94,3 +94,44 @@ def mask_columns(mask, col_real):
         eye = torch.eye(q, dtype=torch.bool, device=out.device)[None, None]
         out = out | eye if out.dtype == torch.bool else out.masked_fill(eye, 0.0)
     return out
+
+
+def first_layer_attention(plan, query, key, mask):
+    """Layer 0's query, key and 4-D mask (over the whole prompt) under a stage before it (``plan``), cut to the
+    tokens that go on to layer 1: what a method observing layer 0 for stage 1 reads."""
+    step, real = plan["step"].to(query.device), plan["real"].to(query.device)
+    query = query.gather(2, step[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[3]))
+    key = key.gather(2, step[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3]))
+    m = mask.expand(step.shape[0], *mask.shape[1:])
+    m = m.gather(2, step[:, None, :, None].expand(-1, m.shape[1], -1, m.shape[3]))
+    m = m.gather(3, step[:, None, None, :].expand(-1, m.shape[1], m.shape[2], -1))
+    return query, key, mask_columns(m, real)
+
+
+def first_layer_mask(plan, kwargs, q: int, past: int) -> dict:
+    """Layer 0's kwargs under a stage before it (``plan``): the stage's tokens masked out of its attention in the
+    prefill and every decode step (its cache keeps every token; from layer 1 on they are cut)."""
+    drop = plan["drop"]
+    rows = torch.ones(drop.shape[0], dtype=torch.bool, device=drop.device)
+    kwargs["attention_mask"] = mask_exited(kwargs.get("attention_mask"), drop, rows, q, past)
+    return kwargs
+
+
+def cut_sequence_inputs(sequence_inputs, args, kwargs, plan, rows):
+    """A layer's other inputs that run along the prefill (``sequence_inputs``: ``Adapter.sequence_inputs``), cut by
+    ``plan`` (``rows``: the layer runs the prefill's last rows only)."""
+    index = plan["index"]
+    args = list(args)
+    for where in sequence_inputs:
+        box, name = (args, where) if isinstance(where, int) else (kwargs, where)
+        if isinstance(where, int) and where >= len(args):
+            continue
+        t = box[name] if isinstance(where, int) else box.get(name)
+        if t is None:
+            continue
+        if rows is None:
+            box[name] = gather_seq(t, index.to(t.device))
+        elif not bool((index[:, -rows:].cpu() == torch.arange(plan["length"] - rows, plan["length"])).all()):
+            raise ValueError("the prompt ends with visual tokens that left the language model; end it with text "
+                             "(as chat templates do) or use a pre-LLM method")
+    return tuple(args)

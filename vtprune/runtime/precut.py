@@ -58,6 +58,7 @@ class PreCut(StageRuntime):
         cut = None
         if call.image_mask is not None:
             cut, self.forward = self.selection.plan(call.image_mask, call.media, call.capture, chunk, embeds)
+            call.forward = self.forward
         if cut is None and state.mask is None:  # nothing cut in this sequence: the call as it came
             state.extend(batch, q, embeds.device)
             return

@@ -26,6 +26,7 @@ class Call:
     media: dict = field(default_factory=dict)  # {"image"/"video": [B, q] bool}: each medium's tokens
     capture: dict | None = None  # what the vision tower's runs recorded ({"media": {medium: counts, features, ...}})
     cut: tuple | None = None  # (index [B, q'], real [B, q']) of the pre-LLM cut
+    forward: object = None  # the call's Forward record (a prefill with visual tokens): what each image kept
     changed: bool = False
 
     @property

@@ -20,6 +20,7 @@ serve).
 from __future__ import annotations
 
 import contextvars
+import functools
 
 import torch
 
@@ -29,8 +30,10 @@ from . import request_keep
 MODEL = contextvars.ContextVar("vtprune_video_model", default=None)  # the served model embedding a clip
 
 
+@functools.lru_cache(maxsize=256)
 def clip_layout(slices: int, grid) -> ImageLayout:
-    """A clip of ``slices`` temporal slices on the (rows, columns) ``grid`` each."""
+    """A clip of ``slices`` temporal slices on the (rows, columns) ``grid`` each (cached: read it, do not change
+    it; a request's processor and the model's embedding ask for the same few shapes again and again)."""
     layout = ImageLayout.from_grids([tuple(grid)] * slices)
     layout.frame, layout.media = layout.grid.clone(), "video"
     return layout

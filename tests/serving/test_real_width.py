@@ -1,0 +1,99 @@
+"""``scripts/real_width_model.py --family qwen3_vl`` (shrunk here) makes a folder that transformers and vLLM load, with
+the processors the serving benchmark's prompts need: a toy image becomes 196 tokens, a toy clip 8 slices of 4 x 4;
+``scripts/bench_vllm.py`` serves both on it, pruned (prompt lengths as the kept counts say)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+if os.environ.get("VTPRUNE_REQUIRE_VLLM") != "1":  # CI sets it: there a missing vLLM fails the run
+    pytest.importorskip("vllm")
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+SHRUNK = {"text": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=32, vocab_size=128,
+                       rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [8, 4, 4],
+                                        "mrope_interleaved": True}),
+          "vision": dict(hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128)}
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    script = _script("real_width_model")
+    return script.build_qwen(str(tmp_path_factory.mktemp("rw") / "qwen3_vl"), "qwen3_vl", llm_layers=2,
+                             tower_layers=3, dtype="float32", widths=SHRUNK)
+
+
+def test_the_folder_has_qwen3_vl_8b_shapes_where_not_shrunk_and_loads(folder):
+    import torch
+    import transformers as tf
+
+    from vtprune import toy
+
+    bench = _script("bench_vllm")
+    config = tf.AutoConfig.from_pretrained(folder)
+    assert config.vision_config.patch_size == 16 and config.vision_config.depth == 3
+    assert config.vision_config.deepstack_visual_indexes == [0, 1, 2]  # 8, 16, 24 of 27 spread over 3
+    assert config.vision_config.num_position_embeddings == 2304
+    processor = tf.AutoProcessor.from_pretrained(folder)
+    sample = toy.eval_split(n=1)[0]
+    batch = processor(images=[sample["image"]], text=[bench.image_prompt(sample["question"], folder)],
+                      return_tensors="pt")
+    assert int((batch["input_ids"] == config.image_token_id).sum()) == 196  # 448 x 448: 28 x 28 patches, merged 2 x 2
+    model = tf.AutoModelForImageTextToText.from_pretrained(folder).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
+
+
+def _row(*argv):
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_vllm.py"), *argv], capture_output=True,
+                         text=True, env=env, timeout=900)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, out.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_the_benchmark_serves_its_clips_and_images_pruned(folder):
+    clip = _row("--video-worker", "vtprune", "evs", "0.25", "2", "1", folder, "float32")
+    stock = _row("--video-worker", "vllm", "none", "1.0", "2", "1", folder, "float32")
+    assert stock["prompt_tokens"] - clip["prompt_tokens"] == 128 - 32  # a clip's 128 tokens, evs keeps a quarter
+    image = _row("--worker", "divprune", "0.25", "2", "1", folder, "float32")
+    full = _row("--worker", "random", "1.0", "2", "1", folder, "float32")
+    assert full["prompt_tokens"] - image["prompt_tokens"] == 196 - 49
+
+
+def test_a_qwen2_5_vl_folder_has_its_shapes_and_loads(tmp_path):
+    import torch
+    import transformers as tf
+
+    from vtprune import toy
+
+    script, bench = _script("real_width_model"), _script("bench_vllm")
+    text = dict(SHRUNK["text"], rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                                 "mrope_section": [8, 4, 4]})
+    text.pop("head_dim")
+    folder = script.build_qwen(str(tmp_path / "qwen2_5_vl"), "qwen2_5_vl", llm_layers=2, tower_layers=3,
+                               dtype="float32", widths={"text": text, "vision": SHRUNK["vision"]})
+    config = tf.AutoConfig.from_pretrained(folder)
+    assert config.vision_config.patch_size == 14 and config.vision_config.window_size == 112
+    assert config.vision_config.fullatt_block_indexes == [0, 1, 2]  # 7, 15, 23, 31 of 32 spread over 3
+    processor = tf.AutoProcessor.from_pretrained(folder)
+    sample = toy.eval_split(n=1)[0]
+    batch = processor(images=[sample["image"]], text=[bench.image_prompt(sample["question"], folder)],
+                      return_tensors="pt")
+    assert int((batch["input_ids"] == config.image_token_id).sum()) == 256  # 448 x 448: 32 x 32 patches, merged 2 x 2
+    model = tf.AutoModelForImageTextToText.from_pretrained(folder).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()

@@ -123,19 +123,22 @@ def _merge_by_loop(x, t, n, threshold, limit):
     return anchors, ratio, capped
 
 
-@pytest.mark.parametrize("threshold,cost", [(0.3, 0.6), (-1.0, 0.6)])  # merging goes on; capped at s_max
-def test_the_first_merge_equals_its_definition_on_the_input_embeddings(threshold, cost):
+@pytest.mark.parametrize("threshold,cost,capped", [(0.7, 0.6, False), (0.5, 0.6, True), (-1.0, 0.6, True)])
+def test_the_first_merge_equals_its_definition_on_the_input_embeddings(threshold, cost, capped):
+    """Below the cap (2 of 18 tokens merge, and merging goes on) and at it (the most similar 7 merge; every
+    token with a predecessor is similar enough at -1)."""
     model = greedy_model("qwen2_vl")
     inputs = tiny_inputs(model, "qwen2_vl", images_per_row=(0,), videos_per_row=(1,), with_mask=False)
     t, h, w = inputs["video_grid_thw"][0].tolist()
     n = (h // 2) * (w // 2)
     _repeat_frames(inputs)
-    inputs["pixel_values_videos"][n * 4:] += 0.3 * torch.randn_like(inputs["pixel_values_videos"][n * 4:])
+    later = inputs["pixel_values_videos"][n * 4:]  # the later slices: the first one's pixels, moved
+    later += torch.randn(later.shape, generator=torch.Generator().manual_seed(0))
     embeds = language_model_inputs(model, inputs)["inputs_embeds"][0]
     where = (inputs["input_ids"][0] == VIDEO_TOKEN).nonzero().squeeze(1)
     layers = len(model.model.language_model.layers)
-    anchors, ratio, capped = _merge_by_loop(embeds[where].float(), t, n, threshold, pruning_ratio([], cost, layers))
-    assert anchors
+    anchors, ratio, at_cap = _merge_by_loop(embeds[where].float(), t, n, threshold, pruning_ratio([], cost, layers))
+    assert anchors and at_cap == capped  # each case takes the branch it is there for
     with vtprune.wrapped(model, "framefusion", cost=cost, similarity_lower_bound=threshold):
         with torch.no_grad():
             model(**inputs)

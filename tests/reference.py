@@ -481,3 +481,16 @@ def merged_and_masked(model, record, length):
         stack.enter_context(Merge(model, k, row, slot, members, length))
     stack.enter_context(staged_masks(model, record.exit.stages))
     return stack
+
+
+def assert_merged_and_masked(model, inputs, logits, tokens, record, record_generate, steps: int = 6):
+    """The wrap's last-position ``logits`` and greedy ``tokens`` (``steps`` of them) equal the stock model under
+    its records' merges and masks (``merged_and_masked``: ``record`` of the forward, ``record_generate`` of
+    ``generate``'s prefill), positions kept."""
+    none = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+    length = inputs["input_ids"].shape[1]
+    with merged_and_masked(model, record, length):
+        ref = masked_forward(model, inputs, none)
+    torch.testing.assert_close(logits[:, -1], ref[:, -1], atol=1e-5, rtol=0)
+    with merged_and_masked(model, record_generate, length):
+        assert torch.equal(tokens, masked_greedy(model, inputs, none, steps=steps))

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from reference import generated, greedy_model, language_model_inputs, masked_forward, masked_greedy, merged_and_masked
+from reference import assert_merged_and_masked, generated, greedy_model, language_model_inputs
 
 import vtprune
 from vtprune.methods.framefusion import pruning_ratio
@@ -65,13 +65,7 @@ def test_framefusion_equals_merged_and_masked_reference(family, images, videos, 
     visual = (inputs["input_ids"] == IMAGE_TOKEN) | (inputs["input_ids"] == VIDEO_TOKEN)
     for _, _, drop in record.exit.stages:
         assert bool((drop.cpu() <= visual).all())
-    none = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
-    length = inputs["input_ids"].shape[1]
-    with merged_and_masked(model, record, length):
-        ref = masked_forward(model, inputs, none)
-    torch.testing.assert_close(logits[:, -1], ref[:, -1], atol=1e-5, rtol=0)
-    with merged_and_masked(model, after_generate, length):
-        assert torch.equal(tokens, masked_greedy(model, inputs, none, steps=6))
+    assert_merged_and_masked(model, inputs, logits, tokens, record, after_generate)
 
 
 def test_framefusion_on_glm4v_clips_equals_the_merged_and_masked_reference():
@@ -92,13 +86,7 @@ def test_framefusion_on_glm4v_clips_equals_the_merged_and_masked_reference():
         tokens = generated(model, inputs, steps=6)
         after_generate = vtprune.record(model)
     assert any(len(members) > 2 for _, _, _, members in record.exit.merged)
-    none = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
-    length = inputs["input_ids"].shape[1]
-    with merged_and_masked(model, record, length):
-        ref = masked_forward(model, inputs, none)
-    torch.testing.assert_close(logits[:, -1], ref[:, -1], atol=1e-5, rtol=0)
-    with merged_and_masked(model, after_generate, length):
-        assert torch.equal(tokens, masked_greedy(model, inputs, none, steps=6))
+    assert_merged_and_masked(model, inputs, logits, tokens, record, after_generate)
 
 
 def _merge_by_loop(x, t, n, threshold, limit):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from reference import masked_forward, masked_greedy, merged_and_masked
+from reference import assert_merged_and_masked
 
 import vtprune
 from vtprune.methods.sparsevlm import TABLE, dpc_knn
@@ -43,13 +43,7 @@ def test_sparsevlm_equals_masked_and_merged_reference(family, rows, with_mask):
         current = kept + min(int(r / 10) + 1, r)
         expected.append(current)
     assert per_layer == expected
-    none = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
-    length = inputs["input_ids"].shape[1]
-    with merged_and_masked(model, record, length):
-        ref = masked_forward(model, inputs, none)
-    torch.testing.assert_close(logits[:, -1], ref[:, -1], atol=1e-5, rtol=0)
-    with merged_and_masked(model, generated, length):
-        assert torch.equal(tokens, masked_greedy(model, inputs, none, steps=6))
+    assert_merged_and_masked(model, inputs, logits, tokens, record, generated)
 
 
 def _dpc_brute(x, c):

@@ -35,25 +35,32 @@ def folder(tmp_path_factory):
                              tower_layers=3, dtype="float32", widths=SHRUNK)
 
 
-def test_the_folder_has_qwen3_vl_8b_shapes_where_not_shrunk_and_loads(folder):
+def _image_tokens_of_a_toy_image(folder, config) -> int:
+    """The image tokens ``folder``'s processor makes of a toy image in the benchmark's prompt; the model, loaded by
+    transformers, answers it with finite logits."""
     import torch
     import transformers as tf
 
     from vtprune import toy
 
-    bench = _script("bench_vllm")
+    processor = tf.AutoProcessor.from_pretrained(folder)
+    sample = toy.eval_split(n=1)[0]
+    batch = processor(images=[sample["image"]], text=[_script("bench_vllm").image_prompt(sample["question"], folder)],
+                      return_tensors="pt")
+    model = tf.AutoModelForImageTextToText.from_pretrained(folder).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
+    return int((batch["input_ids"] == config.image_token_id).sum())
+
+
+def test_the_folder_has_qwen3_vl_8b_shapes_where_not_shrunk_and_loads(folder):
+    import transformers as tf
+
     config = tf.AutoConfig.from_pretrained(folder)
     assert config.vision_config.patch_size == 16 and config.vision_config.depth == 3
     assert config.vision_config.deepstack_visual_indexes == [0, 1, 2]  # 8, 16, 24 of 27 spread over 3
     assert config.vision_config.num_position_embeddings == 2304
-    processor = tf.AutoProcessor.from_pretrained(folder)
-    sample = toy.eval_split(n=1)[0]
-    batch = processor(images=[sample["image"]], text=[bench.image_prompt(sample["question"], folder)],
-                      return_tensors="pt")
-    assert int((batch["input_ids"] == config.image_token_id).sum()) == 196  # 448 x 448: 28 x 28 patches, merged 2 x 2
-    model = tf.AutoModelForImageTextToText.from_pretrained(folder).eval()
-    with torch.no_grad():
-        assert torch.isfinite(model(**batch).logits).all()
+    assert _image_tokens_of_a_toy_image(folder, config) == 196  # 448 x 448: 28 x 28 patches, merged 2 x 2
 
 
 def _row(*argv):
@@ -75,12 +82,9 @@ def test_the_benchmark_serves_its_clips_and_images_pruned(folder):
 
 
 def test_a_qwen2_5_vl_folder_has_its_shapes_and_loads(tmp_path):
-    import torch
     import transformers as tf
 
-    from vtprune import toy
-
-    script, bench = _script("real_width_model"), _script("bench_vllm")
+    script = _script("real_width_model")
     text = dict(SHRUNK["text"], rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                                                  "mrope_section": [8, 4, 4]})
     text.pop("head_dim")
@@ -89,11 +93,4 @@ def test_a_qwen2_5_vl_folder_has_its_shapes_and_loads(tmp_path):
     config = tf.AutoConfig.from_pretrained(folder)
     assert config.vision_config.patch_size == 14 and config.vision_config.window_size == 112
     assert config.vision_config.fullatt_block_indexes == [0, 1, 2]  # 7, 15, 23, 31 of 32 spread over 3
-    processor = tf.AutoProcessor.from_pretrained(folder)
-    sample = toy.eval_split(n=1)[0]
-    batch = processor(images=[sample["image"]], text=[bench.image_prompt(sample["question"], folder)],
-                      return_tensors="pt")
-    assert int((batch["input_ids"] == config.image_token_id).sum()) == 256  # 448 x 448: 32 x 32 patches, merged 2 x 2
-    model = tf.AutoModelForImageTextToText.from_pretrained(folder).eval()
-    with torch.no_grad():
-        assert torch.isfinite(model(**batch).logits).all()
+    assert _image_tokens_of_a_toy_image(folder, config) == 256  # 448 x 448: 32 x 32 patches, merged 2 x 2

@@ -256,10 +256,14 @@ class LayerExit(StageRuntime):
                 chosen = plan
         return chosen
 
+    def _first_stage(self):
+        """The plan of a stage before layer 0 in the current sequence (masked there, cut from layer 1), or None."""
+        return self.plans[0] if self.plans and self.plans[0]["k"] == 0 else None
+
     def _masked_first(self):
-        """The plan of a stage before layer 0 in the current prefill (masked there, cut from layer 1), or None."""
-        plan = self.plans[0] if self.plans else None
-        return plan if plan is not None and plan["k"] == 0 and plan["call"] == self.calls else None
+        """``_first_stage`` while its prefill runs, or None."""
+        plan = self._first_stage()
+        return plan if plan is not None and plan["call"] == self.calls else None
 
     def _width(self, layer: int | None = None) -> int:
         """The prefill's length as the layers now see it (after the stages cut so far; ``layer`` 0 under a stage
@@ -279,11 +283,10 @@ class LayerExit(StageRuntime):
         hidden = args[0] if args else kwargs["hidden_states"]
         if i == 0:
             self._stage(hidden, 0)
-        first = self.plans[0] if self.plans and self.plans[0]["k"] == 0 else None
+        first = self._first_stage()
         if first is not None and i == 0:
-            prefill = first["call"] == self.calls
-            if prefill and first["merged"]:
-                hidden = merged_states(hidden, [(b, position, feature) for b, _, feature, position in first["merged"]])
+            if first["call"] == self.calls and first["merged"]:  # the prefill: merged tokens take their new states
+                hidden = merged_states(hidden, first["merged"])
                 args = with_hidden(args, kwargs, hidden)
             return args, first_layer_mask(first, kwargs, hidden.shape[1], self.past)
         if first is not None and i == 1 and first["call"] == self.calls and hidden.shape[1] == first["length"]:
@@ -306,7 +309,7 @@ class LayerExit(StageRuntime):
                 args = cut_sequence_inputs(self.sequence_inputs, args, kwargs, plan, rows)
             if prefill and i == plan["k"] and i > 0:  # the stage's first layer in the prefill: cut the hidden states
                 hidden = gather_seq(hidden, plan["step"].to(hidden.device))
-                hidden = merged_states(hidden, [(b, slot, feature) for b, slot, feature, _ in plan["merged"]])
+                hidden = merged_states(hidden, plan["merged"])
                 args = with_hidden(args, kwargs, hidden)
             return args, kwargs
         if self.exit_at is not None and self.seq_visual is not None and bool((self.exit_at < i).any()):
@@ -347,10 +350,10 @@ class LayerExit(StageRuntime):
         self.counts.totals["exits"] += 1
         if not self.dynamic:  # dynamic exits are counted in end_call
             self.counts.left(left)
-        merged = []  # (row, slot in the cut sequence, feature): merged tokens replace kept ones' hidden states
-        for b, pos, feature, members in merges:
-            slot = int((step[b] == pos).nonzero()[0, 0])
-            merged.append((b, slot, feature, int(pos)))
+        merged = []  # (row, slot, feature): merged tokens replace kept ones' hidden states, at their slot in the cut
+        for b, pos, feature, members in merges:  # sequence (a stage before layer 0: in the whole prompt, not yet cut)
+            slot = int(pos) if k == 0 else int((step[b] == pos).nonzero()[0, 0])
+            merged.append((b, slot, feature))
             self.record.merged.append((k, b, int(index[b, pos]), index[b, members.to(index.device)].tolist()))
         return {"index": index.gather(1, step), "real": real.gather(1, step) & step_real, "step": step,
                 "length": length, "k": k, "call": self.calls, "merged": merged, "drop": original}

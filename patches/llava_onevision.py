@@ -56,6 +56,18 @@ def halved_sources(side: int) -> torch.Tensor:
     return torch.where((rows < side) & (cols < side), rows * side + cols, -1)
 
 
+def video_layout(side: int, frames: int) -> ImageLayout:
+    """A clip of ``frames`` frames on a tower of ``side`` x ``side`` patches: each frame's halved grid (its tokens'
+    sources: the patches each covers), one after another, and one newline after the last."""
+    half = math.ceil(side / 2)
+    layout = ImageLayout.from_grids([(half, half)] * frames)
+    layout.frame = layout.grid.clone()
+    layout.tile = layout.grid.clone()
+    per_frame = halved_sources(side)
+    layout.source = torch.cat([torch.where(per_frame >= 0, per_frame + f * side * side, -1) for f in range(frames)])
+    return with_trailing_newline(layout)
+
+
 def _tile(side: int) -> ImageLayout:
     layout = ImageLayout.from_grids([(side, side)])
     layout.source = torch.arange(side * side)[:, None]
@@ -150,16 +162,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     def _video_layout(self, i, n, capture):
         side, frames = self._side(), capture["frames"][i]
-        half = math.ceil(side / 2)
-        if frames * half * half + 1 != n:
+        layout = video_layout(side, frames)
+        if layout.n != n:
             raise RuntimeError(f"vtprune: a LLaVA-OneVision clip of {frames} frames has {n} tokens, not "
-                               f"{frames} x {half}^2 + 1")
-        layout = ImageLayout.from_grids([(half, half)] * frames)
-        layout.frame = layout.grid.clone()
-        layout.tile = layout.grid.clone()
-        per_frame = halved_sources(side)
-        layout.source = torch.cat([torch.where(per_frame >= 0, per_frame + f * side * side, -1) for f in range(frames)])
-        return with_trailing_newline(layout)
+                               f"{frames} x {math.ceil(side / 2)}^2 + 1")
+        return layout
 
     def projector_sources(self, n_tower, n_projector, medium="image"):
         if medium == "video":

@@ -70,6 +70,16 @@ def image_prompt(question: str, model: str) -> str:
     return toy.prompt(question)
 
 
+def video_prompt(question: str, model: str) -> str:
+    """A toy video question as ``model``'s processor takes it: Qwen3-VL's expands a bare video token (timestamps and
+    all); Qwen2(.5)-VL's replaces the one between the vision start and end tokens."""
+    from vtprune import toy_video as tv
+
+    if model_type(model) in ("qwen2_vl", "qwen2_5_vl"):
+        return f"<s> USER: {tv.VISION_START}{tv.VIDEO_PAD}{tv.VISION_END} {question} ASSISTANT:"
+    return tv.served_prompt(question)
+
+
 def worker(spec, keep, n, concurrency, model="toy", dtype=None):
     from vtprune import toy
     from vtprune.serving import LLM
@@ -101,7 +111,7 @@ def worker(spec, keep, n, concurrency, model="toy", dtype=None):
 def video_worker(engine, spec, keep, n, concurrency, model="toy-video", dtype=None):
     """One row of the head to head on the toy video model's clips: ``engine`` "vllm" (stock vLLM; ``spec`` "none",
     "evs" or "vidcom2", vLLM's own pruning at rate 1 - keep) or "vtprune" (vLLM serving vtprune's ``spec``), on the
-    toy video model or a Qwen3-VL ``model`` folder (``real_width_model.py``) in ``dtype``."""
+    toy video model or a Qwen ``model`` folder (``real_width_model.py``) in ``dtype``."""
     import numpy as np
     from vllm import LLM as VLLM
 
@@ -111,7 +121,7 @@ def video_worker(engine, spec, keep, n, concurrency, model="toy-video", dtype=No
 
     timed = min(n, 16)
     samples = tv.eval_split(n=n + timed + 2)
-    requests = [{"prompt": tv.served_prompt(s["question"]),
+    requests = [{"prompt": video_prompt(s["question"], model),
                  "multi_modal_data": {"video": (np.ascontiguousarray(s["frames"].transpose(0, 2, 3, 1)),
                                                 tv.video_metadata())}} for s in samples]
     requests, first, warm = requests[:n], requests[n:n + timed], requests[n + timed:]
@@ -211,7 +221,7 @@ def main(argv=None):
                              "fastervlm, vtc_cls, visionzip, e.g. 'divprune:summary=4' (default divprune; with "
                              "--video evs,divprune,dycoke)")
     parser.add_argument("--model", default=None, help="'toy' (default; --video: 'toy-video') or a served model folder "
-                        "(--video: a Qwen3-VL one)")
+                        "(--video: a Qwen one, real_width_model.py)")
     parser.add_argument("--dtype", help="vLLM's dtype (default: the toy's float32, the folder's own otherwise)")
     parser.add_argument("--keeps", default=None, help="default 1,0.25,0.1,0.05 (--video: 0.25,0.1)")
     parser.add_argument("--concurrency", default=None, help="default 1,8 (--video: 1,8,32)")

@@ -78,7 +78,7 @@ QWEN = {  # (text config, vision config) at the released widths; layers set by t
                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                                          "mrope_section": [16, 24, 24]}),
                    dict(hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
-                        spatial_merge_size=2, temporal_patch_size=2, window_size=112)),
+                        spatial_merge_size=2, temporal_patch_size=2, window_size=112, tokens_per_second=2)),
 }
 FULL = {"qwen3_vl": (36, 27), "qwen2_5_vl": (28, 32)}  # released (LLM, tower) depths
 
@@ -127,11 +127,16 @@ def build_qwen(folder: str, family: str, llm_layers: int | None = None, tower_la
     half = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3}
     image = tf.Qwen2VLImageProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2,
                                      min_pixels=image_side ** 2, max_pixels=image_side ** 2, **half)
-    pixels = tv.FRAMES * tv.FRAME * tv.FRAME
+    # a toy clip's 16 frames of 128 x 128 kept as they are: 8 slices of 4 x 4 tokens (Qwen3-VL's processor bounds a
+    # clip's pixels, Qwen2.5-VL's a frame's: 112 x 112, the multiple of 28 that fits); Qwen3-VL's expands a bare
+    # video token (timestamps and all), Qwen2.5-VL's the one between the vision start and end tokens
+    pixels = tv.FRAMES * tv.FRAME * tv.FRAME if family == "qwen3_vl" else tv.FRAME * tv.FRAME
     video_options = dict(do_sample_frames=False, fps=tv.FPS) if family == "qwen3_vl" else {}
     video = video_class(size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=patch, merge_size=2,
                         temporal_patch_size=2, **video_options, **half)
-    template = tv.CHAT_TEMPLATE.replace(f"{tv.VISION_START}{tv.VIDEO_PAD}{tv.VISION_END}", tv.VIDEO_PAD)
+    template = tv.CHAT_TEMPLATE
+    if family == "qwen3_vl":
+        template = template.replace(f"{tv.VISION_START}{tv.VIDEO_PAD}{tv.VISION_END}", tv.VIDEO_PAD)
     processor = processor_class(image_processor=image, tokenizer=tokenizer, video_processor=video,
                                 chat_template=template)
     os.makedirs(folder, exist_ok=True)

@@ -1,6 +1,7 @@
-"""``scripts/real_width_model.py --family qwen3_vl`` (shrunk here) makes a folder that transformers and vLLM load, with
-the processors the serving benchmark's prompts need: a toy image becomes 196 tokens, a toy clip 8 slices of 4 x 4;
-``scripts/bench_vllm.py`` serves both on it, pruned (prompt lengths as the kept counts say)."""
+"""``scripts/real_width_model.py --family qwen3_vl`` and ``--family qwen2_5_vl`` (shrunk here) make folders that
+transformers and vLLM load, with the processors the serving benchmark's prompts need: a toy image becomes 196 (256)
+tokens, a toy clip 8 slices of 4 x 4; ``scripts/bench_vllm.py`` serves both on them, pruned (prompt lengths as the
+kept counts say)."""
 
 import importlib.util
 import json
@@ -94,3 +95,7 @@ def test_a_qwen2_5_vl_folder_has_its_shapes_and_loads(tmp_path):
     assert config.vision_config.patch_size == 14 and config.vision_config.window_size == 112
     assert config.vision_config.fullatt_block_indexes == [0, 1, 2]  # 7, 15, 23, 31 of 32 spread over 3
     assert _image_tokens_of_a_toy_image(folder, config) == 256  # 448 x 448: 32 x 32 patches, merged 2 x 2
+    # its clips served pruned by vtprune (one block of tokens a clip, vtprune's own rows): 8 slices of 4 x 4
+    clip = _row("--video-worker", "vtprune", "evs", "0.25", "2", "1", folder, "float32")
+    stock = _row("--video-worker", "vllm", "none", "1.0", "2", "1", folder, "float32")
+    assert stock["prompt_tokens"] - clip["prompt_tokens"] == 128 - 32

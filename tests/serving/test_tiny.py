@@ -200,15 +200,21 @@ from vtprune import toy
 from vtprune.serving import LLM
 folder, method, keep, media = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
 samples = toy.eval_split(n=6)
-llm = LLM(folder, method=method, keep=keep, enforce_eager=True, dtype="float32", max_model_len=1024,
-          limit_mm_per_prompt={"image": 2, "video": 1} if media == "clip" else {"image": 2})
+limits = {"image": 2, "video": 1} if media == "clip" else {"image": 2}
+if method == "stock":  # vLLM itself, no vtprune
+    import vllm
+    llm = vllm.LLM(folder, enforce_eager=True, dtype="float32", max_model_len=1024, limit_mm_per_prompt=limits)
+else:
+    llm = LLM(folder, method=method, keep=keep, enforce_eager=True, dtype="float32", max_model_len=1024,
+              limit_mm_per_prompt=limits)
 requests = []
 for i, s in enumerate(samples):
     other = samples[(i + 1) % len(samples)]
     if media == "clip":
-        clip = np.stack([np.asarray(samples[(i + k) % len(samples)]["image"].resize((64, 64))) for k in range(4)])
-        meta = {"fps": 2.0, "frames_indices": list(range(4)), "total_num_frames": 4, "duration": 2.0,
-                "video_backend": "opencv"}
+        frames, fps = json.loads(sys.argv[7])
+        clip = np.stack([np.asarray(samples[(i + k) % len(samples)]["image"].resize((64, 64))) for k in range(frames)])
+        meta = {"fps": fps, "frames_indices": list(range(frames)), "total_num_frames": frames,
+                "duration": frames / fps, "video_backend": "opencv"}
         data = {"image": s["image"], "video": (clip, meta)}
     else:
         data = {"image": [s["image"], other["image"]]}
@@ -222,11 +228,18 @@ print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in o
 
 @pytest.mark.parametrize("model_type,media,method,keep", [("qwen2_5_vl", "images", "divprune", 0.25),
                                                           ("qwen3_vl", "clip", "divprune", 0.25),
-                                                          ("qwen3_vl", "clip", "evs", 0.25)])
+                                                          ("qwen3_vl", "clip", "evs", 0.25),
+                                                          # a clip as one block, vtprune's own rows: 4 slices at
+                                                          # 4/3 position steps (EVS's truncated seconds give 0)
+                                                          ("qwen2_5_vl", "clip", "evs", 0.25),
+                                                          ("qwen2_5_vl", "clip", "divprune", 0.1),
+                                                          ("qwen2_vl", "clip", "vidcom2", 0.25)])
 def test_several_media_in_one_prompt_serve_as_the_hf_wrap(tmp_path, model_type, media, method, keep):
-    """Two pruned images in one prompt, and an image then a clip (with the clip's own start and end tokens around its
-    frames, as transformers 5's processor keeps them): vLLM numbers such a prompt from each image's whole grid and
-    rewrites the kept tokens' positions image by image and clip by clip; token for token as the HF wrap."""
+    """Two pruned images in one prompt, and an image then a clip (Qwen3-VL: with the clip's own start and end tokens
+    around its frames, as transformers 5's processor keeps them): vLLM numbers such a prompt from each image's whole
+    grid and rewrites the kept tokens' positions image by image and clip by clip; token for token as the HF wrap.
+    Qwen2(.5)-VL clips: 8 frames at 6 fps, 4 temporal slices a third of a second apart (Qwen2.5-VL numbers them 0,
+    1, 2, 4: 4 tokens a second)."""
     import json
     import subprocess
     import sys
@@ -242,13 +255,15 @@ def test_several_media_in_one_prompt_serve_as_the_hf_wrap(tmp_path, model_type, 
     processor = tf.AutoProcessor.from_pretrained(folder)
     samples = toy.eval_split(n=6)
     image = "<|vision_start|><|image_pad|><|vision_end|>"
+    frames, fps = (4, 2.0) if model_type.startswith("qwen3") else (8, 6.0)
     if media == "clip":
         prompts = [image + "<|vision_start|><|video_pad|><|vision_end|>" + s["question"] for s in samples]
-        clips = [np.stack([np.asarray(samples[(i + k) % 6]["image"].resize((64, 64))) for k in range(4)])
+        clips = [np.stack([np.asarray(samples[(i + k) % 6]["image"].resize((64, 64))) for k in range(frames)])
                  for i in range(6)]
+        metadata = {"fps": fps, "frames_indices": list(range(frames)), "total_num_frames": frames}
         batch = processor(text=prompts, images=[s["image"] for s in samples], videos=clips,
-                          video_metadata=[{"fps": 2.0, "frames_indices": list(range(4)), "total_num_frames": 4}] * 6,
-                          videos_kwargs={"do_sample_frames": False}, return_tensors="pt", padding=True)
+                          video_metadata=[metadata] * 6, videos_kwargs={"do_sample_frames": False},
+                          return_tensors="pt", padding=True)
     else:
         prompts = [image + image + s["question"] for s in samples]
         batch = processor(text=prompts, images=[[s["image"], samples[(i + 1) % 6]["image"]]
@@ -256,10 +271,132 @@ def test_several_media_in_one_prompt_serve_as_the_hf_wrap(tmp_path, model_type, 
     tokens, _ = hf_run(model, batch, method, keep, steps=STEPS, positions="original")
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
     out = subprocess.run([sys.executable, "-c", MIXED, folder, method, str(keep), media, os.path.dirname(__file__),
-                          json.dumps(prompts)], capture_output=True, text=True, env=env, timeout=600)
+                          json.dumps(prompts), json.dumps([frames, fps])], capture_output=True, text=True, env=env,
+                         timeout=600)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, out.stderr[-3000:]
     served = json.loads(lines[-1][len("RESULT "):])
     assert [until_eos(t) for t in served["tokens"]] == tokens
     full = batch["attention_mask"].sum(1).tolist()
     assert all(p < n for p, n in zip(served["prompt_tokens"], full))  # pruned
+
+
+def _mixed(folder, method, keep, prompts, frames, fps):
+    import json
+    import subprocess
+    import sys
+
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    env.pop("VTPRUNE_SERVE", None)  # (set where a test served in this process: stock vLLM runs without it)
+    out = subprocess.run([sys.executable, "-c", MIXED, folder, method, str(keep), "clip", os.path.dirname(__file__),
+                          json.dumps(prompts), json.dumps([frames, fps])], capture_output=True, text=True, env=env,
+                         timeout=600)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, out.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_a_long_qwen2_5_vl_clip_at_keep_all_serves_as_stock_vllm(tmp_path):
+    """A clip whose temporal positions run past its rows and columns (8 frames at 2 fps: slices at 0, 4, 8, 12):
+    vLLM continues the text after it at 13, its largest position + 1 (transformers 5 at 6, its widest side), and
+    vtprune's rows say where (their extent channel): at keep 1 the served answers equal stock vLLM's."""
+    import tiny_qwen
+
+    from vtprune import toy
+
+    folder = tiny_qwen.build(str(tmp_path / "qwen2_5_vl"), "qwen2_5_vl")
+    samples = toy.eval_split(n=6)
+    prompts = ["<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|video_pad|><|vision_end|>" + s["question"]
+               for s in samples]
+    stock = _mixed(folder, "stock", 1.0, prompts, 8, 2.0)
+    served = _mixed(folder, "evs", 1.0, prompts, 8, 2.0)
+    assert served["prompt_tokens"] == stock["prompt_tokens"]
+    assert served["tokens"] == stock["tokens"], (served, stock)
+
+
+ONEVISION_CLIPS = """
+import json, sys
+import numpy as np
+from vllm import SamplingParams
+from vtprune import toy
+from vtprune.serving import LLM, last_kept
+folder, method, keep, frames = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+samples = toy.eval_split(n=8)
+llm = LLM(folder, method=method, keep=keep, enforce_eager=True, dtype="float32", max_model_len=1024,
+          limit_mm_per_prompt={"image": 1, "video": 1})
+requests = []
+for i, s in enumerate(samples):
+    clip = np.stack([np.asarray(samples[(i + k) % len(samples)]["image"].resize((56, 56))) for k in range(frames)])
+    requests.append({"prompt": toy.prompt(s["question"]).replace("<image>", "<video>"),
+                     "multi_modal_data": {"video": clip}})
+if method == "fastervlm":  # it cannot serve a clip: refused by name, the server's images still served
+    try:
+        llm.generate(requests[:1], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+        refused = ""
+    except ValueError as err:
+        refused = str(err)
+    image = llm.generate([{"prompt": toy.prompt(samples[0]["question"]), "multi_modal_data": {"image":
+                          samples[0]["image"]}}], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+    print("RESULT " + json.dumps({"refused": refused, "image_tokens": list(image[0].outputs[0].token_ids)}))
+    sys.exit(0)
+outs = llm.generate(requests, SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs],
+                              "prompt_tokens": [len(o.prompt_token_ids) for o in outs],
+                              "kept": last_kept(llm, len(outs))}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("method,keep", [("evs", 0.25), ("divprune", 0.25), ("uniform_time", 0.5)])
+def test_llava_onevision_clips_serve_as_the_hf_wrap(tmp_path, method, keep):
+    """LLaVA-OneVision clips (6 frames of 2 x 2 tokens and a newline after the last) pruned in vLLM: the prompt's run
+    cut to the kept count, the kept tokens those the HF wrap keeps (every newline kept, positions numbered afresh),
+    token for token."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+    import tiny_llava_onevision
+    import transformers as tf
+
+    from vtprune import toy
+
+    folder = tiny_llava_onevision.build(str(tmp_path / "llava_onevision"))
+    model = tf.AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = tf.AutoProcessor.from_pretrained(folder)
+    samples, frames = toy.eval_split(n=8), 6
+    clips = [np.stack([np.asarray(samples[(i + k) % 8]["image"].resize((56, 56))) for k in range(frames)])
+             for i in range(8)]
+    prompts = [toy.prompt(s["question"]).replace("<image>", "<video>") for s in samples]
+    batch = processor(text=prompts, videos=clips, return_tensors="pt", padding=True)
+    tokens, kept = hf_run(model, batch, method, keep, steps=STEPS, positions="renumber", newlines="all")
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    out = subprocess.run([sys.executable, "-c", ONEVISION_CLIPS, folder, method, str(keep), str(frames)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, out.stderr[-3000:]
+    served = json.loads(lines[-1][len("RESULT "):])
+    n = frames * 4 + 1
+    assert [len(k) for k in served["kept"]] == [len(k) for k in kept] and all(n - 1 in k for k in kept)
+    assert served["kept"] == kept
+    assert [until_eos(t) for t in served["tokens"]] == tokens
+    full = batch["attention_mask"].sum(1).tolist()
+    assert [f - p for f, p in zip(full, served["prompt_tokens"])] == [n - len(k) for k in kept]
+
+
+def test_a_llava_onevision_server_refuses_a_clip_it_cannot_prune_and_serves_its_images(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import tiny_llava_onevision
+
+    folder = tiny_llava_onevision.build(str(tmp_path / "llava_onevision"))
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    out = subprocess.run([sys.executable, "-c", ONEVISION_CLIPS, folder, "fastervlm", "0.25", "6"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, out.stderr[-3000:]
+    served = json.loads(lines[-1][len("RESULT "):])
+    assert "with fastervlm, not its videos: fastervlm reads the vision tower's attention over a clip" in served["refused"]
+    assert served["image_tokens"]

@@ -55,7 +55,7 @@ def servable() -> list:
     keep a clip's tokens as they are)."""
     from .. import methods
 
-    from .qwen_video import servable as clip_servable
+    from .clips import servable as clip_servable
 
     return [name for name in methods.available() if methods.get(name).stage == "select"
             and not methods.get(name).needs_text
@@ -107,7 +107,7 @@ def check(method: str, keep, options: dict, model_type: str | None = "llava"):
         raise ValueError(f"{method} merges tower tokens before the projector, which the {family.tower} tower's "
                          "patch merger does not take (as on the HF path)")
     if cls.temporal and model_type is not None:
-        from .qwen_video import servable as clip_servable
+        from .clips import servable as clip_servable
 
         if why := clip_servable(config):
             raise ValueError(f"vtprune serving cannot run {method} on a clip: {why}")

@@ -1,5 +1,4 @@
-"""LLaVA-OneVision in vLLM with vtprune's pre-LLM selection, images only (vLLM refuses a served model's videos up
-front: ``vtprune.serving.refused_media``).
+"""LLaVA-OneVision in vLLM with vtprune's pre-LLM selection, images and videos.
 
 An image is LLaVA-NeXT's layout on a SigLIP tower: its base tile, then its crops packed into one unpadded
 grid with a newline after every row, shrunk by bilinear interpolation past ``anyres_max_9`` (vLLM packs with
@@ -9,22 +8,27 @@ newline is kept (``newlines="all"``: vLLM sizes the prompt before the image is e
 numbered afresh (``positions="renumber"``).  [CLS] methods read the attention each patch receives in the SigLIP
 layer the projector reads (no [CLS] there: ``source="received"``, the HF path's default), per tile, mapped onto the
 tokens by the layout's sources (an interpolated token: the patch nearest to where it samples), as on the HF path.
+A clip is its frames' halved grids one after another and one newline after the last (``video_layout``, the HF
+adapter's), sized by the kept count of that layout (``clips.kept_count``: the video methods, and ``random`` and
+``divprune`` over the clip) and selected from vLLM's own clip features.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import types
 
 import torch
 
-from vtprune.patches.llava_onevision import packed_onevision_layout
+from vtprune.patches.llava_onevision import packed_onevision_layout, video_layout
 
 from ..families import feature_layer
 from ..families.llava_onevision import LLAVA_ONEVISION
 from .bindings import bind
 from .request_keep import budgeted
-from .rows import attach, keep_rows, kept_count, with_bias
+from . import clips, request_keep
+from .rows import attach, keep_rows, kept_count, select, with_bias
 from .slot_bias import Weighing
 from .tower import tap_received
 
@@ -52,7 +56,22 @@ def image_layout(hf, image_size):
     return _LAYOUTS[key]
 
 
-@bind(LLAVA_ONEVISION)
+def clip_layout(hf, frames, n: int):
+    """The layout of a LLaVA-OneVision clip of ``n`` tokens (``frames`` frames, or as many as ``n`` holds), with the
+    HF adapter's layout of a clip (``video_layout``)."""
+    vision = hf.vision_config
+    side = vision.image_size // vision.patch_size
+    per_frame = math.ceil(side / 2) ** 2
+    frames = (n - 1) // per_frame if frames is None else frames
+    if frames * per_frame + 1 != n:
+        raise ValueError(f"vtprune: a LLaVA-OneVision clip of {n} tokens is not {frames} frames of {per_frame} and a "
+                         "newline")
+    layout = video_layout(side, frames)
+    layout.media = "video"
+    return layout
+
+
+@bind(LLAVA_ONEVISION, media=("image", "video"))
 def pruned_llava_onevision(config):
     from vllm.model_executor.models.llava_onevision import (LlavaOnevisionDummyInputsBuilder,
                                                             LlavaOnevisionForConditionalGeneration,
@@ -69,6 +88,12 @@ def pruned_llava_onevision(config):
                                  f"tokens in vLLM, {layout.n} by its packing of patch indices")
             return kept_count(config, n, layout=layout)
 
+        def get_num_video_tokens(self, *, image_width: int, image_height: int, num_frames: int) -> int:
+            n = super().get_num_video_tokens(image_width=image_width, image_height=image_height, num_frames=num_frames)
+            if request_keep.serving() is None:  # a token budget sized outside a request (vLLM's estimates): the bound
+                return n
+            return clips.kept_count(config, clip_layout(self.get_hf_config(), num_frames, n))
+
     Processor = budgeted(LlavaOnevisionMultiModalProcessor, config)  # a request's own keep
     @MULTIMODAL_REGISTRY.register_processor(Processor, info=PrunedLlavaOnevisionInfo,
                                             dummy_inputs=LlavaOnevisionDummyInputsBuilder)
@@ -84,9 +109,28 @@ def pruned_llava_onevision(config):
                                             LLAVA_ONEVISION.default_score) if config.needs_cls else None
 
         def embed_multimodal(self, **kwargs):
-            image_input = self._parse_and_validate_image_input(**kwargs)
-            if image_input is None:
-                return []
+            out = []
+            for modality, given in self._parse_and_validate_multimodal_inputs(**kwargs).items():  # in their order
+                out += self._vtprune_images(given) if modality == "image" else self._vtprune_clips(given)
+            return out
+
+        def _vtprune_clips(self, given):
+            """Each clip's kept rows (the newline after its last frame among them) by the method, on vLLM's features."""
+            out = []
+            for rows in self._process_video_pixels(given):  # [1, frames x tokens + 1, d] a clip
+                rows = rows.reshape(-1, rows.shape[-1])
+                layout = clip_layout(self.config, None, rows.shape[0])
+                budgets = self.vtprune_video_budgets
+                asked = budgets.popleft() if budgets else config
+                if clips.kept_all(asked):
+                    out.append(rows)
+                    continue
+                kept, main, _ = select(asked, rows, self.vtprune_generator, layout=layout)
+                self.vtprune_kept.append(kept.tolist())
+                out.append(main)
+            return out
+
+        def _vtprune_images(self, image_input):
             tap = self.vtprune_tap
             if tap is not None:
                 tap.clear()

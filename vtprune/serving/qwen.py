@@ -13,8 +13,10 @@ Qwen3-VL's deepstack features ride in the same rows and are cut with them; the m
 features, as on the HF path.  [CLS] methods read the attention each patch receives (``tap_qwen``: no
 [CLS] in these towers; ``source="received"``, the HF path's default here).  Videos: on the Qwen3-VL family
 through vLLM's own pruned-clip path (``vtprune.serving.qwen_video``; its rows carry Qwen3-VL's five channels);
-Qwen2-VL and Qwen2.5-VL serve images only (vLLM refuses their video requests up front).  The position channels
-travel in the rows' dtype, as EVS's do (exact in bf16 up to 256 merged tokens a side).  Qwen3.5's linear-attention
+on Qwen2-VL and Qwen2.5-VL, whose clip is one block of tokens, through vtprune's own rows (``clip_positions``:
+kept tokens at vLLM's unpruned numbering of the clip, not EVS's, which truncates Qwen2.5-VL's seconds per
+temporal slice).  An image's position channels travel in the rows' dtype, as EVS's do (exact in bf16 up to 256
+merged tokens a side); a clip's split in two base-256 digits each, so long clips stay exact in bf16 too.  Qwen3.5's linear-attention
 layers read only the kept tokens in vLLM as on the HF path (its reference there is the stock model fed the kept
 tokens); vLLM's CPU build runs them in bf16 only.  GLM-4.1V shares this binding (``vtprune.serving.glm4v``).
 """
@@ -40,6 +42,31 @@ def image_positions(t: int, h: int, w: int, kept: torch.Tensor) -> torch.Tensor:
     thw = torch.stack([index // (h * w), index // w % h, index % w], 1)[kept]
     extent = torch.full((thw.shape[0], 1), max(t, h, w))
     return torch.cat([thw, extent], 1)
+
+
+def clip_positions(t: int, h: int, w: int, step: float, kept: torch.Tensor) -> torch.Tensor:
+    """[k, 8]: the kept tokens' (t, h, w) offsets on a clip of ``t`` temporal slices of ``h`` x ``h`` merged tokens
+    (row major) as vLLM numbers an unpruned clip (slice ``i`` at ``int(i * step)``, ``step`` its seconds per slice
+    times the tower's tokens per second, in float64 as vLLM's numpy), and where the text after it continues (its
+    largest offset + 1); each channel as two base-256 digits (``digits``)."""
+    index = torch.arange(t * h * w)
+    times = (torch.arange(t, dtype=torch.float64) * step).long()
+    thw = torch.stack([times[index // (h * w)], index // w % h, index % w], 1)
+    extent = torch.full((t * h * w, 1), int(max(int(times[-1]), h - 1, w - 1)) + 1)
+    return digits(torch.cat([thw, extent], 1)[kept])
+
+
+def digits(positions: torch.Tensor) -> torch.Tensor:
+    """[k, 2c]: each of the ``c`` channels of ``positions`` [k, c] as its base-256 digits (high, low): each below
+    256, so exact in bf16 as the rows' dtype (``undigits`` reads them back)."""
+    if positions.numel() and int(positions.max()) >= 256 ** 2:
+        raise ValueError(f"a clip position of {int(positions.max())} is past what vtprune's rows carry (65535)")
+    return torch.stack([positions // 256, positions % 256], 2).flatten(1)
+
+
+def undigits(channels: torch.Tensor) -> torch.Tensor:
+    """[2c, k] base-256 digit channels (``digits``, transposed) -> [c, k]."""
+    return channels[0::2] * 256 + channels[1::2]
 
 
 def tap_qwen(model, config):
@@ -100,13 +127,15 @@ CLASSES = {  # model type -> vLLM module, the prefix of its model and info class
 
 
 VIDEO_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")  # videos through vLLM's EVS path (qwen_video)
+BLOCK_VIDEO_TYPES = ("qwen2_vl", "qwen2_5_vl")  # a clip as one block of tokens: vtprune's own rows (clip_positions)
 
 
 def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
     """EVS's rewrite of the mrope positions of this model's media (vLLM's ``recompute_mrope_positions``): vtprune's
     image rows carry four position channels (Qwen2.5-VL's: the text after an image continues at its extent, as
-    transformers numbers it), vLLM's clip rows five (Qwen3-VL's: timestamps and each frame's start ride along).
-    GLM-4.1V names its media-start token ``image_start_token_id``."""
+    transformers numbers it), vLLM's clip rows five (Qwen3-VL's: timestamps and each frame's start ride along),
+    vtprune's Qwen2(.5)-VL clip rows the four as base-256 digits (eight).  GLM-4.1V names its media-start token
+    ``image_start_token_id``."""
     from vllm.multimodal.video_prune.evs import recompute_mrope_positions as recompute
 
     config = self.config
@@ -115,10 +144,11 @@ def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_posi
     rows, channels = [], []
     for mm in multimodal_embeddings:
         k = mm.shape[1] - width
-        if k not in (4, 5):
+        if k not in (4, 5, 8):
             raise RuntimeError(f"vtprune: a media embedding of width {mm.shape[1]} for features of width {width}")
         rows.append(mm[:, :-k])
-        channels.append(mm[:, -k:].permute(1, 0).long())
+        channel = mm[:, -k:].permute(1, 0).long()
+        channels.append(undigits(channel) if k == 8 else channel)
     device = multimodal_embeddings[0].device if len(multimodal_embeddings) else mrope_positions.device
     start = config.image_start_token_id if start is None else start
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
@@ -139,20 +169,22 @@ def _end_token(config) -> int:
     return config.image_end_token_id if end is None else end
 
 
-def restored_images(hf, input_tokens: list, mm_features) -> tuple:
-    """``(tokens, features, ours)``: ``input_tokens`` with each image's run of placeholders filled up to its whole
-    grid, its ``mm_features`` placed on them, and which of the tokens are the prompt's own."""
+def restored_images(hf, input_tokens: list, mm_features, clips: bool = False) -> tuple:
+    """``(tokens, features, ours)``: ``input_tokens`` with each image's run of placeholders (and each clip's, with
+    ``clips``) filled up to its whole grid, its ``mm_features`` placed on them, and which of the tokens are the
+    prompt's own."""
     import dataclasses
 
     merge = hf.vision_config.spatial_merge_size
     tokens, ours, features, start, shift = [], [], [], 0, 0
     for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
-        where, missing = feature.mm_position, 0
-        if feature.modality == "image":
-            t, h, w = (int(v) for v in feature.data["image_grid_thw"].data.tolist())
+        where, missing, token = feature.mm_position, 0, hf.image_token_id
+        if feature.modality == "image" or (clips and feature.modality == "video"):
+            t, h, w = (int(v) for v in feature.data[f"{feature.modality}_grid_thw"].data.tolist())
             missing = t * h * w // merge ** 2 - where.get_num_embeds()
+            token = hf.image_token_id if feature.modality == "image" else hf.video_token_id
         end = where.offset + where.length
-        tokens += input_tokens[start:end] + [hf.image_token_id] * missing
+        tokens += input_tokens[start:end] + [token] * missing
         ours += [True] * (end - start) + [False] * missing
         is_embed = where.is_embed
         if is_embed is not None and missing:
@@ -213,6 +245,13 @@ def pruned_qwen(config, model_type: str):
                         return tokens[:kept_count(config, len(tokens), (h // merge, w // merge))]
 
                     update = PromptReplacement(modality="image", target=update.target, replacement=replacement)
+                elif update.modality == "video" and model_type in BLOCK_VIDEO_TYPES:
+                    def replacement(item_idx, full=update.replacement):
+                        tokens = full(item_idx)
+                        t, h, w = (int(v) for v in out_mm_kwargs["video"][item_idx]["video_grid_thw"].data)
+                        return tokens[:qwen_video.count(config, (h // merge) * (w // merge), t)]
+
+                    update = PromptReplacement(modality="video", target=update.target, replacement=replacement)
                 updates.append(update)
             return updates
 
@@ -228,7 +267,8 @@ def pruned_qwen(config, model_type: str):
             restored ones then dropped: the text after an image at its unpruned positions, what the rewrite gives
             too (and what a prefix-cache hit past the image keeps); the kept tokens' own positions come with the
             rewrite."""
-            tokens, features, ours = restored_images(self.config, list(input_tokens), mm_features)
+            tokens, features, ours = restored_images(self.config, list(input_tokens), mm_features,
+                                                     clips=model_type in BLOCK_VIDEO_TYPES)
             positions, _ = super().get_mrope_input_positions(tokens, features)
             # (vLLM numbers a clip whose kept tokens are lumped together past the prompt's end; its rewrite renumbers
             # a clip's tokens and what follows from the clip's own rows)
@@ -250,6 +290,8 @@ def pruned_qwen(config, model_type: str):
                     out += self._vtprune_images(given)
                 elif model_type in VIDEO_TYPES:
                     out += self._vtprune_clips(given)
+                elif model_type in BLOCK_VIDEO_TYPES:
+                    out += self._vtprune_block_clips(given)
                 else:
                     raise ValueError(f"vtprune serving prunes this {model_type} model's images; it was given a video")
             return out
@@ -261,6 +303,21 @@ def pruned_qwen(config, model_type: str):
                 return list(self._postprocess_video_embeds_evs(self._process_video_input(given), given))
             finally:
                 qwen_video.MODEL.reset(token)
+
+        def _vtprune_block_clips(self, given):
+            """Qwen2(.5)-VL: each clip's kept rows by the method (``qwen_video.select``), with their positions as vLLM
+            numbers the unpruned clip (``clip_positions``)."""
+            merge = self.visual.spatial_merge_size
+            per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)  # (vLLM's default too)
+            seconds = given.get("second_per_grid_ts")  # Qwen2.5-VL's; a slice a second where none
+            out = []
+            for i, rows in enumerate(self._process_video_input(given)):
+                t, h, w = (int(v) for v in given["video_grid_thw"][i].tolist())
+                step = (1.0 if seconds is None else float(seconds[i])) * per_second
+                kept = qwen_video.select(self, rows, (t, h, w), merge)
+                positions = clip_positions(t, h // merge, w // merge, step, kept.cpu())
+                out.append(torch.cat([rows[kept], positions.to(rows.device, rows.dtype)], 1))
+            return out
 
         def _vtprune_images(self, image_input):
             merge = self.visual.spatial_merge_size
@@ -292,5 +349,5 @@ def pruned_qwen(config, model_type: str):
 
 
 for _family in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL, QWEN3_VL_MOE, QWEN3_5, QWEN3_5_MOE):
-    bind(_family, media=("image", "video") if _family.name in VIDEO_TYPES else ("image",))(
+    bind(_family, media=("image", "video"))(
         functools.partial(pruned_qwen, model_type=_family.name))

@@ -1,5 +1,6 @@
 """Videos in vLLM on the Qwen3-VL family (Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE), pruned by vtprune's method
-through vLLM's own video-pruning path (EVS's: ``--video-pruning-rate``).
+through vLLM's own video-pruning path (EVS's: ``--video-pruning-rate``); Qwen2-VL and Qwen2.5-VL size and select a
+clip here too (``count``, ``select``), and lay it out with vtprune's own rows (``vtprune.serving.qwen``).
 
 vLLM sizes a pruned clip's prompt with ``compute_retained_tokens_count(tokens_per_frame, num_frames, q)`` and
 picks its tokens with ``compute_retention_mask(features, grid, spatial_merge_size, q)``, both read from its
@@ -25,7 +26,7 @@ import functools
 import torch
 
 from ..layout import ImageLayout
-from . import request_keep
+from . import clips, request_keep
 
 MODEL = contextvars.ContextVar("vtprune_video_model", default=None)  # the served model embedding a clip
 
@@ -39,31 +40,15 @@ def clip_layout(slices: int, grid) -> ImageLayout:
     return layout
 
 
-def servable(config) -> str | None:
-    """Why vLLM cannot serve a clip with ``config`` (None: it can)."""
-    if config.needs_cls:
-        return f"{config.name} reads the vision tower's attention over a clip"
-    if config.weighs:
-        return "summary tokens and size_bias weigh a clip's kept tokens"
-    if config.covers_all:
-        return f"{config.name} merges a clip's tokens"
-    return None
-
-
 def count(config, per_frame: int, frames: int) -> int:
     """vtprune's kept count of a clip of ``frames`` slices of ``per_frame`` tokens, for the request being processed;
     ``ValueError`` where the clip cannot be served."""
     asked = request_keep.current(config)
-    why = servable(asked)
-    if why is None:
-        wide, tall = clip_layout(frames, (1, per_frame)), clip_layout(frames, (per_frame, 1))
-        if asked.kept_count(wide) != asked.kept_count(tall):
-            why = f"{asked.name}'s count depends on each frame's grid, which vLLM does not pass when it sizes a clip"
-    if why is not None:
-        raise ValueError(f"vtprune serves this model's images with {asked.name}, not its videos: {why}; serve videos "
-                         "with a method that keeps a clip's tokens by its frames (evs, vidcom2, uniform_time, dycoke, "
-                         "random, divprune)")
-    return request_keep.kept_count(config, clip_layout(frames, (1, per_frame)))
+    wide = clip_layout(frames, (1, per_frame))
+    if clips.servable(asked) is None and asked.kept_count(wide) != asked.kept_count(clip_layout(frames, (per_frame, 1))):
+        return clips.refuse(asked, f"{asked.name}'s count depends on each frame's grid, which vLLM does not pass when "
+                            "it sizes a clip", wide)
+    return clips.kept_count(config, wide)
 
 
 def select(model, features: torch.Tensor, thw, merge: int) -> torch.Tensor:
@@ -73,9 +58,12 @@ def select(model, features: torch.Tensor, thw, merge: int) -> torch.Tensor:
 
     budgets = getattr(model, "vtprune_video_budgets", None)
     config = budgets.popleft() if budgets else model.vtprune_config
+    if clips.kept_all(config):
+        return torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
     t, h, w = (int(v) for v in thw)
     layout = clip_layout(t, (h // merge, w // merge))
-    main = features if config.score_stacked else features[:, :model.visual_dim]
+    main = features if config.score_stacked else features[:, :getattr(model, "visual_dim", None)]  # (Qwen3-VL's
+    # rows carry the deepstack features after the main ones)
     kept, _, _ = select_rows(config, main, model.vtprune_generator, None, layout=layout)
     model.vtprune_kept.append(kept.tolist())
     mask = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)

@@ -27,6 +27,7 @@ FIELD = "vtprune_keep"  # each image item's budget: [numerator, denominator, is 
 FIELD_VIDEO = "vtprune_keep_video"  # each video item's (vtprune.serving.qwen_video)
 _current = contextvars.ContextVar("vtprune_request_keep", default=None)
 _served = contextvars.ContextVar("vtprune_served", default=None)
+_profiling = contextvars.ContextVar("vtprune_profiling", default=False)
 
 
 def parse(config, given):
@@ -65,6 +66,11 @@ def current(config):
 def serving():
     """The server's config while a vtprune-served processor processes a request, else None."""
     return _served.get()
+
+
+def profiling() -> bool:
+    """Whether the request being processed is vLLM's profiling dummy (which sizes its caches), not a user's."""
+    return _profiling.get()
 
 
 def kept_count(config, layout) -> int:
@@ -113,6 +119,13 @@ def budgeted(Processor, config):
             finally:
                 _served.reset(served)
                 _current.reset(token)
+
+        def get_dummy_mm_inputs(self, *args, **kwargs):
+            token = _profiling.set(True)
+            try:
+                return super().get_dummy_mm_inputs(*args, **kwargs)
+            finally:
+                _profiling.reset(token)
 
         def _apply_hf_processor_main(self, mm_items, hf_kwargs):
             out = super()._apply_hf_processor_main(mm_items=mm_items,

@@ -87,3 +87,7 @@ def test_a_pruned_clip_keeps_vllms_unpruned_positions(model_type, thw, fps, dtyp
     assert torch.equal(after, stock[:, ours])
     assert torch.equal(before[:, len(head) + len(kept):], stock[:, len(head) + n:])  # (a prefix-cache hit's text)
     assert delta == int(stock.max()) + 1 - len(served)
+    # a prefill chunk that ends just after the clip's start token (vLLM's rewrite alone raises IndexError there)
+    _, staged, _ = recompute_mrope_positions(model, torch.tensor(served), [image_rows], before, 0)
+    _, chunked, delta = recompute_mrope_positions(model, torch.tensor(served), [rows.float()], staged, len(head))
+    assert torch.equal(chunked, stock[:, ours]) and delta == int(stock.max()) + 1 - len(served)

@@ -108,3 +108,40 @@ def test_a_clips_own_keep_applies_to_it(toy):
 def test_a_method_that_cannot_serve_a_clip_is_refused_by_name(method, why):
     refused = _serve(method, 0.25, [None])["refused"]
     assert f"with {method}, not its videos: {why}" in refused and "evs, vidcom2" in refused
+
+
+CACHED = """
+import json, sys
+import numpy as np
+from vllm import SamplingParams
+from vtprune import toy_video as tv
+from vtprune.serving import LLM
+samples = tv.eval_split(n=6)
+llm = LLM("toy-video", method=sys.argv[1], keep=float(sys.argv[2]), enforce_eager=True, enable_prefix_caching=True,
+          block_size=32)
+requests = [{"prompt": tv.served_prompt(" ".join([s["question"]] * 9)),  # the text after the clip past a block
+             "multi_modal_data": {"video": (np.ascontiguousarray(s["frames"].transpose(0, 2, 3, 1)), tv.video_metadata())}}
+            for s in samples]
+params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=1)
+first = llm.generate(requests, params, use_tqdm=False)
+again = llm.generate(requests, params, use_tqdm=False)  # the clip and what follows it up to a block: from the cache
+print("RESULT " + json.dumps({"cached": [o.num_cached_tokens for o in again], "prompt": [len(o.prompt_token_ids) for o in again],
+                              "first": [o.outputs[0].cumulative_logprob for o in first],
+                              "again": [o.outputs[0].cumulative_logprob for o in again]}), flush=True)
+"""
+
+
+def test_a_prefix_cache_hit_past_a_pruned_clip_answers_as_without_it():
+    """The same clip requests twice: the second finds the clip and the text after it, up to a block, in vLLM's
+    prefix cache, so its remaining text is numbered before the clip is embedded (vLLM's EVS lumps a pruned clip's
+    kept tokens into its first frame there, and numbered that text wrong): the served model numbers it as the unpruned
+    clip does, and both passes agree."""
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    out = subprocess.run([sys.executable, "-c", CACHED, "evs", "0.25"], capture_output=True, text=True, env=env,
+                         timeout=600)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, out.stderr[-3000:]
+    served = json.loads(lines[-1][len("RESULT "):])
+    clip_end = 2 + 8 * 4 + 32  # "<s> USER:", 8 slices of a stamp (2 tokens), start and end; evs 0.25 keeps 32
+    assert all(clip_end < c < p for c, p in zip(served["cached"], served["prompt"]))
+    assert served["again"] == pytest.approx(served["first"], abs=1e-4)

@@ -136,8 +136,6 @@ def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_posi
     transformers numbers it), vLLM's clip rows five (Qwen3-VL's: timestamps and each frame's start ride along),
     vtprune's Qwen2(.5)-VL clip rows the four as base-256 digits (eight).  GLM-4.1V names its media-start token
     ``image_start_token_id``."""
-    from vllm.multimodal.video_prune.evs import recompute_mrope_positions as recompute
-
     config = self.config
     start = getattr(config, "vision_start_token_id", None)
     width = self.vtprune_width
@@ -159,9 +157,29 @@ def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_posi
     media = (after == config.image_token_id) | (after == config.video_token_id) | (after == _end_token(config))
     ids = torch.where((ids == start) & ~media, torch.full_like(ids, -1), ids)
     with _sync_allowed():
-        positions, delta = recompute(ids, channels, mrope_positions, num_computed_tokens, start,
-                                     config.image_token_id, config.video_token_id)
+        positions, delta = _recompute(ids, channels, mrope_positions, num_computed_tokens, start,
+                                      config.image_token_id, config.video_token_id)
     return rows, positions, delta
+
+
+def _recompute(ids, channels, positions, done: int, start: int, image: int, video: int):
+    """vLLM's rewrite (``evs.recompute_mrope_positions``), but for a prefill chunk that begins just after a media's
+    start token with four-channel rows: vLLM's rewrite then looks for the next start token (an ``IndexError``
+    where there is none, another media's place where there is), so that media is placed here, the rest as vLLM
+    places them.  (A chunk can end anywhere: a long prompt, or requests sharing a step's token budget.)"""
+    from vllm.multimodal.video_prune.evs import recompute_mrope_positions as recompute
+
+    if not channels or done == 0 or int(ids[done - 1]) != start or channels[0].shape[0] != 4:
+        return recompute(ids, channels, positions, done, start, image, video)
+    first, n = channels[0], channels[0].shape[1]
+    positions = positions.clone()
+    base = positions[-1, done - 1] + 1
+    positions[:, done:done + n] = first[0:3] + base
+    text = ~((ids == image) | (ids == video))
+    positions[:, done + n:] = torch.cumsum(text[done + n:].long(), 0) + first[3, 0] + base - 1
+    if len(channels) > 1:
+        return recompute(ids, channels[1:], positions, done + n, start, image, video)
+    return positions, int(positions.max() + 1 - ids.numel())
 
 
 def _end_token(config) -> int:
@@ -169,32 +187,66 @@ def _end_token(config) -> int:
     return config.image_end_token_id if end is None else end
 
 
-def restored_images(hf, input_tokens: list, mm_features, clips: bool = False) -> tuple:
-    """``(tokens, features, ours)``: ``input_tokens`` with each image's run of placeholders (and each clip's, with
-    ``clips``) filled up to its whole grid, its ``mm_features`` placed on them, and which of the tokens are the
-    prompt's own."""
+def restored_media(hf, input_tokens: list, mm_features, clips: str | None = None) -> tuple:
+    """``(tokens, features, index)``: ``input_tokens`` with each image's run of placeholders filled up to its whole
+    grid (and each clip's: ``clips="block"``, Qwen2(.5)-VL's one run; ``"frames"``, the Qwen3-VL family's run per
+    frame, which EVS's processor lumps into the first), its ``mm_features`` placed on them, and where each of the
+    prompt's own tokens is among them (a Qwen3-VL clip's kept tokens: at their frame's start token; the rewrite
+    numbers them)."""
     import dataclasses
 
     merge = hf.vision_config.spatial_merge_size
-    tokens, ours, features, start, shift = [], [], [], 0, 0
+    tokens, index, features, start = [], [], [], 0
     for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
-        where, missing, token = feature.mm_position, 0, hf.image_token_id
-        if feature.modality == "image" or (clips and feature.modality == "video"):
-            t, h, w = (int(v) for v in feature.data[f"{feature.modality}_grid_thw"].data.tolist())
-            missing = t * h * w // merge ** 2 - where.get_num_embeds()
-            token = hf.image_token_id if feature.modality == "image" else hf.video_token_id
+        where = feature.mm_position
         end = where.offset + where.length
-        tokens += input_tokens[start:end] + [token] * missing
-        ours += [True] * (end - start) + [False] * missing
+        for token in input_tokens[start:where.offset]:
+            index.append(len(tokens))
+            tokens.append(token)
+        span, own = list(input_tokens[where.offset:end]), list(range(where.length))
+        media = feature.modality == "image" or (clips is not None and feature.modality == "video")
+        if media:
+            t, h, w = (int(v) for v in feature.data[f"{feature.modality}_grid_thw"].data.tolist())
+            if feature.modality == "video" and clips == "frames":
+                span, own = _frames_restored(hf, span, h * w // merge ** 2)
+            else:
+                token = hf.image_token_id if feature.modality == "image" else hf.video_token_id
+                span += [token] * (t * h * w // merge ** 2 - where.get_num_embeds())
         is_embed = where.is_embed
-        if is_embed is not None and missing:
-            is_embed = torch.cat([is_embed, torch.ones(missing, dtype=torch.bool)])
+        if is_embed is not None and len(span) != where.length:
+            is_embed = torch.tensor([tok in (hf.image_token_id, hf.video_token_id) for tok in span])
         features.append(dataclasses.replace(feature, mm_position=dataclasses.replace(
-            where, offset=where.offset + shift, length=where.length + missing, is_embed=is_embed)))
-        shift, start = shift + missing, end
-    tokens += input_tokens[start:]
-    ours += [True] * (len(input_tokens) - start)
-    return tokens, features, ours
+            where, offset=len(tokens), length=len(span), is_embed=is_embed)))
+        index += [len(tokens) + i for i in own]
+        tokens += span
+        start = end
+    for token in input_tokens[start:]:
+        index.append(len(tokens))
+        tokens.append(token)
+    return tokens, features, index
+
+
+def _frames_restored(hf, span: list, per_frame: int) -> tuple:
+    """A Qwen3-VL clip's placeholder span (each frame's timestamp, start, tokens, end) with each frame's run of tokens
+    at ``per_frame`` where it is not (a pruned clip's: EVS's processor lumps the kept ones into the first frame), and
+    where each of the span's own tokens is in it (a token of a restored run: at its frame's start)."""
+    out, own, i = [], [], 0
+    while i < len(span):
+        out.append(span[i])
+        own.append(len(out) - 1)
+        if span[i] != hf.vision_start_token_id:
+            i += 1
+            continue
+        frame_start, j = len(out) - 1, i + 1
+        while j < len(span) and span[j] == hf.video_token_id:
+            j += 1
+        if j - i - 1 == per_frame:  # a whole frame (the unpruned clip vLLM numbers to place the kept tokens)
+            own += list(range(len(out), len(out) + per_frame))
+        else:
+            own += [frame_start] * (j - i - 1)
+        out += [hf.video_token_id] * per_frame
+        i = j
+    return out, own
 
 
 def _sync_allowed():
@@ -262,17 +314,16 @@ def pruned_qwen(config, model_type: str):
         recompute_mrope_positions = recompute_mrope_positions
 
         def get_mrope_input_positions(self, input_tokens, mm_features):
-            """vLLM's numbering of the prompt before the rewrite, on the prompt with each image's placeholders
-            restored to its whole grid (vLLM numbers an image from its grid, whatever its placeholders), the
-            restored ones then dropped: the text after an image at its unpruned positions, what the rewrite gives
-            too (and what a prefix-cache hit past the image keeps); the kept tokens' own positions come with the
-            rewrite."""
-            tokens, features, ours = restored_images(self.config, list(input_tokens), mm_features,
-                                                     clips=model_type in BLOCK_VIDEO_TYPES)
+            """vLLM's numbering of the prompt before the rewrite, on the prompt with each image's and clip's
+            placeholders restored to its whole grid (``restored_media``), the restored ones then dropped: the text
+            after an image or a clip at its unpruned positions, what the rewrite gives too, and what a prefix-cache
+            hit past the image keeps (the rewrite does not run there: vLLM's own EVS numbers a Qwen3-VL clip's kept
+            tokens lumped into its first frame, and the text after it wrong on such a hit); the kept tokens' own
+            positions come with the rewrite."""
+            clips = "block" if model_type in BLOCK_VIDEO_TYPES else "frames" if model_type in VIDEO_TYPES else None
+            tokens, features, index = restored_media(self.config, list(input_tokens), mm_features, clips)
             positions, _ = super().get_mrope_input_positions(tokens, features)
-            # (vLLM numbers a clip whose kept tokens are lumped together past the prompt's end; its rewrite renumbers
-            # a clip's tokens and what follows from the clip's own rows)
-            positions = positions[:, :len(tokens)][:, torch.tensor(ours)]
+            positions = positions[:, torch.tensor(index, dtype=torch.long)]
             return positions, int(positions.max()) + 1 - len(input_tokens)
 
         def __init__(self, *, vllm_config, prefix: str = ""):

@@ -255,8 +255,9 @@ def video_main(args):
     concurrency = [int(c) for c in (args.concurrency or "1,8,32").split(",")]
     n = args.n or 160
     runs = [("vllm", "none", 1.0)]
+    own = {"qwen2_vl": (), "qwen2_5_vl": ("evs",)}.get(model_type(args.model or "toy-video"), ("evs", "vidcom2"))
     for keep in [float(k) for k in keeps.split(",")]:
-        runs += [("vllm", "evs", keep), ("vllm", "vidcom2", keep)]
+        runs += [("vllm", name, keep) for name in own]  # vLLM's own pruners where it has them for the family
         runs += [("vtprune", m.strip(), keep) for m in methods.split(",") if m.strip()]
     rows = []
     for run in range(args.repeat):  # every configuration once per round, one after the other (their order

@@ -45,7 +45,7 @@ def image_positions(t: int, h: int, w: int, kept: torch.Tensor) -> torch.Tensor:
 
 
 def clip_positions(t: int, h: int, w: int, step: float, kept: torch.Tensor) -> torch.Tensor:
-    """[k, 8]: the kept tokens' (t, h, w) offsets on a clip of ``t`` temporal slices of ``h`` x ``h`` merged tokens
+    """[k, 8]: the kept tokens' (t, h, w) offsets on a clip of ``t`` temporal slices of ``h`` x ``w`` merged tokens
     (row major) as vLLM numbers an unpruned clip (slice ``i`` at ``int(i * step)``, ``step`` its seconds per slice
     times the tower's tokens per second, in float64 as vLLM's numpy), and where the text after it continues (its
     largest offset + 1); each channel as two base-256 digits (``digits``)."""

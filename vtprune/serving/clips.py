@@ -3,6 +3,8 @@ and the kept count of the request being processed (which sizes its prompt)."""
 
 from __future__ import annotations
 
+import torch
+
 from . import request_keep
 
 SERVES = "evs, vidcom2, uniform_time, dycoke, random, divprune"  # (the methods that keep a clip's tokens by its frames)
@@ -42,3 +44,19 @@ def kept_all(config) -> bool:
     """Whether a served model embeds a clip whole: a clip its ``config`` cannot serve is refused before it reaches
     the model, so only vLLM's profiling dummy comes that far (sized whole by ``refuse``)."""
     return servable(config) is not None
+
+
+def select(model, layout, features: torch.Tensor, main: torch.Tensor | None = None) -> torch.Tensor:
+    """The kept indices of one clip on ``layout`` by the served ``model``'s method, the clip's own budget where its
+    request gave one: scored on ``main`` (the main part of rows that carry more, Qwen3-VL's deepstack features)
+    unless the method scores ``features`` stacked; every index for vLLM's profiling dummy (``kept_all``)."""
+    from .rows import select as select_rows
+
+    budgets = getattr(model, "vtprune_video_budgets", None)
+    config = budgets.popleft() if budgets else model.vtprune_config
+    if kept_all(config):
+        return torch.arange(features.shape[0])
+    scored = features if config.score_stacked or main is None else main
+    kept, _, _ = select_rows(config, scored, model.vtprune_generator, None, layout=layout)
+    model.vtprune_kept.append(kept.tolist())
+    return kept

@@ -28,7 +28,7 @@ from ..families.llava_onevision import LLAVA_ONEVISION
 from .bindings import bind
 from .request_keep import budgeted
 from . import clips, request_keep
-from .rows import attach, keep_rows, kept_count, select, with_bias
+from .rows import attach, keep_rows, kept_count, with_bias
 from .slot_bias import Weighing
 from .tower import tap_received
 
@@ -119,15 +119,8 @@ def pruned_llava_onevision(config):
             out = []
             for rows in self._process_video_pixels(given):  # [1, frames x tokens + 1, d] a clip
                 rows = rows.reshape(-1, rows.shape[-1])
-                layout = clip_layout(self.config, None, rows.shape[0])
-                budgets = self.vtprune_video_budgets
-                asked = budgets.popleft() if budgets else config
-                if clips.kept_all(asked):
-                    out.append(rows)
-                    continue
-                kept, main, _ = select(asked, rows, self.vtprune_generator, layout=layout)
-                self.vtprune_kept.append(kept.tolist())
-                out.append(main)
+                kept = clips.select(self, clip_layout(self.config, None, rows.shape[0]), rows)
+                out.append(rows[kept.to(rows.device)])
             return out
 
         def _vtprune_images(self, image_input):

@@ -38,22 +38,24 @@ from .rows import attach, keep_rows, kept_count, layout_of, with_bias
 def image_positions(t: int, h: int, w: int, kept: torch.Tensor) -> torch.Tensor:
     """[k, 4]: the kept tokens' (t, h, w) offsets on an image's ``t`` x ``h`` x ``w`` merged-token grid (row
     major), and in the last channel where the text after the image continues (its largest offset + 1)."""
-    index = torch.arange(t * h * w)
-    thw = torch.stack([index // (h * w), index // w % h, index % w], 1)[kept]
-    extent = torch.full((thw.shape[0], 1), max(t, h, w))
-    return torch.cat([thw, extent], 1)
+    return grid_positions(t, h, w, 1.0, kept)
 
 
 def clip_positions(t: int, h: int, w: int, step: float, kept: torch.Tensor) -> torch.Tensor:
-    """[k, 8]: the kept tokens' (t, h, w) offsets on a clip of ``t`` temporal slices of ``h`` x ``w`` merged tokens
-    (row major) as vLLM numbers an unpruned clip (slice ``i`` at ``int(i * step)``, ``step`` its seconds per slice
-    times the tower's tokens per second, in float64 as vLLM's numpy), and where the text after it continues (its
-    largest offset + 1); each channel as two base-256 digits (``digits``)."""
+    """[k, 8]: ``grid_positions`` of a clip's kept tokens, each channel as two base-256 digits (``digits``)."""
+    return digits(grid_positions(t, h, w, step, kept))
+
+
+def grid_positions(t: int, h: int, w: int, step: float, kept: torch.Tensor) -> torch.Tensor:
+    """[k, 4]: the kept tokens' (t, h, w) offsets on ``t`` temporal slices of ``h`` x ``w`` merged tokens (row major)
+    as vLLM numbers unpruned media (slice ``i`` at ``int(i * step)``, ``step`` a clip's seconds per slice times the
+    tower's tokens per second, in float64 as vLLM's numpy), and in the last channel where the text after them
+    continues (the largest offset + 1)."""
     index = torch.arange(t * h * w)
     times = (torch.arange(t, dtype=torch.float64) * step).long()
-    thw = torch.stack([times[index // (h * w)], index // w % h, index % w], 1)
-    extent = torch.full((t * h * w, 1), int(max(int(times[-1]), h - 1, w - 1)) + 1)
-    return digits(torch.cat([thw, extent], 1)[kept])
+    thw = torch.stack([times[index // (h * w)], index // w % h, index % w], 1)[kept]
+    extent = torch.full((thw.shape[0], 1), max(int(times[-1]), h - 1, w - 1) + 1)
+    return torch.cat([thw, extent], 1)
 
 
 def digits(positions: torch.Tensor) -> torch.Tensor:

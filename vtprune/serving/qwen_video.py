@@ -52,20 +52,11 @@ def count(config, per_frame: int, frames: int) -> int:
 
 
 def select(model, features: torch.Tensor, thw, merge: int) -> torch.Tensor:
-    """The kept tokens of one clip (bool over its tokens in raster order) by the served ``model``'s method: the
-    clip's own budget where its request gave one."""
-    from .rows import select as select_rows
-
-    budgets = getattr(model, "vtprune_video_budgets", None)
-    config = budgets.popleft() if budgets else model.vtprune_config
-    if clips.kept_all(config):
-        return torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
+    """The kept tokens of one clip (bool over its tokens in raster order) by the served ``model``'s method
+    (``clips.select``)."""
     t, h, w = (int(v) for v in thw)
-    layout = clip_layout(t, (h // merge, w // merge))
-    main = features if config.score_stacked else features[:, :getattr(model, "visual_dim", None)]  # (Qwen3-VL's
-    # rows carry the deepstack features after the main ones)
-    kept, _, _ = select_rows(config, main, model.vtprune_generator, None, layout=layout)
-    model.vtprune_kept.append(kept.tolist())
+    main = features[:, :getattr(model, "visual_dim", None)]  # (Qwen3-VL's rows carry the deepstack features after)
+    kept = clips.select(model, clip_layout(t, (h // merge, w // merge)), features, main)
     mask = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
     mask[kept.to(features.device)] = True
     return mask

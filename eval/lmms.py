@@ -14,7 +14,18 @@ loaded model is wrapped with ``vtprune.wrap``:
 - ``keep`` and any method option (``alpha=2``, ``layer=2``, ``source=received``, ...).
 - ``strict`` (default ``True``): lmms-eval's classes catch an exception raised by ``generate`` and
   score an empty answer; with ``strict`` the plugin raises it instead.
-- ``pretrained=toy`` loads the toy LLaVA shipped with vtprune (``vtprune.toy``).
+- ``pretrained=toy`` loads the toy LLaVA shipped with vtprune (``vtprune.toy``); ``pretrained=toy-video``
+  (``vtprune_qwen3_vl``) the toy video model (``vtprune.toy_video``), its clips taken whole (16 frames of
+  128 x 128 unless ``max_num_frames``, ``min_pixels``, ``max_pixels`` say otherwise).
+- ``dtype`` (``float32``, ``bfloat16``...): the model's weights read again in that dtype after lmms-eval loads
+  it (its Qwen classes load bfloat16; the toy models are float32).
+
+Qwen clips without torchvision: lmms-eval's Qwen classes read images and clips through ``qwen_vl_utils`` and
+transformers' processors, which need torchvision.  Where ``qwen_vl_utils`` cannot import, the plugin's Qwen
+classes read them with ``vtprune.eval.qwen_clips`` (its definitions, decord and ``.npz`` clips), and where
+transformers' processor does not load they lay them out with ``vtprune.qwen_processor.QwenProcessor`` (the
+folder's tokenizer and, where it has one, its image processor's settings).  Where
+torchvision loads, lmms-eval's own path runs unchanged.
 
 ``vtprune.stats(model)["totals"]`` of the wrapped model counts the visual tokens the LLM saw;
 the classes log them at the end of each ``generate_until`` and expose them as ``vtprune_totals``.
@@ -22,8 +33,10 @@ the classes log them at the end of each ``generate_until`` and expose them as ``
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+import sys
 
 # model id -> (module of lmms-eval's class, class name, chat?)
 BASES = {
@@ -46,7 +59,11 @@ FOR_MODEL_TYPE = {
     "internvl": "vtprune_internvl_hf", "gemma3": "vtprune_gemma3", "qwen3_5": "vtprune_qwen3_5",
     "qwen3_5_moe": "vtprune_qwen3_5", "glm4v": "vtprune_glm4v", "gemma4": "vtprune_gemma4",
 }
-VTPRUNE_ARGS = ("method", "strict")
+VTPRUNE_ARGS = ("method", "strict", "dtype")
+# model_type -> the Qwen processor layout its clips take (vtprune.qwen_processor)
+QWEN_LAYOUTS = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl", "qwen3_vl_moe": "qwen3_vl",
+                "qwen3_5": "qwen3_vl", "qwen3_5_moe": "qwen3_vl"}
+TOY_VIDEO_ARGS = {"max_num_frames": 16, "min_pixels": 128 * 128, "max_pixels": 128 * 128}  # a toy clip, whole
 
 
 def _class_name(model_id):
@@ -85,23 +102,83 @@ def parse_methods(method):
 class VtpruneModel:
     """Mixin placed before lmms-eval's class: splits the arguments, wraps the loaded model."""
 
-    def __init__(self, pretrained=None, method=None, strict=True, **kwargs):
-        from vtprune import toy
+    def __init__(self, pretrained=None, method=None, strict=True, dtype=None, **kwargs):
+        from vtprune import toy, toy_video
 
-        if pretrained == "toy":
-            pretrained = toy.DEFAULT_PATH
         base = self._lmms_base()
         accepted = set(inspect.signature(base.__init__).parameters) - {"self", "args", "kwargs"}
+        if dtype is not None:  # checked before lmms-eval loads anything
+            import torch
+
+            name, dtype = dtype, getattr(torch, str(dtype).replace("torch.", ""), None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"dtype must name a torch dtype (float32, bfloat16, float16), got {name!r}")
+        if pretrained == "toy":
+            pretrained = toy.DEFAULT_PATH
+        elif pretrained == "toy-video":
+            pretrained = toy_video.DEFAULT_PATH
+            kwargs = {**{k: v for k, v in TOY_VIDEO_ARGS.items() if k in accepted}, **kwargs}
         own = {k: kwargs.pop(k) for k in list(kwargs) if k not in accepted}
         if pretrained is not None:
             kwargs["pretrained"] = pretrained
         if "device_map" in accepted and not kwargs.get("device_map"):
             # llava_hf's default "" is refused by transformers 5; a single device is what it means
             kwargs["device_map"] = str(kwargs.get("device") or "cpu")
-        super().__init__(**kwargs)
+        with self._processor_fallback(kwargs.get("pretrained")):
+            super().__init__(**kwargs)
+        if dtype is not None:
+            self._reload_as(kwargs.get("pretrained"), dtype)
         self.vtprune_strict = bool(strict) if not isinstance(strict, str) else strict.lower() != "false"
         self.vtprune_method, self.vtprune_options = None, {}
         self.rewrap(method, **own)
+
+    def _reload_as(self, pretrained, dtype):
+        """The model's weights read again from ``pretrained`` in ``dtype`` (lmms-eval's Qwen classes load bfloat16:
+        a cast afterwards would keep bfloat16's rounding)."""
+        model = self.model
+        if model.dtype == dtype:
+            return
+        fresh = type(model).from_pretrained(pretrained, dtype=dtype)
+        model.to(dtype)
+        model.load_state_dict(fresh.state_dict())
+
+    @classmethod
+    @contextlib.contextmanager
+    def _processor_fallback(cls, pretrained):
+        """While lmms-eval's Qwen class loads: where ``AutoProcessor`` cannot build the model's processor (no
+        torchvision for its video processor, or a folder with only a tokenizer, as the toy video model's),
+        ``vtprune.qwen_processor.load`` builds ``QwenProcessor`` instead."""
+        owner = next(c for c in cls.__mro__[1:] if c is not VtpruneModel and "__init__" in c.__dict__)
+        module = sys.modules[owner.__module__]
+        real = module.__dict__.get("AutoProcessor")
+        layout = None
+        if real is not None and pretrained is not None:
+            from transformers import AutoConfig
+
+            layout = QWEN_LAYOUTS.get(getattr(AutoConfig.from_pretrained(pretrained), "model_type", None))
+        if layout is None:
+            yield
+            return
+
+        class AutoProcessor:
+            @staticmethod
+            def from_pretrained(path, **kwargs):
+                try:
+                    return real.from_pretrained(path, **kwargs)
+                except (ImportError, OSError) as error:
+                    from loguru import logger
+
+                    from vtprune.qwen_processor import load
+
+                    logger.info(f"vtprune: transformers' processor did not load ({str(error).splitlines()[0]}); "
+                                "using vtprune.qwen_processor.QwenProcessor")
+                    return load(path, layout, **kwargs)
+
+        module.AutoProcessor = AutoProcessor
+        try:
+            yield
+        finally:
+            module.AutoProcessor = real
 
     @classmethod
     def _lmms_base(cls):
@@ -173,14 +250,30 @@ class VtpruneModel:
 
         errors = []
         sink = logger.add(lambda message: errors.append(str(message).strip()), level="ERROR")
+        module = self._reader_module()
         try:
+            if module is not None:  # qwen_vl_utils did not import there (torchvision): vtprune's reader instead
+                from vtprune.eval.qwen_clips import process_vision_info
+
+                module.process_vision_info = process_vision_info
             out = super().generate_until(requests)
         finally:
             logger.remove(sink)
+            if module is not None:
+                module.process_vision_info = None
         if errors and self.vtprune_strict:
             raise RuntimeError("lmms-eval caught an error inside generate (strict=True re-raises it): " + errors[0])
         logger.info(f"vtprune[{self.vtprune_method or 'stock'}] visual tokens: {self.vtprune_totals}")
         return out
+
+
+    def _reader_module(self):
+        """The module of lmms-eval's ``generate_until`` this class runs, where its ``process_vision_info`` is
+        ``None`` (lmms-eval's ``optional_import`` of ``qwen_vl_utils`` failed); ``None`` otherwise."""
+        owner = next(c for c in type(self).__mro__[1:] if c is not VtpruneModel and "generate_until" in c.__dict__)
+        module = sys.modules[owner.__module__]
+        has = "process_vision_info" in module.__dict__
+        return module if has and module.process_vision_info is None else None
 
 
 def stock_totals() -> dict:

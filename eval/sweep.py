@@ -8,7 +8,7 @@ averaged over ``seeds`` runs.
 
 The toy benchmarks with their toy models (``--model toy --tasks vtprune_toy``, ``--model toy-video
 --tasks vtprune_toy_video``) run natively: batched, and with the prefill time of a fixed batch measured
-in each cell. Every other (model, task) goes
+in each cell (``--lmms`` runs them through lmms-eval instead). Every other (model, task) goes
 through lmms-eval in this process, with one model load re-wrapped per cell (``vtprune.eval.lmms``).
 
 Each finished cell is written to ``OUT/cells/``; a re-run skips cells whose file exists for the
@@ -192,6 +192,8 @@ class LmmsRunner:
         from . import lmms
 
         model_args = dict(model_args or {})
+        if model == "toy-video":  # trained in float32, which lmms-eval's Qwen classes would load as bfloat16
+            model_args.setdefault("dtype", "float32")
         lmms_model = lmms_model or _lmms_model_for(model)
         cls = getattr(lmms, lmms._class_name(lmms_model))
         self.instance = cls(pretrained=model, device=device, **model_args)
@@ -241,11 +243,11 @@ def _text(resps):
 def _lmms_model_for(model):
     from transformers import AutoConfig
 
-    from vtprune import toy
+    from vtprune import toy, toy_video
 
     from .lmms import FOR_MODEL_TYPE
 
-    path = toy.DEFAULT_PATH if model == "toy" else model
+    path = {"toy": toy.DEFAULT_PATH, "toy-video": toy_video.DEFAULT_PATH}.get(model, model)
     model_type = AutoConfig.from_pretrained(path).model_type
     if model_type not in FOR_MODEL_TYPE:
         raise ValueError(f"no lmms-eval class for model_type {model_type!r}; "
@@ -304,13 +306,14 @@ def _sweep(rank, world, model, tasks, methods, keeps, out, limit, seeds, batch_s
                                          video=model == "toy-video")
             else:
                 paths = list(include_path or [])
-                if TOY_TASK in tasks:
-                    from .toytask import write
-                    folder = os.path.join(out, "tasks")
-                    if rank == 0:
-                        write(folder, n=limit or 400)
-                    _barrier(world)
-                    paths.append(os.path.abspath(folder))
+                for task, folder in ((TOY_TASK, "tasks"), (TOY_VIDEO_TASK, "video_tasks")):
+                    if task in tasks:
+                        from .toytask import write
+                        folder = os.path.join(out, folder)
+                        if rank == 0:
+                            write(folder, n=limit or 400, video=task == TOY_VIDEO_TASK)
+                        _barrier(world)
+                        paths.append(os.path.abspath(folder))
                 runners[key] = LmmsRunner(model, include_path=paths or None, limit=limit, device=device,
                                           model_args=model_args, lmms_model=lmms_model)
         bar.set_postfix_str(f"{cell.spec} keep={cell.keep if cell.keep is not None else '-'}")

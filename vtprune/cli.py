@@ -129,8 +129,9 @@ def _eval(args) -> int:
 def _toy_task(args) -> int:
     from vtprune.eval.toytask import write
 
-    folder = write(args.folder, n=args.n, seed=args.seed)
-    print(f"wrote the lmms-eval task 'vtprune_toy' to {folder}; use --include_path {folder}")
+    folder = write(args.folder, n=args.n, seed=args.seed, video=args.video)
+    task = "vtprune_toy_video" if args.video else "vtprune_toy"
+    print(f"wrote the lmms-eval task '{task}' to {folder}; use --include_path {folder}")
     return 0
 
 
@@ -287,9 +288,9 @@ def _check_eval(args):
     args.task_list = [t.strip() for t in tasks.split(",") if t.strip()]
     if not args.task_list:
         raise UsageError("--tasks is empty; e.g. --tasks vtprune_toy")
-    if args.model == "toy-video" and (args.lmms or args.task_list != [TOY_VIDEO_TASK]):
-        raise UsageError(f"--model toy-video runs its own task natively (--tasks {TOY_VIDEO_TASK}); lmms-eval video "
-                         "tasks on it are not supported yet")
+    if args.model == "toy-video" and args.task_list != [TOY_VIDEO_TASK]:
+        raise UsageError(f"--model toy-video answers its own task only (--tasks {TOY_VIDEO_TASK}: natively, or "
+                         "through lmms-eval with --lmms)")
     if TOY_VIDEO_TASK in args.task_list and args.model != "toy-video":
         raise UsageError(f"--tasks {TOY_VIDEO_TASK} is the toy video model's task: use --model toy-video")
     if args.model == "toy-video" and any(n == "downsample" for spec in args.specs for n in spec.split(":")[0].split("+")):
@@ -319,7 +320,7 @@ def _check_eval(args):
     try:
         check_options(config, args.specs, next((k for k in args.keeps if k != 1.0), 0.5))
         if lmms and "WORLD_SIZE" not in os.environ:  # under --num-processes the parent checked them
-            check_tasks(args.task_list, args.include_path, skip=(TOY_TASK,))
+            check_tasks(args.task_list, args.include_path, skip=(TOY_TASK, TOY_VIDEO_TASK))
     except ValueError as err:
         raise UsageError(str(err)) from None
 
@@ -481,7 +482,7 @@ def main(argv=None) -> int:
     ev.add_argument("--include-path", action="append", help="extra lmms-eval task folder (repeatable)")
     ev.add_argument("--model-args", default="", help="extra lmms-eval model args: k=v,k=v (e.g. dtype=bfloat16)")
     ev.add_argument("--lmms-model", default=None, help="vtprune lmms-eval model id (default: from the config)")
-    ev.add_argument("--lmms", action="store_true", help="run the toy task through lmms-eval too")
+    ev.add_argument("--lmms", action="store_true", help="run the toy task (or the toy video task) through lmms-eval too")
     ev.add_argument("--num-processes", type=int, default=1,
                     help="data-parallel ranks under torch.distributed.run (gloo on CPU, nccl on CUDA)")
     ev.set_defaults(func=_eval)
@@ -499,7 +500,10 @@ def main(argv=None) -> int:
     task = sub.add_parser("toy-task", help="write the toy benchmark as an lmms-eval task folder")
     task.add_argument("folder", help="where to write it (use as --include_path)")
     task.add_argument("--n", type=int, default=400, help="number of questions (default: 400)")
-    task.add_argument("--seed", type=int, default=1234, help="seed of the split (default: 1234)")
+    task.add_argument("--seed", type=int, default=None, help="seed of the split (default: 1234; 4321 with --video)")
+    task.add_argument("--video", action="store_true",
+                      help="the toy video benchmark (vtprune_toy_video, for --model vtprune_qwen3_vl "
+                           "--model_args pretrained=toy-video)")
     task.set_defaults(func=_toy_task)
     serve = sub.add_parser("serve", help="start vLLM's OpenAI-compatible server with a vtprune method (serving venv)",
                            description="Serve MODEL with vLLM, pruned by --method at --keep; options vtprune does not "

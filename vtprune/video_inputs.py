@@ -70,11 +70,13 @@ def smart_resize_clip(frames: int, height: int, width: int, temporal: int = 2, f
 
 
 def qwen_video(frames, family: str = "qwen2_vl", min_pixels: int | None = None, max_pixels: int | None = None,
-               temporal_patch_size: int = 2, merge_size: int = 2) -> dict:
+               temporal_patch_size: int = 2, merge_size: int = 2, resize: bool = True) -> dict:
     """``{"pixel_values_videos": [t h w, 3 temporal patch^2], "video_grid_thw": [[t, h, w]]}`` of one clip,
     ``frames`` uint8 ``[T, 3, H, W]`` (a tensor or an array), as the ``family``'s video processor
     (``"qwen2_vl"``, ``"qwen2_5_vl"``, ``"qwen3_vl"``) lays them out with its defaults (``min_pixels`` /
-    ``max_pixels``: its ``size`` shortest and longest edge)."""
+    ``max_pixels``: its ``size`` shortest and longest edge).  ``resize=False`` is the processor's
+    ``do_resize=False``: frames already sized (``qwen_vl_utils`` hands them over as floats in 0..255) are
+    taken as they are, their sides a multiple of ``patch_size x merge_size``."""
     if family not in PRESETS:
         raise ValueError(f"qwen_video builds inputs for {', '.join(PRESETS)}, not {family!r}")
     patch_size, low, high, mean, std = PRESETS[family]
@@ -83,7 +85,12 @@ def qwen_video(frames, family: str = "qwen2_vl", min_pixels: int | None = None, 
     if x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"frames must be [T, 3, H, W], got {tuple(x.shape)}")
     factor = patch_size * merge_size
-    if family == "qwen3_vl":
+    if not resize:
+        if x.shape[-2] % factor or x.shape[-1] % factor:
+            raise ValueError(f"frames of {x.shape[-2]}x{x.shape[-1]} are not a multiple of {factor} a side: "
+                             "resize them (resize=True)")
+        height, width = x.shape[-2:]
+    elif family == "qwen3_vl":
         height, width = smart_resize_clip(x.shape[0], x.shape[-2], x.shape[-1], temporal_patch_size, factor,
                                           min_pixels, max_pixels)
     else:

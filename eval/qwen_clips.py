@@ -28,11 +28,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vtprune import video_inputs
+
 SPATIAL_MERGE = 2
 IMAGE_MIN_TOKENS, IMAGE_MAX_TOKENS = 4, 16384
 VIDEO_MIN_TOKENS, VIDEO_MAX_TOKENS = 128, 768
 FPS, FRAME_FACTOR, FPS_MIN_FRAMES, FPS_MAX_FRAMES = 2.0, 2, 4, 768
-MAX_RATIO = 200
 
 
 def model_seq_len() -> int:
@@ -41,22 +42,12 @@ def model_seq_len() -> int:
 
 def smart_resize(height, width, factor, min_pixels=None, max_pixels=None) -> tuple:
     """qwen_vl_utils' ``(height, width)``: multiples of ``factor`` (at least one) near the original, the area
-    brought within ``[min_pixels, max_pixels]`` keeping the aspect ratio."""
+    brought within ``[min_pixels, max_pixels]`` (default 4..16384 tokens) keeping the aspect ratio."""
     max_pixels = IMAGE_MAX_TOKENS * factor ** 2 if max_pixels is None else max_pixels
     min_pixels = IMAGE_MIN_TOKENS * factor ** 2 if min_pixels is None else min_pixels
     if max_pixels < min_pixels:
         raise ValueError(f"max_pixels ({max_pixels}) is below min_pixels ({min_pixels})")
-    if max(height, width) / min(height, width) > MAX_RATIO:
-        raise ValueError(f"a frame's aspect ratio must be under {MAX_RATIO}, got {height}x{width}")
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
-    return h, w
+    return video_inputs.smart_resize(height, width, factor, min_pixels, max_pixels, utils_rounding=True)
 
 
 def frame_count(element: dict, total_frames: int, video_fps: float) -> int:

@@ -30,16 +30,20 @@ PRESETS["qwen2_5_vl"] = PRESETS["qwen2_vl"]
 
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 28 * 28 * 1280) -> tuple:
+                 max_pixels: int = 28 * 28 * 1280, utils_rounding: bool = False) -> tuple:
     """The ``(height, width)`` Qwen's processors resize to: each side a multiple of ``factor`` near the
-    original, the area brought within ``[min_pixels, max_pixels]`` keeping the aspect ratio."""
+    original, the area brought within ``[min_pixels, max_pixels]`` keeping the aspect ratio.  A side is kept
+    at one ``factor`` at least where it is scaled down (transformers'); ``utils_rounding``: where it is first
+    rounded instead (``qwen_vl_utils``')."""
     if max(height, width) / min(height, width) > 200:
         raise ValueError(f"a frame's aspect ratio must be under 200, got {height}x{width}")
-    h, w = round(height / factor) * factor, round(width / factor) * factor
+    low = factor if utils_rounding else 0
+    h, w = max(low, round(height / factor) * factor), max(low, round(width / factor) * factor)
     if h * w > max_pixels:
         scale = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / scale / factor) * factor)
-        w = max(factor, math.floor(width / scale / factor) * factor)
+        low = 0 if utils_rounding else factor
+        h = max(low, math.floor(height / scale / factor) * factor)
+        w = max(low, math.floor(width / scale / factor) * factor)
     elif h * w < min_pixels:
         scale = math.sqrt(min_pixels / (height * width))
         h, w = math.ceil(height * scale / factor) * factor, math.ceil(width * scale / factor) * factor

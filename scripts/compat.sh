@@ -27,7 +27,7 @@ EXTRAS="${VTPRUNE_COMPAT_EXTRAS:-dev,triton,eval,notebooks}"
 CORE=(tests/test_layout.py tests/test_api.py tests/test_exact.py tests/test_drop_in.py tests/test_model_contract.py
       tests/test_positions.py tests/test_summary.py tests/test_exit.py tests/test_pdrop.py tests/test_vhr.py
       tests/test_eval.py tests/test_video.py tests/test_toy_video.py tests/test_gemma3.py tests/test_glm4v.py
-      tests/test_llava_onevision.py tests/test_qwen3_5.py tests/test_gemma4.py)
+      tests/test_llava_onevision.py tests/test_qwen3_5.py tests/test_gemma4.py tests/test_eval_video.py)
 if [ -n "${VTPRUNE_COMPAT_DIR:-}" ]; then
     BASE="$VTPRUNE_COMPAT_DIR"; mkdir -p "$BASE"
 else
@@ -70,7 +70,9 @@ for pair in "${PAIRS[@]}"; do
     versions="$("$venv/bin/python" -c 'import torch, transformers; print(f"transformers {transformers.__version__}, torch {torch.__version__}")' 2>>"$log")"
     if [ "$TESTS" = core ]; then targets=("${CORE[@]}"); else targets=(); fi
     case ",$EXTRAS," in *,eval,*) eval_env=(VTPRUNE_REQUIRE_EVAL=1) ;; *) eval_env=() ;; esac
-    env "${eval_env[@]}" TRITON_INTERPRET=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider "${targets[@]}" >>"$log" 2>&1
+    # two workers where pytest-xdist is installed (the dev extra)
+    if "$venv/bin/python" -c "import xdist" >/dev/null 2>&1; then workers=(-n 2); else workers=(); fi
+    env "${eval_env[@]}" TRITON_INTERPRET=1 "$venv/bin/python" -m pytest -q "${workers[@]}" -p no:cacheprovider "${targets[@]}" >>"$log" 2>&1
     rc=$?
     closing="$(grep -E '^(=+ )?[0-9]+ (passed|failed)' "$log" | tail -1 | sed 's/=//g; s/^ *//; s/ *$//')"
     SUMMARY+=("$versions [$TESTS]: ${closing:-no summary line (exit $rc)}, $((SECONDS - start)) s")

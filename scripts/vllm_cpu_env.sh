@@ -70,6 +70,6 @@ $PIP install --quiet -r "$WHEELS/torch.txt"
 $PIP install --quiet -r "$WHEELS/requirements.txt"
 $PIP install --quiet --no-deps "$WHEEL"
 $PIP install --quiet --no-deps -e "$ROOT"
-$PIP install --quiet pytest  # the serving tests: DIR/bin/python -m pytest tests/serving
+$PIP install --quiet pytest pytest-xdist  # the serving tests: DIR/bin/python -m pytest -n 2 tests/serving
 rm -rf "$WHEELS"
 versions

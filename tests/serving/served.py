@@ -15,6 +15,22 @@ import urllib.request
 EOS = 3  # the toy tokenizer's end of sequence (the tiny Qwen's too: it extends that tokenizer)
 
 
+def result(argv, timeout=600, **env):
+    """Run ``argv`` (a script and its arguments, or ``-c`` and a program) under this Python in a fresh process, vLLM's
+    engine inside that process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) with a 1 GB KV cache, ``env`` on top (a value
+    of None drops the variable); the JSON of the last line it prints that starts ``RESULT ``."""
+    full = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    for key, value in env.items():
+        if value is None:
+            full.pop(key, None)
+        else:
+            full[key] = value
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=full, timeout=timeout)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, out.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 @functools.lru_cache(maxsize=None)  # one engine start per config in a test run
 def serve(method, keep, n, model="toy", engine_process=False):
     """Answers, tokens, prompt lengths and kept indices of ``n`` toy questions served with one config.
@@ -23,13 +39,8 @@ def serve(method, keep, n, model="toy", engine_process=False):
     vLLM and torch instead of three, about 15 s per config instead of 40. ``engine_process=True`` keeps
     vLLM's default, the engine core in a process of its own, as ``vtprune serve`` runs it (the plugin is
     then loaded in each process; tests/serving/test_extension.py and test_server.py run that way)."""
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ALLOW_INSECURE_SERIALIZATION="1",
-               VLLM_ENABLE_V1_MULTIPROCESSING="1" if engine_process else "0")
-    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "worker.py"), method, str(keep),
-                          str(n), model], capture_output=True, text=True, env=env, timeout=600)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, out.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return result([os.path.join(os.path.dirname(__file__), "worker.py"), method, str(keep), str(n), model],
+                  VLLM_ALLOW_INSECURE_SERIALIZATION="1", VLLM_ENABLE_V1_MULTIPROCESSING="1" if engine_process else "0")
 
 
 def first_word(text):

@@ -4,12 +4,10 @@ tokens, a toy clip 8 slices of 4 x 4; ``scripts/bench_vllm.py`` serves both on t
 kept counts say)."""
 
 import importlib.util
-import json
 import os
-import subprocess
-import sys
 
 import pytest
+from served import result
 
 if os.environ.get("VTPRUNE_REQUIRE_VLLM") != "1":  # CI sets it: there a missing vLLM fails the run
     pytest.importorskip("vllm")
@@ -65,12 +63,7 @@ def test_the_folder_has_qwen3_vl_8b_shapes_where_not_shrunk_and_loads(folder):
 
 
 def _row(*argv):
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_vllm.py"), *argv], capture_output=True,
-                         text=True, env=env, timeout=900)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, out.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return result([os.path.join(ROOT, "scripts", "bench_vllm.py"), *argv], timeout=900)
 
 
 def test_the_benchmark_serves_its_clips_and_images_pruned(folder):

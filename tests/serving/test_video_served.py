@@ -6,11 +6,9 @@ to its clip; a method that cannot serve a clip is refused per request, by name."
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-from served import until_eos
+from served import result, until_eos
 
 if os.environ.get("VTPRUNE_REQUIRE_VLLM") != "1":  # CI sets it: there a missing vLLM fails the run
     pytest.importorskip("vllm")
@@ -43,13 +41,7 @@ else:
 
 
 def _serve(method, keep, keeps):
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ALLOW_INSECURE_SERIALIZATION="1",
-               VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    out = subprocess.run([sys.executable, "-c", SCRIPT, method, str(keep), json.dumps(keeps)], capture_output=True,
-                         text=True, env=env, timeout=600)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, out.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return result(["-c", SCRIPT, method, str(keep), json.dumps(keeps)], VLLM_ALLOW_INSECURE_SERIALIZATION="1")
 
 
 @pytest.fixture(scope="module")
@@ -136,12 +128,7 @@ def test_a_prefix_cache_hit_past_a_pruned_clip_answers_as_without_it():
     prefix cache, so its remaining text is numbered before the clip is embedded (vLLM's EVS lumps a pruned clip's
     kept tokens into its first frame there, and numbered that text wrong): the served model numbers it as the unpruned
     clip does, and both passes agree."""
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    out = subprocess.run([sys.executable, "-c", CACHED, "evs", "0.25"], capture_output=True, text=True, env=env,
-                         timeout=600)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, out.stderr[-3000:]
-    served = json.loads(lines[-1][len("RESULT "):])
+    served = result(["-c", CACHED, "evs", "0.25"])
     clip_end = 2 + 8 * 4 + 32  # "<s> USER:", 8 slices of a stamp (2 tokens), start and end; evs 0.25 keeps 32
     assert all(clip_end < c < p for c, p in zip(served["cached"], served["prompt"]))
     assert served["again"] == pytest.approx(served["first"], abs=1e-4)

@@ -331,6 +331,12 @@ def pruned_qwen(config, model_type: str):
         def __init__(self, *, vllm_config, prefix: str = ""):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             attach(self, config)
+            if model_type in VIDEO_TYPES and getattr(self, "video_pruning_rate", None) is None:
+                # vLLM's Qwen3.5 reads the config's rate itself, not the pruning spec the plugin puts in place
+                # (vtprune.serving.plugin), and sets no method: the EVS layout it inherits from Qwen3-VL reads both
+                # (EVS's mask, which vtprune's selection stands in for, never reads the rate)
+                spec = vllm_config.model_config.get_multimodal_config().get_video_pruning_spec()
+                self.video_pruning_method, self.video_pruning_rate = spec
             self.vtprune_tap = tap_qwen(self, config) if config.needs_cls else None
             hf = self.config  # a media row: the features (and deepstack's), the bias column, the position channels
             deepstack = getattr(hf.vision_config, "deepstack_visual_indexes", None) or ()

@@ -155,7 +155,10 @@ class VtpruneModel:
         if real is not None and pretrained is not None:
             from transformers import AutoConfig
 
-            layout = QWEN_LAYOUTS.get(getattr(AutoConfig.from_pretrained(pretrained), "model_type", None))
+            try:
+                layout = QWEN_LAYOUTS.get(getattr(AutoConfig.from_pretrained(pretrained), "model_type", None))
+            except (OSError, ValueError):  # lmms-eval's own load says what is wrong with ``pretrained``
+                layout = None
         if layout is None:
             yield
             return
@@ -265,7 +268,6 @@ class VtpruneModel:
             raise RuntimeError("lmms-eval caught an error inside generate (strict=True re-raises it): " + errors[0])
         logger.info(f"vtprune[{self.vtprune_method or 'stock'}] visual tokens: {self.vtprune_totals}")
         return out
-
 
     def _reader_module(self):
         """The module of lmms-eval's ``generate_until`` this class runs, where its ``process_vision_info`` is

@@ -449,19 +449,32 @@ def kept_only(model, inputs, kept, steps: int = 6, video_counts=()):
     return out.logits, greedy_steps(model, out, m, p, steps)
 
 
-class Merge:
-    """At layer ``k`` of a full-length prefill, the hidden state at ``slot`` becomes the mean over ``members``."""
+def mean(states):
+    return states.mean(0)
 
-    def __init__(self, model, k, row, slot, members, length):
+
+def halving(states):
+    """The first state averaged in turn with each of the others: ``h <- (h + x) / 2`` (HoliTom's LLM-side merge)."""
+    h = states[0]
+    for x in states[1:]:
+        h = (h + x) / 2
+    return h
+
+
+class Merge:
+    """At layer ``k`` of a full-length prefill, the hidden state at ``slot`` becomes ``combine`` (default: the mean)
+    of the states of ``members`` (in their order)."""
+
+    def __init__(self, model, k, row, slot, members, length, combine=mean):
         self.handle = model.model.language_model.layers[k].register_forward_pre_hook(self._hook, with_kwargs=True)
-        self.row, self.slot, self.members, self.length = row, slot, members, length
+        self.row, self.slot, self.members, self.length, self.combine = row, slot, members, length, combine
 
     def _hook(self, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         if hidden.shape[1] < self.length:  # a decode step: the prefill's keys are cached
             return None
         hidden = hidden.clone()
-        hidden[self.row, self.slot] = hidden[self.row, self.members].mean(0)
+        hidden[self.row, self.slot] = self.combine(hidden[self.row, self.members])
         return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
 
     def __enter__(self):
@@ -471,26 +484,26 @@ class Merge:
         self.handle.remove()
 
 
-def merged_and_masked(model, record, length):
-    """Context manager: the stock model with an in-LLM record's merges (each slot's hidden state the mean of its
-    members at its layer, on a full-length prefill) and its stages' tokens masked from their layers on."""
+def merged_and_masked(model, record, length, combine=mean):
+    """Context manager: the stock model with an in-LLM record's merges (each slot's hidden state ``combine`` of its
+    members' at its layer, on a full-length prefill) and its stages' tokens masked from their layers on."""
     import contextlib
 
     stack = contextlib.ExitStack()
     for k, row, slot, members in record.exit.merged:  # merges first: they act on layer k's input
-        stack.enter_context(Merge(model, k, row, slot, members, length))
+        stack.enter_context(Merge(model, k, row, slot, members, length, combine))
     stack.enter_context(staged_masks(model, record.exit.stages))
     return stack
 
 
-def assert_merged_and_masked(model, inputs, logits, tokens, record, record_generate, steps: int = 6):
+def assert_merged_and_masked(model, inputs, logits, tokens, record, record_generate, steps: int = 6, combine=mean):
     """The wrap's last-position ``logits`` and greedy ``tokens`` (``steps`` of them) equal the stock model under
     its records' merges and masks (``merged_and_masked``: ``record`` of the forward, ``record_generate`` of
     ``generate``'s prefill), positions kept."""
     none = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
     length = inputs["input_ids"].shape[1]
-    with merged_and_masked(model, record, length):
+    with merged_and_masked(model, record, length, combine):
         ref = masked_forward(model, inputs, none)
     torch.testing.assert_close(logits[:, -1], ref[:, -1], atol=1e-5, rtol=0)
-    with merged_and_masked(model, record_generate, length):
+    with merged_and_masked(model, record_generate, length, combine):
         assert torch.equal(tokens, masked_greedy(model, inputs, none, steps=steps))

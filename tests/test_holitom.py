@@ -144,3 +144,89 @@ def test_holitom_model_equals_the_stock_language_model_fed_its_tokens(family):
     drop = drop_mask(inputs["input_ids"], [[kept]], video_counts(model, inputs))
     ref = fed_logits(model, fed, drop, {(0, int(video[i])): feat for i, feat in merged.items()})
     torch.testing.assert_close(logits[:, -1], ref, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- the LLM-side merge (holitom_merge)
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision", "qwen3_vl"])
+@pytest.mark.parametrize("images,videos,with_mask", [((0,), (1,), False), ((1, 0), (1, 2), True)])
+def test_holitom_merge_equals_the_halved_and_masked_reference(family, images, videos, with_mask):
+    """The stock model with each kept slot's state at the merge layer the running halving ``h <- (h + x) / 2`` over
+    the tokens merged into it (in their order), and every merged token masked from that layer on; batch 1 without
+    a mask and batch 2 left padded with an image beside clips; logits and greedy tokens with the cache."""
+    from reference import assert_merged_and_masked, generated, halving
+
+    model = tiny_model(family, llm_layers=4)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
+    inputs = tiny_inputs(model, family, images_per_row=images, videos_per_row=videos, with_mask=with_mask)
+    with vtprune.wrapped(model, "holitom_merge", layer=2, ratio=0.5):
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        record = vtprune.record(model)
+        tokens = generated(model, inputs, steps=6)
+        after_generate = vtprune.record(model)
+    assert record.exit.merged and any(len(members) > 2 for *_, members in record.exit.merged)
+    assert {k for k, *_ in record.exit.merged} == {k for k, _, _ in record.exit.stages} == {2}
+    assert_merged_and_masked(model, inputs, logits, tokens, record, after_generate, combine=halving)
+
+
+def _merge_by_loop(states, attention, visual, ratio):
+    """HoliTom's merge written out as its code runs it (``holitom/modeling_qwen2.py``), for one sample: the top
+    ``round(N (1 - r))`` visual tokens by attention stay; each other, in order, halves into its most similar."""
+    n = len(visual)
+    count = math.floor(n * (1 - ratio) + 0.5)
+    order = sorted(range(n), key=lambda i: (-float(attention[visual[i]]), i))[:count]
+    kept = sorted(visual[i] for i in order)
+    others = [p for p in visual if p not in kept]
+    target = {}
+    for p in others:
+        sims = [float(F.cosine_similarity(states[p].double(), states[q].double(), dim=0)) for q in kept]
+        target[p] = kept[max(range(len(kept)), key=lambda j: (sims[j], -j))]
+    merged = {}
+    for p in others:
+        q = target[p]
+        merged[q] = (merged.get(q, states[q].double()) + states[p].double()) / 2
+    return kept, {q: [p for p in others if target[p] == q] for q in merged}, merged
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+def test_holitom_merge_chooses_as_its_definition(ratio):
+    """Which tokens stay and what each kept one becomes, against the definition written out with the stock model's
+    own layer-1 attention (eager, ``output_attentions``) and layer-2 input states: a clip and an image."""
+    model = tiny_model("qwen2_5_vl", llm_layers=4, attn_implementation="eager")
+    inputs = tiny_inputs(model, "qwen2_5_vl", images_per_row=(1,), videos_per_row=(1,), with_mask=False)
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True, output_hidden_states=True)
+    attention = out.attentions[1][0].mean(0)[-1]  # layer 1, last prompt token, mean over heads
+    states = out.hidden_states[2][0]  # the input of layer 2
+    ids = inputs["input_ids"][0]
+    visual = ((ids == VIDEO_TOKEN) | (ids == vtprune.testing.IMAGE_TOKEN)).nonzero().squeeze(1).tolist()
+    kept, members, merged = _merge_by_loop(states, attention, visual, ratio)
+    with vtprune.wrapped(model, "holitom_merge", layer=2, ratio=ratio):
+        with torch.no_grad():
+            model(**inputs)
+        record = vtprune.record(model)
+    ((_, _, drop),) = record.exit.stages
+    assert sorted(set(visual) - set(drop[0].nonzero().squeeze(1).tolist())) == kept
+    got = {slot: members_[1:] for _, _, slot, members_ in record.exit.merged}
+    assert got == members and len(got) > 1
+    assert any(len(m) > 1 for m in members.values())  # a kept token that takes several: the halving order counts
+    for k, row, slot, _ in record.exit.merged:
+        assert (k, row) == (2, 0)
+
+
+def test_holitom_merge_options_and_composition():
+    model = tiny_model("qwen2_vl", llm_layers=3)
+    with pytest.raises(ValueError, match=r"ratio must be a number in \[0, 1\)"):
+        vtprune.wrap(model, "holitom_merge", layer=1, ratio=1.0)
+    with pytest.raises(ValueError, match=r"layer=18 must lie in \[1, 2\]"):
+        vtprune.wrap(model, "holitom_merge")
+    assert not vtprune.is_wrapped(model)
+    inputs = tiny_inputs(model, "qwen2_vl", images_per_row=(0,), videos_per_row=(1,), video_specs=[(8, 4, 6)])
+    with vtprune.wrapped(model, ["holitom", "holitom_merge"], keep=0.5, layer=1):
+        with torch.no_grad():
+            model(**inputs)
+        totals = vtprune.stats(model)["totals"]
+    video = int((inputs["input_ids"] == VIDEO_TOKEN).sum())
+    assert totals["visual_tokens_in"] == video and totals["visual_tokens_out"] < video
+    assert totals["visual_tokens_llm"] < totals["visual_tokens_out"]  # half of what holitom kept leave at layer 1

@@ -17,8 +17,19 @@ A clip of T temporal slices of n tokens (LLM-input features ``x``, a salience ``
 Differences from the official code (``holitom/llava_arch.py``): a static token sits at its window's first
 slice (LLaVA-OneVision's code puts a window's static block before its frames and renumbers); the salience is
 the tower score vtprune reads for [CLS] methods (HoliTom reads SigLIP's last-layer attention, 2-D pooled);
-density ties go to the earlier token (the code adds 1e-6 noise).  HoliTom's LLM-side merge (at layer 18) is
-not part of it.
+density ties go to the earlier token (the code adds 1e-6 noise).
+
+HoliTom's LLM-side merge is ``holitom_merge`` (below), composed after it: ``wrap(model, ["holitom",
+"holitom_merge"], keep=...)`` (``holitom+holitom_merge`` on the command line).  As the
+code (``holitom/modeling_qwen2.py``) computes it, before decoder layer ``k`` (``HOLITOM_k``) of a prefill: the
+attention the prompt's last token pays each visual token in layer ``k - 1``, mean over heads, ranks them; the top
+``round(N (1 - r))`` stay (``HOLITOM_r``, 0.5); every other visual token, in the order of its position, is averaged
+into the kept token its hidden state (the input of layer ``k``) is most cosine-similar to, ``h <- (h + x) / 2``
+(a kept token that takes several runs the average again each time), and leaves; kept tokens keep their
+positions.  Differences: each sample of a batch merges on its own (the code's ranking reads sample 0); the kept
+count rounds half up (Python's ``round`` to even); a similarity tie goes to the earliest kept token (the code: to
+the first in the top-k's order); similarities and averages are computed in fp32; vtprune writes the merged states
+at the input of layer ``k`` and drops the others there, as the code does.
 """
 
 from __future__ import annotations
@@ -30,8 +41,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..attention import attention_probs
 from ..scoring import density_peaks
-from .base import register
+from .base import LayerMethod, register
 from .cls import SOURCE
 from .temporal import MergingClip, clip_share
 
@@ -147,3 +159,62 @@ class HoliTom(MergingClip):
 
     def select(self, frames, salience, keep):
         return holitom(frames, salience, keep, self.tau, self.beta, self.contextual_share)
+
+
+def merge_into_kept(hidden: torch.Tensor, kept: torch.Tensor, others: torch.Tensor) -> dict:
+    """HoliTom's LLM-side merge of one sample: ``{kept position: (merged state, [positions of the tokens merged
+    in])}`` for the kept tokens that take any; ``hidden`` [L, D] the states, ``kept`` and ``others`` ascending
+    positions.  Each of ``others`` in turn, ``h <- (h + x) / 2`` into the kept token most cosine-similar to it
+    (similarities of the states before any merge; a tie to the earliest kept token)."""
+    x = hidden.float()
+    target = F.normalize(x[others], dim=-1) @ F.normalize(x[kept], dim=-1).T  # [others, kept]
+    nearest = target.argmax(-1).tolist() if others.numel() else []
+    merged, members = {}, {}
+    for i, j in enumerate(nearest):
+        merged[j] = (merged.get(j, x[kept[j]]) + x[others[i]]) / 2
+        members.setdefault(j, []).append(int(others[i]))
+    return {int(kept[j]): (merged[j], members[j]) for j in merged}
+
+
+@register("holitom_merge")
+@dataclass
+class HoliTomMerge(LayerMethod):
+    """HoliTom's LLM-side merge: before decoder layer ``layer`` (18, as HoliTom runs it on 28-layer Qwen2-7B) the
+    visual tokens the previous layer's last prompt token attended to least (a ``ratio`` of them, 0.5) are each
+    averaged into their most similar kept token and leave.  Composed after HoliTom's selection:
+    ``["holitom", "holitom_merge"]``."""
+
+    paper: ClassVar[str] = "HoliTom: Shao et al., NeurIPS 2025, arXiv 2505.21334"
+    ranges: ClassVar[dict] = {"layer": "int decoder layer in 1 .. layers-1: the merge happens before it",
+                              "ratio": "float in [0, 1): the share of the visual tokens present merged away"}
+    needs_attention: ClassVar[bool] = True
+    layer: int = 18
+    ratio: float = 0.5
+
+    def validate(self):
+        super().validate()
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
+            raise ValueError(f"holitom_merge ratio must be a number in [0, 1), got {self.ratio!r}")
+        self.ratio = float(self.ratio)
+
+    def observe(self, view, query, key, mask, scaling):
+        """[B, L]: the attention the prompt's last token pays each token, mean over heads."""
+        return attention_probs(query, key, mask, scaling, last_only=True)[:, 0]
+
+    def drop(self, view, visual):
+        drop, merges = torch.zeros_like(visual), []
+        for b in range(visual.shape[0]):
+            current = visual[b].nonzero().squeeze(1)
+            if current.numel() == 0:
+                continue
+            count = max(1, min(current.numel(), math.floor(current.numel() * (1 - self.ratio) + 0.5)))
+            score = view.scores[b].to(visual.device)[current].float()
+            top = torch.sort(score, descending=True, stable=True).indices[:count]
+            chosen = torch.zeros(current.numel(), dtype=torch.bool, device=visual.device)
+            chosen[top] = True
+            kept, others = current[chosen], current[~chosen]
+            drop[b, others] = True
+            states = view.hidden[b].to(visual.device)
+            for position, (feature, members) in merge_into_kept(states, kept, others).items():
+                merges.append((b, position, feature, torch.tensor([position] + members, device=visual.device)))
+        return drop, merges

@@ -496,6 +496,19 @@ def merged_and_masked(model, record, length, combine=mean):
     return stack
 
 
+def recorded_runs(model, inputs, method, steps: int = 6, **options):
+    """``(logits, record, tokens, record of generate)`` of ``model`` wrapped with ``method``: a forward's logits
+    and record, then ``steps`` greedy tokens with the cache and the record of that prefill."""
+    import vtprune
+
+    with vtprune.wrapped(model, method, **options):
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        record = vtprune.record(model)
+        tokens = generated(model, inputs, steps=steps)
+        return logits, record, tokens, vtprune.record(model)
+
+
 def assert_merged_and_masked(model, inputs, logits, tokens, record, record_generate, steps: int = 6, combine=mean):
     """The wrap's last-position ``logits`` and greedy ``tokens`` (``steps`` of them) equal the stock model under
     its records' merges and masks (``merged_and_masked``: ``record`` of the forward, ``record_generate`` of

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from reference import assert_merged_and_masked, generated, greedy_model, language_model_inputs
+from reference import assert_merged_and_masked, greedy_model, language_model_inputs, recorded_runs
 
 import vtprune
 from vtprune.methods.framefusion import pruning_ratio
@@ -50,12 +50,7 @@ def test_framefusion_equals_merged_and_masked_reference(family, images, videos, 
     inputs = _repeat_frames(tiny_inputs(model, family, images_per_row=images, videos_per_row=videos,
                                         with_mask=with_mask), noise=0.1)
     options = dict(layer=_first(family), cost=0.3, similarity_lower_bound=0.5)
-    with vtprune.wrapped(model, "framefusion", **options):
-        with torch.no_grad():
-            logits = model(**inputs).logits
-        record = vtprune.record(model)
-        tokens = generated(model, inputs, steps=6)
-        after_generate = vtprune.record(model)
+    logits, record, tokens, after_generate = recorded_runs(model, inputs, "framefusion", **options)
     assert record.exit.merged, "no cell merged: the test would not check the merges"
     assert any(len(members) > 2 for _, _, _, members in record.exit.merged)  # runs over several frames
     merged = {k for k, *_ in record.exit.merged}
@@ -79,12 +74,8 @@ def test_framefusion_on_glm4v_clips_equals_the_merged_and_masked_reference():
     t, h, w = 3, 4, 6
     pixels = inputs["pixel_values_videos"]  # the first clip's slices alike, then moved a little
     pixels[h * w:t * h * w] = pixels[:h * w].repeat(t - 1, 1) + 0.1 * torch.randn((t - 1) * h * w, pixels.shape[1])
-    with vtprune.wrapped(model, "framefusion", cost=0.3, similarity_lower_bound=0.5):
-        with torch.no_grad():
-            logits = model(**inputs).logits
-        record = vtprune.record(model)
-        tokens = generated(model, inputs, steps=6)
-        after_generate = vtprune.record(model)
+    logits, record, tokens, after_generate = recorded_runs(model, inputs, "framefusion", cost=0.3,
+                                                           similarity_lower_bound=0.5)
     assert any(len(members) > 2 for _, _, _, members in record.exit.merged)
     assert_merged_and_masked(model, inputs, logits, tokens, record, after_generate)
 

@@ -154,17 +154,12 @@ def test_holitom_merge_equals_the_halved_and_masked_reference(family, images, vi
     """The stock model with each kept slot's state at the merge layer the running halving ``h <- (h + x) / 2`` over
     the tokens merged into it (in their order), and every merged token masked from that layer on; batch 1 without
     a mask and batch 2 left padded with an image beside clips; logits and greedy tokens with the cache."""
-    from reference import assert_merged_and_masked, generated, halving
+    from reference import assert_merged_and_masked, halving, recorded_runs
 
     model = tiny_model(family, llm_layers=4)
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
     inputs = tiny_inputs(model, family, images_per_row=images, videos_per_row=videos, with_mask=with_mask)
-    with vtprune.wrapped(model, "holitom_merge", layer=2, ratio=0.5):
-        with torch.no_grad():
-            logits = model(**inputs).logits
-        record = vtprune.record(model)
-        tokens = generated(model, inputs, steps=6)
-        after_generate = vtprune.record(model)
+    logits, record, tokens, after_generate = recorded_runs(model, inputs, "holitom_merge", layer=2, ratio=0.5)
     assert record.exit.merged and any(len(members) > 2 for *_, members in record.exit.merged)
     assert {k for k, *_ in record.exit.merged} == {k for k, _, _ in record.exit.stages} == {2}
     assert_merged_and_masked(model, inputs, logits, tokens, record, after_generate, combine=halving)

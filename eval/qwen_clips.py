@@ -8,14 +8,13 @@ they use ``qwen_vl_utils`` itself.  Its definitions (``qwen_vl_utils.vision_proc
 - a clip's frames: the ``video_start``..``video_end`` range (default the whole clip), ``nframes`` of them
   (``nframes`` rounded to even, or ``fps`` -- default 2 -- times the clip's length, within ``min_frames``
   4..``max_frames`` and the clip, floored to even), at ``linspace(first, last, nframes).round()``;
-- each frame resized (torchvision's v1 resize: bicubic, antialiased, on floats, rounded to 0..255) to ``smart_resize`` of its sides: multiples of
-  ``2 x image_patch_size``, its area within ``min_pixels`` (128 tokens) and ``max_pixels`` (768 tokens, and at
+- each frame resized (torchvision's v1 resize: bicubic, antialiased, on floats, rounded to 0..255) to
+  ``smart_resize`` of its sides: multiples of ``2 x image_patch_size``, its area within ``min_pixels`` (128 tokens) and ``max_pixels`` (768 tokens, and at
   most 2 x ``total_pixels`` / ``nframes``), returned as floats in 0..255 with the clip's metadata (source fps,
   the frames' indices, its frame count) for the processor's ``do_sample_frames=False, do_resize=False``;
 - an image: RGB (transparent pixels on white), resized by PIL to ``smart_resize`` within 4..16384 tokens.
 
-Clips are read with decord (which lmms-eval needs) or, for ``.npz`` files, from their ``frames`` (uint8, ``[T, H, W,
-3]`` or ``[T, 3, H, W]``) and ``fps`` arrays, lossless (the toy video task, ``vtprune.eval.toytask``).
+Clips are read with decord (which lmms-eval needs).
 ``tests/test_eval.py`` checks this against ``qwen_vl_utils`` itself, loaded beside a stand-in torchvision.
 """
 
@@ -24,7 +23,6 @@ from __future__ import annotations
 import math
 import os
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -82,32 +80,29 @@ def frame_range(element: dict, total_frames: int, video_fps: float) -> tuple:
     return first, last, last - first + 1
 
 
-def _source(path: str):
-    """``(total frames, fps, get(indices) -> uint8 [n, H, W, 3] or [n, 3, H, W], backend)``."""
-    path = path[7:] if path.startswith("file://") else path
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no clip at {path}")
-    if path.endswith(".npz"):
-        with np.load(path) as data:
-            frames, fps = data["frames"], float(data["fps"])
-        return len(frames), fps, lambda idx: frames[idx], "npz"
-    import decord
-
-    reader = decord.VideoReader(path)
-    return len(reader), reader.get_avg_fps(), lambda idx: reader.get_batch(idx).asnumpy(), "decord"
+def resize(frames: torch.Tensor, size) -> torch.Tensor:
+    """``frames`` [n, 3, H, W] (uint8) resized to ``size`` as torchvision's v1 resize does, which qwen_vl_utils calls:
+    bicubic on floats, antialiased, clamped and rounded back to 0..255 (not torch's uint8 kernel, which the v2
+    resize of transformers' processors runs: they differ by a few levels); floats."""
+    out = F.interpolate(frames.float(), size=tuple(size), mode="bicubic", antialias=True, align_corners=False)
+    return out.clamp(0, 255).round()
 
 
 def fetch_video(element: dict, image_patch_size: int = 14) -> tuple:
     """``(frames float [n, 3, h, w] in 0..255, metadata, sample fps)`` of one chat element ``{"video": path, ...}``."""
     if not isinstance(element["video"], str):
         raise ValueError("a clip given as a list of frames needs qwen_vl_utils (and torchvision); pass a file path")
-    total, video_fps, get, backend = _source(element["video"])
+    import decord
+
+    path = element["video"][7:] if element["video"].startswith("file://") else element["video"]
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no clip at {path}")
+    reader = decord.VideoReader(path)
+    total, video_fps = len(reader), reader.get_avg_fps()
     first, last, total = frame_range(element, total, video_fps)
     n = frame_count(element, total, video_fps)
     idx = torch.linspace(first, last, n).round().long().tolist()
-    frames = torch.as_tensor(np.ascontiguousarray(get(idx)))
-    if frames.shape[-1] == 3 and frames.shape[1] != 3:
-        frames = frames.permute(0, 3, 1, 2)
+    frames = torch.as_tensor(reader.get_batch(idx).asnumpy()).permute(0, 3, 1, 2)
     factor = image_patch_size * SPATIAL_MERGE
     min_pixels = element.get("min_pixels", VIDEO_MIN_TOKENS * factor ** 2)
     total_pixels = element.get("total_pixels", model_seq_len() * factor ** 2 * 0.9)
@@ -117,11 +112,8 @@ def fetch_video(element: dict, image_patch_size: int = 14) -> tuple:
         size = smart_resize(element["resized_height"], element["resized_width"], factor)
     else:
         size = smart_resize(frames.shape[-2], frames.shape[-1], factor, min_pixels, max_pixels)
-    # torchvision's v1 resize, which qwen_vl_utils calls: bicubic on floats, clamped and rounded back to uint8
-    # (not torch's uint8 kernel, which the v2 resize of transformers' processors runs: they differ by a few levels)
-    frames = F.interpolate(frames.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
-    frames = frames.clamp(0, 255).round()
-    metadata = {"fps": video_fps, "frames_indices": idx, "total_num_frames": total, "video_backend": backend}
+    frames = resize(frames, size)
+    metadata = {"fps": video_fps, "frames_indices": idx, "total_num_frames": total, "video_backend": "decord"}
     return frames, metadata, n / max(total, 1e-6) * video_fps
 
 

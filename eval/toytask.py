@@ -10,8 +10,9 @@
 
 The folder holds ``vtprune_toy.yaml`` (``vtprune_toy_video.yaml``), a ``utils.py`` that re-exports the
 functions below, and the split saved with ``datasets`` (scenes or clips as JSON; images are rendered when
-lmms-eval asks for them, clips into ``clips/<id>.npz`` files, lossless, the first time it asks). Nothing is
-downloaded. The metric ``accuracy`` takes the first word of the answer.
+lmms-eval asks for them, clips the first time it asks into ``clips/<id>.avi``: FFV1, lossless, 1 frame a second,
+which decord reads back exactly). Nothing is downloaded. The metric ``accuracy`` takes the first word of the
+answer.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def write(folder, n=None, seed=None, video=False):
         seed = 4321 if seed is None else seed
         clips = os.path.join(folder, "clips")
         rows = [{"question": q["question"], "answer": q["answer"], "type": q["type"], "clip_id": i,
-                 "clip": json.dumps(clip, default=_plain), "clip_path": os.path.join(clips, f"{i}.npz")}
+                 "clip": json.dumps(clip, default=_plain), "clip_path": os.path.join(clips, f"{i}.avi")}
                 for i, (clip, q) in enumerate(toy_video.eval_clips(n, seed))]
     else:
         seed = 1234 if seed is None else seed
@@ -94,18 +95,36 @@ def doc_to_visual(doc):
 
 
 def doc_to_clip(doc):
-    """The clip's file (``frames`` uint8 [16, 3, 128, 128] and ``fps``), rendered the first time it is asked for."""
-    import numpy as np
-
+    """The clip's video file, rendered the first time it is asked for."""
     from vtprune import toy_video
 
     path = doc["clip_path"]
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        partial = f"{path}.{os.getpid()}.npz"
-        np.savez(partial, frames=toy_video.render(json.loads(doc["clip"])), fps=np.float64(toy_video.FPS))
+        partial = f"{path[:-4]}.{os.getpid()}.avi"
+        write_clip(partial, toy_video.render(json.loads(doc["clip"])), toy_video.FPS)
         os.replace(partial, path)
     return [path]
+
+
+def write_clip(path, frames, fps):
+    """``frames`` uint8 [T, 3, H, W] as a lossless video file (FFV1 in AVI, ``bgr0``: decord reads the frames back
+    exactly) at ``fps`` frames a second."""
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    with av.open(path, "w") as container:
+        stream = container.add_stream("ffv1", rate=Fraction(fps).limit_denominator(1000))
+        stream.height, stream.width = frames.shape[-2:]
+        stream.pix_fmt = "bgr0"
+        for frame in frames:
+            image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame.transpose(1, 2, 0)), format="rgb24")
+            for packet in stream.encode(image):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
 
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None):

@@ -83,9 +83,14 @@ def test_toy_video_task_folder(video_task):
     reference = toy_video.eval_split(n=10)
     assert [d["answer"] for d in data] == [s["answer"] for s in reference]
     path = toytask.doc_to_clip(data[3])[0]
-    with np.load(path) as clip:
-        assert np.array_equal(clip["frames"], reference[3]["frames"]) and float(clip["fps"]) == toy_video.FPS
-    assert toytask.doc_to_clip(data[3]) == [path]  # rendered once
+    import decord
+
+    reader = decord.VideoReader(path)
+    assert len(reader) == toy_video.FRAMES and reader.get_avg_fps() == toy_video.FPS
+    frames = reader.get_batch(list(range(toy_video.FRAMES))).asnumpy()
+    assert np.array_equal(frames, reference[3]["frames"].transpose(0, 2, 3, 1))  # lossless
+    stamp = os.path.getmtime(path)
+    assert toytask.doc_to_clip(data[3]) == [path] and os.path.getmtime(path) == stamp  # rendered once
 
 
 def test_cli_writes_the_toy_video_task(tmp_path, capsys):
@@ -238,13 +243,13 @@ def test_reader_equals_qwen_vl_utils_on_a_video_file(qwen_vl_utils, clip_file, o
     assert torch.equal(ours[1][0], ref[1][0]) and ours[2] == ref[2]
 
 
-def test_reader_on_npz_clips_and_images(qwen_vl_utils, tmp_path):
-    """An ``.npz`` clip is read as decord would read the same frames at its fps; images as qwen_vl_utils resizes."""
+def test_reader_on_a_toy_clip_and_images(qwen_vl_utils, tmp_path):
+    """A toy clip written by the toy task comes back exactly at its size; images as qwen_vl_utils resizes them."""
     from PIL import Image
 
     frames = toy_video.render(toy_video.eval_clips(1)[0][0])
-    np.savez(tmp_path / "c.npz", frames=frames, fps=np.float64(1.0))
-    element = {"video": str(tmp_path / "c.npz"), "nframes": 16, "min_pixels": 128 * 128, "max_pixels": 128 * 128}
+    toytask.write_clip(str(tmp_path / "c.avi"), frames, 1.0)
+    element = {"video": str(tmp_path / "c.avi"), "nframes": 16, "min_pixels": 128 * 128, "max_pixels": 128 * 128}
     got, metadata, sample_fps = qwen_clips.fetch_video(element, image_patch_size=16)
     assert torch.equal(got, torch.as_tensor(frames).float())
     assert metadata["frames_indices"] == list(range(16)) and metadata["fps"] == 1.0 and sample_fps == 1.0
@@ -258,7 +263,7 @@ def test_reader_on_npz_clips_and_images(qwen_vl_utils, tmp_path):
         ours, ref = qwen_clips.fetch_image(element), qwen_vl_utils.fetch_image(element)
         assert ours.size == ref.size and np.array_equal(np.asarray(ours), np.asarray(ref))
     with pytest.raises(ValueError, match="nframes must be within"):
-        qwen_clips.fetch_video({"video": str(tmp_path / "c.npz"), "nframes": 32})
+        qwen_clips.fetch_video({"video": str(tmp_path / "c.avi"), "nframes": 32})
     with pytest.raises(FileNotFoundError, match="no clip at"):
         qwen_clips.fetch_video({"video": str(tmp_path / "missing.mp4")})
     assert math.isclose(qwen_clips.frame_count({"fps": 2.0}, 100, 25.0), 8)

@@ -112,8 +112,8 @@ class QwenProcessor:
             data["video_grid_thw"] = torch.cat([c["video_grid_thw"] for c in clips])
             clip_runs = [self._clip_run(c["video_grid_thw"][0], m, len(v)) for c, m, v in zip(clips, metadata, videos)]
             if self.family == "qwen2_5_vl":
-                data["second_per_grid_ts"] = torch.tensor([self.temporal_patch_size / self._sampled_fps(m, len(v))
-                                                           for m, v in zip(metadata, videos)])
+                data["second_per_grid_ts"] = torch.tensor([self.temporal_patch_size / self._sampled_fps(m)
+                                                           for m in metadata])
         texts = self._expand(texts, image_runs, clip_runs)
         encoded = self.tokenizer(texts, padding=padding, padding_side=padding_side, return_tensors="pt")
         ids = encoded["input_ids"]
@@ -123,7 +123,7 @@ class QwenProcessor:
         return BatchFeature(data, tensor_type=return_tensors)
 
     @staticmethod
-    def _sampled_fps(metadata, frames):
+    def _sampled_fps(metadata):
         """transformers' ``VideoMetadata.sampled_fps``: the clip's frames over its source's, times its fps."""
         fps = _get(metadata, "fps")
         indices, total = _get(metadata, "frames_indices"), _get(metadata, "total_num_frames")

@@ -20,6 +20,8 @@ def _options(name, model):
         return {"pruning_loc": [0]}
     if name == "framefusion":
         return {"cost": 0.6}
+    if name == "holitom_merge":
+        return {"layer": 1}
     if name in ("fastv", "dart"):
         return {"layer": 1, "keep": 0.5}
     if name == "dyvte":

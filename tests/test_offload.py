@@ -58,6 +58,7 @@ OPTIONS = {
     "pdrop": {"layer_list": [1]},
     "sparsevlm": {"pruning_loc": [0]},
     "framefusion": {"cost": 0.6},
+    "holitom_merge": {"layer": 1},
     "exit": {"layer": 1},
     "fastv": {"layer": 1, "keep": 0.5},
     "dart": {"layer": 1, "keep": 0.5, "pivot_image": 2, "pivot_text": 2},

@@ -22,7 +22,7 @@ loaded model is wrapped with ``vtprune.wrap``:
 
 Qwen clips without torchvision: lmms-eval's Qwen classes read images and clips through ``qwen_vl_utils`` and
 transformers' processors, which need torchvision.  Where ``qwen_vl_utils`` cannot import, the plugin's Qwen
-classes read them with ``vtprune.eval.qwen_clips`` (its definitions, decord and ``.npz`` clips), and where
+classes read them with ``vtprune.eval.qwen_clips`` (its definitions, clips read with decord), and where
 transformers' processor does not load they lay them out with ``vtprune.qwen_processor.QwenProcessor`` (the
 folder's tokenizer and, where it has one, its image processor's settings).  Where
 torchvision loads, lmms-eval's own path runs unchanged.

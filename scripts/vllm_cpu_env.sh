@@ -33,6 +33,9 @@ EOF
 if [ -x "$DIR/bin/python" ] && versions >/dev/null 2>&1; then
     # built before: refresh vtprune's own install (its entry points) and say what is there
     PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= "$DIR/bin/python" -m pip install --quiet --no-deps -e "$ROOT"
+    # the serving tests run on two workers (a venv built before they did lacks pytest-xdist)
+    "$DIR/bin/python" -c "import xdist" 2>/dev/null || PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= \
+        "$DIR/bin/python" -m pip install --quiet pytest-xdist
     versions
     exit 0
 fi

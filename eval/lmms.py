@@ -148,8 +148,7 @@ class VtpruneModel:
         """While lmms-eval's Qwen class loads: where ``AutoProcessor`` cannot build the model's processor (no
         torchvision for its video processor, or a folder with only a tokenizer, as the toy video model's),
         ``vtprune.qwen_processor.load`` builds ``QwenProcessor`` instead."""
-        owner = next(c for c in cls.__mro__[1:] if c is not VtpruneModel and "__init__" in c.__dict__)
-        module = sys.modules[owner.__module__]
+        module = cls._lmms_module("__init__")
         real = module.__dict__.get("AutoProcessor")
         layout = None
         if real is not None and pretrained is not None:
@@ -182,6 +181,12 @@ class VtpruneModel:
             yield
         finally:
             module.AutoProcessor = real
+
+    @classmethod
+    def _lmms_module(cls, method: str):
+        """The module of the lmms-eval class whose ``method`` this class runs (where its globals live)."""
+        owner = next(c for c in cls.__mro__[1:] if c is not VtpruneModel and method in c.__dict__)
+        return sys.modules[owner.__module__]
 
     @classmethod
     def _lmms_base(cls):
@@ -272,8 +277,7 @@ class VtpruneModel:
     def _reader_module(self):
         """The module of lmms-eval's ``generate_until`` this class runs, where its ``process_vision_info`` is
         ``None`` (lmms-eval's ``optional_import`` of ``qwen_vl_utils`` failed); ``None`` otherwise."""
-        owner = next(c for c in type(self).__mro__[1:] if c is not VtpruneModel and "generate_until" in c.__dict__)
-        module = sys.modules[owner.__module__]
+        module = self._lmms_module("generate_until")
         has = "process_vision_info" in module.__dict__
         return module if has and module.process_vision_info is None else None
 

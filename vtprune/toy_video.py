@@ -67,8 +67,9 @@ VOCAB_SIZE = 128
 
 def timestamps(frames: int = FRAMES, fps: float = FPS) -> list:
     """Each temporal slice's time in seconds: the mean of its two frames' times (Qwen3-VL's processor)."""
-    t = np.arange(frames) / fps
-    return [float(t[i:i + TEMPORAL].mean()) for i in range(0, frames, TEMPORAL)]
+    from .qwen_processor import slice_times
+
+    return slice_times(range(frames), fps, TEMPORAL)
 
 
 def stamp(seconds: float) -> str:
@@ -217,7 +218,9 @@ def type_prior(samples) -> dict:
 
 def video_text(frames: int = FRAMES) -> str:
     """The clip's expanded placeholder, as Qwen3-VL's processor writes it."""
-    return "".join(stamp(t) + VISION_START + VIDEO_PAD * TOKENS_PER_SLICE + VISION_END for t in timestamps(frames))
+    from .qwen_processor import clip_text
+
+    return clip_text(timestamps(frames), TOKENS_PER_SLICE)
 
 
 def prompt(question: str) -> str:

@@ -4,9 +4,10 @@
     python scripts/bench_prefill.py --device cuda --dtype bfloat16 --full-depth
 
 Random-weight models are built from configs at the widths of LLaVA-1.5-7B, LLaVA-NeXT-7B,
-Qwen2.5-VL-7B (an image, or with ``qwen2.5-vl-7b-video`` a 16-frame clip of 1,568 tokens), InternVL3-8B,
-Gemma-3-4B and LLaVA-OneVision-7B (no download).  On a CPU the towers and LLMs are cut to a few layers
-(same widths) so that a run takes minutes; ``--full-depth`` keeps every layer (GPU).
+Qwen2.5-VL-7B (an image, or with ``qwen2.5-vl-7b-video`` a 16-frame clip of 1,568 tokens, ``-video32`` a
+32-frame one of 3,136), InternVL3-8B, Gemma-3-4B and LLaVA-OneVision-7B (no download).  On a CPU the towers
+and LLMs are cut to a few layers (same widths) so that a run takes minutes; ``--full-depth`` keeps every
+layer (GPU).
 
 For every keep and method it measures, as medians over ``--repeats`` after a warm-up, the wrapped
 model and its oracle timed alternately (wrap/unwrap untimed around each call) so that drift on a
@@ -44,6 +45,7 @@ SHAPES = {
     "llava-next-7b": "llava_next",
     "qwen2.5-vl-7b": "qwen2_5_vl",
     "qwen2.5-vl-7b-video": "qwen2_5_vl",  # a 16-frame clip at 392 x 392: 8 slices of 14 x 14 tokens
+    "qwen2.5-vl-7b-video32": "qwen2_5_vl",  # 32 frames: 16 slices
     "internvl3-8b": "internvl",
     "gemma-3-4b": "gemma3",  # SigLIP at 896 pixels pooled to 256 tokens; 5 sliding-window layers in 6
     "llava-onevision-7b": "llava_onevision",  # a 768 x 768 image: a 27 x 27 base tile, 2 x 2 crops, newlines
@@ -184,8 +186,8 @@ def inputs_for(name, model, device, dtype):
         h = w = 56  # 784 patches... 28x28 merged tokens
         pix = {"pixel_values": torch.randn(h * w, 3 * 2 * 14 * 14, generator=gen), "image_grid_thw": torch.tensor([[1, h, w]])}
         n, start, end = h * w // 4, [config.vision_start_token_id], [config.vision_end_token_id]
-    elif name == "qwen2.5-vl-7b-video":
-        t, h, w = 8, 28, 28  # 16 frames of 392 x 392 pixels: 8 temporal slices of 14 x 14 merged tokens
+    elif name.startswith("qwen2.5-vl-7b-video"):
+        t, h, w = 16 if name.endswith("32") else 8, 28, 28  # 16 (32) frames of 392 x 392: 8 (16) slices of 14 x 14
         pix = {"pixel_values_videos": torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=gen),
                "video_grid_thw": torch.tensor([[t, h, w]])}
         n, start, end = t * h * w // 4, [config.vision_start_token_id], [config.vision_end_token_id]
@@ -431,7 +433,7 @@ def run(args):
         base = {r["model"]: r["prefill_ms"] for r in rows if r["method"] == "none"}
         for r in rows:
             if r["model"] == name:
-                r["speedup_vs_unpruned"] = base[name] / r["prefill_ms"]
+                r["speedup_vs_unpruned"] = base[name] / r["prefill_ms"] if name in base else None  # no keep 1 asked
         model = None  # free before the next shape
     return rows
 
@@ -444,9 +446,13 @@ def table(rows) -> str:
         method = r["method"] + (f" (L{r['exit_layer']}/{r['llm_layers']})" if r["stage"] == "llm" else "")
         lines.append(f"| {r['model']} | {method} | {r['keep']} | {r['visual_out']}/{r['visual_in']} | "
                      f"{r['llm_length']} | {r['prefill_ms']:.1f} | {r['oracle_ms']:.1f} | {r['wrapped_vs_oracle']:.3f} | "
-                     f"{r['speedup_vs_unpruned']:.2f}x | {r['ideal_speedup']:.2f}x | {_num(r['decode_tok_s'])} | "
+                     f"{_times(r['speedup_vs_unpruned'])} | {r['ideal_speedup']:.2f}x | {_num(r['decode_tok_s'])} | "
                      f"{_num(r['oracle_decode_tok_s'])} |")
     return "\n".join(lines)
+
+
+def _times(value):
+    return "–" if value is None else f"{value:.2f}x"
 
 
 def _num(value):

@@ -45,6 +45,8 @@ def _feature(modality, offset, length, grid, seconds=None):
     ("qwen2_5_vl", (80, 4, 4), 2.0, torch.bfloat16),  # positions past 256, which bf16 rows would round
     ("qwen2_vl", (6, 12, 8), None, torch.bfloat16)])  # Qwen2-VL: a slice a position
 def test_a_pruned_clip_keeps_vllms_unpruned_positions(model_type, thw, fps, dtype):
+    """The kept tokens and the text after the clip at stock vLLM's unpruned positions, wherever vLLM's prefill chunks
+    (or prefix-cache hits) cut the prompt."""
     from vtprune.serving import check
     from vtprune.serving.qwen import CLASSES, pruned_qwen, recompute_mrope_positions
 
@@ -91,3 +93,26 @@ def test_a_pruned_clip_keeps_vllms_unpruned_positions(model_type, thw, fps, dtyp
     _, staged, _ = recompute_mrope_positions(model, torch.tensor(served), [image_rows], before, 0)
     _, chunked, delta = recompute_mrope_positions(model, torch.tensor(served), [rows.float()], staged, len(head))
     assert torch.equal(chunked, stock[:, ours]) and delta == int(stock.max()) + 1 - len(served)
+    # a chunk (or a prefix-cache hit) that ends inside the clip, and one that holds the end of the image and the clip
+    cut = len(kept) // 2
+    _, staged, _ = recompute_mrope_positions(model, torch.tensor(served), [image_rows, rows[:cut].float()], before, 0)
+    _, chunked, _ = recompute_mrope_positions(model, torch.tensor(served), [rows[cut:].float()], staged, len(head) + cut)
+    assert torch.equal(chunked, stock[:, ours])
+    _, staged, _ = recompute_mrope_positions(model, torch.tensor(served), [image_rows[:1]], before, 0)
+    _, chunked, _ = recompute_mrope_positions(model, torch.tensor(served), [image_rows[1:], rows.float()], staged, 4)
+    assert torch.equal(chunked, stock[:, ours])
+
+
+def test_a_prompt_the_model_did_not_number_is_refused_by_the_rewrite():
+    """The rewrite places rows by where the numbering found each media: a prompt it never numbered has no places, and
+    the rewrite says so rather than guess."""
+    from vtprune.serving import mrope
+
+    model = types.SimpleNamespace()
+    prompt = [1, START, IMAGE, IMAGE, END, 2]
+    mrope.record(model, prompt, [_feature("image", 2, 2, [1, 2, 4])])
+    rows = torch.tensor([[0, 0, 0, 2], [0, 0, 1, 2]]).T
+    positions, delta = mrope.place(model, torch.tensor(prompt), [rows], torch.arange(6).expand(3, 6), 0)
+    assert positions[:, 2:4].tolist() == [[2, 2], [2, 2], [2, 3]] and delta == 0
+    with pytest.raises(RuntimeError, match="not numbered by the served model"):
+        mrope.place(model, prompt + [3], [rows], torch.arange(7).expand(3, 7), 0)

@@ -202,12 +202,13 @@ folder, method, keep, media = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.
 samples = toy.eval_split(n=6)
 limits = {"image": 2, "video": 1} if media == "clip" else {"image": 2}
 dtype = "bfloat16" if "qwen3_5" in folder else "float32"  # vLLM's CPU build runs Qwen3.5 in bf16 only
+engine = json.loads(sys.argv[8]) if len(sys.argv) > 8 else {}  # chunks and the prefix cache (below)
 if method == "stock":  # vLLM itself, no vtprune
     import vllm
-    llm = vllm.LLM(folder, enforce_eager=True, dtype=dtype, max_model_len=1024, limit_mm_per_prompt=limits)
+    llm = vllm.LLM(folder, enforce_eager=True, dtype=dtype, max_model_len=1024, limit_mm_per_prompt=limits, **engine)
 else:
     llm = LLM(folder, method=method, keep=keep, enforce_eager=True, dtype=dtype, max_model_len=1024,
-              limit_mm_per_prompt=limits)
+              limit_mm_per_prompt=limits, **engine)
 requests = []
 for i, s in enumerate(samples):
     other = samples[(i + 1) % len(samples)]
@@ -221,9 +222,14 @@ for i, s in enumerate(samples):
         data = {"image": [s["image"], other["image"]]}
     requests.append({"prompt": json.loads(sys.argv[6])[i], "multi_modal_data": data,
                      "mm_processor_kwargs": {"do_sample_frames": False}})
-outs = llm.generate(requests, SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+if engine:  # the media again, each under the next request's question: its blocks (and the media's) from the cache
+    requests += [dict(r, prompt=n["prompt"]) for r, n in zip(requests, requests[1:] + requests[:1])]
+outs = llm.generate(requests, SamplingParams(max_tokens=4, temperature=0.0, logprobs=0), use_tqdm=False)
 print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs],
-                              "prompt_tokens": [len(o.prompt_token_ids) for o in outs]}), flush=True)
+                              "prompt_tokens": [len(o.prompt_token_ids) for o in outs],
+                              "logprobs": [o.outputs[0].cumulative_logprob for o in outs],
+                              "cached": [o.num_cached_tokens or 0 for o in outs],
+                              "ids": [list(o.prompt_token_ids) for o in outs]}), flush=True)
 """
 
 
@@ -284,18 +290,18 @@ def test_several_media_in_one_prompt_serve_as_the_hf_wrap(tmp_path, model_type, 
     assert all(p < n for p, n in zip(served["prompt_tokens"], full))  # pruned
 
 
-def _mixed(folder, method, keep, prompts, frames, fps):
+def _mixed(folder, method, keep, prompts, frames, fps, media="clip", **engine):
     import json
 
     # VTPRUNE_SERVE dropped: set where a test served in this process, and stock vLLM runs without it
-    return result(["-c", MIXED, folder, method, str(keep), "clip", os.path.dirname(__file__), json.dumps(prompts),
-                   json.dumps([frames, fps])], VTPRUNE_SERVE=None)
+    return result(["-c", MIXED, folder, method, str(keep), media, os.path.dirname(__file__), json.dumps(prompts),
+                   json.dumps([frames, fps]), *([json.dumps(engine)] if engine else [])], VTPRUNE_SERVE=None)
 
 
 def test_a_long_qwen2_5_vl_clip_at_keep_all_serves_as_stock_vllm(tmp_path):
     """A clip whose temporal positions run past its rows and columns (8 frames at 2 fps: slices at 0, 4, 8, 12):
-    vLLM continues the text after it at 13, its largest position + 1 (transformers 5 at 6, its widest side), and
-    vtprune's rows say where (their extent channel): at keep 1 the served answers equal stock vLLM's."""
+    vLLM continues the text after it at 13, its largest position + 1 (transformers 5 at 6, its widest side), and so
+    does the served model's numbering of the prompt: at keep 1 the served answers equal stock vLLM's."""
     import tiny_qwen
 
     from vtprune import toy
@@ -380,3 +386,31 @@ def test_a_llava_onevision_server_refuses_a_clip_it_cannot_prune_and_serves_its_
     served = result(["-c", ONEVISION_CLIPS, folder, "fastervlm", "0.25", "6"])
     assert "with fastervlm, not its videos: fastervlm reads the vision tower's attention over a clip" in served["refused"]
     assert served["image_tokens"]
+
+
+@pytest.mark.parametrize("media,method,keep", [("images", "divprune", 0.5), ("clip", "evs", 0.5)])
+def test_prefill_chunks_and_cache_hits_inside_pruned_media_answer_as_whole_prefills(tmp_path, media, method, keep):
+    """A tiny Qwen2.5-VL's pruned media (two images a prompt; an image and a clip of vtprune's own rows) prefilled in
+    chunks of 48 tokens, which end inside media and hold the end of one media and the start of the next, and each
+    media requested again under another question, which finds its first blocks in the prefix cache: every answer's
+    log-probability as with each prompt prefilled whole (vLLM's own rewrite misplaced such chunks' tokens)."""
+    import tiny_qwen
+    import transformers as tf
+
+    from vtprune import toy
+
+    folder = tiny_qwen.build(str(tmp_path / "qwen2_5_vl"), "qwen2_5_vl")
+    samples = toy.eval_split(n=6)
+    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    second = "<|vision_start|><|video_pad|><|vision_end|>" if media == "clip" else image
+    prompts = [image + second + s["question"] for s in samples]
+    whole = _mixed(folder, method, keep, prompts, 8, 6.0, media, enable_prefix_caching=False,
+                   max_num_batched_tokens=8192)
+    chunked = _mixed(folder, method, keep, prompts, 8, 6.0, media, enable_prefix_caching=True,
+                     block_size=32, max_num_batched_tokens=48)
+    assert chunked["prompt_tokens"] == whole["prompt_tokens"]
+    pads = tf.AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>"])
+    inside = [c for c, ids in zip(chunked["cached"], chunked["ids"]) if c and {ids[c - 1], ids[c]} <= set(pads)]
+    assert not any(whole["cached"]) and inside  # cache hits that end inside a media's kept tokens
+    assert chunked["tokens"] == whole["tokens"]
+    assert chunked["logprobs"] == pytest.approx(whole["logprobs"], abs=1e-5)

@@ -132,3 +132,40 @@ def test_a_prefix_cache_hit_past_a_pruned_clip_answers_as_without_it():
     clip_end = 2 + 8 * 4 + 32  # "<s> USER:", 8 slices of a stamp (2 tokens), start and end; evs 0.25 keeps 32
     assert all(clip_end < c < p for c, p in zip(served["cached"], served["prompt"]))
     assert served["again"] == pytest.approx(served["first"], abs=1e-4)
+
+
+CHUNKED = """
+import json, sys
+import numpy as np
+from vllm import SamplingParams
+from vtprune import toy_video as tv
+from vtprune.serving import LLM
+samples = tv.eval_split(n=6)
+llm = LLM("toy-video", method=sys.argv[1], keep=float(sys.argv[2]), enforce_eager=True, **json.loads(sys.argv[3]))
+clips = [(np.ascontiguousarray(s["frames"].transpose(0, 2, 3, 1)), tv.video_metadata()) for s in samples]
+questions = [s["question"] for s in samples]
+requests = [{"prompt": tv.served_prompt(q), "multi_modal_data": {"video": c}}
+            for c, q in zip(clips + clips, questions + questions[1:] + questions[:1])]  # each clip twice
+outs = llm.generate(requests, SamplingParams(max_tokens=4, temperature=0.0, logprobs=0), use_tqdm=False)
+print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs],
+                              "logprobs": [o.outputs[0].cumulative_logprob for o in outs],
+                              "cached": [o.num_cached_tokens or 0 for o in outs]}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("method,keep", [("evs", 0.25), ("divprune", 0.1)])
+def test_prefill_chunks_and_cache_hits_inside_a_pruned_clip_answer_as_whole_prefills(method, keep):
+    """Each clip prefilled in chunks of 48 tokens (they end inside clips: a clip's frames and stamps are one media to
+    vLLM) and requested again under another question, which finds the clip's first 64 tokens in the prefix cache:
+    every answer's log-probability as with each prompt prefilled whole.  vLLM's rewrite took a Qwen3-VL clip cut
+    there as done (its answers moved by up to 0.3)."""
+    def run(**engine):
+        return result(["-c", CHUNKED, method, str(keep), json.dumps(engine)], VLLM_ALLOW_INSECURE_SERIALIZATION="1")
+
+    whole = run(enable_prefix_caching=False, max_num_batched_tokens=8192)
+    chunked = run(enable_prefix_caching=True, block_size=32, max_num_batched_tokens=48)
+    clip_end = 2 + 8 * 4 + int(TOKENS * keep)  # "<s> USER:", a stamp (2 tokens), start and end a slice, kept tokens
+    hits = chunked["cached"][len(chunked["cached"]) // 2:]  # the second request of each clip
+    assert not any(whole["cached"]) and all(2 < c < clip_end for c in hits)  # hits that end inside the clip
+    assert chunked["tokens"] == whole["tokens"]
+    assert chunked["logprobs"] == pytest.approx(whole["logprobs"], abs=1e-5)

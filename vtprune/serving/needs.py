@@ -30,7 +30,6 @@ NEEDS = (
     ("vllm.model_executor.models.qwen3_vl", "compute_retention_mask"),
     ("vllm.model_executor.models.qwen3_vl", "Qwen3VLForConditionalGeneration._postprocess_video_embeds_evs"),
     ("vllm.model_executor.models.qwen3_vl", "Qwen3VLForConditionalGeneration._process_video_input"),
-    ("vllm.multimodal.video_prune.evs", "recompute_mrope_positions"),
     ("vllm.multimodal", "MULTIMODAL_REGISTRY.register_processor"),
     ("vllm.multimodal.processing", "PromptReplacement"),
     ("vllm.multimodal.processing", "PromptUpdateDetails"),

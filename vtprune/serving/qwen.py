@@ -3,12 +3,12 @@ EVS (vLLM's video pruning) keeps them.
 
 The processor emits the kept number of image placeholders (``kept_count`` on the image's merged-token
 grid); the multimodal embedding returns the kept rows with four extra channels, the kept tokens'
-mrope (t, h, w) offsets within the image and the image's position extent, which vLLM's model runner
-turns into positions (``recompute_mrope_positions``, enabled by the plugin): kept tokens keep their
+mrope (t, h, w) offsets within the image and the image's position extent (EVS's row layout), which vLLM's model
+runner hands back for the positions (``recompute_mrope_positions``, enabled by the plugin): kept tokens keep their
 original (t, h, w) positions and the text after the image keeps its unpruned positions — the HF
-wrap's default, ``positions="original"``.  The rewrite is EVS's (``vllm.multimodal.video_prune.evs``) with
-Qwen2.5-VL's four channels for images on every class: vLLM's Qwen2-VL has no EVS, and Qwen3-VL's five-channel
-variant continues the text after an image at its largest *kept* position, not at its extent as HF does.
+wrap's default, ``positions="original"``.  The prompt is numbered with every media restored to its whole grid
+(``restored_media``) and each media's rows are put where the media sits in the prompt (``vtprune.serving.mrope``),
+not where EVS's rewrite guesses from the start tokens around a prefill chunk.
 Qwen3-VL's deepstack features ride in the same rows and are cut with them; the method scores the main
 features, as on the HF path.  [CLS] methods read the attention each patch receives (``tap_qwen``: no
 [CLS] in these towers; ``source="received"``, the HF path's default here).  Videos: on the Qwen3-VL family
@@ -29,7 +29,7 @@ import torch
 
 from ..families.qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_5, QWEN3_5_MOE, QWEN3_VL, QWEN3_VL_MOE, merged_sources
 from .slot_bias import Weighing
-from . import qwen_video
+from . import mrope, qwen_video
 from .bindings import bind
 from .request_keep import budgeted
 from .rows import attach, keep_rows, kept_count, layout_of, with_bias
@@ -133,13 +133,10 @@ BLOCK_VIDEO_TYPES = ("qwen2_vl", "qwen2_5_vl")  # a clip as one block of tokens:
 
 
 def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
-    """EVS's rewrite of the mrope positions of this model's media (vLLM's ``recompute_mrope_positions``): vtprune's
-    image rows carry four position channels (Qwen2.5-VL's: the text after an image continues at its extent, as
-    transformers numbers it), vLLM's clip rows five (Qwen3-VL's: timestamps and each frame's start ride along),
-    vtprune's Qwen2(.5)-VL clip rows the four as base-256 digits (eight).  GLM-4.1V names its media-start token
-    ``image_start_token_id``."""
-    config = self.config
-    start = getattr(config, "vision_start_token_id", None)
+    """vLLM's rewrite of a prefill chunk's media positions (``recompute_mrope_positions``), by where each media sits in
+    the prompt (``vtprune.serving.mrope``): vtprune's image rows carry four position channels (t, h, w and the image's
+    extent), vLLM's Qwen3-VL clip rows five (timestamps and each frame's start ride along), vtprune's Qwen2(.5)-VL clip
+    rows the four as base-256 digits (eight); the first three are the row's place within its media."""
     width = self.vtprune_width
     rows, channels = [], []
     for mm in multimodal_embeddings:
@@ -149,44 +146,9 @@ def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_posi
         rows.append(mm[:, :-k])
         channel = mm[:, -k:].permute(1, 0).long()
         channels.append(undigits(channel) if k == 8 else channel)
-    device = multimodal_embeddings[0].device if len(multimodal_embeddings) else mrope_positions.device
-    start = config.image_start_token_id if start is None else start
-    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
-    # transformers 5's Qwen3-VL processor keeps a clip's own start and end tokens around its frames (each frame's
-    # timestamp, start, tokens and end): EVS's rewrite would take that outer start for the first frame's; it is
-    # text here (a start token followed by neither a media token nor an end token)
-    after = torch.cat([ids[1:], ids[:1]])
-    media = (after == config.image_token_id) | (after == config.video_token_id) | (after == _end_token(config))
-    ids = torch.where((ids == start) & ~media, torch.full_like(ids, -1), ids)
     with _sync_allowed():
-        positions, delta = _recompute(ids, channels, mrope_positions, num_computed_tokens, start,
-                                      config.image_token_id, config.video_token_id)
+        positions, delta = mrope.place(self, input_ids, channels, mrope_positions, num_computed_tokens)
     return rows, positions, delta
-
-
-def _recompute(ids, channels, positions, done: int, start: int, image: int, video: int):
-    """vLLM's rewrite (``evs.recompute_mrope_positions``), but for a prefill chunk that begins just after a media's
-    start token with four-channel rows: vLLM's rewrite then looks for the next start token (an ``IndexError``
-    where there is none, another media's place where there is), so that media is placed here, the rest as vLLM
-    places them.  (A chunk can end anywhere: a long prompt, or requests sharing a step's token budget.)"""
-    from vllm.multimodal.video_prune.evs import recompute_mrope_positions as recompute
-
-    if not channels or done == 0 or int(ids[done - 1]) != start or channels[0].shape[0] != 4:
-        return recompute(ids, channels, positions, done, start, image, video)
-    first, n = channels[0], channels[0].shape[1]
-    positions = positions.clone()
-    base = positions[-1, done - 1] + 1
-    positions[:, done:done + n] = first[0:3] + base
-    text = ~((ids == image) | (ids == video))
-    positions[:, done + n:] = torch.cumsum(text[done + n:].long(), 0) + first[3, 0] + base - 1
-    if len(channels) > 1:
-        return recompute(ids, channels[1:], positions, done + n, start, image, video)
-    return positions, int(positions.max() + 1 - ids.numel())
-
-
-def _end_token(config) -> int:
-    end = getattr(config, "vision_end_token_id", None)
-    return config.image_end_token_id if end is None else end
 
 
 def restored_media(hf, input_tokens: list, mm_features, clips: str | None = None) -> tuple:
@@ -326,6 +288,7 @@ def pruned_qwen(config, model_type: str):
             tokens, features, index = restored_media(self.config, list(input_tokens), mm_features, clips)
             positions, _ = super().get_mrope_input_positions(tokens, features)
             positions = positions[:, torch.tensor(index, dtype=torch.long)]
+            mrope.record(self, input_tokens, mm_features)  # where the rewrite puts each media's rows
             return positions, int(positions.max()) + 1 - len(input_tokens)
 
         def __init__(self, *, vllm_config, prefix: str = ""):

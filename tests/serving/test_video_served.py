@@ -156,9 +156,9 @@ print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in o
 @pytest.mark.parametrize("method,keep", [("evs", 0.25), ("divprune", 0.1)])
 def test_prefill_chunks_and_cache_hits_inside_a_pruned_clip_answer_as_whole_prefills(method, keep):
     """Each clip prefilled in chunks of 48 tokens (they end inside clips: a clip's frames and stamps are one media to
-    vLLM) and requested again under another question, which finds the clip's first 64 tokens in the prefix cache:
-    every answer's log-probability as with each prompt prefilled whole.  vLLM's rewrite took a Qwen3-VL clip cut
-    there as done (its answers moved by up to 0.3)."""
+    vLLM) and requested again under another question, which finds the clip's first blocks (32 or 64 tokens, short of
+    its end) in the prefix cache: every answer's log-probability as with each prompt prefilled whole.  vLLM's rewrite
+    took a Qwen3-VL clip cut there as done (its answers moved by up to 0.3)."""
     def run(**engine):
         return result(["-c", CHUNKED, method, str(keep), json.dumps(engine)], VLLM_ALLOW_INSECURE_SERIALIZATION="1")
 

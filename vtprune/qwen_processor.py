@@ -49,10 +49,15 @@ def slice_times(frames_indices, fps: float, temporal_patch_size: int = 2) -> lis
     return [(times[i] + times[i + temporal_patch_size - 1]) / 2 for i in range(0, len(times), temporal_patch_size)]
 
 
+def stamp(seconds: float) -> str:
+    """A Qwen3-VL temporal slice's timestamp text, as its processor writes it."""
+    return f"<{seconds:.1f} seconds>"
+
+
 def clip_text(times, per_slice: int) -> str:
-    """A Qwen3-VL clip's expanded placeholder: for each temporal slice (``times``, seconds) ``<t seconds>``, then
+    """A Qwen3-VL clip's expanded placeholder: for each temporal slice (``times``, seconds) its ``stamp``, then
     ``<|vision_start|>``, its ``per_slice`` pads and ``<|vision_end|>``."""
-    return "".join(f"<{t:.1f} seconds>" + VISION_START + VIDEO_PAD * per_slice + VISION_END for t in times)
+    return "".join(stamp(t) + VISION_START + VIDEO_PAD * per_slice + VISION_END for t in times)
 
 
 def _get(metadata, key, default=None):
@@ -146,7 +151,7 @@ class QwenProcessor:
             return VIDEO_PAD * (t * per_slice)
         fps = _get(metadata, "fps", 24.0)
         times = slice_times(_get(metadata, "frames_indices", range(frames)), fps, self.temporal_patch_size)
-        return clip_text([times[i] for i in range(t)], per_slice)
+        return clip_text(times[:t], per_slice)
 
     def _expand(self, texts, image_runs, clip_runs):
         images, clips = iter(image_runs), iter(clip_runs)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from . import toy
+from .qwen_processor import clip_text, slice_times, stamp
 
 COLORS = toy.COLORS
 SHAPES = toy.SHAPES
@@ -67,13 +68,7 @@ VOCAB_SIZE = 128
 
 def timestamps(frames: int = FRAMES, fps: float = FPS) -> list:
     """Each temporal slice's time in seconds: the mean of its two frames' times (Qwen3-VL's processor)."""
-    from .qwen_processor import slice_times
-
     return slice_times(range(frames), fps, TEMPORAL)
-
-
-def stamp(seconds: float) -> str:
-    return f"<{seconds:.1f} seconds>"
 
 
 def vocab() -> dict:
@@ -218,8 +213,6 @@ def type_prior(samples) -> dict:
 
 def video_text(frames: int = FRAMES) -> str:
     """The clip's expanded placeholder, as Qwen3-VL's processor writes it."""
-    from .qwen_processor import clip_text
-
     return clip_text(timestamps(frames), TOKENS_PER_SLICE)
 
 
